@@ -1,0 +1,88 @@
+"""Expert-computation kernels. Each op has a Triton path (CUDA) and a plain-PyTorch reference.
+
+Backend choice, per call: the environment variable MOE_KERNELS = "auto" (default: Triton on CUDA
+when importable, else the reference), "triton" (fail loudly if unavailable) or "reference".
+`set_backend()` overrides the variable from Python.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+
+from kernels.reference import (grouped_mlp_reference, permute_reference, sort_by_expert_reference,
+                               unpermute_reference)
+
+_BACKENDS = ("auto", "triton", "reference")
+_override: str | None = None
+
+
+def set_backend(name: str | None) -> None:
+    """Force 'triton' or 'reference' (or 'auto'); None returns control to MOE_KERNELS."""
+    if name is not None and name not in _BACKENDS:
+        raise ValueError(f"kernel backend {name!r} is not one of {_BACKENDS}")
+    global _override
+    _override = name
+
+
+def backend_for(device: torch.device) -> str:
+    """The backend a call on `device` will use: 'triton' or 'reference'."""
+    name = _override or os.environ.get("MOE_KERNELS", "auto")
+    if name not in _BACKENDS:
+        raise ValueError(f"MOE_KERNELS={name!r} is not one of {_BACKENDS}; unset it or pick one of those")
+    if name == "reference":
+        return "reference"
+    available = triton_available()
+    interpret = os.environ.get("TRITON_INTERPRET") == "1"
+    if name == "triton":
+        if not available:
+            raise RuntimeError("MOE_KERNELS=triton but Triton kernels are unavailable; "
+                               "install them with `pip install 'moe-runtime[triton]'`")
+        if device.type != "cuda" and not interpret:
+            raise RuntimeError(f"MOE_KERNELS=triton needs a CUDA tensor (got {device}); "
+                               "set TRITON_INTERPRET=1 to run Triton on the CPU for testing")
+        return "triton"
+    return "triton" if available and device.type == "cuda" else "reference"
+
+
+def triton_available() -> bool:
+    try:
+        import triton  # noqa: F401
+        from kernels import grouped_gemm  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def grouped_mlp(x_sorted_ND: torch.Tensor, w13_EDF2: torch.Tensor, w2_EFD: torch.Tensor,
+                counts_E: torch.Tensor) -> torch.Tensor:
+    """SwiGLU expert MLP over rows sorted by expert (see kernels.reference.grouped_mlp_reference)."""
+    if backend_for(x_sorted_ND.device) == "triton":
+        from kernels.grouped_gemm import grouped_mlp_triton
+        return grouped_mlp_triton(x_sorted_ND, w13_EDF2, w2_EFD, counts_E)
+    return grouped_mlp_reference(x_sorted_ND, w13_EDF2, w2_EFD, counts_E)
+
+
+def permute(x_TD: torch.Tensor, token_idx_N: torch.Tensor) -> torch.Tensor:
+    """Gather rows into expert order."""
+    if backend_for(x_TD.device) == "triton":
+        from kernels.permute import permute_triton
+        return permute_triton(x_TD, token_idx_N)
+    return permute_reference(x_TD, token_idx_N)
+
+
+def unpermute(y_ND: torch.Tensor, token_idx_N: torch.Tensor, weight_N: torch.Tensor, num_tokens: int) -> torch.Tensor:
+    """Weighted scatter-add back to token order."""
+    if backend_for(y_ND.device) == "triton":
+        from kernels.permute import unpermute_triton
+        return unpermute_triton(y_ND, token_idx_N, weight_N, num_tokens)
+    return unpermute_reference(y_ND, token_idx_N, weight_N, num_tokens)
+
+
+def sort_by_expert(topk_idx_TK: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Order of the flattened (token, slot) assignments by expert, and counts per expert."""
+    return sort_by_expert_reference(topk_idx_TK, num_experts)
+
+
+__all__ = ["grouped_mlp", "permute", "unpermute", "sort_by_expert", "set_backend", "backend_for",
+           "triton_available"]

@@ -1,0 +1,362 @@
+"""Configs: one dataclass per component, validated at construction, plus a preset registry.
+
+Legend: T tokens, D model dim, F expert hidden dim, E experts, K top-k, L layers.
+
+Files: `load_config(path)` reads TOML or JSON with the sections `[model]`, `[model.moe]`
+and `[train]`; unknown keys are refused (a typo must not silently train the wrong model).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - exercised on 3.10 only
+    import tomli as tomllib
+
+SCORE_FUNCS = ("softmax", "sigmoid")
+BALANCE_SCOPES = ("micro_batch", "global_batch")
+GLOBAL_SYNCS = ("exact", "cumulative")
+ROUTER_POSITIONS = ("post_attention", "pre_attention")
+
+
+def _check(ok: bool, msg: str) -> None:
+    if not ok:
+        raise ValueError(msg)
+
+
+def _choice(name: str, value: str, options: tuple[str, ...]) -> None:
+    _check(value in options, f"{name}={value!r} is not one of {', '.join(options)}; pick one of those")
+
+
+def _positive(name: str, value: int | float) -> None:
+    _check(value > 0, f"{name}={value} must be > 0")
+
+
+@dataclass(kw_only=True)
+class MoEConfig:
+    """The mixture-of-experts FFN and its router."""
+
+    num_experts: int
+    """E: routed experts per MoE layer."""
+    top_k: int
+    """K: experts each token is sent to."""
+    d_expert: int
+    """F: hidden size of one routed expert's SwiGLU MLP."""
+    num_shared_experts: int = 0
+    """Experts every token passes through (DeepSeek / Qwen2-MoE style), fused into one MLP."""
+    d_shared_expert: int | None = None
+    """Hidden size of the fused shared MLP; default d_expert * num_shared_experts."""
+    shared_expert_gate: bool = False
+    """Scale the shared MLP by sigmoid(x @ w_gate) per token (Qwen2-MoE)."""
+    score_func: str = "softmax"
+    """Router scores: 'softmax' over experts or per-expert 'sigmoid'."""
+    norm_topk_prob: bool = True
+    """Renormalise the K selected weights to sum to 1."""
+    balance_coef: float = 0.01
+    """Weight of the load-balancing loss N_E * sum_i f_i * p_i (0 disables it)."""
+    balance_scope: str = "global_batch"
+    """'micro_batch': f_i from the micro-batch; 'global_batch': f_i over the whole optimizer step."""
+    global_sync: str = "exact"
+    """How global-batch f_i is formed over accumulation micro-batches: 'exact' or 'cumulative' (see moe/router.py)."""
+    z_loss_coef: float = 0.0
+    """Router z-loss weight: mean(logsumexp(logits)^2)."""
+    aux_free_bias: bool = False
+    """DeepSeek-V3 aux-loss-free balancing: per-expert bias used for top-k selection only."""
+    bias_update_rate: float = 1e-3
+    """Step size of the aux-free bias update (sign of mean load minus load)."""
+    capacity_factor: float | None = None
+    """Comparison only: drop tokens past capacity = ceil(cf * T * K / E). None = dropless (default)."""
+    router_position: str = "post_attention"
+    """'pre_attention' routes from the block input so inference can fetch experts during attention."""
+
+    def __post_init__(self) -> None:
+        _positive("num_experts", self.num_experts)
+        _positive("d_expert", self.d_expert)
+        _check(1 <= self.top_k <= self.num_experts,
+               f"top_k={self.top_k} must be between 1 and num_experts={self.num_experts}")
+        _check(self.num_shared_experts >= 0, f"num_shared_experts={self.num_shared_experts} must be >= 0")
+        if self.d_shared_expert is None:
+            self.d_shared_expert = self.d_expert * self.num_shared_experts
+        _check(self.num_shared_experts == 0 or self.d_shared_expert > 0,
+               f"d_shared_expert={self.d_shared_expert} must be > 0 when num_shared_experts > 0")
+        _check(not self.shared_expert_gate or self.num_shared_experts > 0,
+               "shared_expert_gate=True needs num_shared_experts >= 1")
+        _choice("score_func", self.score_func, SCORE_FUNCS)
+        _choice("balance_scope", self.balance_scope, BALANCE_SCOPES)
+        _choice("global_sync", self.global_sync, GLOBAL_SYNCS)
+        _choice("router_position", self.router_position, ROUTER_POSITIONS)
+        _check(self.balance_coef >= 0, f"balance_coef={self.balance_coef} must be >= 0")
+        _check(self.z_loss_coef >= 0, f"z_loss_coef={self.z_loss_coef} must be >= 0")
+        _check(self.bias_update_rate >= 0, f"bias_update_rate={self.bias_update_rate} must be >= 0")
+        _check(self.capacity_factor is None or self.capacity_factor > 0,
+               f"capacity_factor={self.capacity_factor} must be > 0, or None for dropless")
+
+
+@dataclass(kw_only=True)
+class ModelConfig:
+    """A decoder-only MoE language model."""
+
+    d_model: int
+    """D: residual stream width."""
+    n_layers: int
+    """Transformer blocks."""
+    n_heads: int
+    """Query heads."""
+    moe: MoEConfig
+    """The MoE FFN used by every layer past first_dense_layers."""
+    vocab_size: int = 256
+    """Token ids are in [0, vocab_size); 256 = bytes."""
+    n_kv_heads: int | None = None
+    """Key/value heads (grouped-query attention); default n_heads."""
+    max_seq_len: int = 256
+    """Longest sequence (rotary table size)."""
+    rope_theta: float = 10000.0
+    """Rotary base."""
+    norm_eps: float = 1e-5
+    """RMSNorm epsilon."""
+    first_dense_layers: int = 0
+    """Leading blocks with a dense SwiGLU FFN instead of MoE (DeepSeek style)."""
+    d_dense_ffn: int | None = None
+    """Hidden size of the dense FFN; default 4 * d_model * 2 / 3 rounded to 8."""
+    tie_embeddings: bool = False
+    """Share the input embedding with the output head."""
+    init_std: float = 0.02
+    """Std of the normal initialisation."""
+
+    def __post_init__(self) -> None:
+        if isinstance(self.moe, dict):
+            self.moe = MoEConfig(**self.moe)
+        for name in ("d_model", "n_layers", "n_heads", "vocab_size", "max_seq_len"):
+            _positive(name, getattr(self, name))
+        if self.n_kv_heads is None:
+            self.n_kv_heads = self.n_heads
+        _check(self.d_model % self.n_heads == 0,
+               f"d_model={self.d_model} is not divisible by n_heads={self.n_heads}; "
+               f"choose d_model a multiple of n_heads")
+        _check((self.d_model // self.n_heads) % 2 == 0,
+               f"head dim d_model/n_heads={self.d_model // self.n_heads} must be even for rotary embeddings")
+        _check(self.n_heads % self.n_kv_heads == 0,
+               f"n_heads={self.n_heads} is not divisible by n_kv_heads={self.n_kv_heads}; "
+               f"grouped-query attention needs a divisor of n_heads")
+        _check(0 <= self.first_dense_layers <= self.n_layers,
+               f"first_dense_layers={self.first_dense_layers} must be between 0 and n_layers={self.n_layers}")
+        if self.d_dense_ffn is None:
+            self.d_dense_ffn = max(8, int(8 * self.d_model / 3) // 8 * 8)
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_heads
+
+    def is_moe_layer(self, layer: int) -> bool:
+        return layer >= self.first_dense_layers
+
+    @property
+    def num_moe_layers(self) -> int:
+        return self.n_layers - self.first_dense_layers
+
+
+@dataclass(kw_only=True)
+class TrainConfig:
+    """Optimisation, data and bookkeeping for Trainer."""
+
+    max_steps: int = 600
+    """Optimizer steps."""
+    batch_size: int = 8
+    """Sequences per micro-batch."""
+    seq_len: int = 128
+    """Tokens per sequence."""
+    grad_accum: int = 1
+    """Micro-batches per optimizer step."""
+    lr: float = 3e-3
+    """Peak learning rate."""
+    min_lr_ratio: float = 0.1
+    """Cosine floor as a fraction of lr."""
+    warmup_steps: int = 30
+    """Linear warm-up steps."""
+    weight_decay: float = 0.1
+    """AdamW decoupled weight decay (not on norms, biases, embeddings)."""
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0
+    """Clip the global grad norm to this (0 disables)."""
+    seed: int = 0
+    """Seeds initialisation and batch sampling."""
+    eval_interval: int = 100
+    """Steps between validation runs (and at the end)."""
+    eval_batches: int = 8
+    """Validation micro-batches per evaluation."""
+    log_interval: int = 10
+    """Steps between metric lines."""
+    ckpt_interval: int = 200
+    """Steps between checkpoints (and at the end); 0 = only at the end."""
+    keep_checkpoints: int = 2
+    """Newest checkpoints kept on disk."""
+    device: str = "auto"
+    """'auto' (cuda if available), 'cpu', 'cuda', 'cuda:1' ..."""
+    autocast_bf16: bool = True
+    """bf16 autocast on CUDA (ignored on CPU)."""
+    threads: int = 0
+    """torch intra-op threads on CPU; 0 = torch's default."""
+
+    def __post_init__(self) -> None:
+        for name in ("max_steps", "batch_size", "seq_len", "grad_accum", "eval_batches", "log_interval",
+                     "eval_interval"):
+            _positive(name, getattr(self, name))
+        _positive("lr", self.lr)
+        _check(0 <= self.min_lr_ratio <= 1, f"min_lr_ratio={self.min_lr_ratio} must be in [0, 1]")
+        _check(self.warmup_steps >= 0, f"warmup_steps={self.warmup_steps} must be >= 0")
+        _check(self.ckpt_interval >= 0, f"ckpt_interval={self.ckpt_interval} must be >= 0")
+        _check(self.keep_checkpoints >= 1, f"keep_checkpoints={self.keep_checkpoints} must be >= 1")
+        _check(self.grad_clip >= 0, f"grad_clip={self.grad_clip} must be >= 0")
+
+
+@dataclass(kw_only=True)
+class RunConfig:
+    """A model and how to train it: what a preset or a config file names."""
+
+    name: str
+    model: ModelConfig
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any], *, source: str = "config") -> "RunConfig":
+        _known_keys(d, {"name", "model", "train"}, source)
+        model = dict(d.get("model") or {})
+        _check("model" in d, f"{source}: missing [model] section")
+        _known_keys(model, _field_names(ModelConfig), f"{source} [model]")
+        moe = model.pop("moe", None)
+        _check(moe is not None, f"{source}: missing [model.moe] section")
+        _known_keys(moe, _field_names(MoEConfig), f"{source} [model.moe]")
+        train = dict(d.get("train") or {})
+        _known_keys(train, _field_names(TrainConfig), f"{source} [train]")
+        try:
+            return cls(name=str(d.get("name", "custom")),
+                       model=ModelConfig(moe=MoEConfig(**moe), **model),
+                       train=TrainConfig(**train))
+        except TypeError as e:  # a missing required field
+            raise ValueError(f"{source}: {e}") from None
+
+
+def _field_names(cls: type) -> set[str]:
+    return {f.name for f in dataclasses.fields(cls)}
+
+
+def _known_keys(d: dict[str, Any], known: set[str], where: str) -> None:
+    unknown = sorted(set(d) - known)
+    if unknown:
+        raise ValueError(f"{where}: unknown key(s) {unknown}; known keys are {sorted(known)}")
+
+
+def load_config(path: str | Path) -> RunConfig:
+    """Read a RunConfig from a .toml or .json file."""
+    p = Path(path)
+    if not p.is_file():
+        raise ValueError(f"config file {p} does not exist; pass an existing .toml or .json file")
+    try:
+        if p.suffix == ".toml":
+            d = tomllib.loads(p.read_text())
+        elif p.suffix == ".json":
+            d = json.loads(p.read_text())
+        else:
+            raise ValueError(f"config file {p} must end in .toml or .json")
+    except (tomllib.TOMLDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"config file {p} is not valid {p.suffix[1:].upper()}: {e}") from None
+    d.setdefault("name", p.stem)
+    return RunConfig.from_dict(d, source=str(p))
+
+
+# ---------------------------------------------------------------- presets
+def _tiny() -> RunConfig:
+    return RunConfig(
+        name="tiny",
+        model=ModelConfig(d_model=128, n_layers=4, n_heads=4, max_seq_len=128,
+                          moe=MoEConfig(num_experts=8, top_k=2, d_expert=128, num_shared_experts=1,
+                                        d_shared_expert=128)),
+        train=TrainConfig(max_steps=300, batch_size=16, seq_len=128, grad_accum=1, lr=3e-3,
+                          warmup_steps=20, eval_interval=100, ckpt_interval=100, log_interval=10))
+
+
+def _small() -> RunConfig:
+    return RunConfig(
+        name="small",
+        model=ModelConfig(d_model=512, n_layers=8, n_heads=8, n_kv_heads=4, max_seq_len=512,
+                          first_dense_layers=1,
+                          moe=MoEConfig(num_experts=32, top_k=4, d_expert=256, num_shared_experts=1,
+                                        d_shared_expert=512)),
+        train=TrainConfig(max_steps=2000, batch_size=16, seq_len=512, grad_accum=2, lr=1e-3,
+                          warmup_steps=100, eval_interval=250, ckpt_interval=500))
+
+
+def _mixtral_8x7b() -> RunConfig:
+    return RunConfig(
+        name="mixtral-8x7b",
+        model=ModelConfig(vocab_size=32000, d_model=4096, n_layers=32, n_heads=32, n_kv_heads=8,
+                          max_seq_len=4096, rope_theta=1e6,
+                          moe=MoEConfig(num_experts=8, top_k=2, d_expert=14336)),
+        train=TrainConfig(batch_size=1, seq_len=4096, lr=1e-4))
+
+
+def _qwen3_30b_a3b() -> RunConfig:
+    return RunConfig(
+        name="qwen3-30b-a3b",
+        model=ModelConfig(vocab_size=151936, d_model=2048, n_layers=48, n_heads=32, n_kv_heads=4,
+                          max_seq_len=4096, rope_theta=1e6,
+                          moe=MoEConfig(num_experts=128, top_k=8, d_expert=768)),
+        train=TrainConfig(batch_size=1, seq_len=4096, lr=1e-4))
+
+
+def _olmoe_1b_7b() -> RunConfig:
+    return RunConfig(
+        name="olmoe-1b-7b",
+        model=ModelConfig(vocab_size=50304, d_model=2048, n_layers=16, n_heads=16, max_seq_len=4096,
+                          moe=MoEConfig(num_experts=64, top_k=8, d_expert=1024, norm_topk_prob=False)),
+        train=TrainConfig(batch_size=1, seq_len=4096, lr=1e-4))
+
+
+PRESETS = {
+    "tiny": _tiny,
+    "small": _small,
+    "mixtral-8x7b": _mixtral_8x7b,
+    "qwen3-30b-a3b": _qwen3_30b_a3b,
+    "olmoe-1b-7b": _olmoe_1b_7b,
+}
+
+
+def get_preset(name: str) -> RunConfig:
+    """A fresh RunConfig for a named preset."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; available presets: {', '.join(PRESETS)}")
+    return PRESETS[name]()
+
+
+def param_count(cfg: ModelConfig) -> dict[str, int]:
+    """Parameter counts: total, active per token, and expert-only."""
+    D, m = cfg.d_model, cfg.moe
+    attn = D * cfg.head_dim * (cfg.n_heads * 2 + cfg.n_kv_heads * 2)
+    expert = 3 * D * m.d_expert
+    shared = 3 * D * m.d_shared_expert + (D if m.shared_expert_gate else 0)
+    moe_layer = m.num_experts * expert + shared + D * m.num_experts
+    dense_layer = 3 * D * cfg.d_dense_ffn
+    emb = cfg.vocab_size * D * (1 if cfg.tie_embeddings else 2)
+    L_moe, L_dense = cfg.num_moe_layers, cfg.first_dense_layers
+    total = emb + cfg.n_layers * (attn + 2 * D) + L_moe * moe_layer + L_dense * dense_layer + D
+    active = total - L_moe * (m.num_experts - m.top_k) * expert
+    return {"total": total, "active": active, "experts": L_moe * m.num_experts * expert,
+            "flops_per_token": 6 * active}
+
+
+def ceil_div(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+__all__ = ["MoEConfig", "ModelConfig", "TrainConfig", "RunConfig", "PRESETS", "get_preset", "load_config",
+           "param_count", "ceil_div"]
