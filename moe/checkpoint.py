@@ -29,6 +29,8 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import safe_open, save_file
 
+from moe.serial import unpack_limited
+
 MANIFEST = "manifest.msgpack"
 FORMAT = "moe-runtime-checkpoint"
 VERSION = 1
@@ -214,16 +216,14 @@ def read_manifest(path: str | Path) -> Manifest:
     if not mf.is_file():
         raise CheckpointError(f"checkpoint {path} has no {MANIFEST}: it was not completely written")
     raw = mf.read_bytes()
-    if len(raw) > MAX_MANIFEST_BYTES:
-        raise CheckpointError(f"{mf} is {len(raw)} bytes, over the {MAX_MANIFEST_BYTES}-byte limit")
     try:
-        d = msgpack.unpackb(raw, raw=False, strict_map_key=True, max_buffer_size=MAX_MANIFEST_BYTES)
+        d = unpack_limited(raw, MAX_MANIFEST_BYTES, str(mf))
         if not isinstance(d, dict):
             raise CheckpointError(f"{mf} does not hold a map")
         manifest = Manifest.from_dict(d)
     except CheckpointError:
         raise
-    except (ValueError, KeyError, TypeError, msgpack.exceptions.ExtraData, msgpack.exceptions.UnpackException) as e:
+    except (ValueError, KeyError, TypeError) as e:
         raise CheckpointError(f"{mf} is corrupted ({type(e).__name__}: {e}); use an earlier checkpoint") from None
     for f, size in manifest.files.items():
         fp = path / f

@@ -145,10 +145,14 @@ class Trainer:
 
     # ------------------------------------------------------------------ construction helpers
     @classmethod
-    def from_checkpoint(cls, path: str | Path, **kw) -> "Trainer":
+    def from_checkpoint(cls, path: str | Path, *, train_overrides: dict[str, Any] | None = None,
+                        **kw) -> "Trainer":
         """A trainer whose config, weights and optimizer come from a checkpoint (or a run dir)."""
         ck = Checkpoint(_resolve_ckpt(path))
-        run = RunConfig.from_dict(ck.manifest.config, source=str(ck.path))
+        d = ck.manifest.config
+        if train_overrides:
+            d = {**d, "train": {**d["train"], **train_overrides}}
+        run = RunConfig.from_dict(d, source=str(ck.path))
         kw.setdefault("out_dir", ck.path.parent.parent)
         t = cls(run, **kw)
         t.load(ck)
