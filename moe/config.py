@@ -126,6 +126,10 @@ class ModelConfig:
     """Hidden size of the dense FFN; default 4 * d_model * 2 / 3 rounded to 8."""
     tie_embeddings: bool = False
     """Share the input embedding with the output head."""
+    qkv_bias: bool = False
+    """Biases on the query/key/value projections (Qwen2-MoE)."""
+    qk_norm: str | None = None
+    """RMSNorm on queries and keys: None, 'full' (over all heads at once, OLMoE) or 'head' (per head, Qwen3)."""
     init_std: float = 0.02
     """Std of the normal initialisation."""
 
@@ -146,6 +150,8 @@ class ModelConfig:
                f"grouped-query attention needs a divisor of n_heads")
         _check(0 <= self.first_dense_layers <= self.n_layers,
                f"first_dense_layers={self.first_dense_layers} must be between 0 and n_layers={self.n_layers}")
+        _check(self.qk_norm in (None, "full", "head"),
+               f"qk_norm={self.qk_norm!r} must be None, 'full' or 'head'")
         if self.d_dense_ffn is None:
             self.d_dense_ffn = max(8, int(8 * self.d_model / 3) // 8 * 8)
 

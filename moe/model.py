@@ -63,19 +63,32 @@ class Attention(nn.Module):
         super().__init__()
         self.n_heads, self.n_kv, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
         D = cfg.d_model
-        self.wq = nn.Linear(D, self.n_heads * self.head_dim, bias=False)
-        self.wk = nn.Linear(D, self.n_kv * self.head_dim, bias=False)
-        self.wv = nn.Linear(D, self.n_kv * self.head_dim, bias=False)
+        self.wq = nn.Linear(D, self.n_heads * self.head_dim, bias=cfg.qkv_bias)
+        self.wk = nn.Linear(D, self.n_kv * self.head_dim, bias=cfg.qkv_bias)
+        self.wv = nn.Linear(D, self.n_kv * self.head_dim, bias=cfg.qkv_bias)
         self.wo = nn.Linear(self.n_heads * self.head_dim, D, bias=False)
         for lin in (self.wq, self.wk, self.wv):
             nn.init.normal_(lin.weight, std=cfg.init_std)
+            if lin.bias is not None:
+                nn.init.zeros_(lin.bias)
         nn.init.normal_(self.wo.weight, std=out_std)
+        self.qk_norm = cfg.qk_norm
+        if cfg.qk_norm is not None:
+            per_head = cfg.qk_norm == "head"
+            self.q_norm = RMSNorm(self.head_dim if per_head else self.n_heads * self.head_dim, cfg.norm_eps)
+            self.k_norm = RMSNorm(self.head_dim if per_head else self.n_kv * self.head_dim, cfg.norm_eps)
 
     def forward(self, x_BSD: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
         B, S, _ = x_BSD.shape
-        q = self.wq(x_BSD).view(B, S, self.n_heads, self.head_dim).transpose(1, 2)
-        k = self.wk(x_BSD).view(B, S, self.n_kv, self.head_dim).transpose(1, 2)
+        q, k = self.wq(x_BSD), self.wk(x_BSD)
+        if self.qk_norm == "full":
+            q, k = self.q_norm(q), self.k_norm(k)
+        q = q.view(B, S, self.n_heads, self.head_dim)
+        k = k.view(B, S, self.n_kv, self.head_dim)
+        if self.qk_norm == "head":
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = q.transpose(1, 2), k.transpose(1, 2)
         v = self.wv(x_BSD).view(B, S, self.n_kv, self.head_dim).transpose(1, 2)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         start = 0

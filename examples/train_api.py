@@ -1,0 +1,14 @@
+"""The Python training API in ten lines.
+
+    python examples/train_api.py            # ~40 s on a laptop CPU: 60 steps of a shrunken tiny preset
+"""
+from moe import Trainer, get_preset, load_model
+
+run = get_preset("tiny")                           # or load_config("examples/configs/tiny.toml")
+run.train.max_steps, run.train.eval_interval = 60, 30
+run.model.moe.balance_scope = "global_batch"       # f_i over the whole optimizer step
+trainer = Trainer(run, out_dir="runs/api-demo")    # default corpus: the Python stdlib's source
+summary = trainer.fit()                            # resumes from runs/api-demo if it has checkpoints
+print(summary["last_eval"]["val_loss"], trainer.corpus.unigram_entropy())
+model, cfg, ckpt = load_model("runs/api-demo")     # newest valid checkpoint
+print(bytes(model.generate(__import__("torch").tensor([list(b"def ")]), 40)[0].tolist()).decode(errors="replace"))

@@ -1,0 +1,59 @@
+import json
+import subprocess
+import sys
+
+import pytest
+
+from moe.cli import main
+
+
+def test_help_on_every_command(capsys):
+    for cmd in ([], ["train"], ["eval"], ["generate"], ["trace"], ["presets"]):
+        with pytest.raises(SystemExit) as e:
+            main(cmd + ["--help"])
+        assert e.value.code == 0
+        assert "usage: moe" in capsys.readouterr().out
+
+
+def test_train_then_eval(tmp_path, capsys):
+    out = tmp_path / "run"
+    args = ["train", "--config", "examples/configs/tiny.toml", "--out", str(out), "--max-steps", "3",
+            "--batch-size", "2", "--seq-len", "16", "--eval-interval", "3", "--device", "cpu", "--no-progress"]
+    assert main(args) == 0
+    text = capsys.readouterr().out
+    assert "unigram baseline" in text and "val_loss" in text
+    assert (out / "checkpoints" / "step_00000003" / "manifest.msgpack").is_file()
+    assert main(["eval", str(out), "--json", str(tmp_path / "e.json"), "--device", "cpu"]) == 0
+    res = json.loads((tmp_path / "e.json").read_text())
+    assert res["step"] == 3 and res["val_loss"] > 0 and "unigram_baseline" in res
+
+
+def test_bad_arguments_give_clear_errors(tmp_path, capsys):
+    assert main(["train", "--config", str(tmp_path / "missing.toml")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    assert main(["train", "--max-steps", "0", "--out", str(tmp_path / "x")]) == 2
+    assert "max_steps=0 must be > 0" in capsys.readouterr().err
+    assert main(["eval", str(tmp_path)]) == 2
+    assert "no valid checkpoint under" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["train", "--preset", "nope"])
+
+
+def test_python_dash_m_runs():
+    r = subprocess.run([sys.executable, "-m", "moe", "presets"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and "mixtral-8x7b" in r.stdout
+
+
+def test_import_moe_without_optional_extras():
+    code = ("import sys\n"
+            "for m in ('ray', 'triton', 'transformers'): sys.modules[m] = None\n"
+            "import moe, kernels, torch\n"
+            "print(kernels.backend_for(torch.device('cpu')))\n"
+            "try:\n"
+            "    import cluster.job\n"
+            "except ImportError as e:\n"
+            "    print('ERR', e)\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert "reference" in r.stdout
+    assert "pip install 'moe-runtime[ray]'" in r.stdout
