@@ -114,6 +114,8 @@ class ModelConfig:
     """Token ids are in [0, vocab_size); 256 = bytes."""
     n_kv_heads: int | None = None
     """Key/value heads (grouped-query attention); default n_heads."""
+    head_dim: int | None = None
+    """Width of one attention head; default d_model // n_heads (Qwen3-MoE uses 128 with d_model 2048, 32 heads)."""
     max_seq_len: int = 256
     """Longest sequence (rotary table size)."""
     rope_theta: float = 10000.0
@@ -140,11 +142,13 @@ class ModelConfig:
             _positive(name, getattr(self, name))
         if self.n_kv_heads is None:
             self.n_kv_heads = self.n_heads
-        _check(self.d_model % self.n_heads == 0,
-               f"d_model={self.d_model} is not divisible by n_heads={self.n_heads}; "
-               f"choose d_model a multiple of n_heads")
-        _check((self.d_model // self.n_heads) % 2 == 0,
-               f"head dim d_model/n_heads={self.d_model // self.n_heads} must be even for rotary embeddings")
+        if self.head_dim is None:
+            _check(self.d_model % self.n_heads == 0,
+                   f"d_model={self.d_model} is not divisible by n_heads={self.n_heads}; "
+                   f"choose d_model a multiple of n_heads or set head_dim")
+            self.head_dim = self.d_model // self.n_heads
+        _check(self.head_dim > 0 and self.head_dim % 2 == 0,
+               f"head_dim={self.head_dim} must be a positive even number for rotary embeddings")
         _check(self.n_heads % self.n_kv_heads == 0,
                f"n_heads={self.n_heads} is not divisible by n_kv_heads={self.n_kv_heads}; "
                f"grouped-query attention needs a divisor of n_heads")
@@ -154,10 +158,6 @@ class ModelConfig:
                f"qk_norm={self.qk_norm!r} must be None, 'full' or 'head'")
         if self.d_dense_ffn is None:
             self.d_dense_ffn = max(8, int(8 * self.d_model / 3) // 8 * 8)
-
-    @property
-    def head_dim(self) -> int:
-        return self.d_model // self.n_heads
 
     def is_moe_layer(self, layer: int) -> bool:
         return layer >= self.first_dense_layers
@@ -314,8 +314,8 @@ def _mixtral_8x7b() -> RunConfig:
 def _qwen3_30b_a3b() -> RunConfig:
     return RunConfig(
         name="qwen3-30b-a3b",
-        model=ModelConfig(vocab_size=151936, d_model=2048, n_layers=48, n_heads=32, n_kv_heads=4,
-                          max_seq_len=4096, rope_theta=1e6,
+        model=ModelConfig(vocab_size=151936, d_model=2048, n_layers=48, n_heads=32, n_kv_heads=4, head_dim=128,
+                          max_seq_len=4096, rope_theta=1e6, qk_norm="head",
                           moe=MoEConfig(num_experts=128, top_k=8, d_expert=768)),
         train=TrainConfig(batch_size=1, seq_len=4096, lr=1e-4))
 
@@ -323,7 +323,7 @@ def _qwen3_30b_a3b() -> RunConfig:
 def _olmoe_1b_7b() -> RunConfig:
     return RunConfig(
         name="olmoe-1b-7b",
-        model=ModelConfig(vocab_size=50304, d_model=2048, n_layers=16, n_heads=16, max_seq_len=4096,
+        model=ModelConfig(vocab_size=50304, d_model=2048, n_layers=16, n_heads=16, max_seq_len=4096, qk_norm="full",
                           moe=MoEConfig(num_experts=64, top_k=8, d_expert=1024, norm_topk_prob=False)),
         train=TrainConfig(batch_size=1, seq_len=4096, lr=1e-4))
 
@@ -348,6 +348,8 @@ def param_count(cfg: ModelConfig) -> dict[str, int]:
     """Parameter counts: total, active per token, and expert-only."""
     D, m = cfg.d_model, cfg.moe
     attn = D * cfg.head_dim * (cfg.n_heads * 2 + cfg.n_kv_heads * 2)
+    attn += 2 * cfg.head_dim * (1 if cfg.qk_norm == "head" else 0) + (cfg.n_heads + cfg.n_kv_heads) * cfg.head_dim * (
+        1 if cfg.qk_norm == "full" else 0)
     expert = 3 * D * m.d_expert
     shared = 3 * D * m.d_shared_expert + (D if m.shared_expert_gate else 0)
     moe_layer = m.num_experts * expert + shared + D * m.num_experts

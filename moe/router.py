@@ -86,7 +86,7 @@ class TopKRouter(nn.Module):
         select_TE = scores_TE.detach() + self.bias_E if self.aux_free_bias else scores_TE.detach()
         topk_idx_TK = select_TE.topk(self.top_k, dim=-1, sorted=True).indices
         topk_w_TK = scores_TE.gather(1, topk_idx_TK)
-        if self.norm_topk_prob and self.top_k > 1:
+        if self.norm_topk_prob:  # with K=1 this gives weight 1.0 (no router gradient through the combine)
             topk_w_TK = topk_w_TK / topk_w_TK.sum(dim=-1, keepdim=True).clamp_min(1e-20)
         counts_E = torch.bincount(topk_idx_TK.reshape(-1), minlength=self.num_experts)
         probs_mean_E = probs_TE.mean(dim=0) if x_TD.shape[0] else probs_TE.sum(dim=0)

@@ -158,6 +158,12 @@ class Trainer:
         t.load(ck)
         return t
 
+    @classmethod
+    def from_hf(cls, path: str | Path, train_config: TrainConfig | None = None, **kw) -> "Trainer":
+        """Fine-tune a local Hugging Face MoE checkpoint (Mixtral, Qwen2-MoE, OLMoE, Qwen3-MoE); see moe/hf.py."""
+        from moe.hf import trainer_from_hf
+        return trainer_from_hf(path, train_config, **kw)
+
     # ------------------------------------------------------------------ training
     def batches(self, step: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
         c = self.cfg

@@ -45,8 +45,7 @@ def test_dropless_matches_per_token_loop_forward_and_grads(E, K):
     scores = (x2 @ wr.T).softmax(-1)
     idx = scores.detach().topk(K, -1).indices
     w = scores.gather(1, idx)
-    if K > 1:
-        w = w / w.sum(-1, keepdim=True)
+    w = w / w.sum(-1, keepdim=True)
     assert torch.equal(idx, r.topk_idx_TK)
     y2 = per_token_moe_reference(x2, idx, w, w13, w2)
     (y2 * g).sum().backward()
