@@ -3,6 +3,9 @@
 Backend choice, per call: the environment variable MOE_KERNELS = "auto" (default: Triton on CUDA
 when importable, else the reference), "triton" (fail loudly if unavailable) or "reference".
 `set_backend()` overrides the variable from Python.
+
+Triton kernels: kernels.grouped_gemm (grouped GEMM and the fused SwiGLU expert MLP) and
+kernels.permutation (permute / unpermute; a submodule named `permute` would shadow the function below).
 """
 from __future__ import annotations
 
@@ -33,14 +36,13 @@ def backend_for(device: torch.device) -> str:
     if name == "reference":
         return "reference"
     available = triton_available()
-    interpret = os.environ.get("TRITON_INTERPRET") == "1"
     if name == "triton":
         if not available:
             raise RuntimeError("MOE_KERNELS=triton but Triton kernels are unavailable; "
                                "install them with `pip install 'moe-runtime[triton]'`")
-        if device.type != "cuda" and not interpret:
-            raise RuntimeError(f"MOE_KERNELS=triton needs a CUDA tensor (got {device}); "
-                               "set TRITON_INTERPRET=1 to run Triton on the CPU for testing")
+        if device.type != "cuda" and not _kernels_interpreted():
+            raise RuntimeError(f"MOE_KERNELS=triton needs a CUDA tensor (got {device}); set TRITON_INTERPRET=1 "
+                               "before the kernels are first imported to run Triton on the CPU for testing")
         return "triton"
     return "triton" if available and device.type == "cuda" else "reference"
 
@@ -48,10 +50,18 @@ def backend_for(device: torch.device) -> str:
 def triton_available() -> bool:
     try:
         import triton  # noqa: F401
-        from kernels import grouped_gemm  # noqa: F401
+        # imported together so both kernel modules see the same TRITON_INTERPRET
+        from kernels import grouped_gemm, permutation  # noqa: F401
     except ImportError:
         return False
     return True
+
+
+def _kernels_interpreted() -> bool:
+    """Whether the Triton kernels run in the interpreter: fixed when kernels.grouped_gemm is first
+    imported (triton.jit reads TRITON_INTERPRET then), so setting the variable later has no effect."""
+    from kernels._grouped_gemm_kernels import INTERPRETED
+    return INTERPRETED
 
 
 def grouped_mlp(x_sorted_ND: torch.Tensor, w13_EDF2: torch.Tensor, w2_EFD: torch.Tensor,
@@ -66,7 +76,7 @@ def grouped_mlp(x_sorted_ND: torch.Tensor, w13_EDF2: torch.Tensor, w2_EFD: torch
 def permute(x_TD: torch.Tensor, token_idx_N: torch.Tensor) -> torch.Tensor:
     """Gather rows into expert order."""
     if backend_for(x_TD.device) == "triton":
-        from kernels.permute import permute_triton
+        from kernels.permutation import permute_triton
         return permute_triton(x_TD, token_idx_N)
     return permute_reference(x_TD, token_idx_N)
 
@@ -74,7 +84,7 @@ def permute(x_TD: torch.Tensor, token_idx_N: torch.Tensor) -> torch.Tensor:
 def unpermute(y_ND: torch.Tensor, token_idx_N: torch.Tensor, weight_N: torch.Tensor, num_tokens: int) -> torch.Tensor:
     """Weighted scatter-add back to token order."""
     if backend_for(y_ND.device) == "triton":
-        from kernels.permute import unpermute_triton
+        from kernels.permutation import unpermute_triton
         return unpermute_triton(y_ND, token_idx_N, weight_N, num_tokens)
     return unpermute_reference(y_ND, token_idx_N, weight_N, num_tokens)
 
