@@ -1,0 +1,16 @@
+"""Expert-cache inference: experts in one host buffer, a fixed pool of device slots, predictive
+prefetch during attention, cold experts on host cores. See offload/engine.py for the tour.
+
+    from offload import ExpertCacheEngine
+    engine = ExpertCacheEngine(model, gpu_expert_slots=16, policy="predictive", cpu_experts=True)
+    result = engine.generate(prompt_BS, max_new_tokens=64)
+"""
+from offload.cache import ExpertCache, SlotPool
+from offload.engine import ExpertCacheEngine, GenerationResult
+from offload.predictor import LearnedPredictor, LookaheadPredictor, PredictionStats
+from offload.store import HostExpertStore
+from offload.trace import RoutingTrace, TraceError, TraceRecorder
+
+__all__ = ["ExpertCacheEngine", "GenerationResult", "HostExpertStore", "SlotPool", "ExpertCache",
+           "LookaheadPredictor", "LearnedPredictor", "PredictionStats", "RoutingTrace", "TraceRecorder",
+           "TraceError"]

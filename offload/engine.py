@@ -1,0 +1,295 @@
+"""ExpertCacheEngine: generation with every routed expert in host memory and a device slot cache.
+
+Legend: B batch, S sequence, V vocab, L MoE layers, E experts, m MoE layer index.
+
+    engine = ExpertCacheEngine(model, gpu_expert_slots=16, policy="predictive", cpu_experts=True)
+    result = engine.generate(prompt_BS, max_new_tokens=64)     # tokens, report (JSON-able)
+
+The model's own math runs unchanged: each MoE layer's ExpertBank is swapped for a CachedExperts
+module with the same forward(x_sorted, counts) signature, and forward hooks do the rest:
+1. before block b runs (before its attention): the predictor names the experts of MoE layers
+   m .. m+depth and the runtime queues and issues their copies, nearest deadline first;
+2. a pre-attention router's output (exact mode) is queued the moment it exists, still before
+   attention; every router's output also feeds the learned predictor's memory and the trace;
+3. the MoE step (runtime.run_experts) serves hits, waits, misses, host experts, or streams;
+4. at the end of a forward pass predictions lapse and stall timers are collected.
+Without CUDA the host is the "device" and every path above runs the same way.
+"""
+from __future__ import annotations
+
+import argparse
+import platform
+import time
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import Any
+
+import torch
+
+from moe.model import KVCache, MoETransformer, sample_next
+from offload.cache import POLICIES, ExpertCache, SlotPool
+from offload.cpu_experts import Calibration, CostModel, calibrate
+from offload.predictor import ExactPredictor, LearnedPredictor, LookaheadPredictor, moe_block_index, to_predictions
+from offload.prefetch import make_copy_engine
+from offload.runtime import CachedExperts, Counters, OffloadRuntime
+from offload.store import HostExpertStore
+from offload.trace import RoutingTrace, recorder_for
+
+PREDICTORS = ("auto", "none", "lookahead", "exact", "learned")
+
+
+@dataclass
+class GenerationResult:
+    tokens: torch.Tensor
+    """[B, new] generated token ids (host)."""
+    logits: torch.Tensor | None
+    """[new, B, V] float32 logits each token was drawn from (return_logits=True), host."""
+    report: dict[str, Any]
+
+
+def _resolve_device(device) -> torch.device:
+    if device is None or device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device={device!r} but CUDA is not available here; use device='cpu' (the host then "
+                         f"plays the device)")
+    return dev
+
+
+class ExpertCacheEngine:
+    """See module docstring. `store` reuses an existing HostExpertStore of this model's experts;
+    `keep_banks=True` keeps the original ExpertBanks so `close()` can put them back.
+
+    Set-up: 1. validate arguments and the predictor, 2. copy experts into the host store (or
+    reuse one), 3. allocate the slot pool and copy engine, 4. swap each ExpertBank for a
+    CachedExperts and move the dense weights to the device, 5. calibrate the cost model,
+    6. build the runtime, 7. install the hooks."""
+
+    def __init__(self, model: MoETransformer, *, gpu_expert_slots: int | None = None,
+                 gpu_expert_gib: float | None = None, policy: str = "lru", cpu_experts: bool = False,
+                 device: str | torch.device | None = None, predictor: str | LearnedPredictor = "auto",
+                 lookahead_depth: int = 1, stream_fraction: float = 0.75, max_inflight: int | None = None,
+                 calibration: Calibration | None = None, record_trace: bool = False,
+                 store: HostExpertStore | None = None, keep_banks: bool = False):
+        if policy not in POLICIES:
+            raise ValueError(f"policy={policy!r} is not one of {', '.join(POLICIES)}; pick one of those")
+        if (gpu_expert_slots is None) == (gpu_expert_gib is None):
+            raise ValueError("give exactly one of gpu_expert_slots (a number of experts) or gpu_expert_gib (GiB)")
+        self.model, self.policy, self.cpu_experts = model.eval(), policy, cpu_experts
+        self.device = _resolve_device(device)
+        self.moe_blocks, self.first_moe = moe_block_index(model)
+        self._setup_predictor(predictor, lookahead_depth)  # validate before touching the model
+        layers = [b.ffn for b in self.moe_blocks]
+        self._banks = [l.experts for l in layers] if keep_banks else None
+        if store is None:
+            store = HostExpertStore.from_banks([l.experts for l in layers], pin=self.device.type == "cuda")
+        self.store = store
+        lay, cfg = store.layout, model.cfg
+        have = (lay.num_layers, lay.num_experts, lay.d_model, lay.d_expert)
+        want = (len(layers), cfg.moe.num_experts, cfg.d_model, cfg.moe.d_expert)
+        if have != want:
+            raise ValueError(f"store holds (layers, experts, d_model, d_expert)={have} but the model has {want}; "
+                             f"pass the store built from this model's experts, or none")
+        slots = gpu_expert_slots if gpu_expert_slots is not None else SlotPool.slots_for_gib(gpu_expert_gib, lay)
+        self.pool = SlotPool(min(slots, lay.total_experts), lay, self.device)
+        self.copies = make_copy_engine(store, self.pool)
+        for m, layer in enumerate(layers):  # experts stay in the store; only dense weights move
+            layer.experts = CachedExperts(lay, m)
+        model.to(self.device)
+        self.calibration = calibration or calibrate(store, self.pool, self.copies, attn_probe=self._attn_probe())
+        self.copies.copy_s = self.calibration.copy_s
+        self.runtime = OffloadRuntime(store, self.pool, ExpertCache(self.pool.num_slots, policy), self.copies,
+                                      CostModel(self.calibration), cpu_experts=cpu_experts,
+                                      stream_fraction=stream_fraction,
+                                      max_inflight=max_inflight or 2 * model.cfg.moe.top_k)
+        for layer in layers:
+            layer.experts.bind(self.runtime)
+        if self.learned is not None:
+            self.learned.to(self.device)
+        self.recorder = recorder_for(model, meta={"source": "generate", "expert_bytes": lay.expert_bytes,
+                                                  "calibration": self.calibration.to_dict()}) if record_trace else None
+        self._cur: dict[int, torch.Tensor] = {}
+        self._prev: dict[int, torch.Tensor] = {}
+        self._BS = (0, 0)
+        self._hooks = self._install_hooks()
+        self.reset_stats()
+
+    # ---------------------------------------------------------------- set-up
+    def _attn_probe(self):
+        """Times one decode-shaped attention block (the window a prefetch can hide in)."""
+        blk, D = self.moe_blocks[0], self.model.cfg.d_model
+        x = torch.zeros(1, 1, D, device=self.device, dtype=self.model.embed.weight.dtype)
+        cos, sin = self.model.rope_cos[:1], self.model.rope_sin[:1]
+        return lambda: blk.attn(blk.attn_norm(x), cos, sin)
+
+    def _setup_predictor(self, predictor, depth: int) -> None:
+        self.lookahead = self.exact = self.learned = None
+        if depth < 0:
+            raise ValueError(f"lookahead_depth={depth} must be >= 0 (0: predict only the next MoE layer)")
+        pre = self.model.cfg.moe.router_position == "pre_attention"
+        if isinstance(predictor, LearnedPredictor):
+            L, E = len(self.moe_blocks), self.model.cfg.moe.num_experts
+            if predictor.L != L or predictor.E != E:
+                raise ValueError(f"learned predictor is for L={predictor.L}, E={predictor.E}; this model has "
+                                 f"L={L}, E={E}; fit it on a trace of this model")
+            self.learned, self.predictor_name = predictor, "learned"
+            self.depth = min(depth, predictor.depth)
+            return
+        if predictor not in PREDICTORS:
+            raise ValueError(f"predictor={predictor!r} is not one of {', '.join(PREDICTORS)} or a LearnedPredictor")
+        if predictor == "learned":
+            raise ValueError("predictor='learned' needs a trained model: pass LearnedPredictor.fit(trace) instead")
+        if predictor == "auto":
+            predictor = ("exact" if pre else "lookahead") if self.policy == "predictive" else "none"
+        self.predictor_name, self.depth = predictor, depth
+        if predictor == "exact":
+            self.exact = ExactPredictor(self.model)
+            if depth > 0:
+                self.lookahead = LookaheadPredictor(self.model, depth, skip_distance0=True)
+        elif predictor == "lookahead":
+            self.lookahead = LookaheadPredictor(self.model, depth)
+
+    def _install_hooks(self) -> list:
+        hooks = [self.model.register_forward_pre_hook(self._on_forward, with_kwargs=True),
+                 self.model.register_forward_hook(self._on_forward_end)]
+        for b, block in enumerate(self.model.blocks):
+            hooks.append(block.register_forward_pre_hook(lambda _m, args, b=b: self._on_block(b, args[0])))
+        for m, block in enumerate(self.moe_blocks):
+            hooks.append(block.ffn.router.register_forward_hook(lambda _m, _i, out, m=m: self._on_routing(m, out)))
+        return hooks
+
+    # ---------------------------------------------------------------- hooks
+    def _on_forward(self, _mod, args, kwargs) -> None:
+        tokens = args[0] if args else kwargs["tokens_BS"]
+        cache = args[1] if len(args) > 1 else kwargs.get("cache")
+        self._BS = (tokens.shape[0], tokens.shape[1])
+        if self.recorder is not None:
+            self.recorder.begin_forward(*self._BS, cache.length if cache is not None else 0)
+
+    def _on_block(self, b: int, h_BSD: torch.Tensor) -> None:
+        preds = self.lookahead.predict(b, h_BSD) if self.lookahead is not None else []
+        m = self.first_moe[b]
+        if self.learned is not None and m is not None:
+            T, raw = h_BSD.shape[0] * h_BSD.shape[1], []
+            for d in range(self.depth + 1):
+                j = m + d
+                if j >= len(self.moe_blocks):
+                    break
+                prev = self._prev.get(j)
+                prev = prev if prev is not None and prev.shape[0] == T else None
+                raw.append((j, d, *self.learned.predict_topk(j, d, self._cur.get(m - 1), prev, T)))
+            preds += to_predictions(raw)
+        if preds:
+            self.runtime.submit(preds)
+            self.runtime.pump()
+
+    def _on_routing(self, m: int, r) -> None:
+        if self.recorder is not None:
+            self.recorder.add(m, r.topk_idx_TK, r.topk_w_TK)
+        if self.learned is not None:
+            self._cur[m] = r.topk_idx_TK
+        if self.exact is not None:
+            self.runtime.submit([self.exact.from_routing(m, r.topk_idx_TK)])
+            self.runtime.pump()
+
+    def _on_forward_end(self, _mod, _args, _out) -> None:
+        B, S = self._BS
+        for m, idx in self._cur.items():
+            self._prev[m] = idx.view(B, S, -1)[:, -1]
+        self._cur = {}
+        self.runtime.end_pass()
+
+    # ---------------------------------------------------------------- generation
+    def _sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)  # host sync: timing boundaries only
+
+    @torch.no_grad()
+    def forward(self, tokens_BS: torch.Tensor, cache: KVCache | None = None):
+        return self.model(tokens_BS.to(self.device), cache)
+
+    @torch.no_grad()
+    def generate(self, prompt_BS: torch.Tensor, max_new_tokens: int, *, temperature: float = 0.0,
+                 top_k: int | None = None, generator: torch.Generator | None = None,
+                 return_logits: bool = False) -> GenerationResult:
+        """Greedy (temperature 0) or sampled continuation with a KV cache, exactly like
+        MoETransformer.generate; returns the tokens, optionally their logits, and the report."""
+        prompt_BS = prompt_BS.to(self.device)
+        B, S = prompt_BS.shape
+        cache = KVCache.empty(self.model.cfg, B, S + max_new_tokens, self.device, self.model.embed.weight.dtype)
+        self.reset_stats()
+        t0 = time.perf_counter()
+        logits = self.model(prompt_BS, cache).logits[:, -1]
+        self._sync()
+        t1 = time.perf_counter()
+        self._prefill = (Counters(**vars(self.runtime.c)), self.copies.bytes_moved, self.copies.stall_s, t1 - t0)
+        out, seen = [], []
+        for i in range(max_new_tokens):
+            if return_logits:
+                seen.append(logits.float().cpu())  # host sync: only when the caller asks for logits
+            nxt = sample_next(logits, temperature, top_k, generator)
+            out.append(nxt)
+            if i + 1 < max_new_tokens:
+                logits = self.model(nxt[:, None], cache).logits[:, -1]
+        self._sync()
+        self._timing = (B, S, max_new_tokens, t1 - t0, time.perf_counter() - t1)
+        tokens = torch.stack(out, dim=1).cpu() if out else prompt_BS.new_zeros(B, 0).cpu()  # after the timing
+        return GenerationResult(tokens, torch.stack(seen) if seen else None, self.report())
+
+    def reset_stats(self) -> None:
+        rt = self.runtime
+        rt.c, rt.decisions = Counters(), dict.fromkeys(rt.decisions, 0)
+        rt.pred_stats.counts.clear()
+        self.copies.bytes_moved, self.copies.stall_s, self.copies.copies = 0, 0.0, 0
+        q = rt.queue
+        q.submitted = q.preempted = q.dropped = 0
+        self._prefill = (Counters(), 0, 0.0, 0.0)
+        self._timing = (0, 0, 0, 0.0, 0.0)
+
+    def report(self) -> dict[str, Any]:
+        """Everything a user asks of an expert cache, JSON-able (metrics defined in offload/report.py)."""
+        from offload.report import engine_report
+        return engine_report(self)
+
+    def trace(self) -> RoutingTrace:
+        if self.recorder is None:
+            raise ValueError("this engine does not record routing; construct it with record_trace=True")
+        return self.recorder.to_trace()
+
+    def close(self) -> MoETransformer:
+        """Remove hooks, drain copies; with keep_banks, put the ExpertBanks back (model on the host)."""
+        for h in self._hooks:
+            h.remove()
+        self._hooks = []
+        self.copies.synchronize()
+        if self._banks is not None:
+            for block, bank in zip(self.moe_blocks, self._banks):
+                block.ffn.experts = bank
+            self.model.to("cpu")
+        return self.model
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"cpu ({platform.processor() or platform.machine()}, torch threads={torch.get_num_threads()})"
+
+
+def utc_now() -> str:
+    return datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+
+
+def add_generate_args(p: argparse.ArgumentParser) -> None:
+    """Arguments of `moe generate` (see offload/generate_cli.py)."""
+    from offload.generate_cli import add_generate_args as add
+    add(p)
+
+
+def run_generate(args: argparse.Namespace) -> int:
+    from offload.generate_cli import run_generate as run
+    return run(args)
+
+
+__all__ = ["ExpertCacheEngine", "GenerationResult", "PREDICTORS", "add_generate_args", "run_generate",
+           "device_name", "utc_now"]

@@ -1,0 +1,81 @@
+"""Reports of the expert-cache engine: one JSON-able dict, and the lines `moe generate` prints.
+
+Metrics (decode phase unless named otherwise; the prefill's own are under "prefill"):
+- tokens_per_s: generated tokens / (prefill + decode wall time); decode_tokens_per_s: tokens
+  produced by decode forward passes / decode wall time (the steady-state speed).
+- hit_rate: expert uses served from a slot already assigned at use time (it may still have been
+  landing: late_hits) / all expert uses. A use is one (layer, expert) pair per forward pass.
+- bytes_moved: host->device expert bytes (demand, prefetch, stream, background copies).
+- stall_s: time the device waited for expert copies (CUDA: timed on the compute stream with
+  events; host-as-device: the copies waited on, since nothing overlaps there).
+- prefetch precision/recall: per (layer, distance), predicted vs used expert sets per pass.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+
+def _rate(num: float, den: float) -> float | None:
+    return num / den if den else None
+
+
+def engine_report(engine) -> dict[str, Any]:
+    from offload.engine import device_name
+    rt, cp, lay = engine.runtime, engine.copies, engine.store.layout
+    pre_c, pre_bytes, pre_stall, _ = engine._prefill
+    B, S, new, prefill_s, decode_s = engine._timing
+    total = rt.c
+    decode = total.minus(pre_c)
+    q = rt.queue
+    decode_tokens = B * max(0, new - 1)
+    return {
+        "device": str(engine.device), "device_name": device_name(engine.device),
+        "policy": engine.policy, "cpu_experts": engine.cpu_experts, "predictor": engine.predictor_name,
+        "lookahead_depth": engine.depth,
+        "slots": engine.pool.num_slots, "total_experts": lay.total_experts,
+        "cache_fraction": engine.pool.num_slots / lay.total_experts, "pool_bytes": engine.pool.nbytes,
+        "store": engine.store.report(), "calibration": engine.calibration.to_dict(),
+        "batch": B, "prompt_tokens": S, "new_tokens": new, "prefill_s": prefill_s, "decode_s": decode_s,
+        "tokens_per_s": _rate(B * new, prefill_s + decode_s),
+        "decode_tokens_per_s": _rate(decode_tokens, decode_s),
+        "hit_rate": decode.as_dict()["hit_rate"], "hit_rate_all": total.as_dict()["hit_rate"],
+        "bytes_moved": cp.bytes_moved - pre_bytes, "gib_moved": (cp.bytes_moved - pre_bytes) / 2**30,
+        "stall_s": cp.stall_s - pre_stall,
+        "decode": decode.as_dict(),
+        "prefill": {**pre_c.as_dict(), "bytes_moved": pre_bytes, "stall_s": pre_stall},
+        "decisions": dict(rt.decisions),
+        "prefetch": {"issued": total.prefetch_issued, "used": total.prefetch_used,
+                     "wasted": total.prefetch_wasted, "submitted": q.submitted, "preempted": q.preempted,
+                     "dropped": q.dropped},
+        "prediction": rt.pred_stats.summary(),
+    }
+
+
+def _fmt(v: float | None, spec: str) -> str:
+    return "n/a" if v is None else format(v, spec)
+
+
+def summary_lines(r: dict[str, Any]) -> list[str]:
+    """The human-readable lines `moe generate` prints after the text."""
+    p = r["prediction"]
+    lines = [
+        f"device {r['device_name']}; policy {r['policy']}; predictor {r['predictor']}; cpu experts "
+        f"{'on' if r['cpu_experts'] else 'off'}; {r['slots']}/{r['total_experts']} expert slots "
+        f"({r['cache_fraction']:.0%}, {r['pool_bytes'] / 2**20:.1f} MiB); host store "
+        f"{r['store']['total_bytes'] / 2**20:.1f} MiB{' pinned' if r['store']['pinned'] else ''}",
+        f"tokens/s {_fmt(r['tokens_per_s'], '.2f')} (decode {_fmt(r['decode_tokens_per_s'], '.2f')}); "
+        f"prefill {r['prefill_s']:.3f}s, decode {r['decode_s']:.3f}s, batch {r['batch']}",
+        f"hit rate {_fmt(r['hit_rate'], '.3f')} (decode; all {_fmt(r['hit_rate_all'], '.3f')}); "
+        f"bytes moved {r['bytes_moved'] / 2**20:.1f} MiB (decode), stall {r['stall_s'] * 1e3:.1f} ms",
+        f"prefetch precision {_fmt(p['precision'], '.3f')}, recall {_fmt(p['recall'], '.3f')}; issued "
+        f"{r['prefetch']['issued']}, used {r['prefetch']['used']}, wasted {r['prefetch']['wasted']}, "
+        f"pre-empted {r['prefetch']['preempted']}",
+        f"misses served: copy {r['decisions']['copy']}, wait {r['decisions']['wait']}, cpu {r['decisions']['cpu']}; "
+        f"regimes: cache {r['decode']['cache_steps'] + r['prefill']['cache_steps']}, "
+        f"stream {r['decode']['stream_steps'] + r['prefill']['stream_steps']}; copy "
+        f"{r['calibration']['copy_gbps']:.2f} GB/s measured",
+    ]
+    return lines
+
+
+__all__ = ["engine_report", "summary_lines"]

@@ -1,0 +1,239 @@
+"""Routing traces: which experts every token chose at every MoE layer, in msgpack.
+
+Legend: N records (one per token per MoE layer), K top-k, L MoE layers, E experts.
+
+A trace is a frozen, versioned dataclass; columns travel as little-endian byte strings (no pickle,
+ever) and are decoded with limits (moe.serial.unpack_limited: max_buffer_size, strict_map_key).
+Every column's length and value range is checked on load, so a corrupted, truncated, oversized or
+wrong-version file is refused with a message saying which. `TraceRecorder` records from any
+MoETransformer forward (generation, evaluation, or `trainer.model` during training) or is fed by
+the expert-cache engine. `moe trace` (add_trace_args / run_trace) records and simulates.
+"""
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import msgpack
+import numpy as np
+import torch
+
+from moe.serial import DecodeError, unpack_limited
+
+TRACE_FORMAT = "moe-routing-trace"
+TRACE_VERSION = 1
+MAX_TRACE_BYTES = 1 << 30
+_COLUMNS = {"step": "<i4", "seq": "<i4", "pos": "<i4", "layer": "<u2", "experts": "<u2", "scores": "<f4"}
+
+
+class TraceError(ValueError):
+    """A trace file that is missing, corrupted, oversized or of an unsupported version."""
+
+
+@dataclass(frozen=True, eq=False)
+class RoutingTrace:
+    num_layers: int
+    num_experts: int
+    top_k: int
+    step: np.ndarray
+    """[N] forward pass the record came from."""
+    seq: np.ndarray
+    """[N] sequence id."""
+    pos: np.ndarray
+    """[N] token position in its sequence."""
+    layer: np.ndarray
+    """[N] MoE layer index."""
+    experts: np.ndarray
+    """[N, K] chosen expert ids."""
+    scores: np.ndarray
+    """[N, K] combine weights."""
+    meta: dict[str, Any] = field(default_factory=dict)
+    """Free-form JSON-able facts: model shape, expert_bytes, source, calibration (see cpu_experts)."""
+    version: int = TRACE_VERSION
+
+    def __len__(self) -> int:
+        return int(self.layer.shape[0])
+
+    def to_dict(self) -> dict[str, Any]:
+        d: dict[str, Any] = {"format": TRACE_FORMAT, "version": self.version, "num_layers": self.num_layers,
+                             "num_experts": self.num_experts, "top_k": self.top_k, "num_records": len(self),
+                             "meta": self.meta}
+        for name, dt in _COLUMNS.items():
+            d[name] = np.ascontiguousarray(getattr(self, name), dtype=dt).tobytes()
+        return d
+
+    @classmethod
+    def from_dict(cls, d: Any, what: str = "trace") -> "RoutingTrace":
+        if not isinstance(d, dict) or d.get("format") != TRACE_FORMAT:
+            raise TraceError(f"{what} is not a routing trace (format {d.get('format') if isinstance(d, dict) else None!r}, "
+                             f"expected {TRACE_FORMAT!r})")
+        if d.get("version") != TRACE_VERSION:
+            raise TraceError(f"{what} has trace version {d.get('version')!r}; this build reads version "
+                             f"{TRACE_VERSION}; re-record it with this version of moe-runtime")
+        try:
+            L, E, K, N = (int(d[k]) for k in ("num_layers", "num_experts", "top_k", "num_records"))
+            cols = {name: _column(d[name], dt, name, what) for name, dt in _COLUMNS.items()}
+            meta = d.get("meta") or {}
+        except (KeyError, TypeError) as e:
+            raise TraceError(f"{what} is missing or mistypes field {e}") from None
+        if min(L, E, K) < 1 or K > E or N < 0:
+            raise TraceError(f"{what}: num_layers={L}, num_experts={E}, top_k={K} are inconsistent")
+        for name, col in cols.items():
+            want = N * K if name in ("experts", "scores") else N
+            if col.size != want:
+                raise TraceError(f"{what}: column {name!r} holds {col.size} values, expected {want} "
+                                 f"(num_records={N}); the file is truncated or corrupted")
+        cols["experts"], cols["scores"] = cols["experts"].reshape(N, K), cols["scores"].reshape(N, K)
+        if N and (cols["layer"].max() >= L or cols["experts"].max() >= E or cols["pos"].min() < 0):
+            raise TraceError(f"{what}: layer or expert ids out of range (L={L}, E={E}); the file is corrupted")
+        return cls(L, E, K, meta=meta, **{k: v.astype(np.int64) if k != "scores" else v
+                                         for k, v in cols.items()})
+
+    def save(self, path: str | Path) -> Path:
+        p = Path(path)
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_bytes(msgpack.packb(self.to_dict(), use_bin_type=True))
+        return p
+
+    @classmethod
+    def load(cls, path: str | Path, *, max_bytes: int = MAX_TRACE_BYTES) -> "RoutingTrace":
+        p = Path(path)
+        if not p.is_file():
+            raise TraceError(f"trace file {p} does not exist")
+        size = p.stat().st_size
+        if size > max_bytes:
+            raise TraceError(f"trace file {p} is {size} bytes, over the limit of {max_bytes} bytes; "
+                             f"pass a larger max_bytes only for a file you trust")
+        try:
+            d = unpack_limited(p.read_bytes(), max_bytes, f"trace file {p}")
+        except DecodeError as e:
+            raise TraceError(f"trace file {p} is corrupted: {e}") from None
+        return cls.from_dict(d, f"trace file {p}")
+
+    def token_table(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Tokens with every layer recorded, in first-seen order: choices [T, L, K], the row of each
+        token's predecessor in its sequence (pos - 1) or -1, and the step each token ran in [T]."""
+        rows: dict[tuple[int, int], np.ndarray] = {}
+        seen: dict[tuple[int, int], int] = {}
+        step: dict[tuple[int, int], int] = {}
+        for i in range(len(self)):
+            tok = (int(self.seq[i]), int(self.pos[i]))
+            if tok not in rows:
+                rows[tok] = np.zeros((self.num_layers, self.top_k), dtype=np.int64)
+                seen[tok], step[tok] = 0, int(self.step[i])
+            rows[tok][int(self.layer[i])] = self.experts[i]
+            seen[tok] |= 1 << int(self.layer[i])
+        full = (1 << self.num_layers) - 1
+        toks = [t for t in rows if seen[t] == full]
+        index = {t: i for i, t in enumerate(toks)}
+        choices = (torch.from_numpy(np.stack([rows[t] for t in toks])) if toks
+                   else torch.zeros(0, self.num_layers, self.top_k, dtype=torch.long))
+        prev = torch.tensor([index.get((s, p - 1), -1) for s, p in toks], dtype=torch.long)
+        return choices, prev, torch.tensor([step[t] for t in toks], dtype=torch.long)
+
+
+def _column(raw: Any, dt: str, name: str, what: str) -> np.ndarray:
+    if not isinstance(raw, bytes):
+        raise TraceError(f"{what}: column {name!r} is {type(raw).__name__}, expected bytes")
+    size = np.dtype(dt).itemsize
+    if len(raw) % size:
+        raise TraceError(f"{what}: column {name!r} has {len(raw)} bytes, not a multiple of {size}; corrupted")
+    return np.frombuffer(raw, dtype=dt)
+
+
+class TraceRecorder:
+    """Collects routing records; `attach(model)` hooks a MoETransformer, or call begin_forward/add."""
+
+    def __init__(self, num_layers: int, num_experts: int, top_k: int, *, max_records: int | None = None,
+                 meta: dict[str, Any] | None = None):
+        self.L, self.E, self.K, self.max_records = num_layers, num_experts, top_k, max_records
+        self.meta = dict(meta or {})
+        self.chunks: list[tuple[int, np.ndarray, np.ndarray, int, np.ndarray, np.ndarray]] = []
+        self.records = self.steps = 0
+        self.seq_base, self._B, self._S, self._start = 0, 0, 0, 0
+        self._handles: list = []
+
+    def begin_forward(self, B: int, S: int, start: int) -> None:
+        """A forward pass over [B, S] tokens at positions start..; start 0 opens new sequences."""
+        if start == 0 and self.steps:
+            self.seq_base += self._B
+        self._B, self._S, self._start = B, S, start
+        self.steps += 1
+
+    def add(self, layer: int, topk_idx_TK: torch.Tensor, topk_w_TK: torch.Tensor) -> None:
+        if self.max_records is not None and self.records >= self.max_records:
+            return
+        idx = topk_idx_TK.detach().to("cpu", torch.int64).numpy()  # host sync (recording only)
+        w = topk_w_TK.detach().to("cpu", torch.float32).numpy()
+        T = idx.shape[0]
+        rows = np.arange(T)
+        seq = self.seq_base + rows // max(self._S, 1)
+        pos = self._start + rows % max(self._S, 1)
+        self.chunks.append((self.steps - 1, seq, pos, layer, idx, w))
+        self.records += T
+
+    def attach(self, model) -> "TraceRecorder":
+        moe = [b.ffn for b in model.blocks if b.is_moe]
+
+        def pre(_mod, args, kwargs):
+            tokens = args[0] if args else kwargs["tokens_BS"]
+            cache = args[1] if len(args) > 1 else kwargs.get("cache")
+            self.begin_forward(tokens.shape[0], tokens.shape[1], cache.length if cache is not None else 0)
+
+        self._handles.append(model.register_forward_pre_hook(pre, with_kwargs=True))
+        for m, layer in enumerate(moe):
+            self._handles.append(layer.router.register_forward_hook(
+                lambda _mod, _inp, out, m=m: self.add(m, out.topk_idx_TK, out.topk_w_TK)))
+        return self
+
+    def detach(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+
+    def __enter__(self) -> "TraceRecorder":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.detach()
+
+    def to_trace(self) -> RoutingTrace:
+        cols: dict[str, list[np.ndarray]] = {k: [] for k in _COLUMNS}
+        for step, seq, pos, layer, idx, w in self.chunks:
+            n = idx.shape[0]
+            cols["step"].append(np.full(n, step))
+            cols["seq"].append(seq)
+            cols["pos"].append(pos)
+            cols["layer"].append(np.full(n, layer))
+            cols["experts"].append(idx)
+            cols["scores"].append(w)
+        empty = {"experts": np.zeros((0, self.K)), "scores": np.zeros((0, self.K))}
+        arrays = {k: np.concatenate(v) if v else empty.get(k, np.zeros(0)) for k, v in cols.items()}
+        arrays = {k: v.astype(np.float32 if k == "scores" else np.int64) for k, v in arrays.items()}
+        return RoutingTrace(self.L, self.E, self.K, meta=self.meta, **arrays)
+
+
+def recorder_for(model, **kw) -> TraceRecorder:
+    """A recorder sized for this model, with its shape in meta."""
+    cfg = model.cfg
+    meta = {"d_model": cfg.d_model, "d_expert": cfg.moe.d_expert, "router_position": cfg.moe.router_position,
+            "dtype": str(next(model.parameters()).dtype).removeprefix("torch.")}
+    meta.update(kw.pop("meta", {}) or {})
+    return TraceRecorder(cfg.num_moe_layers, cfg.moe.num_experts, cfg.moe.top_k, meta=meta, **kw)
+
+
+def add_trace_args(p: argparse.ArgumentParser) -> None:
+    """`moe trace record ...` and `moe trace simulate TRACE ...` (see offload/trace_cli.py)."""
+    from offload.trace_cli import add_trace_args as add
+    add(p)
+
+
+def run_trace(args: argparse.Namespace) -> int:
+    from offload.trace_cli import run_trace as run
+    return run(args)
+
+
+__all__ = ["RoutingTrace", "TraceRecorder", "TraceError", "recorder_for", "TRACE_VERSION", "TRACE_FORMAT",
+           "MAX_TRACE_BYTES", "add_trace_args", "run_trace"]

@@ -1,0 +1,126 @@
+"""`moe trace`: record routing traces from a checkpoint, replay them through the cache simulator,
+and compare routing predictors.
+
+    moe trace record --checkpoint runs/tiny --out trace.msgpack --max-new-tokens 128
+    moe trace record --checkpoint runs/tiny --out trace.msgpack --corpus-batches 8   # corpus text
+    moe trace simulate trace.msgpack --capacities 25%,50%,75% --policies lru,lfu,predictive,oracle
+    moe trace predictors --checkpoint runs/tiny --trace trace.msgpack
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+
+from offload.simulate import SIM_POLICIES
+
+
+def add_trace_args(p: argparse.ArgumentParser) -> None:
+    sub = p.add_subparsers(dest="trace_command", metavar="ACTION", required=True)
+    r = sub.add_parser("record", help="record a routing trace from a checkpoint (generation or corpus text)")
+    r.add_argument("--checkpoint", required=True, help="run directory or checkpoint directory")
+    r.add_argument("--out", required=True, help="trace file to write (msgpack)")
+    r.add_argument("--prompt", default="def ", help="prompt for generation (byte-level models)")
+    r.add_argument("--max-new-tokens", type=int, default=128)
+    r.add_argument("--batch", type=int, default=1)
+    r.add_argument("--temperature", type=float, default=0.8, help="sampling temperature (0 = greedy)")
+    r.add_argument("--corpus-batches", type=int, default=0,
+                   help="record N teacher-forced corpus batches instead of generating")
+    r.add_argument("--seq-len", type=int, default=64, help="sequence length of corpus batches")
+    r.add_argument("--data", default=None, help="corpus for --corpus-batches (default: the standard library)")
+    r.add_argument("--device", default="auto")
+    r.add_argument("--seed", type=int, default=0)
+    s = sub.add_parser("simulate", help="replay a trace for every policy and capacity")
+    s.add_argument("trace", help="trace file")
+    s.add_argument("--capacities", default="25%,50%,75%", help="slots or percentages of all experts, comma-separated")
+    s.add_argument("--policies", default=",".join(SIM_POLICIES), help=f"comma-separated from {', '.join(SIM_POLICIES)}")
+    s.add_argument("--depth", type=int, default=1, help="lookahead depth of the predictive policies")
+    s.add_argument("--copy-ms", type=float, default=None, help="override: ms per expert copy")
+    s.add_argument("--attn-ms", type=float, default=None, help="override: ms of non-expert compute per layer")
+    s.add_argument("--expert-ms", type=float, default=None, help="override: ms per expert run")
+    s.add_argument("--json", default=None, metavar="PATH", help="write the rows as JSON")
+    c = sub.add_parser("predictors", help="precision/recall of lookahead, exact and learned predictors")
+    c.add_argument("--checkpoint", required=True)
+    c.add_argument("--trace", default=None, help="trace to train the learned predictor on")
+    c.add_argument("--depth", type=int, default=1)
+    c.add_argument("--batches", type=int, default=2, help="held-out corpus batches to evaluate on")
+    c.add_argument("--seq-len", type=int, default=64)
+    c.add_argument("--data", default=None)
+    c.add_argument("--json", default=None, metavar="PATH")
+
+
+def _record(args: argparse.Namespace) -> int:
+    from moe.data import load_corpus
+    from moe.train import load_model
+    from offload.engine import ExpertCacheEngine
+    from offload.generate_cli import prompt_tensor
+
+    model, run, _ = load_model(args.checkpoint, device="cpu")
+    total = model.cfg.num_moe_layers * model.cfg.moe.num_experts
+    engine = ExpertCacheEngine(model, gpu_expert_slots=total, policy="lru", device=args.device, record_trace=True)
+    if args.corpus_batches > 0:
+        corpus = load_corpus(args.data, vocab_size=model.cfg.vocab_size)
+        for i in range(args.corpus_batches):
+            x, _ = corpus.batch("val", i, args.batch, min(args.seq_len, model.cfg.max_seq_len), seed=args.seed)
+            engine.forward(x)
+    else:
+        args.prompt_ids = None
+        gen = torch.Generator(device=engine.device).manual_seed(args.seed)
+        engine.generate(prompt_tensor(args, model.cfg.vocab_size), args.max_new_tokens,
+                        temperature=args.temperature, generator=gen)
+    trace = engine.trace()
+    trace.meta["run"] = run.name
+    path = trace.save(args.out)
+    print(f"routing trace: {path} ({len(trace)} records, {trace.num_layers} MoE layers x {trace.num_experts} "
+          f"experts, top-{trace.top_k}, {path.stat().st_size} bytes)")
+    return 0
+
+
+def _simulate(args: argparse.Namespace) -> int:
+    from offload.simulate import format_table, parse_capacities, simulate_grid, trace_timing
+    from offload.trace import RoutingTrace
+
+    trace = RoutingTrace.load(args.trace)
+    policies = [p.strip() for p in args.policies.split(",") if p.strip()]
+    bad = [p for p in policies if p not in SIM_POLICIES]
+    if bad:
+        raise ValueError(f"--policies {bad} not in {', '.join(SIM_POLICIES)}")
+    caps = parse_capacities(args.capacities, trace.num_layers * trace.num_experts)
+    timing = trace_timing(trace, args.copy_ms, args.attn_ms, args.expert_ms)
+    rows = simulate_grid(trace, policies, caps, timing, depth=args.depth)
+    print(f"trace {args.trace}: {len(trace)} records, {trace.num_layers} layers x {trace.num_experts} experts; "
+          f"copy {timing.copy_s * 1e3:.3f} ms/expert, attention {timing.attn_s * 1e3:.3f} ms/layer")
+    print(format_table(rows))
+    if args.json:
+        Path(args.json).write_text(json.dumps({"trace": str(args.trace), "timing": vars(timing), "rows": rows},
+                                              indent=2, default=list))
+    return 0
+
+
+def _predictors(args: argparse.Namespace) -> int:
+    from moe.data import load_corpus
+    from moe.train import load_model
+    from offload.evaluate import evaluate_predictors, format_comparison
+    from offload.predictor import LearnedPredictor
+    from offload.trace import RoutingTrace
+
+    model, _, _ = load_model(args.checkpoint, device="cpu")
+    learned = LearnedPredictor.fit(RoutingTrace.load(args.trace), args.depth) if args.trace else None
+    corpus = load_corpus(args.data, vocab_size=model.cfg.vocab_size)
+    seq = min(args.seq_len, model.cfg.max_seq_len)
+    x = torch.cat([corpus.batch("val", 10_000 + i, 4, seq)[0] for i in range(args.batches)])
+    res = evaluate_predictors(model, x, depth=args.depth, learned=learned)
+    print(format_comparison(res))
+    if args.json:
+        Path(args.json).write_text(json.dumps(res, indent=2))
+    return 0
+
+
+def run_trace(args: argparse.Namespace) -> int:
+    actions = {"record": _record, "simulate": _simulate, "predictors": _predictors}
+    return actions[args.trace_command](args)
+
+
+__all__ = ["add_trace_args", "run_trace"]

@@ -1,0 +1,161 @@
+"""Offloaded generation equals resident generation: same tokens, same logits, bit for bit.
+
+The engine swaps each ExpertBank for a slot-cache expert source and runs the model's own math, and
+each expert runs through the same kernel call over the same rows, so on CPU nothing may differ:
+every policy, every capacity (including fewer slots than one layer's experts at batch 2 = 4
+experts), with and without host experts, exact / lookahead / learned prediction, both router
+positions, a leading dense block, streaming prefill, sampling, bf16.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from offload.cpu_experts import Calibration
+from offload.engine import ExpertCacheEngine
+from offload.predictor import LearnedPredictor
+from offload.trace import TraceRecorder
+from tests.test_offload_support import resident_generate, single_thread, tiny_cfg, twin_models  # noqa: F401
+
+NEW = 10
+
+
+def _prompt(B: int = 2, S: int = 6, seed: int = 3) -> torch.Tensor:
+    return torch.randint(0, 256, (B, S), generator=torch.Generator().manual_seed(seed))
+
+
+def _check(cfg, prompt, **engine_kw):
+    resident, offloaded = twin_models(cfg)
+    want_tokens, want_logits = resident_generate(resident, prompt, NEW)
+    engine = ExpertCacheEngine(offloaded, device="cpu", **engine_kw)
+    res = engine.generate(prompt, NEW, return_logits=True)
+    assert torch.equal(res.tokens, want_tokens), f"tokens differ for {engine_kw}"
+    assert torch.equal(res.logits, want_logits), \
+        f"logits differ for {engine_kw}: max err {float((res.logits - want_logits).abs().max()):.3e}"
+    engine.runtime.cache.check_invariants()
+    return res.report
+
+
+@pytest.mark.parametrize("position", ["post_attention", "pre_attention"])
+@pytest.mark.parametrize("policy", ["lru", "lfu", "predictive"])
+@pytest.mark.parametrize("slots", [1, 3, 8, 24])
+@pytest.mark.parametrize("cpu_experts", [False, True])
+def test_offloaded_equals_resident(position, policy, slots, cpu_experts):
+    r = _check(tiny_cfg(position), _prompt(), gpu_expert_slots=slots, policy=policy, cpu_experts=cpu_experts)
+    assert r["decode"]["expert_uses"] > 0 and r["slots"] == slots
+    if slots == 24 and not cpu_experts:
+        assert r["hit_rate"] > 0.5, "with every expert fitting, decode should mostly hit"
+
+
+def _forced(copy_s: float, host_s: float, device_s: float) -> Calibration:
+    """A cost model that makes one decision win, to drive every path (not a performance claim)."""
+    return Calibration(device="cpu", expert_bytes=1, copy_s=copy_s, tokens=(1, 64), host_s=(host_s, 64 * host_s),
+                       device_s=(device_s, 64 * device_s), act_s_per_token=0.0)
+
+
+@pytest.mark.parametrize("which,cal", [("cpu", _forced(1.0, 1e-6, 1e-3)), ("copy", _forced(1e-6, 1.0, 1e-6)),
+                                       ("wait", _forced(1e-4, 1.0, 1e-6))])
+def test_every_miss_decision_path_is_exact(which, cal):
+    r = _check(tiny_cfg("pre_attention"), _prompt(), gpu_expert_slots=3, policy="predictive", cpu_experts=True,
+               calibration=cal)
+    assert r["decisions"][which] > 0, r["decisions"]
+    if which == "cpu":
+        assert r["decode"]["cpu_served"] > 0 and r["prefetch"]["issued"] > 0
+
+
+def test_stream_regime_for_prefill_is_exact():
+    r = _check(tiny_cfg(), _prompt(B=2, S=24), gpu_expert_slots=5, policy="lru")
+    assert r["prefill"]["stream_steps"] == 3, "a 48-token prefill uses every expert: whole layers stream"
+    assert r["prefill"]["stream_copies"] > 0
+
+
+def test_dense_first_layer_and_lookahead_depth_two():
+    cfg = tiny_cfg(n_layers=4, first_dense_layers=1)
+    r = _check(cfg, _prompt(), gpu_expert_slots=6, policy="predictive", predictor="lookahead", lookahead_depth=2)
+    assert set(r["prediction"]["per_distance"]) == {"0", "1", "2"}
+    assert set(r["prediction"]["per_layer"]) == {"0", "1", "2"}
+
+
+def test_exact_predictor_is_never_wrong():
+    r = _check(tiny_cfg("pre_attention"), _prompt(), gpu_expert_slots=8, policy="predictive", predictor="exact",
+               lookahead_depth=0)
+    d0 = r["prediction"]["per_distance"]["0"]
+    assert d0["precision"] == 1.0 and d0["recall"] == 1.0
+    assert r["hit_rate"] == 1.0, "exact prefetch before attention: every decode expert is at least in flight"
+
+
+def test_learned_predictor_drives_prefetch_exactly():
+    cfg = tiny_cfg()
+    model, _ = twin_models(cfg)
+    with TraceRecorder(cfg.num_moe_layers, 8, 2).attach(model) as rec:
+        model(torch.randint(0, 256, (4, 32), generator=torch.Generator().manual_seed(5)))
+    learned = LearnedPredictor.fit(rec.to_trace(), depth=1, steps=50)
+    r = _check(cfg, _prompt(), gpu_expert_slots=6, policy="predictive", predictor=learned)
+    assert r["predictor"] == "learned" and r["prefetch"]["issued"] > 0
+    assert r["prediction"]["precision"] is not None
+
+
+def test_bf16_and_capacity_in_gib():
+    cfg = tiny_cfg()
+    resident, offloaded = twin_models(cfg, dtype=torch.bfloat16)
+    prompt = _prompt()
+    want, _ = resident_generate(resident, prompt, NEW)
+    expert_gib = 3 * 32 * 24 * 2 / 2**30
+    engine = ExpertCacheEngine(offloaded, gpu_expert_gib=4.5 * expert_gib, policy="lfu", device="cpu")
+    assert engine.pool.num_slots == 4 and engine.store.layout.dtype == torch.bfloat16
+    assert torch.equal(engine.generate(prompt, NEW).tokens, want)
+
+
+def test_sampled_generation_matches_model_generate():
+    resident, offloaded = twin_models(tiny_cfg())
+    prompt = _prompt()
+    want = resident.generate(prompt, NEW, temperature=0.9, top_k=20, generator=torch.Generator().manual_seed(7))
+    engine = ExpertCacheEngine(offloaded, gpu_expert_slots=4, policy="predictive", cpu_experts=True, device="cpu")
+    got = engine.generate(prompt, NEW, temperature=0.9, top_k=20, generator=torch.Generator().manual_seed(7))
+    assert torch.equal(got.tokens, want)
+
+
+def test_close_restores_the_resident_model():
+    resident, offloaded = twin_models(tiny_cfg())
+    prompt = _prompt()
+    engine = ExpertCacheEngine(offloaded, gpu_expert_slots=2, policy="lru", device="cpu", keep_banks=True)
+    engine.generate(prompt, 3)
+    model = engine.close()
+    assert torch.equal(model.generate(prompt, NEW), resident.generate(prompt, NEW))
+    engine2 = ExpertCacheEngine(model, gpu_expert_slots=2, policy="lru", device="cpu", store=engine.store)
+    assert engine2.store is engine.store
+    assert torch.equal(engine2.generate(prompt, NEW).tokens, resident.generate(prompt, NEW))
+
+
+def test_bad_arguments_are_refused():
+    _, m = twin_models(tiny_cfg())
+    with pytest.raises(ValueError, match="policy='fifo' is not one of lru, lfu, predictive"):
+        ExpertCacheEngine(m, gpu_expert_slots=2, policy="fifo", device="cpu")
+    with pytest.raises(ValueError, match="exactly one of gpu_expert_slots"):
+        ExpertCacheEngine(m, gpu_expert_slots=2, gpu_expert_gib=1.0, device="cpu")
+    with pytest.raises(ValueError, match="gpu_expert_slots=0 must be >= 1"):
+        ExpertCacheEngine(m, gpu_expert_slots=0, device="cpu")
+    _, m = twin_models(tiny_cfg())
+    with pytest.raises(ValueError, match="needs a model trained with router_position='pre_attention'"):
+        ExpertCacheEngine(m, gpu_expert_slots=2, policy="predictive", predictor="exact", device="cpu")
+    _, m = twin_models(tiny_cfg())
+    with pytest.raises(ValueError, match="holds no expert"):
+        ExpertCacheEngine(m, gpu_expert_gib=1e-9, device="cpu")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("policy,cpu_experts", [("lru", False), ("predictive", False), ("predictive", True)])
+def test_offloaded_equals_resident_on_gpu(policy, cpu_experts):
+    """On CUDA the expert kernels may group differently and host experts run on the CPU: tokens
+    must match, logits within fp32 tolerance."""
+    from tests.helpers import assert_close
+    cfg = tiny_cfg("pre_attention")
+    resident, offloaded = twin_models(cfg)
+    prompt = _prompt().cuda()
+    want_tokens, want_logits = resident_generate(resident.cuda(), prompt, NEW)
+    engine = ExpertCacheEngine(offloaded, gpu_expert_slots=3, policy=policy, cpu_experts=cpu_experts, device="cuda")
+    assert engine.store.pinned
+    res = engine.generate(prompt, NEW, return_logits=True)
+    assert torch.equal(res.tokens, want_tokens.cpu())
+    assert_close(res.logits, want_logits.cpu(), what=f"{policy} cpu_experts={cpu_experts}")

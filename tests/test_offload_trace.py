@@ -1,0 +1,130 @@
+"""Routing traces: round trip, refusal of corrupted / oversized / wrong-version files, the recorder,
+and the trace-driven cache simulator."""
+from __future__ import annotations
+
+import json
+
+import msgpack
+import numpy as np
+import pytest
+import torch
+
+from moe.cli import main
+from offload.engine import ExpertCacheEngine
+from offload.simulate import SimTiming, parse_capacities, simulate, simulate_grid, trace_timing
+from offload.trace import RoutingTrace, TraceError, TraceRecorder
+from tests.test_offload_support import single_thread, tiny_cfg, twin_models  # noqa: F401
+
+
+@pytest.fixture(scope="module")
+def trace() -> RoutingTrace:
+    _, model = twin_models(tiny_cfg())
+    engine = ExpertCacheEngine(model, gpu_expert_slots=6, policy="predictive", device="cpu", record_trace=True)
+    engine.generate(torch.randint(0, 256, (2, 5), generator=torch.Generator().manual_seed(2)), 8)
+    return engine.trace()
+
+
+def test_round_trip(trace, tmp_path):
+    assert len(trace) == (2 * 5 + 2 * 7) * 3, "prefill + decode tokens, times 3 MoE layers"
+    back = RoutingTrace.load(trace.save(tmp_path / "t.msgpack"))
+    for name in ("step", "seq", "pos", "layer", "experts", "scores"):
+        assert np.array_equal(getattr(back, name), getattr(trace, name)), name
+    assert back.meta == trace.meta and back.meta["calibration"]["copy_s"] > 0
+    assert (back.num_layers, back.num_experts, back.top_k) == (3, 8, 2)
+    choices, prev, step = back.token_table()
+    assert choices.shape == (24, 3, 2) and int((prev >= 0).sum()) == 24 - 2 and step.max() == 7
+
+
+def _write(tmp_path, obj_or_bytes) -> str:
+    p = tmp_path / "bad.msgpack"
+    p.write_bytes(obj_or_bytes if isinstance(obj_or_bytes, bytes) else msgpack.packb(obj_or_bytes, use_bin_type=True))
+    return str(p)
+
+
+def test_corrupted_oversized_and_wrong_version_traces_are_refused(trace, tmp_path):
+    raw = msgpack.packb(trace.to_dict(), use_bin_type=True)
+    with pytest.raises(TraceError, match="corrupted: .* is truncated"):
+        RoutingTrace.load(_write(tmp_path, raw[: len(raw) // 2]))
+    with pytest.raises(TraceError, match="corrupted: .* not valid msgpack"):
+        RoutingTrace.load(_write(tmp_path, b"\xc1" * 64))
+    with pytest.raises(TraceError, match="trailing bytes"):
+        RoutingTrace.load(_write(tmp_path, raw + b"\x00"))
+    with pytest.raises(TraceError, match="over the limit of 100 bytes"):
+        RoutingTrace.load(_write(tmp_path, raw), max_bytes=100)
+    with pytest.raises(TraceError, match="corrupted: .* not valid msgpack"):
+        RoutingTrace.load(_write(tmp_path, {1: 2}))  # strict_map_key: integer keys are refused
+    d = trace.to_dict()
+    with pytest.raises(TraceError, match="trace version 99; this build reads version 1"):
+        RoutingTrace.load(_write(tmp_path, {**d, "version": 99}))
+    with pytest.raises(TraceError, match="is not a routing trace"):
+        RoutingTrace.load(_write(tmp_path, {**d, "format": "moe-runtime-checkpoint"}))
+    with pytest.raises(TraceError, match="column 'experts' holds 142 values, expected 144"):
+        RoutingTrace.load(_write(tmp_path, {**d, "experts": d["experts"][:-4]}))
+    with pytest.raises(TraceError, match="not a multiple of 4"):
+        RoutingTrace.load(_write(tmp_path, {**d, "scores": d["scores"][:-1]}))
+    with pytest.raises(TraceError, match="out of range"):
+        RoutingTrace.load(_write(tmp_path, {**d, "experts": b"\xff" * len(d["experts"])}))
+    with pytest.raises(TraceError, match="missing or mistypes field 'top_k'"):
+        RoutingTrace.load(_write(tmp_path, {k: v for k, v in d.items() if k != "top_k"}))
+    with pytest.raises(TraceError, match="does not exist"):
+        RoutingTrace.load(tmp_path / "nope.msgpack")
+
+
+def test_recorder_on_a_plain_forward_numbers_sequences():
+    model, _ = twin_models(tiny_cfg())
+    with TraceRecorder(3, 8, 2, max_records=2 * 4 * 3 * 2).attach(model) as rec:
+        model(torch.zeros(2, 4, dtype=torch.long))
+        model(torch.ones(2, 4, dtype=torch.long))
+        model(torch.ones(2, 4, dtype=torch.long))  # past max_records: not recorded
+    t = rec.to_trace()
+    assert len(t) == 2 * 4 * 3 * 2
+    assert sorted(set(t.seq.tolist())) == [0, 1, 2, 3] and sorted(set(t.pos.tolist())) == [0, 1, 2, 3]
+    assert not model._forward_pre_hooks, "the recorder removed its hooks"
+
+
+def test_simulator_counts_and_timeline(trace):
+    timing = SimTiming(copy_s=1e-3, attn_s=0.1, tokens=(1,), expert_s=(1e-4,))
+    rows = {(r["policy"], r["capacity"]): r for r in
+            simulate_grid(trace, ["lru", "lfu", "predictive", "oracle"], [1, 6, 24], timing)}
+    uses, keys = 0, set()
+    for s in sorted(set(trace.step.tolist())):
+        for m in range(3):
+            sel = (trace.step == s) & (trace.layer == m)
+            used = set(trace.experts[sel].flatten().tolist())
+            uses += len(used)
+            keys |= {(m, e) for e in used}
+    full = rows[("lru", 24)]
+    assert full["hits"] + full["misses"] == uses and full["misses"] == len(keys), "only cold misses when all fit"
+    assert rows[("oracle", 24)]["hit_rate"] == 1.0 and rows[("oracle", 24)]["stall_s"] == 0.0
+    assert rows[("lru", 1)]["hit_rate"] < rows[("lru", 24)]["hit_rate"]
+    for r in rows.values():
+        assert r["bytes_moved"] == r["copies"] * trace.meta["expert_bytes"]
+        assert r["time_s"] >= r["stall_s"] >= 0
+    assert rows[("lru", 1)]["stall_s"] == pytest.approx(rows[("lru", 1)]["misses"] * 1e-3)
+    with pytest.raises(ValueError, match="policy='mru' is not one of"):
+        simulate(trace, "mru", 2, timing)
+
+
+def test_trace_timing_and_capacity_parsing(trace):
+    t = trace_timing(trace)
+    assert t.copy_s == trace.meta["calibration"]["copy_s"] and t.attn_s > 0
+    assert trace_timing(trace, copy_ms=2.0).copy_s == 0.002
+    bare = RoutingTrace(3, 8, 2, trace.step, trace.seq, trace.pos, trace.layer, trace.experts, trace.scores)
+    with pytest.raises(ValueError, match="carries no calibration"):
+        trace_timing(bare)
+    assert parse_capacities("25%,50%,7", 24) == [6, 12, 7]
+    with pytest.raises(ValueError, match="neither a slot count nor a percentage"):
+        parse_capacities("half", 24)
+
+
+def test_trace_simulate_command(trace, tmp_path, capsys):
+    path = trace.save(tmp_path / "t.msgpack")
+    out = tmp_path / "sim.json"
+    assert main(["trace", "simulate", str(path), "--capacities", "25%,100%", "--policies", "lru,oracle",
+                 "--json", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "hit rate" in text and "oracle" in text
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["policy"], r["capacity"]) for r in rows] == [("lru", 6), ("oracle", 6), ("lru", 24), ("oracle", 24)]
+    assert main(["trace", "simulate", str(path), "--policies", "belady"]) == 2
+    assert "not in lru, lfu, predictive, oracle" in capsys.readouterr().err
