@@ -42,7 +42,9 @@ def grouped_matmul_reference(x_ND: torch.Tensor, w_EDO: torch.Tensor, counts_E: 
         return torch._grouped_mm(x_ND, w_EDO, offs=offs)
     # host sync: the loop needs the counts as Python ints (reference path only).
     sizes = counts_E.tolist()
-    outs = [xe @ w_EDO[e] for e, xe in enumerate(torch.split(x_ND, sizes, dim=0))]
+    # unbind once: indexing w_EDO[e] per expert makes backward scatter E full-size gradients (O(E^2)).
+    ws = w_EDO.unbind(0)
+    outs = [xe @ ws[e] for e, xe in enumerate(torch.split(x_ND, sizes, dim=0))]
     return torch.cat(outs, dim=0) if outs else x_ND.new_zeros(0, w_EDO.shape[-1])
 
 

@@ -50,7 +50,8 @@ def _add_train(sub) -> None:
     p.add_argument("--no-progress", action="store_true", help="no progress bar (metrics still go to metrics.jsonl)")
     p.add_argument("--workers", type=int, default=0,
                    help="train on N Ray actors (an embedded local Ray cluster unless one is running)")
-    p.add_argument("--ep", type=int, default=None, help="expert-parallel size with --workers (default: workers)")
+    p.add_argument("--ep", type=int, default=None,
+                   help="expert-parallel size with --workers (default: gcd(workers, num_experts))")
     p.add_argument("--max-failures", type=int, default=3, help="actor failures to recover from with --workers")
     p.add_argument("--offload-experts", action="store_true",
                    help="with --workers: keep expert shards and their optimizer state in host memory")
@@ -93,7 +94,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         from cluster.job import run_cluster_train
         summary = run_cluster_train(run, out_dir=out, data=args.data, workers=args.workers, ep=args.ep,
                                     max_failures=args.max_failures, offload_experts=args.offload_experts,
-                                    resume=not args.no_resume)
+                                    resume=not args.no_resume, progress=not args.no_progress)
     else:
         from moe.train import Trainer
         trainer = Trainer(run, out_dir=out, data=args.data, progress=not args.no_progress)

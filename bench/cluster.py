@@ -1,0 +1,240 @@
+"""Cluster training benchmark: tokens/s and the time split for 1, 2, 4 CPU workers, plus the
+all-to-all volume of Mixtral-8x7B at 8-64 GPUs worked out on paper.
+
+    python bench/cluster.py                 # ~5 min on a 2-core CPU; writes bench/results/cluster_cpu.{json,md}
+    python bench/cluster.py --paper-only    # only bench/results/cluster_alltoall_paper.md (no Ray, instant)
+
+Weak scaling: each worker trains the same per-worker batch, so tokens/s should grow with workers
+while cores last. Workers are Ray actors with one torch thread each on an embedded Ray cluster
+that claims 4 CPUs; on a machine with fewer cores they share them (the JSON says how many there
+are). Time split, measured on rank 0 per step: all-to-all (token dispatch/combine, forward and
+backward, including waiting for the slowest peer), all-reduce (gradients, counts, metrics), and
+compute = the rest. The first step of each run (allocation, lazy init) is not counted.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from moe.config import get_preset, param_count  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parent / "results"
+# preset -> (per-worker batch, seq_len, measured steps); shrunk from the presets to fit minutes on a CPU
+SHAPES = {"tiny": (4, 128, 10), "small": (1, 128, 3)}
+OFFLOAD_STEPS, OFFLOAD_REPEATS = 12, 2
+PINNED_H2D_GBS = 54.8  # pinned host->device copy, H100 PCIe Gen5 (PAPERS.md, measured here)
+
+
+def machine() -> dict:
+    cpu = "unknown"
+    if Path("/proc/cpuinfo").exists():
+        names = [l.split(":", 1)[1].strip() for l in Path("/proc/cpuinfo").read_text().splitlines()
+                 if l.startswith("model name")]
+        cpu = names[0] if names else cpu
+    import ray
+    import torch
+    return {"cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(), "torch": torch.__version__,
+            "ray": ray.__version__, "date": datetime.date.today().isoformat(), "ray_cpus_claimed": 4}
+
+
+def measure(preset: str, workers: int, *, offload: bool = False, steps: int | None = None) -> dict:
+    """One ClusterTrainer run; per-step metrics of rank 0, medians over the measured steps."""
+    from cluster.job import ClusterTrainer
+    from cluster.layout import ClusterConfig
+
+    B, S, default_steps = SHAPES[preset]
+    steps = steps or default_steps
+    run = get_preset(preset)
+    t = run.train
+    t.batch_size, t.seq_len, t.grad_accum, t.max_steps = B, S, 1, steps + 1
+    t.log_interval, t.eval_interval, t.ckpt_interval, t.eval_batches, t.device = 1, 10_000, 0, 1, "cpu"
+    with tempfile.TemporaryDirectory() as out:
+        summary = ClusterTrainer(run, ClusterConfig(workers=workers, offload_experts=offload), out_dir=out,
+                                 progress=False, plots=False).fit(resume=False)
+    recs = [r for r in summary["history"] if "t_step" in r][1:]
+    mean = {k: statistics.median(r[k] for r in recs) for k in ("t_step", "t_alltoall", "t_allreduce", "t_compute")}
+    tokens = B * S * workers
+    tps = sorted(tokens / r["t_step"] for r in recs)
+    res = {"preset": preset, "workers": workers, "ep": summary["layout"]["ep"], "offload_experts": offload,
+           "tokens_per_s_step_range": [round(tps[0]), round(tps[-1])],
+           "batch_per_worker": B, "seq_len": S, "measured_steps": len(recs), "tokens_per_step": tokens,
+           "tokens_per_s": tokens / mean["t_step"], **{k: round(v, 4) for k, v in mean.items()},
+           "loss_last": recs[-1]["loss"]}
+    if summary.get("offload"):
+        res["offload_report"] = summary["offload"]
+        res["h2d_bytes_per_step"] = statistics.median(r["h2d_bytes"] for r in recs)
+    return res
+
+
+def _tps_list(runs: list[dict]) -> str:
+    return ", ".join(f"{r['tokens_per_s']:.0f}" for r in runs)
+
+
+def markdown(rows: list[dict], offload_runs: list[dict], mach: dict) -> str:
+    lines = [f"# Cluster training on CPU workers ({mach['date']})", "",
+             f"Machine: {mach['cpu']}, {mach['cores']} cores (a shared VM); Python {mach['python']}, torch "
+             f"{mach['torch']}, Ray {mach['ray']}. Workers are Ray actors with 1 torch thread each (gloo); the "
+             f"embedded Ray cluster claims {mach['ray_cpus_claimed']} CPUs, so 4 workers share the cores.",
+             "", "Shapes are shrunk from the presets so the whole run takes minutes: "
+             + "; ".join(f"`{p}`: batch {b} per worker x seq {s}, grad_accum 1, {n} measured steps after 1 warm-up"
+                         for p, (b, s, n) in SHAPES.items())
+             + ". Weak scaling (per-worker batch fixed); EP = workers; exact global-batch balancing "
+               "(one routing pre-pass per step). Times are medians over the measured steps, on rank 0.", "",
+             "| preset | workers | EP | tokens/step | tokens/s | per-step range | step s | compute | all-to-all | all-reduce |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        ts, (lo, hi) = r["t_step"], r["tokens_per_s_step_range"]
+        lines.append(f"| {r['preset']} | {r['workers']} | {r['ep']} | {r['tokens_per_step']} | {r['tokens_per_s']:.0f} | "
+                     f"{lo}-{hi} | {ts:.3f} | {r['t_compute'] / ts:.0%} | {r['t_alltoall'] / ts:.0%} | "
+                     f"{r['t_allreduce'] / ts:.0%} |")
+    tps = {(r["preset"], r["workers"]): r["tokens_per_s"] for r in rows}
+    share = {(r["preset"], r["workers"]): r["t_alltoall"] / r["t_step"] for r in rows}
+    lines += ["", "Reading (ratios from this table):"]
+    if ("tiny", 1) in tps and ("tiny", 4) in tps:
+        lines.append(f"- `tiny` is latency-bound: per step its 4 MoE layers make 24 token all-to-alls (pre-pass, forward, "
+                     f"backward) and 12 count exchanges of a few KB over loopback gloo, {share[('tiny', 4)]:.0%} of the "
+                     f"step at 4 workers; tokens/s at 4 workers is {tps[('tiny', 4)] / tps[('tiny', 1)]:.1f}x one worker's.")
+    if ("small", 1) in tps and ("small", 2) in tps:
+        lines.append(f"- `small`: 2 workers give {tps[('small', 2)] / tps[('small', 1)]:.1f}x the tokens/s of one"
+                     + (f", 4 workers on 2 cores {tps[('small', 4)] / tps[('small', 1)]:.1f}x" if ("small", 4) in tps
+                        else "")
+                     + ". This super-linear gain is mostly an artifact of the CPU reference grouped MLP "
+                       "(kernels/reference.py): its per-expert loop indexes w[e], and each index's backward "
+                       "materialises a zero gradient of the whole [E, ...] stack, so backward costs O(E^2) (E=32, "
+                       "D=512, F=256, 16 rows per expert: 622 ms fwd+bwd vs 51 ms with w.unbind(0), measured here); "
+                       "a worker holding E/EP experts pays (1/EP)^2 of it. AdamW over 102M parameters on one "
+                       "thread is also divided by EP for the expert part.")
+    lines.append("- All-to-all time includes waiting for the slowest peer: with more workers than cores that is "
+                 "mostly CPU contention, not communication.")
+    if offload_runs:
+        res = [r for r in offload_runs if not r["offload_experts"]]
+        off = [r for r in offload_runs if r["offload_experts"]]
+        o, rep = off[-1], off[-1]["offload_report"]
+        spread = max((max(x["tokens_per_s"] for x in g) / min(x["tokens_per_s"] for x in g) - 1) for g in (res, off))
+        lines += ["", "## Host-memory expert shards (`offload_experts`), tiny, 2 workers", "",
+                  f"{OFFLOAD_REPEATS} alternating runs per mode, {OFFLOAD_STEPS} measured steps each: tokens/s resident "
+                  f"{_tps_list(res)}; offloaded {_tps_list(off)}. Runs of the same mode differ by up to "
+                  f"{spread:.0%}, so on this CPU the throughput cost is not resolvable: host == device makes each "
+                  f"fetch a memcpy ({o['h2d_bytes_per_step'] / 2**20:.1f} MiB per step) and the recomputed expert "
+                  f"forward in backward is small next to attention at this size.", "",
+                  f"On a GPU the cost is the host->device copy: {o['h2d_bytes_per_step'] / 2**20:.1f} MiB per step at "
+                  f"{PINNED_H2D_GBS} GB/s pinned (measured on an H100, PAPERS.md) is "
+                  f"{o['h2d_bytes_per_step'] / (PINNED_H2D_GBS * 1e9) * 1e3:.2f} ms, hidden by the one-layer-ahead "
+                  f"prefetch whenever a layer computes longer than its copy, plus one expert forward recomputed per "
+                  f"layer in backward (~1/3 more expert FLOPs) and the experts' AdamW step on the CPU.", "",
+                  f"Memory: expert state on the compute device per worker is {rep['expert_bytes_resident'] / 2**20:.2f} "
+                  f"MiB resident (fp32 weights + grads + 2 AdamW moments) vs {rep['expert_bytes_streamed_peak'] / 2**20:.2f}"
+                  f" MiB peak of streamed weight copies (bound {rep['expert_bytes_streamed_bound'] / 2**20:.2f} MiB with "
+                  f"one layer's transient gradient): the accounting of what a GPU would hold (this machine has none). "
+                  f"{rep['prefetch_hits']} of {rep['requests']} weight requests were already prefetched (the first "
+                  f"layer of each pass is fetched on demand)."]
+    lines += ["", "Noise: a shared 2-core VM. Earlier runs of this script gave e.g. tiny / 1 worker 4477 and 2871 "
+                  "tokens/s; per-step range is the fastest and slowest measured step. The JSON beside this file has "
+                  "every field."]
+    return "\n".join(lines) + "\n"
+
+
+# ---------------------------------------------------------------------- on paper
+NVLINK_GBS = 350.0   # effective all-to-all GB/s per GPU per direction, H100 NVLink 4 (450 GB/s peak)
+NIC_GBS = 40.0       # effective GB/s per GPU per direction, one 400 Gb/s NIC per GPU (50 GB/s peak)
+GPU_TFLOPS = 400.0   # achieved bf16 TFLOP/s per H100 for the step's compute (~40% of dense peak)
+
+
+def alltoall_paper(preset: str = "mixtral-8x7b", gpus: tuple[int, ...] = (8, 16, 32, 64)) -> tuple[list[dict], str]:
+    run = get_preset(preset)
+    m, t = run.model, run.train
+    D, K, E, L = m.d_model, m.moe.top_k, m.moe.num_experts, m.num_moe_layers
+    T = t.batch_size * t.seq_len * t.grad_accum  # tokens per GPU per optimizer step
+    pc = param_count(m)
+    a2a_per_layer = 6  # dispatch + combine in the no-grad pre-pass, the forward, and the backward
+    rows = []
+    for G in gpus:
+        ep = min(E, G)
+        frac = (ep - 1) / ep  # uniform routing: this share of a GPU's token copies leaves it
+        vol = a2a_per_layer * L * T * K * D * 2 * frac  # bytes sent per GPU per step (bf16), same received
+        compute = 8 * pc["active"] * T / (GPU_TFLOPS * 1e12)  # 6 (fwd+bwd) + 2 (pre-pass fwd) FLOPs/param/token
+        rep = G // ep
+        expert_grad = 2 * (rep - 1) / rep * (pc["experts"] / ep) * 2  # ring all-reduce over replicas, bf16
+        rows.append({"gpus": G, "ep": ep, "replicas": rep, "a2a_GB_per_gpu_step": vol / 1e9,
+                     "a2a_s_nvlink": vol / (NVLINK_GBS * 1e9), "a2a_s_400G": vol / (NIC_GBS * 1e9),
+                     "compute_s": compute, "expert_grad_allreduce_GB": expert_grad / 1e9})
+    md = [f"# All-to-all of `{preset}` expert parallelism, on paper", "",
+          f"Model: L={L} MoE layers, D={D}, E={E} experts, top-{K}; {pc['active'] / 1e9:.1f}B active / "
+          f"{pc['total'] / 1e9:.1f}B total parameters. Step: {t.batch_size} x {t.seq_len} tokens per GPU "
+          f"(grad_accum {t.grad_accum}), T={T}.", "", "Assumptions:",
+          "- tokens travel in bf16 (2 bytes x D per routed copy), the counts exchange is negligible;",
+          f"- {a2a_per_layer} all-to-alls per MoE layer per step: dispatch + combine in the exact global-batch "
+          "balancing pre-pass (forward only), in the forward, and their reverses in the backward "
+          "(4 without the pre-pass: multiply the times by 2/3);",
+          "- uniform routing: (EP-1)/EP of a GPU's copies leave it; each GPU sends and receives that volume;",
+          "- EP = min(E, GPUs) = 8 (Mixtral has 8 experts), the other GPUs are expert replicas (data parallel);",
+          f"- NVLink: EP group inside one 8-GPU H100 node, {NVLINK_GBS:.0f} GB/s effective per GPU per direction "
+          "(450 GB/s peak); 400 Gb/s: EP group spread one GPU per node, each GPU behind its own 400 Gb/s NIC, "
+          f"{NIC_GBS:.0f} GB/s effective (50 GB/s peak);",
+          f"- compute: 8 x active params x T FLOPs (6 fwd+bwd, 2 pre-pass) at {GPU_TFLOPS:.0f} TFLOP/s per GPU; "
+          "no overlap of communication with compute.", "",
+          "| GPUs | EP | replicas | all-to-all GB/GPU/step | NVLink s | 400 Gb/s s | compute s | a2a share NVLink | "
+          "a2a share 400G | expert-grad all-reduce GB/GPU |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        c = r["compute_s"]
+        md.append(f"| {r['gpus']} | {r['ep']} | {r['replicas']} | {r['a2a_GB_per_gpu_step']:.2f} | "
+                  f"{r['a2a_s_nvlink']:.3f} | {r['a2a_s_400G']:.3f} | {c:.2f} | "
+                  f"{r['a2a_s_nvlink'] / (c + r['a2a_s_nvlink']):.0%} | {r['a2a_s_400G'] / (c + r['a2a_s_400G']):.0%} | "
+                  f"{r['expert_grad_allreduce_GB']:.1f} |")
+    md += ["", "Reading: with 8 experts the all-to-all group never exceeds 8 GPUs, so per-GPU volume and time do "
+               "not grow from 8 to 64 GPUs (weak scaling); what changes is where the EP group sits. Inside an "
+               "NVLink node the all-to-all is a few percent of the step; spread over 400 Gb/s links it is ~9x "
+               "slower and a sizeable share, which is why EP groups should be packed into nodes (LocMoE / "
+               "the PACK placement group here). Beyond 8 GPUs the replicas' expert-gradient all-reduce "
+               "(last column, ring, bf16) crosses nodes and outweighs the all-to-all: it is the cost to "
+               "hide (overlap with backward) at 16-64 GPUs."]
+    return rows, "\n".join(md) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--paper-only", action="store_true")
+    p.add_argument("--from-json", action="store_true", help="re-render cluster_cpu.md from cluster_cpu.json")
+    p.add_argument("--presets", nargs="+", default=list(SHAPES))
+    p.add_argument("--workers", nargs="+", type=int, default=[1, 2, 4])
+    args = p.parse_args(argv)
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    paper_rows, paper_md = alltoall_paper()
+    (RESULTS / "cluster_alltoall_paper.md").write_text(paper_md)
+    print(paper_md)
+    if args.paper_only:
+        return 0
+    if args.from_json:
+        data = json.loads((RESULTS / "cluster_cpu.json").read_text())
+        (RESULTS / "cluster_cpu.md").write_text(markdown(data["runs"], data["offload_runs"], data["machine"]))
+        return 0
+    import ray
+    if not ray.is_initialized():
+        ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+    rows = []
+    for preset in args.presets:
+        for w in args.workers:
+            rows.append(measure(preset, w))
+            print(json.dumps(rows[-1]), flush=True)
+    offload_runs = [measure("tiny", 2, offload=o, steps=OFFLOAD_STEPS) for _ in range(OFFLOAD_REPEATS)
+                    for o in (False, True)]
+    print(json.dumps(offload_runs), flush=True)
+    data = {"machine": machine(), "shapes": SHAPES, "runs": rows, "offload_runs": offload_runs, "paper": paper_rows}
+    (RESULTS / "cluster_cpu.json").write_text(json.dumps(data, indent=2))
+    md = markdown(rows, offload_runs, data["machine"])
+    (RESULTS / "cluster_cpu.md").write_text(md)
+    print(md)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

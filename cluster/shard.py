@@ -1,0 +1,138 @@
+"""Expert sharding of a model, and gradient synchronisation / clipping for the W x EP layout.
+
+Legend: W ranks in the job, EP expert-parallel size, E experts, El = E / EP local experts.
+
+Gradient arithmetic. Rank r's loss is the mean over ITS tokens; the global loss is the mean of
+the W rank losses (equal token counts), so:
+- a dense parameter's gradient is the average of the W rank gradients (all-reduce over the job);
+- an expert's gradient on its owner already sums, through the reverse all-to-all, the gradients of
+  every rank of its EP group; summing over the R = W/EP replicas (all-reduce over the replica
+  group) adds the other groups, and dividing by W gives the gradient of the global loss.
+"""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
+
+from cluster.dispatch import AllToAllDispatcher, CommTimer
+from cluster.groups import ParallelGroups
+from cluster.offload import HostExpertBank
+from moe.experts import ExpertBank
+from moe.model import MoETransformer
+
+BUCKET_BYTES = 32 * 1024 * 1024
+
+
+def shard_experts(model: MoETransformer, groups: ParallelGroups, timer: CommTimer | None = None) -> None:
+    """Keep only this rank's El experts of every MoE layer (rows sliced from the full, seeded
+    initialisation, so the sharded model equals the single-process one) and dispatch by all-to-all."""
+    lay = groups.layout
+    rows = lay.expert_rows
+    for layer in model.moe_layers():
+        full = layer.experts
+        bank = ExpertBank(lay.experts_per_rank, full.d_model, full.d_expert, expert_offset=rows.start)
+        with torch.no_grad():
+            bank.w13_EDF2.copy_(full.w13_EDF2[rows])
+            bank.w2_EFD.copy_(full.w2_EFD[rows])
+        layer.experts = bank.to(full.w13_EDF2.device)
+        layer.dispatcher = AllToAllDispatcher(lay.num_experts, groups.ep, timer)
+
+
+def expert_param_names(model: nn.Module) -> set[str]:
+    """Names of the parameters that are row shards of [E, ...] expert tensors."""
+    names = set()
+    for mname, mod in model.named_modules():
+        if isinstance(mod, (ExpertBank, HostExpertBank)):  # the offloaded bank holds the same tensors
+            names.update(f"{mname}.{p}" for p, _ in mod.named_parameters(recurse=False))
+    return names
+
+
+def split_params(model: nn.Module, expert_names: set[str]) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
+    """(dense, expert) trainable parameters; a missing gradient becomes zeros, because in one
+    process every expert row has a (possibly zero) gradient and still takes its AdamW step."""
+    dense, experts = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+        (experts if name in expert_names else dense).append(p)
+    return dense, experts
+
+
+def sync_gradients(dense: list[nn.Parameter], experts: list[nn.Parameter], groups: ParallelGroups,
+                   timer: CommTimer | None = None) -> None:
+    """Dense: average over the job. Experts: sum over replicas, divide by W (module docstring)."""
+    W = groups.layout.world
+    _allreduce_mean([p.grad for p in dense], groups.world, W, timer)
+    _allreduce_mean([p.grad for p in experts], groups.replica, W, timer)
+
+
+def _allreduce_mean(grads: list[torch.Tensor], group, divisor: int, timer: CommTimer | None) -> None:
+    """Sum grads over `group` in flat buckets (few large collectives), then divide by `divisor`."""
+    size = dist.get_world_size(group)
+    for bucket in _buckets(grads):
+        flat = _flatten_dense_tensors(bucket)
+        if size > 1:
+            # Offloaded expert grads live on the host; NCCL reduces device buffers only.
+            via_gpu = flat.device.type == "cpu" and dist.get_backend(group) == "nccl"
+            buf = flat.cuda() if via_gpu else flat
+
+            def go(buf=buf):
+                # collective: all-reduce of one flat gradient bucket.
+                dist.all_reduce(buf, op=dist.ReduceOp.SUM, group=group)
+            timer.run("allreduce", go, buf) if timer is not None else go()
+            if via_gpu:
+                flat.copy_(buf)
+        flat.div_(divisor)
+        for g, synced in zip(bucket, _unflatten_dense_tensors(flat, bucket)):
+            g.copy_(synced)
+
+
+def _buckets(grads: list[torch.Tensor]) -> list[list[torch.Tensor]]:
+    """Consecutive grads of one device and dtype, up to BUCKET_BYTES each."""
+    out: list[list[torch.Tensor]] = []
+    size = 0
+    for g in grads:
+        nbytes = g.numel() * g.element_size()
+        if (not out or size + nbytes > BUCKET_BYTES or out[-1][0].device != g.device
+                or out[-1][0].dtype != g.dtype):
+            out.append([])
+            size = 0
+        out[-1].append(g)
+        size += nbytes
+    return out
+
+
+def clip_grad_norm(dense: list[nn.Parameter], experts: list[nn.Parameter], max_norm: float,
+                   groups: ParallelGroups, timer: CommTimer | None = None) -> float:
+    """torch.nn.utils.clip_grad_norm_ over the whole (unsharded) model; returns the total norm.
+
+    Dense gradients are identical on every rank after sync; expert gradients are split over the
+    EP group, so their squared norms are summed over it (the replicas hold the same values).
+    """
+    params = dense + experts
+    if not params:
+        return 0.0
+    dev = params[0].grad.device
+    dense_sq = _sq_norm(dense, dev)
+    expert_sq = _sq_norm(experts, dev)
+    if dist.get_world_size(groups.ep) > 1:
+        def go():
+            # collective: sum of this EP group's squared expert-gradient norms.
+            dist.all_reduce(expert_sq, op=dist.ReduceOp.SUM, group=groups.ep)
+        timer.run("allreduce", go, expert_sq) if timer is not None else go()
+    total = (dense_sq + expert_sq).sqrt()
+    coef = (max_norm / (total + 1e-6)).clamp(max=1.0)
+    for p in params:
+        p.grad.mul_(coef.to(p.grad.device))
+    return float(total)  # host sync: the norm is a logged metric
+
+
+def _sq_norm(params: list[nn.Parameter], dev: torch.device) -> torch.Tensor:
+    acc = torch.zeros((), dtype=torch.float32, device=dev)
+    for p in params:
+        acc = acc + torch.linalg.vector_norm(p.grad.float(), 2).to(dev).square()
+    return acc
