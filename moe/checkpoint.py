@@ -10,8 +10,8 @@ Layout of one checkpoint (one directory per step):
 Every tensor is described in the manifest by its global shape and a list of shards (file, key,
 offset along dim 0, shape, crc32). A tensor split over expert-parallel ranks is stored as row
 slices of its global [E, ...] shape, so a checkpoint written with EP=a loads with EP=b: the
-reader assembles or slices rows as asked. Writing goes to `.tmp-step_XXXXXXXX`, and only a
-complete directory with a manifest is ever renamed to `step_XXXXXXXX`, so a crash at any point
+reader assembles or slices rows as asked. Writing goes to `.tmp-step_NNNNNNNN`, and only a
+complete directory with a manifest is ever renamed to `step_NNNNNNNN`, so a crash at any point
 leaves the previous checkpoint as the newest valid one.
 """
 from __future__ import annotations

@@ -328,7 +328,7 @@ def _resolve_ckpt(path: str | Path) -> Path:
         if last is not None:
             return last
     raise CheckpointError(f"no valid checkpoint under {p}; pass a run directory written by `moe train` "
-                          f"or a checkpoints/step_XXXXXXXX directory")
+                          f"or a checkpoints/step_NNNNNNNN directory")
 
 
 def _mean_drop_rate(model: MoETransformer) -> float:

@@ -19,7 +19,7 @@ from offload.cache import POLICIES
 
 
 def add_generate_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--checkpoint", required=True, help="run directory (newest checkpoint) or a step_XXXXXXXX dir")
+    p.add_argument("--checkpoint", required=True, help="run directory (newest checkpoint) or a step_NNNNNNNN dir")
     cap = p.add_mutually_exclusive_group(required=True)
     cap.add_argument("--gpu-expert-slots", type=int, help="device expert slots (experts held at once)")
     cap.add_argument("--gpu-expert-gib", type=float, help="device memory for expert slots, in GiB")
