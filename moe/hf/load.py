@@ -1,0 +1,208 @@
+"""Loading into MoETransformer, streaming experts, tokenizer, fine-tuning."""
+from __future__ import annotations
+
+import dataclasses
+import math
+from contextlib import ExitStack
+from pathlib import Path
+from typing import Any, Iterator, NamedTuple
+
+import torch
+from safetensors import safe_open
+
+from moe.config import ModelConfig, RunConfig, TrainConfig
+from moe.data import TOKEN_SUFFIXES, Corpus
+from moe.experts import ExpertBank
+from moe.model import MoETransformer, rotary_tables
+from moe.hf.config import TOKENIZER, HFCheckpointError, TRAIN_ONLY_MOE_FIELDS, _DTYPES
+from moe.hf.plan import _Slot, _expert_names, _moe_prefix
+from moe.hf.disk import HFCheckpoint, read_hf
+
+
+# ---------------------------------------------------------------- loading
+def _empty_model(cfg: ModelConfig, dtype: torch.dtype, device: torch.device, load_experts: bool) -> MoETransformer:
+    """The model with uninitialised storage (no random init); experts stay on meta unless load_experts."""
+    with torch.device("meta"):
+        model = MoETransformer(cfg).to(dtype)
+    for module in model.modules():
+        if load_experts or not isinstance(module, ExpertBank):
+            module.to_empty(device=device, recurse=False)
+    if cfg.tie_embeddings:
+        model.head.weight = model.embed.weight
+    cos, sin = rotary_tables(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta)
+    model.rope_cos, model.rope_sin = cos.to(device), sin.to(device)
+    for layer in model.moe_layers():
+        layer.router.bias_E = torch.zeros(cfg.moe.num_experts, device=device)
+    return model
+
+
+def _place(param: torch.Tensor, slot: _Slot, t: torch.Tensor) -> None:
+    dst = param.data[slot.index] if slot.index else param.data
+    dst.copy_(t.transpose(*slot.transpose) if slot.transpose else t)
+
+
+@torch.no_grad()
+def load_hf_weights(ck: HFCheckpoint, model: MoETransformer) -> None:
+    """Stream every tensor of `ck` into `model`'s parameters in place, one shard file at a time.
+
+    Expert parameters on the meta device are skipped (their data goes to an expert store instead).
+    """
+    params = dict(model.named_parameters())
+    for name, numel in _coverage(ck.plan).items():  # internal invariant: the plan fills every element
+        assert params[name].numel() == numel, f"tensor plan covers {numel} of {params[name].numel()} in {name}"
+    assert set(params) == set(_coverage(ck.plan)), "tensor plan and model parameters differ"
+    for fp in ck.files:
+        with safe_open(str(fp), framework="pt") as h:
+            for name in h.keys():
+                slot = ck.plan.get(name)
+                if slot is None or params[slot.param].is_meta:
+                    continue
+                _place(params[slot.param], slot, h.get_tensor(name))
+
+
+def _coverage(plan: dict[str, _Slot]) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for slot in plan.values():
+        out[slot.param] = out.get(slot.param, 0) + math.prod(slot.hf_shape)
+    return out
+
+
+def load_hf(path: str | Path, *, dtype: torch.dtype | str | None = None, device: str | torch.device = "cpu",
+            max_seq_len: int | None = None, load_experts: bool = True,
+            ignore_config_fields: tuple[str, ...] = ()) -> tuple[MoETransformer, RunConfig, Any]:
+    """Load a local HF MoE checkpoint directory: (model in eval mode, RunConfig, tokenizer or None).
+
+    dtype: parameters' dtype (default: the checkpoint's). max_seq_len: rotary table size (default
+    max_position_embeddings). load_experts=False leaves the routed experts on the meta device (no
+    memory) for an engine that fills its host store with `iter_hf_expert_tensors`.
+    The tokenizer is a `tokenizers.Tokenizer` when the directory has tokenizer.json.
+    """
+    ck = read_hf(path, max_seq_len=max_seq_len, ignore_config_fields=ignore_config_fields)
+    model = _empty_model(ck.run.model, _as_dtype(dtype) or ck.dtype, torch.device(device), load_experts)
+    load_hf_weights(ck, model)
+    return model.eval(), ck.run, load_tokenizer(ck.path)
+
+
+def _as_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in _DTYPES:
+        raise ValueError(f"dtype={dtype!r} is not one of {', '.join(_DTYPES)}")
+    return _DTYPES[dtype]
+
+
+class HFExpert(NamedTuple):
+    """One routed expert in our layout."""
+
+    moe_layer: int
+    """MoE-layer index l = block - first_dense_layers (how offload.HostExpertStore addresses layers)."""
+    expert: int
+    w13_DF2: torch.Tensor
+    """[D, 2F] = [gate | up]."""
+    w2_FD: torch.Tensor
+    """[F, D] down projection."""
+
+
+def iter_hf_expert_tensors(path: str | Path | HFCheckpoint, *, dtype: torch.dtype | str | None = None
+                           ) -> Iterator[HFExpert]:
+    """Yield every routed expert, layer-major, reading only that expert's bytes from its shard(s).
+
+    Memory: one expert at a time (plus the OS page cache of the memory-mapped shards).
+    """
+    ck = path if isinstance(path, HFCheckpoint) else read_hf(path)
+    cfg, dt = ck.run.model, _as_dtype(dtype) or ck.dtype
+    E, F = cfg.moe.num_experts, cfg.moe.d_expert
+    gate, up, down = _expert_names(ck.family)
+    with ExitStack() as stack:
+        handles: dict[Path, Any] = {}
+
+        def read(name: str, expert: int | None = None) -> torch.Tensor:
+            fp = ck.tensors[name].file
+            if fp not in handles:
+                handles[fp] = stack.enter_context(safe_open(str(fp), framework="pt"))
+            if expert is None:
+                return handles[fp].get_tensor(name)
+            return handles[fp].get_slice(name)[expert:expert + 1][0]  # one expert of a fused stack
+
+        for l, block in enumerate(range(cfg.first_dense_layers, cfg.n_layers)):
+            moe = _moe_prefix(ck.family, ck.layout, block) + "experts."
+            for e in range(E):
+                if ck.layout == "fused":
+                    w13 = read(moe + "gate_up_proj", e).T  # [2F, D] -> [D, 2F]
+                    w2 = read(moe + "down_proj", e).T  # [D, F] -> [F, D]
+                else:
+                    x = f"{moe}{e}."
+                    w13 = torch.cat([read(f"{x}{gate}.weight").T, read(f"{x}{up}.weight").T], dim=1)
+                    w2 = read(f"{x}{down}.weight").T
+                assert w13.shape == (cfg.d_model, 2 * F), w13.shape
+                yield HFExpert(l, e, w13.to(dt).contiguous(), w2.to(dt).contiguous())
+
+
+# ---------------------------------------------------------------- tokenizer
+def load_tokenizer(path: str | Path) -> Any:
+    """`tokenizers.Tokenizer` from path/tokenizer.json, or None when there is none (token ids in and out)."""
+    file = Path(path) / TOKENIZER
+    if not file.is_file():
+        return None
+    try:
+        from tokenizers import Tokenizer
+    except ImportError:
+        raise HFCheckpointError(f"{file} needs the `tokenizers` package: pip install 'moe-runtime[hf]'") from None
+    try:
+        return Tokenizer.from_file(str(file))
+    except Exception as e:  # tokenizers raises a bare Exception on malformed files
+        raise HFCheckpointError(f"{file}: not a valid tokenizers file ({e})") from None
+
+
+def tokenized_corpus(tokenizer: Any, data: str | Path, vocab_size: int, val_fraction: float = 0.05) -> Corpus:
+    """A text file or directory of text files, tokenized with the checkpoint's tokenizer."""
+    p = Path(data)
+    files = sorted(f for f in p.rglob("*") if f.is_file()) if p.is_dir() else [p]
+    ids: list[int] = []
+    for f in files:
+        ids.extend(tokenizer.encode(f.read_text(encoding="utf-8", errors="replace")).ids)
+    if len(ids) < 16:
+        raise ValueError(f"--data {p}: only {len(ids)} tokens after tokenization; pass more text")
+    if max(ids) >= vocab_size:
+        raise ValueError(f"--data {p}: {TOKENIZER} produced id {max(ids)} >= the model's vocab_size={vocab_size}")
+    tokens = torch.tensor(ids, dtype=torch.long)
+    n_val = max(1, math.ceil(len(tokens) * val_fraction))
+    return Corpus(tokens[:-n_val], tokens[-n_val:], f"{p} tokenized with {TOKENIZER} ({len(tokens)} tokens)",
+                  vocab_size)
+
+
+# ---------------------------------------------------------------- fine-tuning
+def trainer_from_hf(path: str | Path, train_config: TrainConfig | None = None, *,
+                    moe_overrides: dict[str, Any] | None = None, max_seq_len: int | None = None,
+                    ignore_config_fields: tuple[str, ...] = (), **trainer_kwargs: Any):
+    """A `moe.train.Trainer` whose model holds the checkpoint's weights (fp32 master weights).
+
+    train_config: default `finetune_defaults`. moe_overrides: balance-loss options only
+    (TRAIN_ONLY_MOE_FIELDS), e.g. {"balance_coef": 0.01, "balance_scope": "global_batch"}.
+    With a tokenizer.json, `data=` text is tokenized with it (token files pass through).
+    """
+    from moe.train import Trainer  # moe.train imports plotting; keep `import moe.hf` light
+
+    ck = read_hf(path, max_seq_len=max_seq_len, ignore_config_fields=ignore_config_fields)
+    bad = sorted(set(moe_overrides or {}) - set(TRAIN_ONLY_MOE_FIELDS))
+    if bad:
+        raise ValueError(f"moe_overrides {bad} would change the checkpoint's math; only {TRAIN_ONLY_MOE_FIELDS} "
+                         f"may be overridden when fine-tuning")
+    cfg = ck.run.model
+    cfg = dataclasses.replace(cfg, moe=dataclasses.replace(cfg.moe, **(moe_overrides or {})))
+    run = RunConfig(name=ck.run.name, model=cfg, train=train_config or ck.run.train)
+    tokenizer = load_tokenizer(ck.path)
+    if tokenizer is not None and "corpus" not in trainer_kwargs:
+        data = trainer_kwargs.pop("data", None)
+        if data is None:
+            raise ValueError(f"{ck.path} has a {TOKENIZER}: pass data= (text, tokenized with it) or a token file; "
+                             f"the default byte-level corpus does not match this vocabulary")
+        if Path(data).suffix in TOKEN_SUFFIXES:
+            trainer_kwargs["data"] = data
+        else:
+            trainer_kwargs["corpus"] = tokenized_corpus(tokenizer, data, cfg.vocab_size)
+    trainer = Trainer(run, **trainer_kwargs)
+    load_hf_weights(ck, trainer.model)  # in place: the optimizer already holds these parameters
+    return trainer
+
+
