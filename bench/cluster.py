@@ -107,12 +107,11 @@ def markdown(rows: list[dict], offload_runs: list[dict], mach: dict) -> str:
         lines.append(f"- `small`: 2 workers give {tps[('small', 2)] / tps[('small', 1)]:.1f}x the tokens/s of one"
                      + (f", 4 workers on 2 cores {tps[('small', 4)] / tps[('small', 1)]:.1f}x" if ("small", 4) in tps
                         else "")
-                     + ". This super-linear gain is mostly an artifact of the CPU reference grouped MLP "
-                       "(kernels/reference.py): its per-expert loop indexes w[e], and each index's backward "
-                       "materialises a zero gradient of the whole [E, ...] stack, so backward costs O(E^2) (E=32, "
-                       "D=512, F=256, 16 rows per expert: 622 ms fwd+bwd vs 51 ms with w.unbind(0), measured here); "
-                       "a worker holding E/EP experts pays (1/EP)^2 of it. AdamW over 102M parameters on one "
-                       "thread is also divided by EP for the expert part.")
+                     + ". Each worker holds E/EP of the experts, so its share of the expert parameters, of AdamW "
+                       "over them (most of `small`'s 102M parameters) and of the per-expert loop of the CPU reference "
+                       "grouped MLP shrinks with EP while its batch stays the same; that, not communication, is why the "
+                       "gain exceeds the worker count at 2 workers. "
+                       "(An earlier O(E^2) backward of that reference loop was fixed in kernels/reference.py before this run.)")
     lines.append("- All-to-all time includes waiting for the slowest peer: with more workers than cores that is "
                  "mostly CPU contention, not communication.")
     if offload_runs:
