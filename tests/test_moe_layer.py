@@ -135,3 +135,26 @@ def test_backend_env_is_validated(monkeypatch):
         kernels.backend_for(torch.device("cpu"))
     monkeypatch.setenv("MOE_KERNELS", "reference")
     assert kernels.backend_for(torch.device("cpu")) == "reference"
+
+
+def test_auto_backend_falls_back_once_when_triton_fails(monkeypatch):
+    import kernels.grouped_gemm as gg
+
+    def broken(*a, **k):
+        raise RuntimeError("out of resources: shared memory")
+
+    monkeypatch.setattr(kernels, "_fallen_back", {})
+    monkeypatch.setattr(kernels, "backend_for", lambda device: "triton")
+    monkeypatch.setattr(gg, "grouped_mlp_triton", broken)
+    monkeypatch.delenv("MOE_KERNELS", raising=False)
+    E, D, F = 3, 8, 4
+    x, w13, w2, counts = torch.randn(5, D), torch.randn(E, D, 2 * F), torch.randn(E, F, D), torch.tensor([2, 0, 3])
+    with pytest.warns(RuntimeWarning, match="grouped_mlp: the Triton kernel failed .*out of resources"):
+        y = kernels.grouped_mlp(x, w13, w2, counts)
+    assert_close(y, grouped_mlp_reference(x, w13, w2, counts), torch.float32, "fallback")
+    assert "grouped_mlp" in kernels._fallen_back
+    kernels.grouped_mlp(x, w13, w2, counts)  # no second warning, no second attempt
+    monkeypatch.setattr(kernels, "_fallen_back", {})
+    monkeypatch.setenv("MOE_KERNELS", "triton")
+    with pytest.raises(RuntimeError, match="out of resources"):
+        kernels.grouped_mlp(x, w13, w2, counts)
