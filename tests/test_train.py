@@ -83,3 +83,14 @@ def test_seq_len_over_max_refused(tmp_path):
     run = small_run(seq_len=64)
     with pytest.raises(ValueError, match="seq_len=64 exceeds the model's max_seq_len=32"):
         Trainer(run, out_dir=tmp_path, corpus=corpus(), progress=False)
+
+
+def test_default_tiny_budget_beats_unigram_by_a_wide_margin(tmp_path):
+    """The acceptance run of `moe train` with no arguments (tiny preset, its full default budget)."""
+    from moe.config import get_preset
+    run = get_preset("tiny")
+    run.train.device = "cpu"
+    t = Trainer(run, out_dir=tmp_path, corpus=corpus(), progress=False, plots=False)
+    ev = t.fit()["last_eval"]
+    base = corpus().unigram_entropy()
+    assert ev["val_loss"] < base - 1.0, f"val {ev['val_loss']:.3f} vs unigram {base:.3f}"
