@@ -2,8 +2,10 @@
 
     moe generate --checkpoint runs/tiny --gpu-expert-slots 8 --policy predictive --prompt "def "
     moe generate --checkpoint runs/tiny --gpu-expert-gib 0.01 --policy lru --cpu-experts --json out.json
+    moe generate --hf path/to/mixtral-dir --gpu-expert-gib 20 --prompt "The capital of France is"
 
-Prompts are bytes for byte-level models (vocab 256); other vocabularies take --prompt-ids.
+Prompts are bytes for byte-level models (vocab 256), text through the checkpoint's tokenizer.json
+for --hf directories that ship one; otherwise --prompt-ids.
 Prints the text (bytes decoded as UTF-8, errors replaced), then tokens/s, hit rate, bytes moved,
 stall time and prefetch precision/recall; --json writes the full report.
 """
@@ -19,7 +21,10 @@ from offload.cache import POLICIES
 
 
 def add_generate_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--checkpoint", required=True, help="run directory (newest checkpoint) or a step_NNNNNNNN dir")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--checkpoint", help="run directory (newest checkpoint) or a step_NNNNNNNN dir")
+    src.add_argument("--hf", metavar="DIR", help="local Hugging Face MoE checkpoint directory (Mixtral, Qwen2-MoE, "
+                                                 "OLMoE, Qwen3-MoE); experts stream into host memory")
     cap = p.add_mutually_exclusive_group(required=True)
     cap.add_argument("--gpu-expert-slots", type=int, help="device expert slots (experts held at once)")
     cap.add_argument("--gpu-expert-gib", type=float, help="device memory for expert slots, in GiB")
@@ -43,12 +48,14 @@ def add_generate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--trace-out", default=None, metavar="PATH", help="record the routing trace (msgpack)")
 
 
-def prompt_tensor(args: argparse.Namespace, vocab_size: int) -> torch.Tensor:
+def prompt_tensor(args: argparse.Namespace, vocab_size: int, tokenizer=None) -> torch.Tensor:
     if args.prompt_ids is not None:
         try:
             ids = [int(t) for t in args.prompt_ids.split(",") if t.strip()]
         except ValueError:
             raise ValueError(f"--prompt-ids {args.prompt_ids!r} must be comma-separated integers") from None
+    elif tokenizer is not None:
+        ids = tokenizer.encode(args.prompt).ids
     else:
         if vocab_size != 256:
             raise ValueError(f"this model has vocab_size={vocab_size}, not a byte-level model; pass --prompt-ids")
@@ -61,7 +68,9 @@ def prompt_tensor(args: argparse.Namespace, vocab_size: int) -> torch.Tensor:
     return torch.tensor([ids] * args.batch, dtype=torch.long)
 
 
-def decode(ids: list[int], vocab_size: int) -> str:
+def decode(ids: list[int], vocab_size: int, tokenizer=None) -> str:
+    if tokenizer is not None:
+        return tokenizer.decode(ids)
     if vocab_size == 256:
         return bytes(ids).decode("utf-8", errors="replace")
     return " ".join(str(i) for i in ids)
@@ -77,9 +86,14 @@ def run_generate(args: argparse.Namespace) -> int:
     for name in ("batch", "max_new_tokens"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')}={getattr(args, name)} must be >= 1")
-    model, run, _ = load_model(args.checkpoint, device="cpu")
+    tokenizer = store = None
+    if args.hf:
+        from offload.hf import load_hf_for_cache
+        model, run, tokenizer, store = load_hf_for_cache(args.hf)
+    else:
+        model, run, _ = load_model(args.checkpoint, device="cpu")
     V = model.cfg.vocab_size
-    prompt = prompt_tensor(args, V)
+    prompt = prompt_tensor(args, V, tokenizer)
     if prompt.shape[1] + args.max_new_tokens > model.cfg.max_seq_len:
         raise ValueError(f"prompt ({prompt.shape[1]}) + --max-new-tokens ({args.max_new_tokens}) exceeds the model's "
                          f"max_seq_len={model.cfg.max_seq_len}; shorten one of them")
@@ -89,16 +103,17 @@ def run_generate(args: argparse.Namespace) -> int:
     engine = ExpertCacheEngine(model, gpu_expert_slots=args.gpu_expert_slots, gpu_expert_gib=args.gpu_expert_gib,
                                policy=args.policy, cpu_experts=args.cpu_experts, device=args.device,
                                predictor=predictor, lookahead_depth=args.lookahead_depth,
-                               record_trace=args.trace_out is not None)
+                               record_trace=args.trace_out is not None, store=store)
     gen = torch.Generator(device=engine.device).manual_seed(args.seed) if args.temperature > 0 else None
     res = engine.generate(prompt, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k, generator=gen)
     for b in range(prompt.shape[0]):
-        text = decode(prompt[b].tolist() + res.tokens[b].tolist(), V)
+        text = decode(prompt[b].tolist() + res.tokens[b].tolist(), V, tokenizer)
         print(text if prompt.shape[0] == 1 else f"[{b}] {text}")
     print("---")
     for line in summary_lines(res.report):
         print(line)
-    report = {**res.report, "checkpoint": str(args.checkpoint), "run": run.name}
+    report = {**res.report, "checkpoint": str(args.checkpoint or args.hf), "run": run.name,
+              "tokens": res.tokens.tolist()}
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(report, indent=2))

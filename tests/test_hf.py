@@ -474,3 +474,35 @@ def test_family_specific_refusals(saved, tmp_path, family, changes, pattern):
     _edit_config(tmp_path / "ck", **changes)
     with pytest.raises(HFCheckpointError, match=pattern):
         read_hf(tmp_path / "ck")
+
+
+def test_moe_generate_hf_cli_matches_transformers(saved, tmp_path, capsys):
+    """`moe generate --hf DIR`: experts streamed into the host store, 25% slots, same greedy tokens."""
+    from moe.cli import main
+    hf, path = saved("mixtral")
+    out = tmp_path / "report.json"
+    assert main(["generate", "--hf", str(path), "--gpu-expert-slots", "2", "--prompt-ids", "5,17,42,8",
+                 "--max-new-tokens", "12", "--device", "cpu", "--json", str(out)]) == 0
+    ours = json.loads(out.read_text())["tokens"][0]
+    prompt = torch.tensor([[5, 17, 42, 8]])
+    theirs = hf.generate(prompt, max_new_tokens=12, do_sample=False, eos_token_id=None, pad_token_id=0)[0, 4:]
+    assert ours == theirs.tolist()
+    assert main(["generate", "--hf", str(path), "--gpu-expert-slots", "2", "--device", "cpu"]) == 2
+    assert "not a byte-level model; pass --prompt-ids" in capsys.readouterr().err
+
+
+def test_moe_generate_hf_cli_uses_tokenizer_json(saved, tmp_path, capsys):
+    from moe.cli import main
+    hf, path = saved("mixtral")
+    ck = tmp_path / "ck"
+    shutil.copytree(path, ck)
+    tok = _word_tokenizer()
+    tok.save(str(ck / "tokenizer.json"))
+    out = tmp_path / "r.json"
+    assert main(["generate", "--hf", str(ck), "--gpu-expert-slots", "3", "--prompt", "the cat sat",
+                 "--max-new-tokens", "6", "--device", "cpu", "--json", str(out)]) == 0
+    ours = json.loads(out.read_text())["tokens"][0]
+    theirs = hf.generate(torch.tensor([[1, 2, 3]]), max_new_tokens=6, do_sample=False, eos_token_id=None,
+                         pad_token_id=0)[0, 3:].tolist()
+    assert ours == theirs
+    assert capsys.readouterr().out.splitlines()[0] == tok.decode([1, 2, 3] + ours)
