@@ -69,10 +69,11 @@ def autocast_ctx(device: torch.device, enabled: bool):
 
 @dataclass
 class MicroLoss:
+    """`total` carries the graph; the parts are detached 0-d tensors (no host sync per micro-batch)."""
     total: torch.Tensor
-    ce: float
-    balance: float
-    z: float
+    ce: torch.Tensor
+    balance: torch.Tensor
+    z: torch.Tensor
 
 
 def micro_batch_loss(model: MoETransformer, x_BS: torch.Tensor, y_BS: torch.Tensor, tracker: BalanceTracker,
@@ -83,7 +84,7 @@ def micro_batch_loss(model: MoETransformer, x_BS: torch.Tensor, y_BS: torch.Tens
     lbl, z = tracker.losses(out.routing)
     m = model.cfg.moe
     total = ce + m.balance_coef * lbl.to(ce.device) + m.z_loss_coef * z.to(ce.device)
-    return MicroLoss(total * scale, float(ce.detach()), float(lbl.detach()), float(z.detach()))
+    return MicroLoss(total * scale, ce.detach(), lbl.detach().to(ce.device), z.detach().to(ce.device))
 
 
 @torch.no_grad()
@@ -195,9 +196,9 @@ class Trainer:
             layer.router.update_bias(counts_E)
         self.step += 1
         self.tokens_seen += c.grad_accum * c.batch_size * c.seq_len
-        ce = sum(p.ce for p in parts) / len(parts)
-        return {"step": self.step, "loss": ce, "balance_loss": sum(p.balance for p in parts) / len(parts),
-                "z_loss": sum(p.z for p in parts) / len(parts), "lr": lr, "grad_norm": gnorm,
+        # host sync: one transfer of the step's loss parts, for logging
+        ce, bal, z = torch.stack([torch.stack([p.ce, p.balance, p.z]) for p in parts]).mean(0).tolist()
+        return {"step": self.step, "loss": ce, "balance_loss": bal, "z_loss": z, "lr": lr, "grad_norm": gnorm,
                 "drop_rate": _mean_drop_rate(model), "counts": counts_LE}
 
     def fit(self, *, resume: bool = True, until_step: int | None = None) -> dict[str, Any]:
