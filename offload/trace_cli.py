@@ -23,7 +23,8 @@ def add_trace_args(p: argparse.ArgumentParser) -> None:
     r.add_argument("--checkpoint", required=True, help="run directory or checkpoint directory")
     r.add_argument("--out", required=True, help="trace file to write (msgpack)")
     r.add_argument("--prompt", default="def ", help="prompt for generation (byte-level models)")
-    r.add_argument("--max-new-tokens", type=int, default=128)
+    r.add_argument("--max-new-tokens", type=int, default=None,
+                   help="tokens to generate (default: up to the model's max_seq_len)")
     r.add_argument("--batch", type=int, default=1)
     r.add_argument("--temperature", type=float, default=0.8, help="sampling temperature (0 = greedy)")
     r.add_argument("--corpus-batches", type=int, default=0,
@@ -67,9 +68,14 @@ def _record(args: argparse.Namespace) -> int:
             engine.forward(x)
     else:
         args.prompt_ids = None
+        prompt = prompt_tensor(args, model.cfg.vocab_size)
+        room = model.cfg.max_seq_len - prompt.shape[1]
+        new = room if args.max_new_tokens is None else args.max_new_tokens
+        if not 1 <= new <= room:
+            raise ValueError(f"--max-new-tokens={new}: the prompt ({prompt.shape[1]} tokens) leaves room for 1 to "
+                             f"{room} new tokens within max_seq_len={model.cfg.max_seq_len}")
         gen = torch.Generator(device=engine.device).manual_seed(args.seed)
-        engine.generate(prompt_tensor(args, model.cfg.vocab_size), args.max_new_tokens,
-                        temperature=args.temperature, generator=gen)
+        engine.generate(prompt, new, temperature=args.temperature, generator=gen)
     trace = engine.trace()
     trace.meta["run"] = run.name
     path = trace.save(args.out)
