@@ -123,3 +123,14 @@ def test_trace_record_simulate_and_predictors_commands(trained, tmp_path, capsys
     res = json.loads(out.read_text())
     assert res["lookahead"]["precision"] > res["chance"] and res["learned"]["precision"] is not None
     assert "lookahead: precision" in capsys.readouterr().out
+
+
+def test_trace_record_default_length_fills_the_context(trained, tmp_path, capsys):
+    model, run_dir, _, _ = trained["post_attention"]
+    tr = tmp_path / "full.msgpack"
+    assert main(["trace", "record", "--checkpoint", str(run_dir), "--out", str(tr), "--device", "cpu"]) == 0
+    L, S = model.cfg.num_moe_layers, model.cfg.max_seq_len
+    assert len(RoutingTrace.load(tr)) == (S - 1) * L  # prompt "def " + new tokens = max_seq_len, last one not run
+    assert main(["trace", "record", "--checkpoint", str(run_dir), "--out", str(tr), "--max-new-tokens", "999",
+                 "--device", "cpu"]) == 2
+    assert "leaves room for 1 to" in capsys.readouterr().err
