@@ -11,4 +11,4 @@ trainer = Trainer(run, out_dir="runs/api-demo")    # default corpus: the Python 
 summary = trainer.fit()                            # resumes from runs/api-demo if it has checkpoints
 print(summary["last_eval"]["val_loss"], trainer.corpus.unigram_entropy())
 model, cfg, ckpt = load_model("runs/api-demo")     # newest valid checkpoint
-print(bytes(model.generate(__import__("torch").tensor([list(b"def ")]), 40)[0].tolist()).decode(errors="replace"))
+print(repr(bytes(model.generate(__import__("torch").tensor([list(b"def ")]), 40)[0].tolist()).decode(errors="replace")))

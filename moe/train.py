@@ -234,6 +234,8 @@ class Trainer:
             if (c.ckpt_interval and self.step % c.ckpt_interval == 0) or self.step == c.max_steps:
                 self.save()
         bar.close()
+        if last_eval is None:  # nothing left to train (a finished run resumed): still report where it stands
+            last_eval = self.evaluate()
         return {"step": self.step, "tokens_seen": self.tokens_seen, "last_eval": last_eval,
                 "out_dir": str(self.out_dir)}
 

@@ -94,3 +94,10 @@ def test_default_tiny_budget_beats_unigram_by_a_wide_margin(tmp_path):
     ev = t.fit()["last_eval"]
     base = corpus().unigram_entropy()
     assert ev["val_loss"] < base - 1.0, f"val {ev['val_loss']:.3f} vs unigram {base:.3f}"
+
+
+def test_fit_on_a_finished_run_still_reports_its_evaluation(tmp_path):
+    run = small_run(max_steps=2, eval_interval=2, ckpt_interval=2)
+    first = Trainer(run, out_dir=tmp_path, corpus=corpus(), progress=False, plots=False).fit()
+    again = Trainer(run, out_dir=tmp_path, corpus=corpus(), progress=False, plots=False).fit()
+    assert again["step"] == 2 and again["last_eval"]["val_loss"] == pytest.approx(first["last_eval"]["val_loss"])
