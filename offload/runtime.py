@@ -25,7 +25,7 @@ import torch.nn as nn
 from offload.cache import ExpertCache, Key, SlotPool
 from offload.cpu_experts import CostModel, expert_forward, host_expert_forward
 from offload.predictor import PredictionStats
-from offload.prefetch import PrefetchQueue, Ticket
+from offload.prefetch import PrefetchQueue, RecencyGuard, Ticket
 from offload.store import ExpertLayout, HostExpertStore
 
 
@@ -93,6 +93,7 @@ class OffloadRuntime:
         self.decisions = {"wait": 0, "copy": 0, "cpu": 0}
         self.pred_stats = PredictionStats()
         self.pending_eval: dict[int, list[tuple[int, set[int]]]] = {}
+        self.guard = RecencyGuard()
         # Grow-only [0, 1, 2, ...] on the device and host: count_1 tensors are views, not allocations.
         self._counts_dev = torch.arange(1, device=pool.device)
         self._counts_host = torch.arange(1)
@@ -238,6 +239,7 @@ class OffloadRuntime:
 
     def pump(self) -> None:
         """Issue queued prefetches, nearest deadline first, up to max_inflight copies in flight."""
+        protected = self.guard.protect(self.queue.predicted, self.cache.num_slots)
         while True:
             if self.copies.num_inflight() >= self.max_inflight:
                 self.copies.progress()  # host engine: one copy runs; CUDA: a non-blocking query
@@ -248,7 +250,7 @@ class OffloadRuntime:
                 return
             if req.key in self.cache:
                 continue
-            slot = self.cache.choose_slot(self.queue.predicted, force=False)
+            slot = self.cache.choose_slot(protected, force=False)
             if slot is None:
                 self.queue.push_back(req)
                 return
@@ -258,8 +260,10 @@ class OffloadRuntime:
             self.c.prefetch_issued += 1
 
     def _score_predictions(self, m: int, needed: list[int]) -> None:
-        for d, predicted in self.pending_eval.pop(m, []):
+        scored = self.pending_eval.pop(m, [])
+        for d, predicted in scored:
             self.pred_stats.update(m, d, predicted, needed)
+        self.guard.observe(m, set(needed), [p for _, p in scored])
 
     def end_pass(self) -> None:
         """A forward pass ended: predictions never go past it."""

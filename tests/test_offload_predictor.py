@@ -134,3 +134,17 @@ def test_trace_record_default_length_fills_the_context(trained, tmp_path, capsys
     assert main(["trace", "record", "--checkpoint", str(run_dir), "--out", str(tr), "--max-new-tokens", "999",
                  "--device", "cpu"]) == 2
     assert "leaves room for 1 to" in capsys.readouterr().err
+
+
+def test_predictive_is_never_worse_than_lru_on_repetitive_greedy_decoding(trained):
+    """Greedy decoding of a briefly trained model repeats itself, so "the last token's experts" is the
+    best guess; the recency guard must keep wrong prefetches from evicting them."""
+    _, run_dir, _, _ = trained["post_attention"]
+    model = load_model(run_dir)[0]
+    total = model.cfg.num_moe_layers * model.cfg.moe.num_experts
+    prompt = torch.tensor([list(b"def ")])
+    hits = {}
+    for policy in ("lru", "predictive"):
+        engine = ExpertCacheEngine(load_model(run_dir)[0], gpu_expert_slots=total // 4, policy=policy, device="cpu")
+        hits[policy] = engine.generate(prompt, 60).report["hit_rate"]
+    assert hits["predictive"] >= hits["lru"] - 0.02, hits
