@@ -350,6 +350,7 @@ def param_count(cfg: ModelConfig) -> dict[str, int]:
     attn = D * cfg.head_dim * (cfg.n_heads * 2 + cfg.n_kv_heads * 2)
     attn += 2 * cfg.head_dim * (1 if cfg.qk_norm == "head" else 0) + (cfg.n_heads + cfg.n_kv_heads) * cfg.head_dim * (
         1 if cfg.qk_norm == "full" else 0)
+    attn += (cfg.n_heads + 2 * cfg.n_kv_heads) * cfg.head_dim if cfg.qkv_bias else 0
     expert = 3 * D * m.d_expert
     shared = 3 * D * m.d_shared_expert + (D if m.shared_expert_gate else 0)
     moe_layer = m.num_experts * expert + shared + D * m.num_experts

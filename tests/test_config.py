@@ -83,3 +83,17 @@ def test_load_config_errors(tmp_path):
     missing_field.write_text('[model]\nd_model = 32\nn_layers = 2\nn_heads = 4\n[model.moe]\nnum_experts=4\ntop_k=1\n')
     with pytest.raises(ValueError, match=r"d_expert"):
         load_config(missing_field)
+
+
+@pytest.mark.parametrize("kw", [dict(), dict(qkv_bias=True, qk_norm="full", n_kv_heads=2),
+                                dict(qk_norm="head", first_dense_layers=1, head_dim=6),
+                                dict(tie_embeddings=True, moe=dict(num_experts=4, top_k=2, d_expert=24,
+                                                                   num_shared_experts=1, d_shared_expert=16,
+                                                                   shared_expert_gate=True))])
+def test_param_count_matches_the_built_model(kw):
+    from moe.model import MoETransformer
+    from tests.helpers import small_model, small_moe
+    if "moe" in kw:
+        kw = {**kw, "moe": small_moe(**kw["moe"])}
+    cfg = small_model(**kw)
+    assert param_count(cfg)["total"] == sum(p.numel() for p in MoETransformer(cfg).parameters())
