@@ -31,8 +31,9 @@ from moe.router import BalanceTracker
 from moe.stats import balance_metrics, plot_expert_load
 
 
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
+def resolve_device(name: str | torch.device | None) -> torch.device:
+    """'auto' or None: CUDA when available, else the CPU; anything else must exist here."""
+    if name is None or name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dev = torch.device(name)
     if dev.type == "cuda" and not torch.cuda.is_available():

@@ -27,6 +27,7 @@ from typing import Any
 import torch
 
 from moe.model import KVCache, MoETransformer, sample_next
+from moe.train import resolve_device
 from offload.cache import POLICIES, ExpertCache, SlotPool
 from offload.cpu_experts import Calibration, CostModel, calibrate
 from offload.predictor import ExactPredictor, LearnedPredictor, LookaheadPredictor, moe_block_index, to_predictions
@@ -45,16 +46,6 @@ class GenerationResult:
     logits: torch.Tensor | None
     """[new, B, V] float32 logits each token was drawn from (return_logits=True), host."""
     report: dict[str, Any]
-
-
-def _resolve_device(device) -> torch.device:
-    if device is None or device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(device)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device={device!r} but CUDA is not available here; use device='cpu' (the host then "
-                         f"plays the device)")
-    return dev
 
 
 class ExpertCacheEngine:
@@ -77,7 +68,7 @@ class ExpertCacheEngine:
         if (gpu_expert_slots is None) == (gpu_expert_gib is None):
             raise ValueError("give exactly one of gpu_expert_slots (a number of experts) or gpu_expert_gib (GiB)")
         self.model, self.policy, self.cpu_experts = model.eval(), policy, cpu_experts
-        self.device = _resolve_device(device)
+        self.device = resolve_device(device)
         self.moe_blocks, self.first_moe = moe_block_index(model)
         self._setup_predictor(predictor, lookahead_depth)  # validate before touching the model
         layers = [b.ffn for b in self.moe_blocks]
