@@ -16,7 +16,6 @@ the job equals one process on the concatenated batch (batch_size = B * W), up to
 from __future__ import annotations
 
 import json
-import math
 import os
 import sys
 import time
@@ -25,7 +24,6 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 
 from cluster.ckpt import load_sharded, save_sharded
 from cluster.dispatch import AllToAllDispatcher, CommTimer, count_reducer
@@ -38,8 +36,9 @@ from moe.config import RunConfig
 from moe.data import Corpus
 from moe.model import MoETransformer
 from moe.router import BalanceTracker
-from moe.stats import balance_metrics, plot_expert_load
-from moe.train import autocast_ctx, build_optimizer, lr_at, micro_batch_loss, resolve_device, routing_counts
+from moe.stats import balance_metrics
+from moe.train import (autocast_ctx, build_optimizer, eval_report, lr_at, micro_batch_loss, resolve_device,
+                       routing_counts, validation_pass)
 
 
 class RankTrainer:
@@ -195,33 +194,16 @@ class RankTrainer:
     @torch.no_grad()
     def evaluate(self, batches: int | None = None) -> dict[str, Any]:
         """Validation loss over the global validation batches (each rank its rows) and expert load."""
-        c, lay, model = self.cfg, self.lay, self.model
-        model.eval()
-        n = batches or c.eval_batches
-        total, counts = 0.0, None
-        with autocast_ctx(self.device, c.autocast_bf16):
-            for i in range(n):
-                x, y = (t.to(self.device) for t in self.corpus.batch("val", i, c.batch_size, c.seq_len, seed=c.seed,
-                                                                      rank=lay.rank, world=lay.world))
-                out = model(x)
-                total += float(F.cross_entropy(out.logits.reshape(-1, out.logits.shape[-1]), y.reshape(-1)))
-                cl = torch.stack([r.counts_E for r in out.routing])
-                counts = cl if counts is None else counts + cl
-        model.train()
-        loss_t = torch.tensor([total / n], dtype=torch.float64, device=self.device)
+        lay = self.lay
+        loss, counts = validation_pass(self.model, self.corpus, self.cfg, self.device, batches,
+                                       rank=lay.rank, world=lay.world)
+        loss_t = torch.tensor([loss], dtype=torch.float64, device=self.device)
         if lay.world > 1:
             dist.all_reduce(loss_t, group=self.groups.world)  # collective: mean validation loss over ranks
-        loss = float(loss_t) / lay.world
-        res: dict[str, Any] = {"event": "eval", "step": self.step, "val_loss": loss, "val_ppl": math.exp(loss)}
         if counts is not None:
             counts = self.tracker.reduce(counts).cpu()  # collective: validation counts of every rank
-            res.update(balance_metrics(counts))
-            if self.plots and self.is_root:
-                path = plot_expert_load(counts, self.out_dir / "plots" / f"expert_load_step{self.step:06d}.png",
-                                        f"{self.run.name} step {self.step}")
-                (self.out_dir / "plots" / "expert_load_latest.png").write_bytes(path.read_bytes())
-                res["heatmap"] = str(path)
-        return res
+        plots = self.out_dir / "plots" if self.plots and self.is_root else None
+        return eval_report(self.step, float(loss_t) / lay.world, counts, plots, self.run.name)
 
     # ------------------------------------------------------------------ checkpoints
     @property

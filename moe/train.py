@@ -98,6 +98,41 @@ def routing_counts(model: MoETransformer, batches: list[torch.Tensor]) -> torch.
     return counts
 
 
+@torch.no_grad()
+def validation_pass(model: MoETransformer, corpus: Corpus, cfg: TrainConfig, device: torch.device,
+                    batches: int | None = None, *, rank: int = 0, world: int = 1
+                    ) -> tuple[float, torch.Tensor | None]:
+    """Mean cross-entropy over the fixed validation batches (this rank's rows) and the [L, E]
+    expert counts they routed (on device; None for a model without MoE layers)."""
+    model.eval()
+    n = batches or cfg.eval_batches
+    total, counts = 0.0, None
+    with autocast_ctx(device, cfg.autocast_bf16):
+        for i in range(n):
+            x, y = (t.to(device) for t in corpus.batch("val", i, cfg.batch_size, cfg.seq_len, seed=cfg.seed,
+                                                       rank=rank, world=world))
+            out = model(x)
+            total += float(F.cross_entropy(out.logits.reshape(-1, out.logits.shape[-1]), y.reshape(-1)))
+            if out.routing:
+                cl = torch.stack([r.counts_E for r in out.routing])
+                counts = cl if counts is None else counts + cl
+    model.train()
+    return total / n, counts
+
+
+def eval_report(step: int, loss: float, counts_LE: torch.Tensor | None, plots_dir: Path | None,
+                title: str) -> dict[str, Any]:
+    """The eval record: loss, perplexity, balance metrics and (when plots_dir is given) the heatmap."""
+    res: dict[str, Any] = {"event": "eval", "step": step, "val_loss": loss, "val_ppl": math.exp(loss)}
+    if counts_LE is not None:
+        res.update(balance_metrics(counts_LE))
+        if plots_dir is not None:
+            path = plot_expert_load(counts_LE, plots_dir / f"expert_load_step{step:06d}.png", f"{title} step {step}")
+            (plots_dir / "expert_load_latest.png").write_bytes(path.read_bytes())
+            res["heatmap"] = str(path)
+    return res
+
+
 def optimizer_tensors(model: nn.Module, opt: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
     """AdamW state keyed by parameter name: optim/<name>/exp_avg, .../exp_avg_sq, .../step."""
     names = {id(p): n for n, p in model.named_parameters()}
@@ -244,28 +279,9 @@ class Trainer:
     @torch.no_grad()
     def evaluate(self, batches: int | None = None) -> dict[str, Any]:
         """Validation loss / perplexity on fixed batches, expert load and balance metrics, heatmap."""
-        c, model = self.cfg, self.model
-        model.eval()
-        n = batches or c.eval_batches
-        total, counts = 0.0, None
-        with autocast_ctx(self.device, c.autocast_bf16):
-            for i in range(n):
-                x, y = (t.to(self.device) for t in self.corpus.batch("val", i, c.batch_size, c.seq_len, seed=c.seed))
-                out = model(x)
-                total += float(F.cross_entropy(out.logits.reshape(-1, out.logits.shape[-1]), y.reshape(-1)))
-                cl = torch.stack([r.counts_E for r in out.routing]).cpu()
-                counts = cl if counts is None else counts + cl
-        loss = total / n
-        res: dict[str, Any] = {"event": "eval", "step": self.step, "val_loss": loss, "val_ppl": math.exp(loss)}
-        if counts is not None:
-            res.update(balance_metrics(counts))
-            if self.plots:
-                path = plot_expert_load(counts, self.out_dir / "plots" / f"expert_load_step{self.step:06d}.png",
-                                        f"{self.run.name} step {self.step}")
-                (self.out_dir / "plots" / "expert_load_latest.png").write_bytes(path.read_bytes())
-                res["heatmap"] = str(path)
-        model.train()
-        return res
+        loss, counts = validation_pass(self.model, self.corpus, self.cfg, self.device, batches)
+        return eval_report(self.step, loss, None if counts is None else counts.cpu(),
+                           self.out_dir / "plots" if self.plots else None, self.run.name)
 
     # ------------------------------------------------------------------ checkpoints
     @property
@@ -355,5 +371,5 @@ def _progress(start: int, end: int, enabled: bool):
     return tqdm(total=end, initial=start, desc="train", unit="step", dynamic_ncols=True, mininterval=1.0)
 
 
-__all__ = ["Trainer", "micro_batch_loss", "routing_counts", "build_optimizer", "lr_at", "load_model",
+__all__ = ["Trainer", "micro_batch_loss", "routing_counts", "validation_pass", "eval_report", "build_optimizer", "lr_at", "load_model",
            "load_model_state", "optimizer_tensors", "load_optimizer_tensors", "resolve_device"]
