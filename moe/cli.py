@@ -6,6 +6,7 @@
     moe eval runs/tiny                         validation loss / perplexity of the newest checkpoint
     moe generate --checkpoint runs/tiny --gpu-expert-slots 8 --policy predictive
     moe trace simulate trace.msgpack           replay a routing trace through every cache policy
+    moe serve --checkpoint runs/tiny --gpu-expert-slots 8    OpenAI-compatible HTTP server on 127.0.0.1:8000
     moe presets                                list the named presets
 """
 from __future__ import annotations
@@ -167,6 +168,26 @@ def _add_offload(sub) -> None:
     p.set_defaults(func=run_trace)
 
 
+# Commands of the packages above moe/ (moe imports none of them): each is a `register(subparsers)`
+# named by an entry point in the `moe.commands` group (pyproject.toml). A source checkout run
+# without installing (PYTHONPATH) has no such metadata; it falls back to the same names here.
+COMMAND_PLUGINS = {"serve": "offload.serve.cli:register"}
+
+
+def _add_plugins(sub) -> None:
+    from importlib import import_module
+    from importlib.metadata import entry_points
+
+    found = {ep.name: ep.value for ep in entry_points(group="moe.commands")}
+    for name, target in {**COMMAND_PLUGINS, **found}.items():
+        module, _, attr = target.partition(":")
+        try:
+            register = getattr(import_module(module), attr)
+        except ImportError:  # its package is not installed: the other commands still work
+            continue
+        register(sub)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="moe", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -174,6 +195,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train(sub)
     _add_eval(sub)
     _add_offload(sub)
+    _add_plugins(sub)
     _add_presets(sub)
     return parser
 

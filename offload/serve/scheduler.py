@@ -1,0 +1,201 @@
+"""Continuous batching for `moe serve`: one thread owns the model and runs every decode step.
+
+Requests arrive from the HTTP event loop (`submit`), wait in a FIFO queue, and join the running
+batch at the next step while it has fewer than `max_batch` rows: the newcomer's prompt is
+prefilled into its own KV-cache row, then every step decodes one token for each live row, so
+the expert cache sees the real batch. Each sequence stops on its own (EOS / stop token, stop
+string, max_tokens, context end); a cancelled request (client gone, shutdown) leaves the batch
+at the next step. Results go back to the loop through each request's `emit` callback.
+
+Step of the loop: 1. take cancellations, 2. admit queued requests into free rows (prefill),
+3. one decode step for all rows, 4. hand out text deltas and finished answers.
+"""
+from __future__ import annotations
+
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Callable
+
+from offload.serve.backend import Backend, SamplingParams
+from offload.serve.metrics import ServerMetrics
+from offload.serve.text import TextStream, TokenizerAdapter
+
+
+@dataclass(kw_only=True)
+class Chunk:
+    """What the scheduler hands a request: new text and tokens, and at the end its finish reason."""
+
+    text: str = ""
+    token_ids: list[int] = field(default_factory=list)
+    finish: str | None = None
+    """None while running; "stop" | "length" at the end; "cancelled" | "error" when it did not finish."""
+    error: str | None = None
+
+
+@dataclass(kw_only=True)
+class Request:
+    prompt_ids: list[int]
+    params: SamplingParams
+    max_new_tokens: int
+    stops: list[str]
+    emit: Callable[[Chunk], None]
+    """Called from the scheduler thread; must be thread-safe and must not block."""
+    cancelled: threading.Event = field(default_factory=threading.Event)
+    sid: int = -1
+    generated: int = 0
+    stream: TextStream | None = None
+
+
+class Scheduler:
+    """See module docstring. `start()` launches the thread; `close(timeout)` drains then cancels."""
+
+    def __init__(self, backend: Backend, tokenizer: TokenizerAdapter, *, max_batch: int, max_queue: int,
+                 metrics: ServerMetrics):
+        if max_batch < 1 or max_queue < 1:
+            raise ValueError(f"max_batch={max_batch} and max_queue={max_queue} must both be >= 1")
+        self.backend, self.tok, self.metrics = backend, tokenizer, metrics
+        self.max_batch, self.max_queue = max_batch, max_queue
+        self._pending: deque[Request] = deque()
+        self._active: dict[int, Request] = {}
+        self._cv = threading.Condition()
+        self._closing = self._abort = False
+        self._next_sid = 0
+        self._thread = threading.Thread(target=self._run, name="moe-serve-scheduler", daemon=True)
+
+    # ---------------------------------------------------------------- event-loop side
+    def start(self) -> None:
+        self._thread.start()
+
+    def submit(self, req: Request) -> bool:
+        """Queue a request; False when the queue is full or the server is shutting down."""
+        with self._cv:
+            if self._closing or len(self._pending) >= self.max_queue:
+                return False
+            req.stream = TextStream(self.tok, req.stops)
+            self._pending.append(req)
+            self.metrics.set_queue(len(self._pending), len(self._active))
+            self._cv.notify()
+        return True
+
+    def cancel(self, req: Request) -> None:
+        req.cancelled.set()
+        with self._cv:
+            self._cv.notify()
+
+    def stop_accepting(self) -> None:
+        """New submissions are refused from now on; queued and running requests carry on."""
+        with self._cv:
+            self._closing = True
+            self._cv.notify()
+
+    def close(self, timeout: float) -> None:
+        """Refuse new work, let running requests finish for up to `timeout` s, then cancel the rest."""
+        with self._cv:
+            self._closing = True
+            self._cv.notify()
+        self._thread.join(timeout)
+        with self._cv:
+            self._abort = True
+            self._cv.notify()
+        self._thread.join(5.0 + timeout)
+
+    @property
+    def running(self) -> int:
+        return len(self._active)
+
+    @property
+    def closing(self) -> bool:
+        return self._closing
+
+    # ---------------------------------------------------------------- scheduler thread
+    def _run(self) -> None:
+        while True:
+            with self._cv:
+                while not (self._pending or self._active or self._closing):
+                    self._cv.wait()
+                if self._abort or (self._closing and not self._pending and not self._active):
+                    break
+                admit = []
+                while self._pending and len(self._active) + len(admit) < self.max_batch:
+                    admit.append(self._pending.popleft())
+            try:
+                self._drop_cancelled()
+                for req in admit:
+                    self._admit(req)
+                if self._active:
+                    self._step()
+            except Exception as e:  # a failed step fails its requests; the server keeps serving
+                self._fail_all(f"generation failed: {type(e).__name__}: {e}")
+            self.metrics.set_queue(len(self._pending), len(self._active))
+        self._shutdown()
+
+    def _admit(self, req: Request) -> None:
+        if req.cancelled.is_set():
+            self._finish(req, "cancelled", registered=False)
+            return
+        req.sid, self._next_sid = self._next_sid, self._next_sid + 1
+        t0 = time.perf_counter()
+        first = self.backend.add(req.sid, req.prompt_ids, req.params)
+        self.metrics.prefill(len(req.prompt_ids), time.perf_counter() - t0)
+        self._active[req.sid] = req
+        self._deliver(req, first)
+
+    def _step(self) -> None:
+        t0 = time.perf_counter()
+        tokens = self.backend.step()
+        self.metrics.decode_step(len(tokens), time.perf_counter() - t0)
+        for sid, tok in tokens.items():
+            self._deliver(self._active[sid], tok)
+
+    def _deliver(self, req: Request, token: int) -> None:
+        """One new token of `req`: stop checks first (a stop token is not part of the answer)."""
+        if token in req.params.stop_token_ids:
+            self._finish(req, "stop")
+            return
+        req.generated += 1
+        self.metrics.tokens_out(1)
+        text = req.stream.push(token)
+        if req.stream.stopped:
+            self._finish(req, "stop", text=text, token_ids=[token])
+        elif req.generated >= req.max_new_tokens:
+            self._finish(req, "length", text=text, token_ids=[token])
+        else:
+            req.emit(Chunk(text=text, token_ids=[token]))
+
+    def _finish(self, req: Request, reason: str, *, text: str = "", token_ids: list[int] | None = None,
+                registered: bool = True, error: str | None = None) -> None:
+        if registered and self._active.pop(req.sid, None) is not None:
+            self.backend.remove(req.sid)
+        if reason in ("stop", "length"):
+            text += req.stream.finish()
+        self.metrics.finished(reason)
+        req.emit(Chunk(text=text, token_ids=token_ids or [], finish=reason, error=error))
+
+    def _drop_cancelled(self) -> None:
+        for req in [r for r in self._active.values() if r.cancelled.is_set()]:
+            self._finish(req, "cancelled")
+
+    def _fail_all(self, message: str) -> None:
+        for req in list(self._active.values()):
+            self._active.pop(req.sid, None)
+            try:
+                self.backend.remove(req.sid)
+            except Exception:  # the backend is already broken; the request still gets its error
+                pass
+            self.metrics.finished("error")
+            req.emit(Chunk(finish="error", error=message))
+
+    def _shutdown(self) -> None:
+        with self._cv:
+            left = list(self._pending)
+            self._pending.clear()
+        for req in left:
+            self._finish(req, "cancelled", registered=False, error="the server is shutting down")
+        for req in list(self._active.values()):
+            self._finish(req, "cancelled", error="the server is shutting down")
+        self.metrics.set_queue(0, 0)
+
+
+__all__ = ["Scheduler", "Request", "Chunk"]

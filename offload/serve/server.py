@@ -1,0 +1,113 @@
+"""`moe serve`: load a model into the expert cache and serve it over HTTP with uvicorn.
+
+    moe serve --checkpoint runs/tiny --gpu-expert-slots 8
+    moe serve --hf path/to/qwen3-moe --gpu-expert-gib 20 --max-batch 16 --api-key "$KEY" --port 8000
+
+Shutdown (SIGTERM or Ctrl-C): the listener closes, /health turns 503 and new requests get 503,
+running requests may finish for --shutdown-timeout seconds, then whatever still runs is cancelled
+(streams end with an error event) and the process exits.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import uvicorn
+
+from offload.serve.app import ServeContext, create_app
+from offload.serve.backend import RowBackend, cache_stats
+from offload.serve.chat import load_chat_template, stop_token_ids
+from offload.serve.metrics import ServerMetrics
+from offload.serve.scheduler import Scheduler
+from offload.serve.text import TokenizerAdapter
+
+
+def build_context(args: argparse.Namespace) -> ServeContext:
+    """Model -> expert-cache engine -> backend -> scheduler, tokenizer and chat template."""
+    from moe.train import load_model
+    from offload.engine import ExpertCacheEngine
+
+    _check_args(args)
+    store = tokenizer = None
+    if args.hf:
+        from offload.hf import load_hf_for_cache
+        model, run, tokenizer, store = load_hf_for_cache(args.hf)
+        source = Path(args.hf)
+    else:
+        model, run, ck = load_model(args.checkpoint, device="cpu")
+        source = Path(args.checkpoint)
+    tok = TokenizerAdapter(model.cfg.vocab_size, tokenizer)
+    engine = ExpertCacheEngine(model, gpu_expert_slots=args.gpu_expert_slots, gpu_expert_gib=args.gpu_expert_gib,
+                               policy=args.policy, cpu_experts=args.cpu_experts, device=args.device,
+                               predictor=args.predictor, store=store)
+    engine.reset_stats()
+    metrics = ServerMetrics(cache_source=lambda: cache_stats(engine))
+    scheduler = Scheduler(RowBackend(engine), tok, max_batch=args.max_batch, max_queue=args.max_queue,
+                          metrics=metrics)
+    return ServeContext(model_name=args.model_name or run.name, scheduler=scheduler, tokenizer=tok,
+                        render_chat=load_chat_template(source, tok), max_seq_len=model.cfg.max_seq_len,
+                        stop_token_ids=stop_token_ids(source, tok), metrics=metrics, api_key=args.api_key,
+                        created=int(time.time()))
+
+
+def _check_args(args: argparse.Namespace) -> None:
+    for name in ("max_batch", "max_queue"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')}={getattr(args, name)} must be >= 1")
+    if not 0 <= args.port <= 65535:
+        raise ValueError(f"--port={args.port} is not a TCP port (0-65535)")
+    if args.shutdown_timeout < 0:
+        raise ValueError(f"--shutdown-timeout={args.shutdown_timeout} must be >= 0")
+
+
+def make_server(ctx: ServeContext, *, host: str, port: int, shutdown_timeout: float, log_level: str = "warning"):
+    """A uvicorn.Server for `ctx`; run it with .run() (main thread, signals) or serve() in a thread."""
+    @contextlib.asynccontextmanager
+    async def lifespan(_app):
+        ctx.scheduler.start()
+        yield
+        ctx.closing = True
+        await asyncio.to_thread(ctx.scheduler.close, 0.5)
+
+    app = create_app(ctx)
+    app.router.lifespan_context = lifespan
+    config = uvicorn.Config(app, host=host, port=port, log_level=log_level, access_log=False,
+                            timeout_graceful_shutdown=shutdown_timeout, lifespan="on")
+    return _Server(config, ctx)
+
+
+class _Server(uvicorn.Server):
+    """uvicorn.Server whose exit signal first marks the context closing (503s, /health down)."""
+
+    def __init__(self, config: uvicorn.Config, ctx: ServeContext):
+        super().__init__(config)
+        self.ctx = ctx
+
+    def handle_exit(self, sig, frame) -> None:
+        self.ctx.closing = True
+        self.ctx.scheduler.stop_accepting()
+        super().handle_exit(sig, frame)
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    ctx = build_context(args)
+    server = make_server(ctx, host=args.host, port=args.port, shutdown_timeout=args.shutdown_timeout,
+                         log_level=args.log_level)
+    print(json.dumps({"event": "serving", "url": f"http://{args.host}:{args.port}/v1", "model": ctx.model_name,
+                      "max_batch": args.max_batch, "max_seq_len": ctx.max_seq_len}), flush=True)
+    server.run()
+    print(json.dumps({"event": "stopped", "metrics": _final(ctx)}), flush=True)
+    return 0
+
+
+def _final(ctx: ServeContext) -> dict[str, Any]:
+    s = ctx.metrics.snapshot()
+    return {k: s[k] for k in ("prompt_tokens", "completion_tokens", "finish")}
+
+
+__all__ = ["build_context", "make_server", "run_serve"]
