@@ -38,24 +38,80 @@ def rotary_tables(head_dim: int, max_len: int, theta: float) -> tuple[torch.Tens
 
 
 def apply_rotary(x_BHSDh: torch.Tensor, cos_SDh2: torch.Tensor, sin_SDh2: torch.Tensor) -> torch.Tensor:
-    """Rotate-half rotary embedding (the Llama / Mixtral / Qwen convention)."""
+    """Rotate-half rotary embedding (the Llama / Mixtral / Qwen convention). The tables are
+    [S, Dh/2] (every row at the same positions) or [B, S, Dh/2] (per-row positions)."""
     x1, x2 = x_BHSDh.float().chunk(2, dim=-1)
-    cos, sin = cos_SDh2[None, None], sin_SDh2[None, None]
+    cos, sin = (cos_SDh2[None, None], sin_SDh2[None, None]) if cos_SDh2.dim() == 2 else (cos_SDh2[:, None], sin_SDh2[:, None])
     return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).to(x_BHSDh.dtype)
 
 
 @dataclass
 class KVCache:
-    """Preallocated keys/values for every layer: [L, B, Hk, S_max, Dh] each."""
+    """Preallocated keys/values for every layer: [L, B, Hk, S_max, Dh] each, with per-row state.
+
+    Row b has used `lengths[b]` slots (left padding included) and its next token sits at rotary
+    position `next_pos[b]` (real tokens only); `valid_BS` marks the slots that hold real tokens.
+    Rows advance independently, so one cache can hold sequences at different positions: a new
+    sequence joins by `reset_row(b)` then a forward with `cache_rows=[b]` (prefill of that row),
+    and a finished one leaves by `reset_row(b)`. Host-side bookkeeping is plain ints (no sync)."""
 
     k: torch.Tensor
     v: torch.Tensor
-    length: int = 0
+    lengths: list[int] = field(default_factory=list)
+    next_pos: list[int] = field(default_factory=list)
+    valid_BS: torch.Tensor | None = None
+    dense: bool = True
+    """True while every row holds the same number of real tokens and no padding (the fast path)."""
+
+    def __post_init__(self) -> None:
+        B, S_max = self.k.shape[1], self.k.shape[3]
+        self.lengths = self.lengths or [0] * B
+        self.next_pos = self.next_pos or list(self.lengths)
+        if self.valid_BS is None:
+            self.valid_BS = torch.zeros(B, S_max, dtype=torch.bool, device=self.k.device)
+            for b, n in enumerate(self.lengths):
+                self.valid_BS[b, :n] = True
 
     @classmethod
     def empty(cls, cfg: ModelConfig, batch: int, max_len: int, device, dtype) -> "KVCache":
         shape = (cfg.n_layers, batch, cfg.n_kv_heads, max_len, cfg.head_dim)
         return cls(torch.zeros(shape, device=device, dtype=dtype), torch.zeros(shape, device=device, dtype=dtype))
+
+    @property
+    def batch(self) -> int:
+        return self.k.shape[1]
+
+    @property
+    def max_len(self) -> int:
+        return self.k.shape[3]
+
+    @property
+    def length(self) -> int:
+        """Slots used by the longest row (all rows, when they advance together)."""
+        return max(self.lengths) if self.lengths else 0
+
+    def reset_row(self, b: int) -> None:
+        """Free row b (a finished sequence) or clear it for a new one; other rows are untouched."""
+        if not 0 <= b < self.batch:
+            raise ValueError(f"row {b} is outside this cache's {self.batch} rows")
+        self.lengths[b] = self.next_pos[b] = 0
+        self.valid_BS[b] = False
+        self.dense = False
+
+
+@dataclass
+class AttentionBatch:
+    """Where one forward pass's tokens go in the cache and what each query may see; built once
+    per pass by MoETransformer and shared by every layer (the masked / per-row path)."""
+
+    rows_B: torch.Tensor | None
+    """Cache rows of the batch rows (device), or None for all rows in order."""
+    slots_BS: torch.Tensor
+    """Cache slot each new token is written to (device)."""
+    mask_B1SK: torch.Tensor
+    """Key visibility: real keys at or before the query's slot, and the query's own slot."""
+    keys: int
+    """K: slots read (the longest row's length after this pass)."""
 
 
 class Attention(nn.Module):
@@ -79,7 +135,7 @@ class Attention(nn.Module):
             self.k_norm = RMSNorm(self.head_dim if per_head else self.n_kv * self.head_dim, cfg.norm_eps)
 
     def forward(self, x_BSD: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
+                cache: KVCache | None = None, layer: int = 0, batch: AttentionBatch | None = None) -> torch.Tensor:
         B, S, _ = x_BSD.shape
         q, k = self.wq(x_BSD), self.wk(x_BSD)
         if self.qk_norm == "full":
@@ -91,15 +147,16 @@ class Attention(nn.Module):
         q, k = q.transpose(1, 2), k.transpose(1, 2)
         v = self.wv(x_BSD).view(B, S, self.n_kv, self.head_dim).transpose(1, 2)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        if batch is not None:
+            o = self._attend_masked(q, k, v, cache, layer, batch)
+            return self.wo(o.transpose(1, 2).reshape(B, S, -1))
         start = 0
         if cache is not None:
             start = cache.length
             cache.k[layer, :, :, start:start + S] = k
             cache.v[layer, :, :, start:start + S] = v
             k, v = cache.k[layer, :, :, :start + S], cache.v[layer, :, :, :start + S]
-        if self.n_kv != self.n_heads:
-            rep = self.n_heads // self.n_kv
-            k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+        k, v = self._repeat_kv(k), self._repeat_kv(v)
         if start == 0:
             o = F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), is_causal=S > 1)
         else:
@@ -107,6 +164,23 @@ class Attention(nn.Module):
             mask = torch.ones(S, start + S, dtype=torch.bool, device=q.device).tril(diagonal=start)
             o = F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), attn_mask=mask)
         return self.wo(o.transpose(1, 2).reshape(B, S, -1))
+
+    def _repeat_kv(self, x_BHkSDh: torch.Tensor) -> torch.Tensor:
+        return x_BHkSDh if self.n_kv == self.n_heads else x_BHkSDh.repeat_interleave(self.n_heads // self.n_kv, dim=1)
+
+    def _attend_masked(self, q, k, v, cache: KVCache | None, layer: int, batch: AttentionBatch) -> torch.Tensor:
+        """Per-row slots and masks: padded prompts, rows at different positions, a subset of rows."""
+        if cache is not None:
+            kl, vl = cache.k[layer], cache.v[layer]
+            rows = batch.rows_B if batch.rows_B is not None else torch.arange(q.shape[0], device=q.device)
+            kl[rows[:, None], :, batch.slots_BS] = k.transpose(1, 2).to(kl.dtype)
+            vl[rows[:, None], :, batch.slots_BS] = v.transpose(1, 2).to(vl.dtype)
+            if batch.rows_B is None:
+                k, v = kl[:, :, :batch.keys], vl[:, :, :batch.keys]
+            else:
+                k, v = kl[batch.rows_B, :, :batch.keys], vl[batch.rows_B, :, :batch.keys]
+        k, v = self._repeat_kv(k), self._repeat_kv(v)
+        return F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), attn_mask=batch.mask_B1SK)
 
 
 class Block(nn.Module):
@@ -124,12 +198,12 @@ class Block(nn.Module):
         else:
             self.ffn = SwiGLUMLP(cfg.d_model, cfg.d_dense_ffn, init_std=cfg.init_std, out_std=out_std)
 
-    def forward(self, h_BSD: torch.Tensor, cos, sin, cache: KVCache | None = None
-                ) -> tuple[torch.Tensor, RouterOutput | None]:
+    def forward(self, h_BSD: torch.Tensor, cos, sin, cache: KVCache | None = None,
+                batch: AttentionBatch | None = None) -> tuple[torch.Tensor, RouterOutput | None]:
         B, S, D = h_BSD.shape
         a_BSD = self.attn_norm(h_BSD)
         routing = self.ffn.route(a_BSD.reshape(B * S, D)) if self.pre_attention_router else None
-        h_BSD = h_BSD + self.attn(a_BSD, cos, sin, cache, self.layer)
+        h_BSD = h_BSD + self.attn(a_BSD, cos, sin, cache, self.layer, batch)
         f_TD = self.ffn_norm(h_BSD).reshape(B * S, D)
         if not self.is_moe:
             return h_BSD + self.ffn(f_TD).view(B, S, D), None
@@ -165,22 +239,104 @@ class MoETransformer(nn.Module):
     def moe_layers(self) -> list[MoELayer]:
         return [b.ffn for b in self.blocks if b.is_moe]
 
-    def forward(self, tokens_BS: torch.Tensor, cache: KVCache | None = None) -> ModelOutput:
+    def forward(self, tokens_BS: torch.Tensor, cache: KVCache | None = None, *,
+                attention_mask_BS: torch.Tensor | None = None, positions_BS: torch.Tensor | None = None,
+                cache_rows: list[int] | None = None) -> ModelOutput:
+        """Logits for tokens_BS, appending to `cache` when given.
+
+        attention_mask_BS: 1 for real tokens, 0 for padding, over the NEW tokens only (the cache
+        remembers which of its slots are real); left padding is the usual layout. positions_BS:
+        rotary positions (default: each row continues from its cache position, counting real
+        tokens only). cache_rows: the cache rows the batch rows are (default: all, in order), so
+        one row can be prefilled while the others wait. Without any of these and with a dense
+        cache, the plain path runs (identical to before)."""
         B, S = tokens_BS.shape
+        if attention_mask_BS is None and positions_BS is None and cache_rows is None and (cache is None or cache.dense):
+            return self._forward_dense(tokens_BS, cache)
+        batch, positions_BS = self._attention_batch(tokens_BS, cache, attention_mask_BS, positions_BS, cache_rows)
+        cos, sin = self.rope_cos[positions_BS], self.rope_sin[positions_BS]
+        return self._run_blocks(self.embed(tokens_BS), cos, sin, cache, batch)
+
+    def _forward_dense(self, tokens_BS: torch.Tensor, cache: KVCache | None) -> ModelOutput:
+        S = tokens_BS.shape[1]
         start = cache.length if cache is not None else 0
         if start + S > self.cfg.max_seq_len:
             raise ValueError(f"sequence of {start + S} tokens exceeds max_seq_len={self.cfg.max_seq_len}; "
                              f"shorten the input or raise max_seq_len")
+        if cache is not None and start + S > cache.max_len:
+            raise ValueError(f"{start + S} tokens do not fit the KV cache's {cache.max_len} slots; allocate a larger cache")
         cos, sin = self.rope_cos[start:start + S], self.rope_sin[start:start + S]
-        h = self.embed(tokens_BS)
+        out = self._run_blocks(self.embed(tokens_BS), cos, sin, cache, None)
+        if cache is not None:
+            cache.valid_BS[:, start:start + S] = True
+            cache.lengths = [n + S for n in cache.lengths]
+            cache.next_pos = [n + S for n in cache.next_pos]
+        return out
+
+    def _run_blocks(self, h, cos, sin, cache, batch) -> ModelOutput:
         routing: list[RouterOutput] = []
         for block in self.blocks:
-            h, r = block(h, cos, sin, cache)
+            h, r = block(h, cos, sin, cache, batch)
             if r is not None:
                 routing.append(r)
-        if cache is not None:
-            cache.length += S
         return ModelOutput(self.head(self.norm(h)).float(), routing)
+
+    def _attention_batch(self, tokens_BS, cache, mask_BS, positions_BS, cache_rows
+                         ) -> tuple[AttentionBatch, torch.Tensor]:
+        """1. check the rows and the mask, 2. positions (from the cache's per-row counters),
+        3. slots each new token takes, 4. the key mask, 5. advance the cache's counters."""
+        B, S = tokens_BS.shape
+        dev = tokens_BS.device
+        rows = list(range(B)) if cache_rows is None else [int(r) for r in cache_rows]
+        if cache is not None:
+            if len(rows) != B or len(set(rows)) != B or not all(0 <= r < cache.batch for r in rows):
+                raise ValueError(f"cache_rows={cache_rows} must name {B} distinct rows of the cache's {cache.batch}")
+        elif cache_rows is not None:
+            raise ValueError("cache_rows needs a cache")
+        all_real, given_positions = mask_BS is None, positions_BS is not None
+        if mask_BS is None:
+            mask_BS = torch.ones(B, S, dtype=torch.bool, device=dev)
+        elif mask_BS.shape != (B, S):
+            raise ValueError(f"attention_mask_BS has shape {tuple(mask_BS.shape)}; expected {(B, S)} (the new tokens)")
+        mask_BS = mask_BS.to(device=dev, dtype=torch.bool)
+        past = [cache.next_pos[r] for r in rows] if cache is not None else [0] * B
+        if positions_BS is None:
+            positions_BS = torch.tensor(past, device=dev)[:, None] + (mask_BS.long().cumsum(1) - 1).clamp(min=0)
+        used = [cache.lengths[r] for r in rows] if cache is not None else [0] * B
+        top = max(used) + S
+        if cache is not None and top > cache.max_len:
+            raise ValueError(f"{top} slots do not fit the KV cache's {cache.max_len}; allocate a larger cache")
+        slots_BS = torch.tensor(used, device=dev)[:, None] + torch.arange(S, device=dev)
+        if cache is not None:
+            rows_t = torch.tensor(rows, device=dev)
+            cache.valid_BS[rows_t[:, None], slots_BS] = mask_BS
+            valid_BK = cache.valid_BS[rows_t, :top]
+        else:
+            valid_BK = mask_BS
+        keys_K = torch.arange(top, device=dev)
+        seen_BSK = (valid_BK[:, None, :] & (keys_K[None, None, :] <= slots_BS[:, :, None])) | (
+            keys_K[None, None, :] == slots_BS[:, :, None])  # a padding query sees itself: no empty softmax
+        real = [S] * B if all_real else mask_BS.sum(1).tolist()  # host sync: per-row counters live on the host
+        if given_positions:
+            self._check_positions(positions_BS)
+        else:
+            self._check_positions(max(p + n for p, n in zip(past, real)))
+        if cache is not None:
+            for i, r in enumerate(rows):
+                cache.lengths[r] += S
+                cache.next_pos[r] += int(real[i])
+            cache.dense = False
+        batch = AttentionBatch(rows_B=None if cache_rows is None else rows_t, slots_BS=slots_BS,
+                               mask_B1SK=seen_BSK[:, None], keys=top)
+        return batch, positions_BS
+
+    def _check_positions(self, positions: torch.Tensor | int) -> None:
+        """positions: the rotary positions used, or already the number of positions needed."""
+        if isinstance(positions, torch.Tensor):
+            positions = int(positions.max()) + 1 if positions.numel() else 0  # host sync: a bound check
+        if positions > self.cfg.max_seq_len:
+            raise ValueError(f"sequence of {positions} tokens exceeds max_seq_len={self.cfg.max_seq_len}; "
+                             f"shorten the input or raise max_seq_len")
 
     @torch.no_grad()
     def generate(self, prompt_BS: torch.Tensor, max_new_tokens: int, *, temperature: float = 0.0,
