@@ -53,42 +53,75 @@ def cache_stats(engine: Any) -> dict[str, float]:
     return out
 
 
-class RowBackend:
-    """Each sequence in its own batch-1 KV cache, one forward per row per step (no shared batch)."""
+class BatchBackend:
+    """One KV cache of `rows` rows over the engine's model: a sequence owns a row from `add` to
+    `remove`; `step` runs ONE forward pass for every live row (its last token each), so the
+    expert cache sees the whole batch. Rows sit at different positions (moe.model's per-row cache)."""
 
-    def __init__(self, engine: Any):
+    def __init__(self, engine: Any, rows: int, max_seq_len: int | None = None):
         from moe.model import KVCache
-        self.engine, self._KVCache = engine, KVCache
-        self.max_seq_len = engine.model.cfg.max_seq_len
-        self.rows: dict[int, tuple[Any, torch.Tensor, SamplingParams, torch.Generator | None, list[int]]] = {}
+        m = engine.model
+        self.engine, self.device = engine, engine.device
+        self.max_seq_len = min(max_seq_len or m.cfg.max_seq_len, m.cfg.max_seq_len)
+        self.cache = KVCache.empty(m.cfg, rows, self.max_seq_len, self.device, m.embed.weight.dtype)
+        self.free = list(range(rows))
+        self.live: dict[int, _Row] = {}
 
     @torch.no_grad()
     def add(self, sid: int, prompt_ids: list[int], params: SamplingParams) -> int:
-        m = self.engine.model
-        cache = self._KVCache.empty(m.cfg, 1, self.max_seq_len, self.engine.device, m.embed.weight.dtype)
-        logits = self.engine.forward(torch.tensor([prompt_ids]), cache).logits[0, -1]
-        gen = torch.Generator(device=self.engine.device).manual_seed(params.seed or 0) if params.temperature else None
-        seen = list(prompt_ids)
-        self.rows[sid] = (cache, logits, params, gen, seen)
-        return self._sample(sid)
-
-    def _sample(self, sid: int) -> int:
-        cache, logits, p, gen, seen = self.rows[sid]
-        tok = int(sample_row(logits, p, gen, seen))  # host sync: the scheduler needs the token
-        seen.append(tok)
-        return tok
+        if not self.free:
+            raise RuntimeError(f"all {self.cache.batch} KV-cache rows are taken; the scheduler admitted too many")
+        if len(prompt_ids) >= self.max_seq_len:
+            raise ValueError(f"prompt of {len(prompt_ids)} tokens does not fit the context of {self.max_seq_len}")
+        row = self.free.pop(0)
+        self.cache.reset_row(row)
+        gen = None
+        if params.temperature > 0:
+            gen = torch.Generator(device=self.device).manual_seed(params.seed or 0)
+        r = self.live[sid] = _Row(row=row, params=params, gen=gen, seen=list(prompt_ids))
+        tokens = torch.tensor([prompt_ids], device=self.device)
+        logits_V = self.engine.model(tokens, self.cache, cache_rows=[row]).logits[0, -1]
+        return r.take(int(sample_row(logits_V, params, gen, r.seen)))  # host sync: the token goes out
 
     @torch.no_grad()
     def step(self) -> dict[int, int]:
-        out = {}
-        for sid, (cache, _, p, gen, seen) in list(self.rows.items()):
-            logits = self.engine.forward(torch.tensor([[seen[-1]]]), cache).logits[0, -1]
-            self.rows[sid] = (cache, logits, p, gen, seen)
-            out[sid] = self._sample(sid)
+        sids = list(self.live)
+        rows = [self.live[s].row for s in sids]
+        last_B1 = torch.tensor([[self.live[s].seen[-1]] for s in sids], device=self.device)
+        logits_BV = self.engine.model(last_B1, self.cache, cache_rows=rows).logits[:, -1]
+        greedy = [i for i, s in enumerate(sids) if self.live[s].params.temperature <= 0
+                  and self.live[s].params.repetition_penalty == 1.0]
+        out = dict.fromkeys(sids, 0)
+        if greedy:  # one argmax for every plain greedy row
+            picks = logits_BV[greedy].argmax(-1).tolist()  # host sync: tokens go out each step
+            for i, t in zip(greedy, picks):
+                out[sids[i]] = t
+        for i, s in enumerate(sids):
+            if i not in greedy:
+                r = self.live[s]
+                out[s] = int(sample_row(logits_BV[i], r.params, r.gen, r.seen))  # host sync
+        for s in sids:
+            self.live[s].take(out[s])
         return out
 
     def remove(self, sid: int) -> None:
-        self.rows.pop(sid, None)
+        r = self.live.pop(sid, None)
+        if r is not None:
+            self.cache.reset_row(r.row)
+            self.free.append(r.row)
+
+
+@dataclass(kw_only=True)
+class _Row:
+    row: int
+    params: SamplingParams
+    gen: torch.Generator | None
+    seen: list[int]
+    """Prompt and generated ids: the repetition penalty's history and the next step's input."""
+
+    def take(self, token: int) -> int:
+        self.seen.append(token)
+        return token
 
 
 def sample_row(logits_V: torch.Tensor, p: SamplingParams, gen: torch.Generator | None, seen: list[int]) -> torch.Tensor:
@@ -111,4 +144,4 @@ def sample_row(logits_V: torch.Tensor, p: SamplingParams, gen: torch.Generator |
     return torch.multinomial(logits_V.softmax(-1), 1, generator=gen)[0]
 
 
-__all__ = ["SamplingParams", "Backend", "RowBackend", "cache_stats"]
+__all__ = ["SamplingParams", "Backend", "BatchBackend", "sample_row", "cache_stats"]

@@ -32,6 +32,9 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--max-batch", type=int, default=8, help="sequences decoded together (continuous batching)")
+    p.add_argument("--max-model-len", type=int, default=None,
+                   help="context per sequence (default: the model's max_seq_len); the KV cache holds "
+                        "max-batch x this many positions")
     p.add_argument("--max-queue", type=int, default=256, help="requests waiting for a row before 429s")
     p.add_argument("--model-name", default=None, help="the model id clients send (default: the run's name)")
     p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1/*")

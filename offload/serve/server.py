@@ -13,6 +13,7 @@ import argparse
 import asyncio
 import contextlib
 import json
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -20,7 +21,7 @@ from typing import Any
 import uvicorn
 
 from offload.serve.app import ServeContext, create_app
-from offload.serve.backend import RowBackend, cache_stats
+from offload.serve.backend import BatchBackend, cache_stats
 from offload.serve.chat import load_chat_template, stop_token_ids
 from offload.serve.metrics import ServerMetrics
 from offload.serve.scheduler import Scheduler
@@ -47,10 +48,11 @@ def build_context(args: argparse.Namespace) -> ServeContext:
                                predictor=args.predictor, store=store)
     engine.reset_stats()
     metrics = ServerMetrics(cache_source=lambda: cache_stats(engine))
-    scheduler = Scheduler(RowBackend(engine), tok, max_batch=args.max_batch, max_queue=args.max_queue,
+    backend = BatchBackend(engine, args.max_batch, args.max_model_len)
+    scheduler = Scheduler(backend, tok, max_batch=args.max_batch, max_queue=args.max_queue,
                           metrics=metrics)
     return ServeContext(model_name=args.model_name or run.name, scheduler=scheduler, tokenizer=tok,
-                        render_chat=load_chat_template(source, tok), max_seq_len=model.cfg.max_seq_len,
+                        render_chat=load_chat_template(source, tok), max_seq_len=backend.max_seq_len,
                         stop_token_ids=stop_token_ids(source, tok), metrics=metrics, api_key=args.api_key,
                         created=int(time.time()))
 
@@ -61,6 +63,8 @@ def _check_args(args: argparse.Namespace) -> None:
             raise ValueError(f"--{name.replace('_', '-')}={getattr(args, name)} must be >= 1")
     if not 0 <= args.port <= 65535:
         raise ValueError(f"--port={args.port} is not a TCP port (0-65535)")
+    if args.max_model_len is not None and args.max_model_len < 2:
+        raise ValueError(f"--max-model-len={args.max_model_len} must be >= 2 (a prompt token and an answer token)")
     if args.shutdown_timeout < 0:
         raise ValueError(f"--shutdown-timeout={args.shutdown_timeout} must be >= 0")
 
@@ -77,21 +81,28 @@ def make_server(ctx: ServeContext, *, host: str, port: int, shutdown_timeout: fl
     app = create_app(ctx)
     app.router.lifespan_context = lifespan
     config = uvicorn.Config(app, host=host, port=port, log_level=log_level, access_log=False,
-                            timeout_graceful_shutdown=shutdown_timeout, lifespan="on")
-    return _Server(config, ctx)
+                            timeout_graceful_shutdown=shutdown_timeout + 2.0, lifespan="on")
+    return _Server(config, ctx, shutdown_timeout)
 
 
 class _Server(uvicorn.Server):
-    """uvicorn.Server whose exit signal first marks the context closing (503s, /health down)."""
+    """uvicorn.Server with the shutdown of the module docstring. On the first SIGTERM/SIGINT:
+    /health and new requests answer 503, the scheduler drains for `shutdown_timeout` s in a helper
+    thread and then cancels what still runs (streams end with an error event and [DONE]);
+    uvicorn's own connection timeout is 2 s later, a backstop. The signal is not re-raised after
+    the graceful shutdown (uvicorn's default), so the process exits 0 and prints its summary."""
 
-    def __init__(self, config: uvicorn.Config, ctx: ServeContext):
+    def __init__(self, config: uvicorn.Config, ctx: ServeContext, shutdown_timeout: float):
         super().__init__(config)
-        self.ctx = ctx
+        self.ctx, self.shutdown_timeout = ctx, shutdown_timeout
 
     def handle_exit(self, sig, frame) -> None:
-        self.ctx.closing = True
-        self.ctx.scheduler.stop_accepting()
+        if not self.ctx.closing:
+            self.ctx.closing = True
+            self.ctx.scheduler.stop_accepting()
+            threading.Thread(target=self.ctx.scheduler.close, args=(self.shutdown_timeout,), daemon=True).start()
         super().handle_exit(sig, frame)
+        self._captured_signals.clear()
 
 
 def run_serve(args: argparse.Namespace) -> int:
