@@ -128,7 +128,6 @@ class Scheduler:
                     self._step()
             except Exception as e:  # a failed step fails its requests; the server keeps serving
                 self._fail_all(f"generation failed: {type(e).__name__}: {e}")
-            self.metrics.set_queue(len(self._pending), len(self._active))
         self._shutdown()
 
     def _admit(self, req: Request) -> None:
@@ -140,6 +139,7 @@ class Scheduler:
         first = self.backend.add(req.sid, req.prompt_ids, req.params)
         self.metrics.prefill(len(req.prompt_ids), time.perf_counter() - t0)
         self._active[req.sid] = req
+        self._gauges()
         self._deliver(req, first)
 
     def _step(self) -> None:
@@ -168,10 +168,15 @@ class Scheduler:
                 registered: bool = True, error: str | None = None) -> None:
         if registered and self._active.pop(req.sid, None) is not None:
             self.backend.remove(req.sid)
+            self._gauges()
         if reason in ("stop", "length"):
             text += req.stream.finish()
         self.metrics.finished(reason)
         req.emit(Chunk(text=text, token_ids=token_ids or [], finish=reason, error=error))
+
+    def _gauges(self) -> None:
+        with self._cv:
+            self.metrics.set_queue(len(self._pending), len(self._active))
 
     def _drop_cancelled(self) -> None:
         for req in [r for r in self._active.values() if r.cancelled.is_set()]:
