@@ -4,13 +4,17 @@ prefetch during attention, cold experts on host cores. See offload/engine.py for
     from offload import ExpertCacheEngine
     engine = ExpertCacheEngine(model, gpu_expert_slots=16, policy="predictive", cpu_experts=True)
     result = engine.generate(prompt_BS, max_new_tokens=64)
+    result = engine.generate([[1, 2, 3], [4]], params=SamplingParams(max_new_tokens=64, top_p=0.9, temperature=0.7,
+                                                                     eos_token_ids=(2,), seed=0))
+Generation controls and the step-wise DecodeBatch (continuous batching) are in moe/generation.py.
 """
 from offload.cache import ExpertCache, SlotPool
+from moe.generation import DecodeBatch, SamplingParams, TokenEvent
 from offload.engine import ExpertCacheEngine, GenerationResult
 from offload.predictor import LearnedPredictor, LookaheadPredictor, PredictionStats
 from offload.store import HostExpertStore
 from offload.trace import RoutingTrace, TraceError, TraceRecorder
 
-__all__ = ["ExpertCacheEngine", "GenerationResult", "HostExpertStore", "SlotPool", "ExpertCache",
+__all__ = ["ExpertCacheEngine", "GenerationResult", "SamplingParams", "DecodeBatch", "TokenEvent", "HostExpertStore", "SlotPool", "ExpertCache",
            "LookaheadPredictor", "LearnedPredictor", "PredictionStats", "RoutingTrace", "TraceRecorder",
            "TraceError"]

@@ -20,19 +20,21 @@ from __future__ import annotations
 import argparse
 import platform
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from typing import Any
+from typing import Any, Iterator, Sequence
 
 import torch
 
-from moe.model import KVCache, MoETransformer, sample_next
+from moe.generation import DecodeBatch, SamplingParams, SequenceOutput, TokenEvent
+from moe.model import KVCache, MoETransformer
 from moe.train import resolve_device
 from offload.cache import POLICIES, ExpertCache, SlotPool
 from offload.cpu_experts import Calibration, CostModel, calibrate
 from offload.predictor import ExactPredictor, LearnedPredictor, LookaheadPredictor, moe_block_index, to_predictions
 from offload.prefetch import make_copy_engine
-from offload.runtime import CachedExperts, Counters, OffloadRuntime
+from offload.runtime import CachedExperts, OffloadRuntime
+from offload.stats import CacheStats
 from offload.store import HostExpertStore
 from offload.trace import RoutingTrace, recorder_for
 
@@ -42,10 +44,13 @@ PREDICTORS = ("auto", "none", "lookahead", "exact", "learned")
 @dataclass
 class GenerationResult:
     tokens: torch.Tensor
-    """[B, new] generated token ids (host)."""
+    """[B, new] generated token ids (host); -1 after a sequence stopped."""
     logits: torch.Tensor | None
-    """[new, B, V] float32 logits each token was drawn from (return_logits=True), host."""
+    """[new, B, V] float32 logits each token was drawn from (return_logits=True), host; NaN rows
+    for sequences already stopped."""
     report: dict[str, Any]
+    sequences: list[SequenceOutput] = field(default_factory=list)
+    """Per prompt: tokens, text (with decode=), finish_reason ('stop' | 'length'), stop_reason."""
 
 
 class ExpertCacheEngine:
@@ -104,6 +109,7 @@ class ExpertCacheEngine:
         self._prev: dict[int, torch.Tensor] = {}
         self._BS = (0, 0)
         self._hooks = self._install_hooks()
+        self.stats = CacheStats(self.runtime, self.copies)
         self.reset_stats()
 
     # ---------------------------------------------------------------- set-up
@@ -200,43 +206,79 @@ class ExpertCacheEngine:
     def forward(self, tokens_BS: torch.Tensor, cache: KVCache | None = None):
         return self.model(tokens_BS.to(self.device), cache)
 
+    def decode_batch(self, *, max_batch: int, max_len: int, decode=None,
+                     generator: torch.Generator | None = None) -> DecodeBatch:
+        """A step-wise DecodeBatch over this engine's model (sequences join and leave between
+        steps; see moe/generation.py). Statistics accumulate until reset_stats()."""
+        return DecodeBatch(self.model, max_batch=max_batch, max_len=max_len, decode=decode, generator=generator)
+
+    def stream(self, prompts, params: SamplingParams | Sequence[SamplingParams], *, decode=None,
+               generator: torch.Generator | None = None) -> Iterator[TokenEvent]:
+        """Prompts of any lengths (left-padded into one batch); a TokenEvent per token as it is drawn."""
+        prompts = _prompt_lists(prompts)
+        params_list = [params] * len(prompts) if isinstance(params, SamplingParams) else list(params)
+        width = max(len(p) for p in prompts)
+        batch = self.decode_batch(max_batch=len(prompts), decode=decode, generator=generator,
+                                  max_len=width + max(sp.max_new_tokens for sp in params_list))
+        with torch.no_grad():
+            _, events = batch.add(prompts, params_list)
+            yield from events
+            while batch.running:
+                yield from batch.step()
+
     @torch.no_grad()
-    def generate(self, prompt_BS: torch.Tensor, max_new_tokens: int, *, temperature: float = 0.0,
-                 top_k: int | None = None, generator: torch.Generator | None = None,
-                 return_logits: bool = False) -> GenerationResult:
-        """Greedy (temperature 0) or sampled continuation with a KV cache, exactly like
-        MoETransformer.generate; returns the tokens, optionally their logits, and the report."""
-        prompt_BS = prompt_BS.to(self.device)
-        B, S = prompt_BS.shape
-        cache = KVCache.empty(self.model.cfg, B, S + max_new_tokens, self.device, self.model.embed.weight.dtype)
+    def generate(self, prompts, max_new_tokens: int | None = None, *,
+                 params: SamplingParams | Sequence[SamplingParams] | None = None,
+                 temperature: float = 0.0, top_k: int | None = None, generator: torch.Generator | None = None,
+                 return_logits: bool = False, decode=None, **sampling) -> GenerationResult:
+        """Generate with the cache and report on it.
+
+        prompts: a [B, S] tensor, or a list of token-id lists of any lengths (left-padded).
+        params: SamplingParams (one, or one per prompt), or built from max_new_tokens, temperature, top_k and **sampling
+        (top_p, repetition_penalty, seed, eos_token_ids, stop_token_ids, stop, ignore_eos).
+        generator: one batch-wide generator (MoETransformer.generate's sampling, draw for draw).
+        With no stop condition and equal-length prompts the tokens are MoETransformer.generate's.
+        1. prefill (timed, statistics snapshot), 2. decode steps until every sequence stops."""
+        prompts = _prompt_lists(prompts)
+        if params is None:
+            if max_new_tokens is None:
+                raise ValueError("give max_new_tokens or params=SamplingParams(...)")
+            params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, **sampling)
+        params_list = [params] * len(prompts) if isinstance(params, SamplingParams) else list(params)
+        width, B, new = max(len(p) for p in prompts), len(prompts), max(sp.max_new_tokens for sp in params_list)
+        batch = self.decode_batch(max_batch=B, max_len=width + new, decode=decode, generator=generator)
         self.reset_stats()
         t0 = time.perf_counter()
-        logits = self.model(prompt_BS, cache).logits[:, -1]
+        seqs, _ = batch.add(prompts, params_list)
+        seen = [self._logits_row(batch, seqs)] if return_logits else []
         self._sync()
         t1 = time.perf_counter()
-        self._prefill = (Counters(**vars(self.runtime.c)), self.copies.bytes_moved, self.copies.stall_s, t1 - t0)
-        out, seen = [], []
-        for i in range(max_new_tokens):
+        self.stats.mark_prefill(t1 - t0)
+        while batch.running:
+            batch.step()
             if return_logits:
-                seen.append(logits.float().cpu())  # host sync: only when the caller asks for logits
-            nxt = sample_next(logits, temperature, top_k, generator)
-            out.append(nxt)
-            if i + 1 < max_new_tokens:
-                logits = self.model(nxt[:, None], cache).logits[:, -1]
+                seen.append(self._logits_row(batch, seqs))
         self._sync()
-        self._timing = (B, S, max_new_tokens, t1 - t0, time.perf_counter() - t1)
-        tokens = torch.stack(out, dim=1).cpu() if out else prompt_BS.new_zeros(B, 0).cpu()  # after the timing
-        return GenerationResult(tokens, torch.stack(seen) if seen else None, self.report())
+        produced = sum(len(s.tokens) for s in seqs)
+        self.stats.mark_done(batch=B, prompt_tokens=width, new_tokens=new, generated_tokens=produced,
+                             decode_tokens=produced - B, decode_s=time.perf_counter() - t1)
+        tokens = torch.full((B, max(len(s.tokens) for s in seqs)), -1, dtype=torch.long)
+        for b, s in enumerate(seqs):
+            tokens[b, :len(s.tokens)] = torch.tensor(s.tokens)
+        outputs = [SequenceOutput(s.tokens, s.text, s.finish_reason, s.stop_reason) for s in seqs]
+        return GenerationResult(tokens, torch.stack(seen[:tokens.shape[1]]) if seen else None, self.report(), outputs)
+
+    @staticmethod
+    def _logits_row(batch: DecodeBatch, seqs) -> torch.Tensor:
+        """[B, V] logits the last tokens were drawn from; NaN for sequences already finished."""
+        ids, logits_nV = batch.last_logits
+        out = torch.full((len(seqs), logits_nV.shape[-1]), float("nan"))
+        index = {s.seq_id: b for b, s in enumerate(seqs)}
+        out[[index[i] for i in ids]] = logits_nV.float().cpu()  # host sync: only when the caller asks for logits
+        return out
 
     def reset_stats(self) -> None:
-        rt = self.runtime
-        rt.c, rt.decisions = Counters(), dict.fromkeys(rt.decisions, 0)
-        rt.pred_stats.counts.clear()
-        self.copies.bytes_moved, self.copies.stall_s, self.copies.copies = 0, 0.0, 0
-        q = rt.queue
-        q.submitted = q.preempted = q.dropped = 0
-        self._prefill = (Counters(), 0, 0.0, 0.0)
-        self._timing = (0, 0, 0, 0.0, 0.0)
+        self.stats.reset()
 
     def report(self) -> dict[str, Any]:
         """Everything a user asks of an expert cache, JSON-able (metrics defined in offload/report.py)."""
@@ -280,6 +322,17 @@ def add_generate_args(p: argparse.ArgumentParser) -> None:
 def run_generate(args: argparse.Namespace) -> int:
     from offload.generate_cli import run_generate as run
     return run(args)
+
+
+def _prompt_lists(prompts) -> list[list[int]]:
+    if isinstance(prompts, torch.Tensor):
+        if prompts.dim() != 2:
+            raise ValueError(f"prompt tensor has shape {tuple(prompts.shape)}; expected [batch, tokens]")
+        return prompts.tolist()
+    prompts = [list(map(int, p)) for p in prompts]
+    if not prompts:
+        raise ValueError("no prompts given")
+    return prompts
 
 
 __all__ = ["ExpertCacheEngine", "GenerationResult", "PREDICTORS", "add_generate_args", "run_generate",

@@ -2,7 +2,8 @@
 
 Metrics (decode phase unless named otherwise; the prefill's own are under "prefill"):
 - tokens_per_s: generated tokens / (prefill + decode wall time); decode_tokens_per_s: tokens
-  produced by decode forward passes / decode wall time (the steady-state speed).
+  produced by decode forward passes / decode wall time (the steady-state speed). Sequences that
+  stop early (EOS, stop strings) generate fewer tokens: generated_tokens counts what was made.
 - hit_rate: expert uses served from a slot already assigned at use time (it may still have been
   landing: late_hits) / all expert uses. A use is one (layer, expert) pair per forward pass.
 - bytes_moved: host->device expert bytes (demand, prefetch, stream, background copies).
@@ -20,14 +21,9 @@ def _rate(num: float, den: float) -> float | None:
 
 
 def engine_report(engine) -> dict[str, Any]:
+    """The report of an ExpertCacheEngine (or anything with the same pool / store / stats)."""
     from offload.engine import device_name
-    rt, cp, lay = engine.runtime, engine.copies, engine.store.layout
-    pre_c, pre_bytes, pre_stall, _ = engine._prefill
-    B, S, new, prefill_s, decode_s = engine._timing
-    total = rt.c
-    decode = total.minus(pre_c)
-    q = rt.queue
-    decode_tokens = B * max(0, new - 1)
+    lay = engine.store.layout
     return {
         "device": str(engine.device), "device_name": device_name(engine.device),
         "policy": engine.policy, "cpu_experts": engine.cpu_experts, "predictor": engine.predictor_name,
@@ -35,19 +31,28 @@ def engine_report(engine) -> dict[str, Any]:
         "slots": engine.pool.num_slots, "total_experts": lay.total_experts,
         "cache_fraction": engine.pool.num_slots / lay.total_experts, "pool_bytes": engine.pool.nbytes,
         "store": engine.store.report(), "calibration": engine.calibration.to_dict(),
-        "batch": B, "prompt_tokens": S, "new_tokens": new, "prefill_s": prefill_s, "decode_s": decode_s,
-        "tokens_per_s": _rate(B * new, prefill_s + decode_s),
-        "decode_tokens_per_s": _rate(decode_tokens, decode_s),
-        "hit_rate": decode.as_dict()["hit_rate"], "hit_rate_all": total.as_dict()["hit_rate"],
-        "bytes_moved": cp.bytes_moved - pre_bytes, "gib_moved": (cp.bytes_moved - pre_bytes) / 2**30,
-        "stall_s": cp.stall_s - pre_stall,
-        "decode": decode.as_dict(),
-        "prefill": {**pre_c.as_dict(), "bytes_moved": pre_bytes, "stall_s": pre_stall},
-        "decisions": dict(rt.decisions),
-        "prefetch": {"issued": total.prefetch_issued, "used": total.prefetch_used,
-                     "wasted": total.prefetch_wasted, "submitted": q.submitted, "preempted": q.preempted,
-                     "dropped": q.dropped},
-        "prediction": rt.pred_stats.summary(),
+        **stats_report(engine.stats),
+    }
+
+
+def stats_report(stats) -> dict[str, Any]:
+    """Speed, hit rate, bytes, stall and prediction quality from an offload.stats.CacheStats."""
+    pre, decode, total = stats.phases()
+    t = stats.timing
+    return {
+        "batch": t.batch, "prompt_tokens": t.prompt_tokens, "new_tokens": t.new_tokens,
+        "generated_tokens": t.generated_tokens, "prefill_s": t.prefill_s, "decode_s": t.decode_s,
+        "tokens_per_s": _rate(t.generated_tokens, t.prefill_s + t.decode_s),
+        "decode_tokens_per_s": _rate(t.decode_tokens, t.decode_s),
+        "hit_rate": decode.counters.as_dict()["hit_rate"], "hit_rate_all": total.counters.as_dict()["hit_rate"],
+        "bytes_moved": decode.bytes_moved, "gib_moved": decode.bytes_moved / 2**30,
+        "stall_s": decode.stall_s,
+        "decode": decode.counters.as_dict(),
+        "prefill": {**pre.counters.as_dict(), "bytes_moved": pre.bytes_moved, "stall_s": pre.stall_s},
+        "decisions": dict(total.decisions),
+        "prefetch": {"issued": total.counters.prefetch_issued, "used": total.counters.prefetch_used,
+                     "wasted": total.counters.prefetch_wasted, **total.queue},
+        "prediction": stats.prediction(),
     }
 
 
@@ -78,4 +83,4 @@ def summary_lines(r: dict[str, Any]) -> list[str]:
     return lines
 
 
-__all__ = ["engine_report", "summary_lines"]
+__all__ = ["engine_report", "stats_report", "summary_lines"]

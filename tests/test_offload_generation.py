@@ -1,0 +1,203 @@
+"""Generation controls (moe/generation.py) through the expert cache, each against a plain reference
+loop: one prompt at a time, no padding, the model's plain forward, transformers' own logits
+processors, a per-sequence torch.Generator, stop conditions checked by hand.
+
+Covered: per-sequence EOS in a left-padded batch, top-p, top-k, repetition penalty, stop token ids,
+stop strings (text ends before them), streaming (events spell the final output), sequences joining
+and leaving a running DecodeBatch, validation errors.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers.generation.logits_process import (RepetitionPenaltyLogitsProcessor, TemperatureLogitsWarper,
+                                                    TopKLogitsWarper, TopPLogitsWarper)
+
+from moe.generation import DecodeBatch, SamplingParams, generate, stream
+from moe.model import KVCache
+from offload.engine import ExpertCacheEngine
+from tests.test_offload_support import single_thread, tiny_cfg, twin_models  # noqa: F401
+
+PROMPTS = [list(b"def f(x):"), list(b"ab"), list(b"import os\n")]
+N = 12
+
+
+def decode(ids: list[int]) -> str:
+    return bytes(ids).decode("utf-8", errors="replace")
+
+
+@torch.no_grad()
+def reference(model, prompt: list[int], p: SamplingParams) -> tuple[list[int], str, str]:
+    """The plain loop: (tokens, text, finish_reason) for one prompt alone."""
+    cache = KVCache.empty(model.cfg, 1, len(prompt) + p.max_new_tokens, "cpu", torch.float32)
+    gen = torch.Generator().manual_seed(p.seed) if p.seed is not None else None
+    procs = []
+    if p.repetition_penalty != 1.0:
+        procs.append(RepetitionPenaltyLogitsProcessor(p.repetition_penalty))
+    if p.temperature > 0:
+        procs.append(TemperatureLogitsWarper(p.temperature))
+        if p.top_k is not None:
+            procs.append(TopKLogitsWarper(p.top_k))
+        if p.top_p is not None:
+            procs.append(TopPLogitsWarper(p.top_p))
+    logits = model(torch.tensor([prompt]), cache).logits[:, -1]
+    out: list[int] = []
+    while True:
+        scores = logits.float()
+        for proc in procs:
+            scores = proc(torch.tensor([prompt + out]), scores)
+        tok = int(scores.argmax(-1)) if p.temperature == 0 else int(torch.multinomial(scores.softmax(-1), 1, generator=gen))
+        out.append(tok)
+        text = decode(out)
+        if tok in p.eos_token_ids or tok in p.stop_token_ids:
+            return out, decode(out[:-1]), "stop"
+        hits = [text.find(s) for s in p.stop if s in text]
+        if hits:
+            return out, text[:min(hits)], "stop"
+        if len(out) == p.max_new_tokens:
+            return out, text, "length"
+        logits = model(torch.tensor([[tok]]), cache).logits[:, -1]
+
+
+@pytest.fixture(scope="module")
+def models():
+    resident, offloaded = twin_models(tiny_cfg(max_seq_len=48))
+    engine = ExpertCacheEngine(offloaded, device="cpu", gpu_expert_slots=6, policy="predictive")  # 25% of 24
+    return resident, engine
+
+
+def _check_engine(models, params, prompts=PROMPTS):
+    resident, engine = models
+    res = engine.generate(prompts, params=params, decode=decode)
+    for b, (prompt, seq) in enumerate(zip(prompts, res.sequences)):
+        tokens, text, reason = reference(resident, prompt, params if isinstance(params, SamplingParams) else params[b])
+        assert seq.tokens == tokens, f"row {b}"
+        assert (seq.text, seq.finish_reason) == (text, reason), f"row {b}"
+    return res
+
+
+def test_per_sequence_eos_in_padded_batch(models):
+    resident, _ = models
+    alone = [reference(resident, p, SamplingParams(max_new_tokens=N))[0] for p in PROMPTS]
+    firsts = lambda t: [a.index(t) if t in a else N for a in alone]  # noqa: E731
+    eos = next((t for t in alone[0] if len(set(firsts(t))) > 1 and min(firsts(t)) < N - 1), None)
+    assert eos is not None, "no token stops the rows at different steps; change the prompts"
+    res = _check_engine(models, SamplingParams(max_new_tokens=N, eos_token_ids=(eos,)))
+    lengths = [len(s.tokens) for s in res.sequences]
+    assert lengths == [min(f + 1, N) for f in firsts(eos)] and len(set(lengths)) > 1
+    assert all(s.tokens[-1] == eos for s in res.sequences if s.finish_reason == "stop")
+    assert res.tokens.shape == (3, max(lengths)) and (res.tokens[lengths.index(min(lengths)), min(lengths):] == -1).all()
+    assert res.report["generated_tokens"] == sum(lengths)
+
+
+@pytest.mark.parametrize("params", [
+    SamplingParams(max_new_tokens=N, temperature=0.9, top_p=0.8, seed=3),
+    SamplingParams(max_new_tokens=N, temperature=1.3, top_k=20, top_p=0.95, seed=4),
+    SamplingParams(max_new_tokens=N, repetition_penalty=1.8),
+    SamplingParams(max_new_tokens=N, temperature=0.7, repetition_penalty=0.7, seed=5),
+], ids=["top_p", "top_k+top_p", "repetition_greedy", "repetition_sampled"])
+def test_sampling_controls_match_reference(models, params):
+    _check_engine(models, params)
+
+
+def test_controls_change_the_output(models):
+    """The reference comparisons above would pass vacuously if a control did nothing."""
+    resident, _ = models
+    greedy = reference(resident, PROMPTS[0], SamplingParams(max_new_tokens=N))[0]
+    assert reference(resident, PROMPTS[0], SamplingParams(max_new_tokens=N, repetition_penalty=1.8))[0] != greedy
+    a = reference(resident, PROMPTS[0], SamplingParams(max_new_tokens=N, temperature=1.0, top_p=0.5, seed=1))[0]
+    b = reference(resident, PROMPTS[0], SamplingParams(max_new_tokens=N, temperature=1.0, seed=1))[0]
+    assert a != b
+
+
+def test_stop_strings_and_stop_tokens(models):
+    resident, _ = models
+    runs = [reference(resident, p, SamplingParams(max_new_tokens=N)) for p in PROMPTS]
+    alone = [r[1] for r in runs]
+    stop = alone[1][3:5]
+    assert stop and stop not in alone[1][:4]
+    per_row = [SamplingParams(max_new_tokens=N, stop=(stop, "never")),
+               SamplingParams(max_new_tokens=N, stop=(stop,)),
+               SamplingParams(max_new_tokens=N, stop_token_ids=(runs[2][0][5],))]
+    res = _check_engine(models, per_row)
+    assert res.sequences[1].text == alone[1][:alone[1].index(stop)] and res.sequences[1].stop_reason == stop
+
+
+def test_streaming_spells_the_output(models):
+    _, engine = models
+    params = SamplingParams(max_new_tokens=N, temperature=0.8, seed=9, stop=("e",))
+    events = list(engine.stream(PROMPTS, params, decode=decode))
+    outs = engine.generate(PROMPTS, params=params, decode=decode).sequences
+    for b, out in enumerate(outs):
+        mine = [e for e in events if e.seq_id == events[0].seq_id + b]
+        assert [e.token for e in mine] == out.tokens
+        assert "".join(e.text for e in mine) == out.text
+        assert [e.finished for e in mine] == [False] * (len(mine) - 1) + [True]
+        assert mine[-1].finish_reason == out.finish_reason
+
+
+def test_streamed_text_holds_back_a_possible_stop_string():
+    from moe.generation import Sequence
+    batch = DecodeBatch.__new__(DecodeBatch)
+    s = Sequence(0, [1], SamplingParams(stop=("END",)), 0, None, text="abcEN")
+    assert batch._safe_len(s) == 3
+    s.text = "ab\ufffd"
+    assert batch._safe_len(s) == 2
+
+
+def test_sequences_join_and_leave_a_running_batch(models):
+    """Continuous batching: every sequence, whenever it joined, equals its prompt alone."""
+    resident, engine = models
+    engine.reset_stats()
+    batch = engine.decode_batch(max_batch=2, max_len=40, decode=decode)
+    short, long_ = SamplingParams(max_new_tokens=3), SamplingParams(max_new_tokens=9, temperature=0.9, seed=2)
+    (a,), _ = batch.add([PROMPTS[0]], long_)
+    batch.step()
+    (b,), _ = batch.add([PROMPTS[1]], short)  # joins while a decodes
+    pending, done = [PROMPTS[2]], [a, b]
+    while batch.running or pending:
+        if pending and batch.free_rows:
+            (c,), _ = batch.add([pending.pop()], long_)  # takes the row b left
+            done.append(c)
+        batch.step()
+    for s in done:
+        assert s.tokens == reference(resident, s.prompt, s.params)[0], s.seq_id
+    assert batch.free_rows == 2 and engine.report()["hit_rate_all"] is not None
+
+
+def test_cancel_frees_the_row(models):
+    _, engine = models
+    batch = engine.decode_batch(max_batch=1, max_len=30)
+    (s,), _ = batch.add([PROMPTS[0]], SamplingParams(max_new_tokens=8))
+    with pytest.raises(ValueError, match="free rows"):
+        batch.add([PROMPTS[1]], SamplingParams(max_new_tokens=8))
+    assert batch.cancel(s.seq_id) is s and s.finish_reason == "cancelled" and batch.free_rows == 1
+    batch.add([PROMPTS[1]], SamplingParams(max_new_tokens=8))
+
+
+def test_model_level_generate_and_stream(models):
+    resident, _ = models
+    params = SamplingParams(max_new_tokens=6, temperature=0.5, top_p=0.9, seed=1)
+    outs = generate(resident, PROMPTS, params, decode=decode)
+    assert [o.tokens for o in outs] == [reference(resident, p, params)[0] for p in PROMPTS]
+    assert [e.token for e in stream(resident, PROMPTS[:1], params)] == outs[0].tokens
+
+
+@pytest.mark.parametrize("kw,match", [
+    (dict(top_p=0.0), "top_p=0.0"), (dict(temperature=-1), "temperature=-1"),
+    (dict(max_new_tokens=0), "max_new_tokens=0"), (dict(repetition_penalty=0), "repetition_penalty"),
+    (dict(top_k=0), "top_k=0"), (dict(stop=("",)), "stop strings")])
+def test_bad_sampling_params_are_named(kw, match):
+    with pytest.raises(ValueError, match=match):
+        SamplingParams(**kw)
+
+
+def test_bad_requests_are_named(models):
+    _, engine = models
+    batch = engine.decode_batch(max_batch=1, max_len=16)
+    with pytest.raises(ValueError, match="exceeds the context of 16"):
+        batch.add([[1] * 10], SamplingParams(max_new_tokens=7))
+    with pytest.raises(ValueError, match="decode function"):
+        batch.add([[1]], SamplingParams(stop=("x",), max_new_tokens=2))
+    with pytest.raises(ValueError, match=r"\[0, 256\)"):
+        batch.add([[300]], SamplingParams(max_new_tokens=2))
