@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -249,13 +248,13 @@ def test_openai_client_raises_on_unknown_model(client):
 
 # ---------------------------------------------------------------- disconnects and shutdown
 def _slow_steps(ctx, delay: float):
-    real = ctx.scheduler.backend.step
+    real = ctx.scheduler.batch.step
 
     def step():
         time.sleep(delay)
         return real()
 
-    ctx.scheduler.backend.step = step
+    ctx.scheduler.batch.step = step
     return real
 
 
@@ -279,9 +278,9 @@ def test_disconnect_mid_stream_frees_the_slot(srv):
         _wait_for(lambda: srv.metrics()["moe_serve_running_sequences"] == 0, "the row was not freed")
         m = srv.metrics()
         assert m['moe_serve_finished_total{reason="cancelled"}'] == before + 1
-        assert len(srv.ctx.scheduler.backend.free) == srv.ctx.scheduler.max_batch
+        assert srv.ctx.scheduler.batch.free_rows == srv.ctx.scheduler.max_batch
     finally:
-        srv.ctx.scheduler.backend.step = real
+        srv.ctx.scheduler.batch.step = real
 
 
 def test_shutdown_cancels_running_requests_within_the_bound(ckpt):
@@ -307,21 +306,15 @@ def test_shutdown_cancels_running_requests_within_the_bound(ckpt):
     assert not s.thread.is_alive()
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def test_cli_serve_and_sigterm_finishes_running_stream(ckpt):
-    port = _free_port()
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
     proc = subprocess.Popen([sys.executable, "-m", "moe", "serve", "--checkpoint", str(ckpt), "--gpu-expert-slots",
-                             "4", "--device", "cpu", "--port", str(port), "--shutdown-timeout", "20"],
+                             "4", "--device", "cpu", "--port", "0", "--shutdown-timeout", "20"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     try:
         first = json.loads(proc.stdout.readline())
-        assert first["event"] == "serving" and first["url"] == f"http://127.0.0.1:{port}/v1"
+        assert first["event"] == "serving" and first["url"].startswith("http://127.0.0.1:")
+        port = int(first["url"].rsplit(":", 1)[1].split("/")[0])
         body = {"model": NAME, "prompt": "abc", "max_tokens": CTX - 4, "temperature": 0, "stream": True}
         lines = []
         with httpx.stream("POST", f"http://127.0.0.1:{port}/v1/completions", json=body, timeout=30) as r:

@@ -25,7 +25,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from offload.serve import protocol as P
-from offload.serve.backend import SamplingParams
+from moe.generation import SamplingParams
 from offload.serve.metrics import ServerMetrics
 from offload.serve.scheduler import Chunk, Request, Scheduler
 from offload.serve.text import TokenizerAdapter
@@ -195,20 +195,20 @@ def _limits(ctx: ServeContext, req: Any, ids: list[int], chat: bool) -> int:
     return want
 
 
-def _sampling(ctx: ServeContext, req: Any) -> SamplingParams:
+def _sampling(ctx: ServeContext, req: Any, max_new: int) -> SamplingParams:
+    """The request's controls; an unseeded sampled request gets a fresh seed of its own (its draws
+    then depend on nothing else in the batch)."""
     seed = req.seed if req.seed is not None else int.from_bytes(os.urandom(4), "little")
-    return SamplingParams(temperature=req.temperature, top_k=req.top_k, top_p=req.top_p,
+    return SamplingParams(max_new_tokens=max_new, temperature=req.temperature, top_k=req.top_k, top_p=req.top_p,
                           repetition_penalty=req.repetition_penalty, seed=seed,
-                          stop_token_ids=ctx.stop_token_ids)
+                          eos_token_ids=tuple(sorted(ctx.stop_token_ids)), stop=tuple(req.stop_list()))
 
 
 async def _serve(ctx: ServeContext, http: HTTPRequest, req: Any, ids: list[int], *, chat: bool):
     """Queue the request, then answer in one body or as a stream of server-sent events."""
-    max_new = _limits(ctx, req, ids, chat)
-    stops = req.stop_list()
+    params = _sampling(ctx, req, _limits(ctx, req, ids, chat))
     loop, queue = asyncio.get_running_loop(), asyncio.Queue()
-    sreq = Request(prompt_ids=ids, params=_sampling(ctx, req), max_new_tokens=max_new, stops=stops,
-                   emit=lambda c: loop.call_soon_threadsafe(queue.put_nowait, c))
+    sreq = Request(prompt_ids=ids, params=params, emit=lambda c: loop.call_soon_threadsafe(queue.put_nowait, c))
     if ctx.closing or not ctx.scheduler.submit(sreq):
         if ctx.closing or ctx.scheduler.closing:
             raise P.OpenAIError(503, "the server is shutting down; retry on another instance", type="server_error")

@@ -119,6 +119,22 @@ CACHE_METRICS = (
 )
 
 
+def engine_cache_stats(engine: Any) -> dict[str, float]:
+    """Cumulative expert-cache figures of an ExpertCacheEngine (its CacheStats), named as above."""
+    snap = engine.stats.snapshot()
+    c, pred = snap.counters, engine.stats.prediction()
+    out = {"expert_uses_total": c.expert_uses, "expert_cache_hits_total": c.hits,
+           "expert_bytes_moved_total": snap.bytes_moved, "expert_stall_seconds_total": float(snap.stall_s),
+           "expert_copies_total": snap.copies, "stream_steps_total": c.stream_steps,
+           "cache_steps_total": c.cache_steps}
+    if c.expert_uses:
+        out["expert_cache_hit_rate"] = c.hits / c.expert_uses
+    for key in ("precision", "recall"):
+        if pred.get(key) is not None:
+            out[f"prefetch_{key}"] = float(pred[key])
+    return out
+
+
 def _num(v: float) -> str:
     return repr(float(v)) if isinstance(v, float) else str(int(v))
 
@@ -133,4 +149,4 @@ def parse_prometheus(text: str) -> dict[str, float]:
     return out
 
 
-__all__ = ["ServerMetrics", "CACHE_METRICS", "parse_prometheus", "PREFIX"]
+__all__ = ["ServerMetrics", "CACHE_METRICS", "engine_cache_stats", "parse_prometheus", "PREFIX"]

@@ -1,11 +1,12 @@
 """Continuous batching for `moe serve`: one thread owns the model and runs every decode step.
 
 Requests arrive from the HTTP event loop (`submit`), wait in a FIFO queue, and join the running
-batch at the next step while it has fewer than `max_batch` rows: the newcomer's prompt is
-prefilled into its own KV-cache row, then every step decodes one token for each live row, so
-the expert cache sees the real batch. Each sequence stops on its own (EOS / stop token, stop
-string, max_tokens, context end); a cancelled request (client gone, shutdown) leaves the batch
-at the next step. Results go back to the loop through each request's `emit` callback.
+batch at the next step while it has a free row: the newcomer's prompt is prefilled into its own
+KV-cache row of a moe.generation.DecodeBatch, then every step is ONE forward pass that decodes a
+token for each running sequence, so the expert cache (and its cache/stream regime switch) sees
+the real batch. Each sequence stops on its own (EOS / stop token, stop string, max_tokens: the
+DecodeBatch's rules); a cancelled request (client gone, shutdown) leaves the batch at the next
+step. Results go back to the event loop through each request's `emit` callback.
 
 Step of the loop: 1. take cancellations, 2. admit queued requests into free rows (prefill),
 3. one decode step for all rows, 4. hand out text deltas and finished answers.
@@ -18,9 +19,8 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Callable
 
-from offload.serve.backend import Backend, SamplingParams
+from moe.generation import DecodeBatch, SamplingParams, TokenEvent
 from offload.serve.metrics import ServerMetrics
-from offload.serve.text import TextStream, TokenizerAdapter
 
 
 @dataclass(kw_only=True)
@@ -38,30 +38,24 @@ class Chunk:
 class Request:
     prompt_ids: list[int]
     params: SamplingParams
-    max_new_tokens: int
-    stops: list[str]
     emit: Callable[[Chunk], None]
     """Called from the scheduler thread; must be thread-safe and must not block."""
     cancelled: threading.Event = field(default_factory=threading.Event)
-    sid: int = -1
-    generated: int = 0
-    stream: TextStream | None = None
+    seq_id: int = -1
 
 
 class Scheduler:
     """See module docstring. `start()` launches the thread; `close(timeout)` drains then cancels."""
 
-    def __init__(self, backend: Backend, tokenizer: TokenizerAdapter, *, max_batch: int, max_queue: int,
-                 metrics: ServerMetrics):
-        if max_batch < 1 or max_queue < 1:
-            raise ValueError(f"max_batch={max_batch} and max_queue={max_queue} must both be >= 1")
-        self.backend, self.tok, self.metrics = backend, tokenizer, metrics
-        self.max_batch, self.max_queue = max_batch, max_queue
+    def __init__(self, batch: DecodeBatch, *, max_queue: int, metrics: ServerMetrics):
+        if max_queue < 1:
+            raise ValueError(f"max_queue={max_queue} must be >= 1")
+        self.batch, self.metrics = batch, metrics
+        self.max_batch, self.max_queue = batch.cache.batch, max_queue
         self._pending: deque[Request] = deque()
         self._active: dict[int, Request] = {}
         self._cv = threading.Condition()
         self._closing = self._abort = False
-        self._next_sid = 0
         self._thread = threading.Thread(target=self._run, name="moe-serve-scheduler", daemon=True)
 
     # ---------------------------------------------------------------- event-loop side
@@ -73,7 +67,6 @@ class Scheduler:
         with self._cv:
             if self._closing or len(self._pending) >= self.max_queue:
                 return False
-            req.stream = TextStream(self.tok, req.stops)
             self._pending.append(req)
             self.metrics.set_queue(len(self._pending), len(self._active))
             self._cv.notify()
@@ -134,45 +127,38 @@ class Scheduler:
         if req.cancelled.is_set():
             self._finish(req, "cancelled", registered=False)
             return
-        req.sid, self._next_sid = self._next_sid, self._next_sid + 1
         t0 = time.perf_counter()
-        first = self.backend.add(req.sid, req.prompt_ids, req.params)
+        seqs, events = self.batch.add([req.prompt_ids], [req.params])  # prefill of this row alone
         self.metrics.prefill(len(req.prompt_ids), time.perf_counter() - t0)
-        self._active[req.sid] = req
+        req.seq_id = seqs[0].seq_id
+        self._active[req.seq_id] = req
         self._gauges()
-        self._deliver(req, first)
+        self._deliver(events)
 
     def _step(self) -> None:
         t0 = time.perf_counter()
-        tokens = self.backend.step()
-        self.metrics.decode_step(len(tokens), time.perf_counter() - t0)
-        for sid, tok in tokens.items():
-            self._deliver(self._active[sid], tok)
+        events = self.batch.step()
+        self.metrics.decode_step(len(events), time.perf_counter() - t0)
+        self._deliver(events)
 
-    def _deliver(self, req: Request, token: int) -> None:
-        """One new token of `req`: stop checks first (a stop token is not part of the answer)."""
-        if token in req.params.stop_token_ids:
-            self._finish(req, "stop")
-            return
-        req.generated += 1
-        self.metrics.tokens_out(1)
-        text = req.stream.push(token)
-        if req.stream.stopped:
-            self._finish(req, "stop", text=text, token_ids=[token])
-        elif req.generated >= req.max_new_tokens:
-            self._finish(req, "length", text=text, token_ids=[token])
-        else:
-            req.emit(Chunk(text=text, token_ids=[token]))
+    def _deliver(self, events: list[TokenEvent]) -> None:
+        self.metrics.tokens_out(len(events))
+        for e in events:
+            if e.finished:  # the DecodeBatch has freed the row already
+                req = self._active.pop(e.seq_id)
+                self._gauges()
+                self.metrics.finished(e.finish_reason)
+                req.emit(Chunk(text=e.text, token_ids=[e.token], finish=e.finish_reason))
+            else:
+                self._active[e.seq_id].emit(Chunk(text=e.text, token_ids=[e.token]))
 
-    def _finish(self, req: Request, reason: str, *, text: str = "", token_ids: list[int] | None = None,
-                registered: bool = True, error: str | None = None) -> None:
-        if registered and self._active.pop(req.sid, None) is not None:
-            self.backend.remove(req.sid)
+    def _finish(self, req: Request, reason: str, *, registered: bool = True, error: str | None = None) -> None:
+        """End a request that did not finish by itself (cancelled)."""
+        if registered and self._active.pop(req.seq_id, None) is not None:
+            self.batch.cancel(req.seq_id)
             self._gauges()
-        if reason in ("stop", "length"):
-            text += req.stream.finish()
         self.metrics.finished(reason)
-        req.emit(Chunk(text=text, token_ids=token_ids or [], finish=reason, error=error))
+        req.emit(Chunk(finish=reason, error=error))
 
     def _gauges(self) -> None:
         with self._cv:
@@ -184,10 +170,10 @@ class Scheduler:
 
     def _fail_all(self, message: str) -> None:
         for req in list(self._active.values()):
-            self._active.pop(req.sid, None)
+            self._active.pop(req.seq_id, None)
             try:
-                self.backend.remove(req.sid)
-            except Exception:  # the backend is already broken; the request still gets its error
+                self.batch.cancel(req.seq_id)
+            except Exception:  # the batch is already broken; the request still gets its error
                 pass
             self.metrics.finished("error")
             req.emit(Chunk(finish="error", error=message))

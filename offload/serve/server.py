@@ -21,9 +21,8 @@ from typing import Any
 import uvicorn
 
 from offload.serve.app import ServeContext, create_app
-from offload.serve.backend import BatchBackend, cache_stats
 from offload.serve.chat import load_chat_template, stop_token_ids
-from offload.serve.metrics import ServerMetrics
+from offload.serve.metrics import ServerMetrics, engine_cache_stats
 from offload.serve.scheduler import Scheduler
 from offload.serve.text import TokenizerAdapter
 
@@ -47,12 +46,12 @@ def build_context(args: argparse.Namespace) -> ServeContext:
                                policy=args.policy, cpu_experts=args.cpu_experts, device=args.device,
                                predictor=args.predictor, store=store)
     engine.reset_stats()
-    metrics = ServerMetrics(cache_source=lambda: cache_stats(engine))
-    backend = BatchBackend(engine, args.max_batch, args.max_model_len)
-    scheduler = Scheduler(backend, tok, max_batch=args.max_batch, max_queue=args.max_queue,
-                          metrics=metrics)
+    metrics = ServerMetrics(cache_source=lambda: engine_cache_stats(engine))
+    context = min(args.max_model_len or model.cfg.max_seq_len, model.cfg.max_seq_len)
+    batch = engine.decode_batch(max_batch=args.max_batch, max_len=context, decode=tok.decode)
+    scheduler = Scheduler(batch, max_queue=args.max_queue, metrics=metrics)
     return ServeContext(model_name=args.model_name or run.name, scheduler=scheduler, tokenizer=tok,
-                        render_chat=load_chat_template(source, tok), max_seq_len=backend.max_seq_len,
+                        render_chat=load_chat_template(source, tok), max_seq_len=batch.max_len,
                         stop_token_ids=stop_token_ids(source, tok), metrics=metrics, api_key=args.api_key,
                         created=int(time.time()))
 
@@ -96,6 +95,14 @@ class _Server(uvicorn.Server):
         super().__init__(config)
         self.ctx, self.shutdown_timeout = ctx, shutdown_timeout
 
+    async def startup(self, sockets=None) -> None:
+        await super().startup(sockets)
+        if self.started:  # bound: say where (the real port, also with --port 0)
+            host, port = self.servers[0].sockets[0].getsockname()[:2]
+            print(json.dumps({"event": "serving", "url": f"http://{host}:{port}/v1", "model": self.ctx.model_name,
+                              "max_batch": self.ctx.scheduler.max_batch, "max_seq_len": self.ctx.max_seq_len}),
+                  flush=True)
+
     def handle_exit(self, sig, frame) -> None:
         if not self.ctx.closing:
             self.ctx.closing = True
@@ -109,8 +116,6 @@ def run_serve(args: argparse.Namespace) -> int:
     ctx = build_context(args)
     server = make_server(ctx, host=args.host, port=args.port, shutdown_timeout=args.shutdown_timeout,
                          log_level=args.log_level)
-    print(json.dumps({"event": "serving", "url": f"http://{args.host}:{args.port}/v1", "model": ctx.model_name,
-                      "max_batch": args.max_batch, "max_seq_len": ctx.max_seq_len}), flush=True)
     server.run()
     print(json.dumps({"event": "stopped", "metrics": _final(ctx)}), flush=True)
     return 0
