@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -331,3 +332,32 @@ def test_cli_serve_and_sigterm_finishes_running_stream(ckpt):
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_eos_from_the_checkpoint_stops_and_a_full_queue_answers_429(srv, client, ckpt, tmp_path):
+    want = completion(client, "def f(x):", 10).model_dump()["choices"][0]["token_ids"]
+    eos = want[3]
+    run = tmp_path / "run"
+    shutil.copytree(ckpt, run)
+    (run / "generation_config.json").write_text(json.dumps({"eos_token_id": eos}))
+    s = ThreadServer(run, "--max-batch", "1", "--max-queue", "1")
+    try:
+        c = openai.OpenAI(base_url=f"{s.url}/v1", api_key="none", max_retries=0, timeout=60)
+        r = completion(c, "def f(x):", 10).model_dump()["choices"][0]
+        stop_at = want.index(eos)
+        assert r["finish_reason"] == "stop" and r["token_ids"] == want[:stop_at + 1]
+        assert r["text"] == bytes(want[:stop_at]).decode("utf-8", errors="replace")
+        _slow_steps(s.ctx, 0.05)
+        body = {"model": NAME, "prompt": "abc", "max_tokens": 60, "temperature": 0, "stream": True}
+        with httpx.stream("POST", f"{s.url}/v1/completions", json=body, timeout=30) as first:
+            lines = first.iter_lines()  # kept: a dropped iterator closes the connection (a disconnect)
+            next(lines)
+            waiting = threading.Thread(target=lambda: httpx.post(f"{s.url}/v1/completions", timeout=30,
+                                                                 json={**body, "stream": False, "max_tokens": 2}))
+            waiting.start()
+            _wait_for(lambda: s.metrics()["moe_serve_queue_depth"] == 1, "the second request did not queue")
+            _assert_error(httpx.post(f"{s.url}/v1/completions", json=body, timeout=30), 429, "queue_full", "full queue")
+        waiting.join(30)
+        assert completion(c, "ok", 2).usage.completion_tokens == 2
+    finally:
+        s.stop()
