@@ -2,7 +2,7 @@
 
 Legend: B batch, S sequence, V vocab, L MoE layers, E experts, m MoE layer index.
 
-    engine = ExpertCacheEngine(model, gpu_expert_slots=16, policy="predictive", cpu_experts=True)
+    engine = ExpertCacheEngine(model, OffloadConfig(gpu_expert_slots=16, policy="predictive", cpu_experts=True))
     result = engine.generate(prompt_BS, max_new_tokens=64)     # tokens, report (JSON-able)
 
 The model's own math runs unchanged: each MoE layer's ExpertBank is swapped for a CachedExperts
@@ -29,7 +29,8 @@ import torch
 from moe.generation import DecodeBatch, SamplingParams, SequenceOutput, TokenEvent
 from moe.model import KVCache, MoETransformer
 from moe.train import resolve_device
-from offload.cache import POLICIES, ExpertCache, SlotPool
+from offload.cache import ExpertCache, SlotPool
+from offload.config import PREDICTORS, OffloadConfig
 from offload.cpu_experts import Calibration, CostModel, calibrate
 from offload.predictor import ExactPredictor, LearnedPredictor, LookaheadPredictor, moe_block_index, to_predictions
 from offload.prefetch import make_copy_engine
@@ -37,8 +38,6 @@ from offload.runtime import CachedExperts, OffloadRuntime
 from offload.stats import CacheStats
 from offload.store import HostExpertStore
 from offload.trace import RoutingTrace, recorder_for
-
-PREDICTORS = ("auto", "none", "lookahead", "exact", "learned")
 
 
 @dataclass
@@ -54,7 +53,8 @@ class GenerationResult:
 
 
 class ExpertCacheEngine:
-    """See module docstring. `store` reuses an existing HostExpertStore of this model's experts;
+    """See module docstring. Settings come in an OffloadConfig (or, as before, as its keyword
+    arguments: gpu_expert_slots=..., policy=...). `store` reuses an existing HostExpertStore of this model's experts;
     `keep_banks=True` keeps the original ExpertBanks so `close()` can put them back.
 
     Set-up: 1. validate arguments and the predictor, 2. copy experts into the host store (or
@@ -62,20 +62,18 @@ class ExpertCacheEngine:
     CachedExperts and move the dense weights to the device, 5. calibrate the cost model,
     6. build the runtime, 7. install the hooks."""
 
-    def __init__(self, model: MoETransformer, *, gpu_expert_slots: int | None = None,
-                 gpu_expert_gib: float | None = None, policy: str = "lru", cpu_experts: bool = False,
-                 device: str | torch.device | None = None, predictor: str | LearnedPredictor = "auto",
-                 lookahead_depth: int = 1, stream_fraction: float = 0.75, max_inflight: int | None = None,
-                 calibration: Calibration | None = None, record_trace: bool = False,
-                 store: HostExpertStore | None = None, keep_banks: bool = False):
-        if policy not in POLICIES:
-            raise ValueError(f"policy={policy!r} is not one of {', '.join(POLICIES)}; pick one of those")
-        if (gpu_expert_slots is None) == (gpu_expert_gib is None):
-            raise ValueError("give exactly one of gpu_expert_slots (a number of experts) or gpu_expert_gib (GiB)")
-        self.model, self.policy, self.cpu_experts = model.eval(), policy, cpu_experts
-        self.device = resolve_device(device)
+    def __init__(self, model: MoETransformer, config: OffloadConfig | None = None, *,
+                 calibration: Calibration | None = None, store: HostExpertStore | None = None,
+                 keep_banks: bool = False, **settings):
+        if config is None:
+            config = OffloadConfig(**settings)  # the old keyword form: gpu_expert_slots=..., policy=...
+        elif settings:
+            raise ValueError(f"give settings in the OffloadConfig or as keywords, not both (got {sorted(settings)})")
+        self.config = config
+        self.model, self.policy, self.cpu_experts = model.eval(), config.policy, config.cpu_experts
+        self.device = resolve_device(config.device)
         self.moe_blocks, self.first_moe = moe_block_index(model)
-        self._setup_predictor(predictor, lookahead_depth)  # validate before touching the model
+        self._setup_predictor(config.predictor, config.lookahead_depth)  # validate before touching the model
         layers = [b.ffn for b in self.moe_blocks]
         self._banks = [l.experts for l in layers] if keep_banks else None
         if store is None:
@@ -87,24 +85,24 @@ class ExpertCacheEngine:
         if have != want:
             raise ValueError(f"store holds (layers, experts, d_model, d_expert)={have} but the model has {want}; "
                              f"pass the store built from this model's experts, or none")
-        slots = gpu_expert_slots if gpu_expert_slots is not None else SlotPool.slots_for_gib(gpu_expert_gib, lay)
-        self.pool = SlotPool(min(slots, lay.total_experts), lay, self.device)
+        slots = config.slots_for(lay)
+        self.pool = SlotPool(slots, lay, self.device)
         self.copies = make_copy_engine(store, self.pool)
         for m, layer in enumerate(layers):  # experts stay in the store; only dense weights move
             layer.experts = CachedExperts(lay, m)
         model.to(self.device)
         self.calibration = calibration or calibrate(store, self.pool, self.copies, attn_probe=self._attn_probe())
         self.copies.copy_s = self.calibration.copy_s
-        self.runtime = OffloadRuntime(store, self.pool, ExpertCache(self.pool.num_slots, policy), self.copies,
-                                      CostModel(self.calibration), cpu_experts=cpu_experts,
-                                      stream_fraction=stream_fraction,
-                                      max_inflight=max_inflight or 2 * model.cfg.moe.top_k)
+        self.runtime = OffloadRuntime(store, self.pool, ExpertCache(self.pool.num_slots, config.policy), self.copies,
+                                      CostModel(self.calibration), cpu_experts=config.cpu_experts,
+                                      stream_fraction=config.stream_fraction,
+                                      max_inflight=config.max_inflight or 2 * model.cfg.moe.top_k)
         for layer in layers:
             layer.experts.bind(self.runtime)
         if self.learned is not None:
             self.learned.to(self.device)
         self.recorder = recorder_for(model, meta={"source": "generate", "expert_bytes": lay.expert_bytes,
-                                                  "calibration": self.calibration.to_dict()}) if record_trace else None
+                                                  "calibration": self.calibration.to_dict()}) if config.record_trace else None
         self._cur: dict[int, torch.Tensor] = {}
         self._prev: dict[int, torch.Tensor] = {}
         self._BS = (0, 0)
@@ -122,8 +120,6 @@ class ExpertCacheEngine:
 
     def _setup_predictor(self, predictor, depth: int) -> None:
         self.lookahead = self.exact = self.learned = None
-        if depth < 0:
-            raise ValueError(f"lookahead_depth={depth} must be >= 0 (0: predict only the next MoE layer)")
         pre = self.model.cfg.moe.router_position == "pre_attention"
         if isinstance(predictor, LearnedPredictor):
             L, E = len(self.moe_blocks), self.model.cfg.moe.num_experts
@@ -133,10 +129,6 @@ class ExpertCacheEngine:
             self.learned, self.predictor_name = predictor, "learned"
             self.depth = min(depth, predictor.depth)
             return
-        if predictor not in PREDICTORS:
-            raise ValueError(f"predictor={predictor!r} is not one of {', '.join(PREDICTORS)} or a LearnedPredictor")
-        if predictor == "learned":
-            raise ValueError("predictor='learned' needs a trained model: pass LearnedPredictor.fit(trace) instead")
         if predictor == "auto":
             predictor = ("exact" if pre else "lookahead") if self.policy == "predictive" else "none"
         self.predictor_name, self.depth = predictor, depth
