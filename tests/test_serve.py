@@ -361,3 +361,52 @@ def test_eos_from_the_checkpoint_stops_and_a_full_queue_answers_429(srv, client,
         assert completion(c, "ok", 2).usage.completion_tokens == 2
     finally:
         s.stop()
+
+
+CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+          "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+def test_hf_checkpoint_chat_template_and_tokenizer(tmp_path):
+    """--hf: transformers' own rendering of the checkpoint's template, tokenizer.json in and out,
+    greedy tokens equal to `moe generate --hf`."""
+    transformers = pytest.importorskip("transformers")
+    tokenizers = pytest.importorskip("tokenizers")
+    words = ["[UNK]", "<|im_start|>", "<|im_end|>", "user", "assistant", "the", "cat", "sat", "on", "mat"]
+    tok = tokenizers.Tokenizer(tokenizers.models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="[UNK]"))
+    tok.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
+    cfg = transformers.MixtralConfig(vocab_size=len(words), hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                     num_key_value_heads=2, intermediate_size=24, num_local_experts=4,
+                                     num_experts_per_tok=2, max_position_embeddings=64, eos_token_id=None,
+                                     bos_token_id=None, pad_token_id=None)
+    torch.manual_seed(0)
+    hf = transformers.MixtralForCausalLM(cfg).eval()
+    hf.save_pretrained(tmp_path / "hf")
+    tok.save(str(tmp_path / "hf" / "tokenizer.json"))
+    (tmp_path / "hf" / "tokenizer_config.json").write_text(json.dumps({"chat_template": CHATML}))
+    messages = [{"role": "user", "content": "the cat sat"}]
+    fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, chat_template=CHATML)
+    rendered = fast.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    out = tmp_path / "gen.json"
+    assert moe_main(["generate", "--hf", str(tmp_path / "hf"), "--gpu-expert-slots", "3", "--device", "cpu",
+                     "--prompt-ids", ",".join(map(str, tok.encode(rendered).ids)), "--max-new-tokens", "8",
+                     "--json", str(out)]) == 0
+    want = json.loads(out.read_text())["tokens"][0]
+    args = build_parser().parse_args(["serve", "--hf", str(tmp_path / "hf"), "--gpu-expert-slots", "3",
+                                      "--device", "cpu", "--port", "0", "--model-name", "mixtral-tiny"])
+    ctx = build_context(args)
+    server = make_server(ctx, host="127.0.0.1", port=0, shutdown_timeout=1.0)
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    _wait_for(lambda: server.started, "the server did not start")
+    try:
+        port = server.servers[0].sockets[0].getsockname()[1]
+        c = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0, timeout=60)
+        r = c.chat.completions.create(model="mixtral-tiny", messages=messages, max_tokens=8, temperature=0,
+                                      extra_body={"return_token_ids": True}).model_dump()["choices"][0]
+        assert r["prompt_token_ids"] == tok.encode(rendered).ids
+        assert r["token_ids"] == want
+        assert r["message"]["content"] == tok.decode(want)
+    finally:
+        server.should_exit = True
+        thread.join(20)

@@ -6,6 +6,7 @@ without the `serve` extra installed.
 from __future__ import annotations
 
 import argparse
+import os
 
 
 def register(sub) -> None:
@@ -37,7 +38,9 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
                         "max-batch x this many positions")
     p.add_argument("--max-queue", type=int, default=256, help="requests waiting for a row before 429s")
     p.add_argument("--model-name", default=None, help="the model id clients send (default: the run's name)")
-    p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1/*")
+    p.add_argument("--api-key", default=os.environ.get("MOE_SERVE_API_KEY") or None,
+                   help="require 'Authorization: Bearer KEY' on /v1/* (default: $MOE_SERVE_API_KEY; the "
+                        "environment keeps the key out of the process list)")
     p.add_argument("--shutdown-timeout", type=float, default=10.0,
                    help="seconds running requests may finish after SIGTERM before they are cancelled")
     p.add_argument("--log-level", default="warning", choices=["critical", "error", "warning", "info", "debug"])
