@@ -410,3 +410,31 @@ def test_hf_checkpoint_chat_template_and_tokenizer(tmp_path):
     finally:
         server.should_exit = True
         thread.join(20)
+
+
+def test_cli_registration_defaults_and_argument_errors(ckpt, capsys):
+    assert "serve" in build_parser().format_help()
+    args = build_parser().parse_args(["serve", "--checkpoint", str(ckpt), "--gpu-expert-slots", "4"])
+    assert (args.host, args.port, args.api_key is None or "MOE_SERVE_API_KEY" in os.environ) == ("127.0.0.1", 8000, True)
+    for flag, value, msg in (("--max-batch", "0", "--max-batch=0 must be >= 1"),
+                             ("--port", "70000", "--port=70000 is not a TCP port"),
+                             ("--max-model-len", "1", "--max-model-len=1 must be >= 2")):
+        assert moe_main(["serve", "--checkpoint", str(ckpt), "--gpu-expert-slots", "4", flag, value]) == 2
+        assert msg in capsys.readouterr().err
+
+
+def test_a_failing_prefill_or_step_answers_500_and_the_server_keeps_serving(srv, client):
+    batch = srv.ctx.scheduler.batch
+    for name in ("add", "step"):
+        real = getattr(batch, name)
+
+        def broken(*a, real=real, name=name, **kw):
+            setattr(batch, name, real)  # fail once
+            raise RuntimeError(f"injected {name} failure")
+
+        setattr(batch, name, broken)
+        with pytest.raises(openai.InternalServerError, match=f"injected {name} failure"):
+            completion(client, "abc", 5)
+        assert getattr(batch, name) is real
+        assert completion(client, "abc", 5).choices[0].finish_reason == "length"
+        _wait_for(lambda: batch.free_rows == srv.ctx.scheduler.max_batch, "a row stayed taken")

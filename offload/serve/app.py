@@ -225,11 +225,8 @@ async def _serve(ctx: ServeContext, http: HTTPRequest, req: Any, ids: list[int],
     if chat:
         return P.chat_body(rid, ctx.model_name, text, finish, created=created, prompt_tokens=len(ids),
                            completion_tokens=len(toks), token_ids=tok_ids, prompt_ids=ids if tok_ids else None)
-    body = P.completion_body(rid, ctx.model_name, text, finish, chunk=False, created=created,
-                             prompt_tokens=len(ids), token_ids=toks, prompt_ids=ids if tok_ids else None)
-    if not req.return_token_ids:
-        del body["choices"][0]["token_ids"]
-    return body
+    return P.completion_body(rid, ctx.model_name, text, finish, created=created, usage_counts=(len(ids), len(toks)),
+                             token_ids=tok_ids, prompt_ids=ids if tok_ids else None)
 
 
 async def _collect(ctx: ServeContext, http: HTTPRequest, sreq: Request, queue: asyncio.Queue
@@ -288,7 +285,7 @@ async def _sse_completion(ctx, req, sreq, queue, rid, created, ids) -> AsyncIter
             return
         n += len(c.token_ids)
         if c.text or c.finish or req.return_token_ids:
-            body = P.completion_body(rid, ctx.model_name, c.text, c.finish, chunk=True, created=created,
+            body = P.completion_body(rid, ctx.model_name, c.text, c.finish, created=created,
                                      token_ids=c.token_ids if req.return_token_ids else None)
             yield _sse(body)
         if c.finish is not None:

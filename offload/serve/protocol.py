@@ -167,18 +167,19 @@ def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
             "total_tokens": prompt_tokens + completion_tokens}
 
 
-def completion_body(rid: str, model: str, text: str, finish: str | None, *, chunk: bool, created: int,
-                    prompt_tokens: int = 0, token_ids: list[int] | None = None,
+def completion_body(rid: str, model: str, text: str, finish: str | None, *, created: int,
+                    usage_counts: tuple[int, int] | None = None, token_ids: list[int] | None = None,
                     prompt_ids: list[int] | None = None) -> dict[str, Any]:
-    """A /v1/completions response, or one streamed chunk of it (no usage on chunks)."""
+    """A /v1/completions response (usage_counts = (prompt, completion) tokens), or one streamed
+    chunk of it (usage_counts None). token_ids / prompt_ids: the return_token_ids extension."""
     choice: dict[str, Any] = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish}
     if token_ids is not None:
         choice["token_ids"] = token_ids
         if prompt_ids is not None:
             choice["prompt_token_ids"] = prompt_ids
     body = {"id": rid, "object": "text_completion", "created": created, "model": model, "choices": [choice]}
-    if not chunk:
-        body["usage"] = usage(prompt_tokens, len(token_ids or []) if token_ids is not None else 0)
+    if usage_counts is not None:
+        body["usage"] = usage(*usage_counts)
     return body
 
 

@@ -113,14 +113,18 @@ class Scheduler:
                 admit = []
                 while self._pending and len(self._active) + len(admit) < self.max_batch:
                     admit.append(self._pending.popleft())
-            try:
-                self._drop_cancelled()
-                for req in admit:
+                self.metrics.set_queue(len(self._pending), len(self._active))
+            self._drop_cancelled()
+            for req in admit:
+                try:
                     self._admit(req)
-                if self._active:
+                except Exception as e:  # this request fails; the running ones carry on
+                    self._reject(req, e)
+            if self._active:
+                try:
                     self._step()
-            except Exception as e:  # a failed step fails its requests; the server keeps serving
-                self._fail_all(f"generation failed: {type(e).__name__}: {e}")
+                except Exception as e:  # a failed step fails its requests; the server keeps serving
+                    self._fail_all(f"generation failed: {type(e).__name__}: {e}")
         self._shutdown()
 
     def _admit(self, req: Request) -> None:
@@ -168,7 +172,19 @@ class Scheduler:
         for req in [r for r in self._active.values() if r.cancelled.is_set()]:
             self._finish(req, "cancelled")
 
+    def _reject(self, req: Request, e: Exception) -> None:
+        """A prefill that raised: drop whatever of it the batch kept, answer the request with an error."""
+        owned = set(self._active)
+        for seq in self.batch.running:
+            if seq.seq_id not in owned:
+                self.batch.cancel(seq.seq_id)
+        self.metrics.finished("error")
+        req.emit(Chunk(finish="error", error=f"generation failed: {type(e).__name__}: {e}"))
+
     def _fail_all(self, message: str) -> None:
+        for seq in self.batch.running:
+            if seq.seq_id not in self._active:
+                self.batch.cancel(seq.seq_id)
         for req in list(self._active.values()):
             self._active.pop(req.seq_id, None)
             try:
