@@ -2,11 +2,14 @@
 
     python bench/offload.py                  # CUDA: Mixtral-8x7B-shaped 4-layer bf16 model + a trained model
     python bench/offload.py --cpu-smoke      # the same pipeline on tiny models on CPU (labelled as such)
+    python bench/offload.py --cpu-smoke --models mixtral4 --caches 25,50 --modes lru,predictive,predictive+cpu \
+        --tag cpu_transformers               # issue 11's rows: ours vs transformers + our cache, CPU plumbing
 
 Per model and batch (1 and 8): all experts resident; LRU, LFU, predictive and predictive + host
 experts at caches of 25 / 50 / 75 % of all experts; and, when transformers + accelerate import,
-Hugging Face Mixtral fully resident and with its experts offloaded by accelerate (device_map with
-every `experts` module on "cpu"). Next to each cache run: the physical bound from its own misses,
+Hugging Face Mixtral fully resident, with its experts offloaded by accelerate (device_map with
+every `experts` module on "cpu"; CUDA only), and with our expert cache plugged into its experts
+(`hf+cache MODE` rows: offload/transformers_cache.py, same cache sizes, model.generate()). Next to each cache run: the physical bound from its own misses,
 max(resident decode time, bytes moved / measured copy bandwidth). Results go to
 bench/results/offload_<device>.{json,md} with the device name and date. Timings are wall clock
 around whole generations after one warm-up generation (the CUDA device is synchronised at both
@@ -152,11 +155,43 @@ def bench_model(name: str, model: MoETransformer, args, dev: torch.device) -> di
             "store": store.report(), "calibration": cal.to_dict() if cal else None, "rows": rows}
 
 
+def _hf_mixtral(mc, dtype: torch.dtype, place):
+    from transformers import MixtralForCausalLM
+    with torch.device("meta"):
+        model = MixtralForCausalLM(mc)
+    model = model.to(dtype).to_empty(device=place)
+    init_random(model)
+    rot = model.model.rotary_emb  # its inv_freq buffer was computed on the meta device: rebuild it
+    model.model.rotary_emb = type(rot)(mc).to(place)
+    return model.eval()
+
+
+def _time_hf(model, ids, args, dev) -> tuple[float, dict | None]:
+    """Decode seconds for args.new_tokens tokens: generate(new + 1) minus generate(1), after a warm-up.
+    With the expert cache, also its report of the longer generation."""
+    kw = dict(do_sample=False, pad_token_id=0, eos_token_id=None)
+    times, rep = [], None
+    for n in (1, args.new_tokens + 1):
+        model.generate(ids, max_new_tokens=2, min_new_tokens=2, **kw)  # warm-up
+        sync(dev)
+        t0 = time.perf_counter()
+        model.generate(ids, max_new_tokens=n, min_new_tokens=n, **kw)
+        sync(dev)
+        times.append(time.perf_counter() - t0)
+        if getattr(model, "expert_cache", None) is not None:
+            rep = model.expert_cache.report()  # statistics of the generation just timed
+    return max(times[1] - times[0], 1e-9), rep
+
+
 def hf_rows(cfg: ModelConfig, args, dev: torch.device, dtype: torch.dtype) -> list[dict]:
-    """Hugging Face Mixtral with the same shapes: fully on the device, and accelerate CPU offload."""
+    """Hugging Face Mixtral with the same shapes: fully on the device, accelerate CPU offload (CUDA
+    only), and the same transformers model with our expert cache plugged into its experts
+    (offload/transformers_cache.py) at every cache size and mode."""
     try:
-        from transformers import MixtralConfig, MixtralForCausalLM
+        from transformers import MixtralConfig
         import accelerate
+        from offload.config import OffloadConfig
+        from offload.transformers_cache import enable_expert_cache
     except ImportError as e:
         return [{"mode": "hf", "skipped": f"transformers/accelerate not importable: {e}"}]
     mc = MixtralConfig(vocab_size=cfg.vocab_size, hidden_size=cfg.d_model, intermediate_size=cfg.moe.d_expert,
@@ -164,35 +199,33 @@ def hf_rows(cfg: ModelConfig, args, dev: torch.device, dtype: torch.dtype) -> li
                        num_key_value_heads=cfg.n_kv_heads, num_local_experts=cfg.moe.num_experts,
                        num_experts_per_tok=cfg.moe.top_k, max_position_embeddings=cfg.max_seq_len,
                        rope_theta=cfg.rope_theta)
-    places = [("hf-resident", dev)] + ([("hf-accelerate-offload", None)] if dev.type == "cuda" else [])
+    places = [("hf-resident", dev, None)] + ([("hf-accelerate-offload", "cpu", None)] if dev.type == "cuda" else [])
+    places += [(f"hf+cache {mode}", "cpu", (frac, mode)) for frac in args.caches for mode in args.modes
+               if mode in args.hf_cache_modes]
     rows = []
-    for mode, place in places:
-        with torch.device("meta"):
-            model = MixtralForCausalLM(mc)
-        model = model.to(dtype).to_empty(device=place or "cpu")
-        init_random(model)
-        rot = model.model.rotary_emb  # its inv_freq buffer was computed on the meta device: rebuild it
-        model.model.rotary_emb = type(rot)(mc).to(place or "cpu")
-        if place is None:
+    for mode, place, cache in places:
+        model = _hf_mixtral(mc, dtype, place)
+        if mode == "hf-accelerate-offload":
             dmap = {n: ("cpu" if n.split(".")[-1] == "experts" else 0) for n, m in model.named_modules()
                     if any(True for _ in m.parameters(recurse=False))}
             model = accelerate.dispatch_model(model, device_map=dmap, main_device=0)
-        model.eval()
+        if cache is not None:
+            policy, cpu = MODES[cache[1]]
+            enable_expert_cache(model, OffloadConfig(expert_fraction=cache[0] / 100, policy=policy, cpu_experts=cpu,
+                                                     device=dev))
         for B in args.batches:
-            ids = torch.randint(1, cfg.vocab_size, (B, args.prompt_len)).to(place or dev)  # 0 is the pad id
-            kw = dict(do_sample=False, pad_token_id=0, eos_token_id=None)
-            times = []
-            for n in (1, args.new_tokens + 1):
-                model.generate(ids, max_new_tokens=2, min_new_tokens=2, **kw)  # warm-up
-                sync(dev)
-                t0 = time.perf_counter()
-                model.generate(ids, max_new_tokens=n, min_new_tokens=n, **kw)
-                sync(dev)
-                times.append(time.perf_counter() - t0)
-            dt = max(times[1] - times[0], 1e-9)
-            rows.append({"mode": mode, "batch": B, "decode_tokens_per_s": B * args.new_tokens / dt, "decode_s": dt,
-                         "transformers": __import__("transformers").__version__})
-            print(f"hf B={B} {mode}: {rows[-1]['decode_tokens_per_s']:.2f} tok/s", flush=True)
+            ids = torch.randint(1, cfg.vocab_size, (B, args.prompt_len)).to(dev)  # 0 is the pad id
+            dt, rep = _time_hf(model, ids, args, dev)
+            row = {"mode": mode, "batch": B, "decode_tokens_per_s": B * args.new_tokens / dt, "decode_s": dt,
+                   "transformers": __import__("transformers").__version__}
+            if rep is not None:
+                row.update(cache_fraction=rep["cache_fraction"], slots=rep["slots"], hit_rate=rep["hit_rate"],
+                           gib_moved=rep["gib_moved"], bytes_moved=rep["bytes_moved"], stall_ms=rep["stall_s"] * 1e3,
+                           precision=rep["prediction"]["precision"], recall=rep["prediction"]["recall"],
+                           decisions=rep["decisions"])
+            rows.append(row)
+            print(f"hf B={B} {mode}{'' if cache is None else f' cache {cache[0]}%'}: "
+                  f"{row['decode_tokens_per_s']:.2f} tok/s", flush=True)
         del model
         if dev.type == "cuda":
             torch.cuda.empty_cache()
@@ -207,7 +240,7 @@ def targets(rows: list[dict], batch: int) -> list[dict]:
                 return r
         return None
     pred, lru = get("predictive", 0.25), get("lru", 0.25)
-    hf, acc = get("hf-resident"), get("hf-accelerate-offload")
+    hf, acc, hf_cache = get("hf-resident"), get("hf-accelerate-offload"), get("hf+cache predictive", 0.25)
     out = []
     def add(name, value, target):
         out.append({"batch": batch, "name": name, "value": value, "target": target,
@@ -220,6 +253,9 @@ def targets(rows: list[dict], batch: int) -> list[dict]:
     if pred and acc:
         add("predictive at 25% / accelerate offload tokens/s",
             pred["decode_tokens_per_s"] / acc["decode_tokens_per_s"], 20.0)
+    if hf_cache and acc:  # issue 11: the same transformers model, our cache in place of accelerate's offload
+        add("transformers + our cache (predictive, 25%) / accelerate offload tokens/s",
+            hf_cache["decode_tokens_per_s"] / acc["decode_tokens_per_s"], 1.0)
     return out
 
 
@@ -269,6 +305,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--trained-checkpoint", default=None, help="run dir of a trained model (else trains `tiny`)")
     p.add_argument("--trained-steps", type=int, default=None, help="steps for the quickly trained model")
     p.add_argument("--no-hf", action="store_true", help="skip the Hugging Face baselines")
+    p.add_argument("--hf-cache-modes", default="lru,predictive,predictive+cpu",
+                   help="modes of the transformers model with our expert cache (rows 'hf+cache MODE')")
+    p.add_argument("--tag", default=None, help="results file name: offload_<tag>.{json,md} (default: the device)")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = default)")
     args = p.parse_args(argv)
     if not args.cpu_smoke and not torch.cuda.is_available():
@@ -282,6 +321,10 @@ def main(argv: list[str] | None = None) -> int:
     args.batches = [int(b) for b in args.batches.split(",")]
     args.caches = [int(c) for c in args.caches.split(",")]
     args.modes = [m for m in args.modes.split(",") if m]
+    args.hf_cache_modes = [m for m in args.hf_cache_modes.split(",") if m]
+    bad = [m for m in args.modes + args.hf_cache_modes if m not in MODES]
+    if bad:
+        raise SystemExit(f"unknown mode(s) {bad}; choose from {', '.join(MODES)}")
     args.new_tokens = args.new_tokens or (24 if args.cpu_smoke else 32)
     args.trained_steps = args.trained_steps or (40 if args.cpu_smoke else 300)
     dtype = torch.float32 if args.cpu_smoke else torch.bfloat16
@@ -289,7 +332,9 @@ def main(argv: list[str] | None = None) -> int:
            "mode": "cpu-smoke" if args.cpu_smoke else "gpu", "new_tokens": args.new_tokens,
            "prompt_len": args.prompt_len, "threads": torch.get_num_threads(), "models": {},
            "note": ("CPU SMOKE RUN: tiny models on CPU, the host plays the device; these numbers check the pipeline "
-                    "and are not performance results." if args.cpu_smoke else
+                    "and are not performance results. Rows 'hf+cache MODE' are the transformers model with our "
+                    "expert cache in its experts; on CPU they check the plumbing only (no GPU: accelerate's "
+                    "offload row needs CUDA and is absent)." if args.cpu_smoke else
                     "Mixtral-8x7B-shaped model with 4 layers and random weights, and a trained model.")}
     for name in [m for m in args.models.split(",") if m]:
         torch.manual_seed(0)
@@ -309,7 +354,7 @@ def main(argv: list[str] | None = None) -> int:
             res["models"][label]["rows"] += hf_rows(cfg, args, dev, dtype)
         if not args.cpu_smoke:
             res["models"][label]["targets"] = [t for B in args.batches for t in targets(res["models"][label]["rows"], B)]
-    tag = "cpu" if args.cpu_smoke else re.sub(r"[^a-z0-9]+", "_", res["device_name"].lower()).strip("_")
+    tag = args.tag or ("cpu" if args.cpu_smoke else re.sub(r"[^a-z0-9]+", "_", res["device_name"].lower()).strip("_"))
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / f"offload_{tag}.json").write_text(json.dumps(res, indent=2))
     (RESULTS / f"offload_{tag}.md").write_text(markdown(res))

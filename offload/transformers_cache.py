@@ -36,7 +36,11 @@ from typing import Any
 
 import torch
 import torch.nn as nn
-from transformers.integrations.moe import ExpertsInterface
+try:
+    from transformers.integrations.moe import ExpertsInterface
+except ImportError as e:  # transformers 4.x dispatches experts inside each model class: nothing to plug into
+    raise ImportError("the transformers expert cache needs transformers>=5 (integrations.moe.ExpertsInterface); "
+                      "pip install -U 'transformers>=5'") from e
 
 from moe.dispatch import LocalDispatcher
 from moe.train import resolve_device
