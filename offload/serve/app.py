@@ -42,7 +42,7 @@ class ServeContext:
     tokenizer: TokenizerAdapter
     render_chat: Callable[[list[dict[str, str]]], str]
     max_seq_len: int
-    stop_token_ids: frozenset[int]
+    eos_token_ids: tuple[int, ...]
     metrics: ServerMetrics
     api_key: str | None = None
     created: int = 0
@@ -201,7 +201,7 @@ def _sampling(ctx: ServeContext, req: Any, max_new: int) -> SamplingParams:
     seed = req.seed if req.seed is not None else int.from_bytes(os.urandom(4), "little")
     return SamplingParams(max_new_tokens=max_new, temperature=req.temperature, top_k=req.top_k, top_p=req.top_p,
                           repetition_penalty=req.repetition_penalty, seed=seed,
-                          eos_token_ids=tuple(sorted(ctx.stop_token_ids)), stop=tuple(req.stop_list()))
+                          eos_token_ids=ctx.eos_token_ids, stop=tuple(req.stop_list()))
 
 
 async def _serve(ctx: ServeContext, http: HTTPRequest, req: Any, ids: list[int], *, chat: bool):

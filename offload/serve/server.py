@@ -21,15 +21,16 @@ from typing import Any
 import uvicorn
 
 from offload.serve.app import ServeContext, create_app
-from offload.serve.chat import load_chat_template, stop_token_ids
+from offload.serve.chat import load_server_chat
 from offload.serve.metrics import ServerMetrics, engine_cache_stats
 from offload.serve.scheduler import Scheduler
 from offload.serve.text import TokenizerAdapter
 
 
 def build_context(args: argparse.Namespace) -> ServeContext:
-    """Model -> expert-cache engine -> backend -> scheduler, tokenizer and chat template."""
+    """Model -> expert-cache engine -> decode batch -> scheduler; tokenizer, chat template, EOS ids."""
     from moe.train import load_model
+    from offload.config import OffloadConfig
     from offload.engine import ExpertCacheEngine
 
     _check_args(args)
@@ -39,21 +40,22 @@ def build_context(args: argparse.Namespace) -> ServeContext:
         model, run, tokenizer, store = load_hf_for_cache(args.hf)
         source = Path(args.hf)
     else:
-        model, run, ck = load_model(args.checkpoint, device="cpu")
+        model, run, _ = load_model(args.checkpoint, device="cpu")
         source = Path(args.checkpoint)
     tok = TokenizerAdapter(model.cfg.vocab_size, tokenizer)
-    engine = ExpertCacheEngine(model, gpu_expert_slots=args.gpu_expert_slots, gpu_expert_gib=args.gpu_expert_gib,
-                               policy=args.policy, cpu_experts=args.cpu_experts, device=args.device,
-                               predictor=args.predictor, store=store)
-    engine.reset_stats()
+    config = OffloadConfig(gpu_expert_slots=args.gpu_expert_slots, gpu_expert_gib=args.gpu_expert_gib,
+                           policy=args.policy, cpu_experts=args.cpu_experts, device=args.device,
+                           predictor=args.predictor)
+    engine = ExpertCacheEngine(model, config, store=store)
+    engine.reset_stats()  # /metrics counts from here: cumulative over the server's life
     metrics = ServerMetrics(cache_source=lambda: engine_cache_stats(engine))
     context = min(args.max_model_len or model.cfg.max_seq_len, model.cfg.max_seq_len)
     batch = engine.decode_batch(max_batch=args.max_batch, max_len=context, decode=tok.decode)
     scheduler = Scheduler(batch, max_queue=args.max_queue, metrics=metrics)
+    render_chat, eos_ids = load_server_chat(source, tokenizer)
     return ServeContext(model_name=args.model_name or run.name, scheduler=scheduler, tokenizer=tok,
-                        render_chat=load_chat_template(source, tok), max_seq_len=batch.max_len,
-                        stop_token_ids=stop_token_ids(source, tok), metrics=metrics, api_key=args.api_key,
-                        created=int(time.time()))
+                        render_chat=render_chat, max_seq_len=batch.max_len, eos_token_ids=eos_ids,
+                        metrics=metrics, api_key=args.api_key, created=int(time.time()))
 
 
 def _check_args(args: argparse.Namespace) -> None:
