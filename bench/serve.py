@@ -195,7 +195,8 @@ def markdown(res: dict) -> str:
              f"{res['requests']} streamed greedy requests from {res['clients']} concurrent clients over loopback; "
              f"model: `tiny` preset shape, random weights, {res['slots']}/{res['total_experts']} experts in slots "
              f"(policy predictive); prompts 4-64 bytes, max_tokens 8-64. Answers identical in both modes: "
-             f"{res['answers_identical']}.", "",
+             f"{res['answers_identical']}. Host load average (1 min) before / after: "
+             f"{res['load_average_1m'][0]:.1f} / {res['load_average_1m'][1]:.1f}.", "",
              "| mode | completed | lost or malformed | tokens/s | requests/s | TTFT p50 (s) | TTFT p99 (s) | "
              "latency p50 (s) | latency p99 (s) | mean decode batch |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for name, m in res["modes"].items():
@@ -216,6 +217,7 @@ def main() -> int:
     args = ap.parse_args()
     if args.requests < 1 or args.clients < 1 or args.max_batch < 1:
         raise SystemExit("--requests, --clients and --max-batch must be >= 1")
+    load_before = os.getloadavg()[0]
     with tempfile.TemporaryDirectory() as tmp:
         ckpt, context, total = make_checkpoint(Path(tmp) / "run")
         mix = request_mix(args.requests, context)
@@ -226,7 +228,8 @@ def main() -> int:
     dev = torch.device(args.device)
     name = device_name(dev) if dev.type == "cuda" else f"CPU: {cpu_model()}"
     res = {"device": args.device, "device_name": name, "date": utc_now(), "requests": args.requests,
-           "clients": args.clients, "slots": slots, "total_experts": total, "answers_identical": a == b, "modes": modes}
+           "clients": args.clients, "slots": slots, "total_experts": total, "answers_identical": a == b,
+           "load_average_1m": [load_before, os.getloadavg()[0]], "modes": modes}
     stem = Path(args.out) if args.out else RESULTS / f"serve_{dev.type}"
     stem.parent.mkdir(parents=True, exist_ok=True)
     stem.with_suffix(".json").write_text(json.dumps(res, indent=2))
