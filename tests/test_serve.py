@@ -438,3 +438,35 @@ def test_a_failing_prefill_or_step_answers_500_and_the_server_keeps_serving(srv,
         assert getattr(batch, name) is real
         assert completion(client, "abc", 5).choices[0].finish_reason == "length"
         _wait_for(lambda: batch.free_rows == srv.ctx.scheduler.max_batch, "a row stayed taken")
+
+
+def test_unexpected_errors_are_500_json(srv, client):
+    real = srv.ctx.render_chat
+    srv.ctx.render_chat = lambda messages: 1 / 0
+    try:
+        with pytest.raises(openai.InternalServerError, match="ZeroDivisionError"):
+            client.chat.completions.create(model=NAME, messages=[{"role": "user", "content": "a"}], max_tokens=2)
+    finally:
+        srv.ctx.render_chat = real
+    r = httpx.get(f"{srv.url}/nowhere")
+    assert r.status_code == 404 and r.json()["error"]["code"] == "not_found"
+    assert client.chat.completions.create(model=NAME, messages=[{"role": "user", "content": "a"}],
+                                          max_tokens=2).usage.completion_tokens == 2
+
+
+def test_seeded_sampling_equals_moe_generate_alone_or_batched(srv, client, ckpt, tmp_path, capsys):
+    out = tmp_path / "gen.json"
+    assert moe_main(["generate", "--checkpoint", str(ckpt), "--gpu-expert-slots", "6", "--device", "cpu",
+                     "--prompt", "x = [", "--max-new-tokens", "16", "--temperature", "0.9", "--top-p", "0.95",
+                     "--top-k", "50", "--seed", "7", "--json", str(out)]) == 0
+    capsys.readouterr()
+    want = json.loads(out.read_text())["tokens"][0]
+    kw = dict(model=NAME, prompt="x = [", max_tokens=16, temperature=0.9, top_p=0.95, seed=7,
+              extra_body={"top_k": 50, "return_token_ids": True})
+    assert client.completions.create(**kw).model_dump()["choices"][0]["token_ids"] == want
+    got: list = []
+    other = threading.Thread(target=lambda: completion(client, "noise " * 5, 30))
+    other.start()
+    got.append(client.completions.create(**kw).model_dump()["choices"][0]["token_ids"])
+    other.join(30)
+    assert got == [want], "a seeded answer changed when it shared the batch"

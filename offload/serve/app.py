@@ -64,6 +64,11 @@ def create_app(ctx: ServeContext) -> FastAPI:
                                           code="not_found" if e.status_code == 404 else None).body(),
                             status_code=e.status_code)
 
+    @app.exception_handler(Exception)
+    async def _unexpected(request: HTTPRequest, e: Exception) -> JSONResponse:
+        return JSONResponse(P.OpenAIError(500, f"internal error: {type(e).__name__}: {e}", type="server_error").body(),
+                            status_code=500)
+
     @app.get("/health")
     async def health():
         if ctx.closing:
