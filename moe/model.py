@@ -251,6 +251,9 @@ class MoETransformer(nn.Module):
         one row can be prefilled while the others wait. Without any of these and with a dense
         cache, the plain path runs (identical to before)."""
         B, S = tokens_BS.shape
+        if cache is not None and cache_rows is None and B != cache.batch:
+            raise ValueError(f"a batch of {B} rows for a KV cache of {cache.batch} rows; pass cache_rows= naming "
+                             f"the cache rows these are")
         if attention_mask_BS is None and positions_BS is None and cache_rows is None and (cache is None or cache.dense):
             return self._forward_dense(tokens_BS, cache)
         batch, positions_BS = self._attention_batch(tokens_BS, cache, attention_mask_BS, positions_BS, cache_rows)

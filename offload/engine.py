@@ -206,17 +206,10 @@ class ExpertCacheEngine:
 
     def stream(self, prompts, params: SamplingParams | Sequence[SamplingParams], *, decode=None,
                generator: torch.Generator | None = None) -> Iterator[TokenEvent]:
-        """Prompts of any lengths (left-padded into one batch); a TokenEvent per token as it is drawn."""
-        prompts = _prompt_lists(prompts)
-        params_list = [params] * len(prompts) if isinstance(params, SamplingParams) else list(params)
-        width = max(len(p) for p in prompts)
-        batch = self.decode_batch(max_batch=len(prompts), decode=decode, generator=generator,
-                                  max_len=width + max(sp.max_new_tokens for sp in params_list))
-        with torch.no_grad():
-            _, events = batch.add(prompts, params_list)
+        """Prompts of any lengths (left-padded into one batch); a TokenEvent per token as it is
+        drawn. The report afterwards covers this generation (its times include the consumer's)."""
+        for _, events in self._generation(prompts, params, decode, generator, None):
             yield from events
-            while batch.running:
-                yield from batch.step()
 
     @torch.no_grad()
     def generate(self, prompts, max_new_tokens: int | None = None, *,
@@ -226,39 +219,51 @@ class ExpertCacheEngine:
         """Generate with the cache and report on it.
 
         prompts: a [B, S] tensor, or a list of token-id lists of any lengths (left-padded).
-        params: SamplingParams (one, or one per prompt), or built from max_new_tokens, temperature, top_k and **sampling
-        (top_p, repetition_penalty, seed, eos_token_ids, stop_token_ids, stop, ignore_eos).
-        generator: one batch-wide generator (MoETransformer.generate's sampling, draw for draw).
-        With no stop condition and equal-length prompts the tokens are MoETransformer.generate's.
-        1. prefill (timed, statistics snapshot), 2. decode steps until every sequence stops."""
-        prompts = _prompt_lists(prompts)
+        params: SamplingParams (one, or one per prompt), or built from max_new_tokens, temperature,
+        top_k and **sampling (top_p, repetition_penalty, seed, eos_token_ids, stop_token_ids, stop,
+        ignore_eos). generator: one batch-wide generator (MoETransformer.generate's sampling, draw
+        for draw). With no stop condition and equal-length prompts the tokens are
+        MoETransformer.generate's."""
         if params is None:
             if max_new_tokens is None:
                 raise ValueError("give max_new_tokens or params=SamplingParams(...)")
             params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, **sampling)
+        seen: list[torch.Tensor] | None = [] if return_logits else None
+        seqs = []
+        for seqs, _ in self._generation(prompts, params, decode, generator, seen):
+            pass
+        tokens = torch.full((len(seqs), max(len(s.tokens) for s in seqs)), -1, dtype=torch.long)
+        for b, s in enumerate(seqs):
+            tokens[b, :len(s.tokens)] = torch.tensor(s.tokens)
+        outputs = [SequenceOutput(s.tokens, s.text, s.finish_reason, s.stop_reason) for s in seqs]
+        return GenerationResult(tokens, torch.stack(seen) if seen else None, self.report(), outputs)
+
+    def _generation(self, prompts, params, decode, generator, seen: list | None):
+        """Yields (sequences, events) per forward pass: 1. prefill (timed, statistics snapshot),
+        2. decode steps until every sequence stops, 3. timing into the statistics."""
+        prompts = _prompt_lists(prompts)
         params_list = [params] * len(prompts) if isinstance(params, SamplingParams) else list(params)
         width, B, new = max(len(p) for p in prompts), len(prompts), max(sp.max_new_tokens for sp in params_list)
         batch = self.decode_batch(max_batch=B, max_len=width + new, decode=decode, generator=generator)
         self.reset_stats()
         t0 = time.perf_counter()
-        seqs, _ = batch.add(prompts, params_list)
-        seen = [self._logits_row(batch, seqs)] if return_logits else []
+        seqs, events = batch.add(prompts, params_list)
+        if seen is not None:
+            seen.append(self._logits_row(batch, seqs))
         self._sync()
         t1 = time.perf_counter()
         self.stats.mark_prefill(t1 - t0)
+        yield seqs, events
         while batch.running:
-            batch.step()
-            if return_logits:
+            events = batch.step()
+            if seen is not None:
                 seen.append(self._logits_row(batch, seqs))
+            yield seqs, events
         self._sync()
         produced = sum(len(s.tokens) for s in seqs)
         self.stats.mark_done(batch=B, prompt_tokens=width, new_tokens=new, generated_tokens=produced,
-                             decode_tokens=produced - B, decode_s=time.perf_counter() - t1)
-        tokens = torch.full((B, max(len(s.tokens) for s in seqs)), -1, dtype=torch.long)
-        for b, s in enumerate(seqs):
-            tokens[b, :len(s.tokens)] = torch.tensor(s.tokens)
-        outputs = [SequenceOutput(s.tokens, s.text, s.finish_reason, s.stop_reason) for s in seqs]
-        return GenerationResult(tokens, torch.stack(seen[:tokens.shape[1]]) if seen else None, self.report(), outputs)
+                             decode_tokens=produced - B, decode_s=time.perf_counter() - t1,
+                             forward_passes=batch.forward_passes)
 
     @staticmethod
     def _logits_row(batch: DecodeBatch, seqs) -> torch.Tensor:

@@ -252,6 +252,9 @@ def enable_expert_cache(model: nn.Module, config: OffloadConfig) -> Transformers
         raise ValueError(f"config must be an OffloadConfig, got {type(config).__name__}")
     if getattr(model, "expert_cache", None) is not None:
         raise ValueError("this model already runs through an expert cache")
+    if getattr(model, "hf_device_map", None):
+        raise ValueError("this model was dispatched with a device_map (accelerate hooks place its experts); load it "
+                         "without device_map, on the host, and let the cache place it (OffloadConfig.device)")
     cache = TransformersExpertCache(model, config)
     model.expert_cache = cache
     return cache

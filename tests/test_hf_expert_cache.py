@@ -150,6 +150,10 @@ def test_other_models_and_settings_are_refused():
         enable_expert_cache(model, OffloadConfig(gpu_expert_slots=2, predictor="exact"))
     with pytest.raises(ValueError, match="exactly one of"):
         OffloadConfig(gpu_expert_slots=2, expert_fraction=0.5)
+    model.hf_device_map = {"": "cpu"}
+    with pytest.raises(ValueError, match="dispatched with a device_map"):
+        enable_expert_cache(model, OffloadConfig(gpu_expert_slots=2, device="cpu"))
+    del model.hf_device_map
     enable_expert_cache(model, OffloadConfig(gpu_expert_slots=2, device="cpu"))
     with pytest.raises(ValueError, match="already runs through an expert cache"):
         enable_expert_cache(model, OffloadConfig(gpu_expert_slots=2, device="cpu"))

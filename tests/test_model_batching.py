@@ -113,8 +113,10 @@ def test_bad_rows_mask_and_overflow_are_named(model):
     with pytest.raises(ValueError, match="cache_rows"):
         model(torch.tensor([[1, 2]]), cache, cache_rows=[2])
     with pytest.raises(ValueError, match="attention_mask_BS has shape"):
-        model(torch.tensor([[1, 2]]), cache, attention_mask_BS=torch.ones(1, 3))
+        model(torch.tensor([[1, 2]]), cache, attention_mask_BS=torch.ones(1, 3), cache_rows=[0])
     with pytest.raises(ValueError, match="KV cache"):
         model(torch.ones(2, 9, dtype=torch.long), cache, attention_mask_BS=torch.ones(2, 9))
     with pytest.raises(ValueError, match="row 5"):
         cache.reset_row(5)
+    with pytest.raises(ValueError, match="a batch of 1 rows for a KV cache of 2 rows"):
+        model(torch.tensor([[1, 2]]), cache)

@@ -88,6 +88,13 @@ def test_per_sequence_eos_in_padded_batch(models):
     assert all(s.tokens[-1] == eos for s in res.sequences if s.finish_reason == "stop")
     assert res.tokens.shape == (3, max(lengths)) and (res.tokens[lengths.index(min(lengths)), min(lengths):] == -1).all()
     assert res.report["generated_tokens"] == sum(lengths)
+    _, engine = models
+    logits = engine.generate(PROMPTS, params=SamplingParams(max_new_tokens=N, eos_token_ids=(eos,)),
+                             return_logits=True).logits
+    assert logits.shape == (max(lengths), 3, 256)
+    for b, n in enumerate(lengths):
+        assert not logits[:n, b].isnan().any() and logits[n:, b].isnan().all()
+        assert torch.equal(logits[:n, b].argmax(-1), res.tokens[b, :n])
 
 
 @pytest.mark.parametrize("params", [
@@ -134,6 +141,9 @@ def test_streaming_spells_the_output(models):
         assert "".join(e.text for e in mine) == out.text
         assert [e.finished for e in mine] == [False] * (len(mine) - 1) + [True]
         assert mine[-1].finish_reason == out.finish_reason
+    assert len(events) == sum(len(o.tokens) for o in outs)
+    events = list(engine.stream(PROMPTS, params, decode=decode))  # the report covers the streamed generation
+    assert engine.report()["generated_tokens"] == len(events) and engine.report()["batch"] == 3
 
 
 def test_streamed_text_holds_back_a_possible_stop_string():
