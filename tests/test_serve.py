@@ -470,3 +470,17 @@ def test_seeded_sampling_equals_moe_generate_alone_or_batched(srv, client, ckpt,
     got.append(client.completions.create(**kw).model_dump()["choices"][0]["token_ids"])
     other.join(30)
     assert got == [want], "a seeded answer changed when it shared the batch"
+
+
+def test_metrics_page_is_prometheus_text_with_every_figure(srv, client):
+    completion(client, "abc", 4)
+    r = httpx.get(f"{srv.url}/metrics")
+    assert r.headers["content-type"].startswith("text/plain")
+    m = parse_prometheus(r.text)
+    for name in ("requests_total", "prompt_tokens_total", "completion_tokens_total", "tokens_per_second",
+                 "queue_depth", "running_sequences", "expert_cache_hit_rate", "prefetch_precision",
+                 "expert_bytes_moved_total", "expert_stall_seconds_total"):
+        assert f"# TYPE moe_serve_{name} " in r.text, name
+        assert any(k.split("{")[0] == f"moe_serve_{name}" for k in m), name
+    assert m['moe_serve_requests_total{endpoint="/v1/completions",status="200"}'] >= 1
+    assert 0 <= m["moe_serve_expert_cache_hit_rate"] <= 1 and m["moe_serve_completion_tokens_total"] >= 4
