@@ -1,11 +1,10 @@
 """`moe serve`: an OpenAI-compatible HTTP server over the expert cache, with continuous batching.
 
     protocol.py   OpenAI request schemas, their checks, error and response bodies
-    text.py       tokenizer, incremental detokenization, stop strings
-    chat.py       chat template and stop tokens from the checkpoint's tokenizer_config.json
-    backend.py    what the scheduler needs from a generation engine; cache statistics
-    scheduler.py  the thread that owns the model: admission, batched decode steps, cancellation
-    metrics.py    counters and the Prometheus text page
+    text.py       text <-> token ids (tokenizer.json, or UTF-8 bytes for byte-level models)
+    chat.py       the checkpoint's chat template and EOS ids (moe.hf.chat), a default for byte-level runs
+    scheduler.py  the thread that owns the model (a moe.generation.DecodeBatch): admission, steps, cancels
+    metrics.py    counters, the expert cache's figures, the Prometheus text page
     app.py        FastAPI endpoints, SSE streaming, API key, errors
     server.py     model -> engine -> scheduler -> uvicorn; graceful shutdown
     cli.py        `moe serve` arguments (registered with the `moe` command)
