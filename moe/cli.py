@@ -183,7 +183,9 @@ def _add_plugins(sub) -> None:
         module, _, attr = target.partition(":")
         try:
             register = getattr(import_module(module), attr)
-        except ImportError:  # its package is not installed: the other commands still work
+        except ModuleNotFoundError as e:  # its package is not installed: the other commands still work
+            if e.name is None or not module.startswith(e.name):
+                raise
             continue
         register(sub)
 

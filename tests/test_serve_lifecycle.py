@@ -171,8 +171,12 @@ def test_hf_checkpoint_chat_template_and_tokenizer(tmp_path):
         thread.join(20)
 
 
-def test_cli_registration_defaults_and_argument_errors(ckpt, capsys):
-    assert "serve" in build_parser().format_help()
+def test_cli_registration_defaults_and_argument_errors(ckpt, capsys, monkeypatch):
+    import moe.cli
+    # `serve` comes from the plugin table / entry points; a plugin whose package is absent is skipped
+    monkeypatch.setattr(moe.cli, "COMMAND_PLUGINS", {**moe.cli.COMMAND_PLUGINS, "ghost": "no_such_pkg.cli:register"})
+    help_text = build_parser().format_help()
+    assert "serve" in help_text and "ghost" not in help_text
     args = build_parser().parse_args(["serve", "--checkpoint", str(ckpt), "--gpu-expert-slots", "4"])
     assert (args.host, args.port, args.api_key is None or "MOE_SERVE_API_KEY" in os.environ) == ("127.0.0.1", 8000, True)
     for flag, value, msg in (("--max-batch", "0", "--max-batch=0 must be >= 1"),
