@@ -43,6 +43,21 @@ def test_disconnect_mid_stream_frees_the_slot(srv):
         srv.ctx.scheduler.batch.step = real
 
 
+def test_disconnect_while_waiting_for_a_whole_answer_frees_the_slot(srv):
+    real = slow_steps(srv.ctx, 0.05)
+    try:
+        before = srv.metrics().get('moe_serve_finished_total{reason="cancelled"}', 0)
+        body = {"model": NAME, "prompt": "import", "max_tokens": 100, "temperature": 0}
+        with pytest.raises(httpx.ReadTimeout):  # the client gives up and closes the connection
+            httpx.post(f"{srv.url}/v1/completions", json=body, headers={"Authorization": f"Bearer {KEY}"},
+                       timeout=httpx.Timeout(10, read=0.5))
+        wait_for(lambda: srv.metrics().get('moe_serve_finished_total{reason="cancelled"}', 0) == before + 1,
+                 "the abandoned request was not cancelled")
+        assert srv.metrics()["moe_serve_running_sequences"] == 0
+    finally:
+        srv.ctx.scheduler.batch.step = real
+
+
 def test_shutdown_cancels_running_requests_within_the_bound(ckpt):
     s = ThreadServer(ckpt, "--max-batch", "2")
     slow_steps(s.ctx, 0.05)

@@ -213,7 +213,7 @@ async def _serve(ctx: ServeContext, http: HTTPRequest, req: Any, ids: list[int],
     """Queue the request, then answer in one body or as a stream of server-sent events."""
     params = _sampling(ctx, req, _limits(ctx, req, ids, chat))
     loop, queue = asyncio.get_running_loop(), asyncio.Queue()
-    sreq = Request(prompt_ids=ids, params=params, emit=lambda c: loop.call_soon_threadsafe(queue.put_nowait, c))
+    sreq = Request(prompt_ids=ids, params=params, emit=_emitter(loop, queue))
     if ctx.closing or not ctx.scheduler.submit(sreq):
         if ctx.closing or ctx.scheduler.closing:
             raise P.OpenAIError(503, "the server is shutting down; retry on another instance", type="server_error")
@@ -232,6 +232,16 @@ async def _serve(ctx: ServeContext, http: HTTPRequest, req: Any, ids: list[int],
                            completion_tokens=len(toks), token_ids=tok_ids, prompt_ids=ids if tok_ids else None)
     return P.completion_body(rid, ctx.model_name, text, finish, created=created, usage_counts=(len(ids), len(toks)),
                              token_ids=tok_ids, prompt_ids=ids if tok_ids else None)
+
+
+def _emitter(loop: asyncio.AbstractEventLoop, queue: asyncio.Queue):
+    """The scheduler thread's way into this request's queue on the event loop."""
+    def emit(chunk: Chunk) -> None:
+        try:
+            loop.call_soon_threadsafe(queue.put_nowait, chunk)
+        except RuntimeError:  # the event loop has closed (shutdown): nobody is listening any more
+            pass
+    return emit
 
 
 async def _collect(ctx: ServeContext, http: HTTPRequest, sreq: Request, queue: asyncio.Queue
