@@ -12,8 +12,20 @@ import torch
 import transformers
 
 from offload.config import OffloadConfig
-from offload.transformers_cache import EXPERTS_IMPLEMENTATION, enable_expert_cache, load_with_expert_cache
 from tests.helpers import assert_close
+
+# offload.transformers_cache imports transformers.integrations.moe, which imports triton; imported at
+# collection time that would precede tests/test_kernels_triton.py setting TRITON_INTERPRET=1 and break
+# its interpreted kernels, so this module imports it only when a test runs.
+
+
+def _tc():
+    from offload import transformers_cache
+    return transformers_cache
+
+
+def enable_expert_cache(model, config):
+    return _tc().enable_expert_cache(model, config)
 
 FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe")
 
@@ -161,11 +173,12 @@ def test_from_pretrained_with_the_registered_implementation(tmp_path):
     resident = hf_model("qwen3_moe")
     resident.save_pretrained(tmp_path)
     ids = torch.randint(1, 100, (1, 5), generator=torch.Generator().manual_seed(7))
-    bare = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, experts_implementation=EXPERTS_IMPLEMENTATION)
+    name = _tc().EXPERTS_IMPLEMENTATION
+    bare = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, experts_implementation=name)
     with pytest.raises(RuntimeError, match="enable_expert_cache"):
         bare(ids)
-    model = load_with_expert_cache(str(tmp_path), OffloadConfig(gpu_expert_slots=3, device="cpu"))
-    assert model.config._experts_implementation == EXPERTS_IMPLEMENTATION
+    model = _tc().load_with_expert_cache(str(tmp_path), OffloadConfig(gpu_expert_slots=3, device="cpu"))
+    assert model.config._experts_implementation == _tc().EXPERTS_IMPLEMENTATION
     assert torch.equal(model.generate(ids, max_new_tokens=6, do_sample=False, pad_token_id=0),
                        resident.generate(ids, max_new_tokens=6, do_sample=False, pad_token_id=0))
 
