@@ -243,7 +243,8 @@ class DecodeBatch:
     def _forward(self, ids_BS: torch.Tensor, mask_BS: torch.Tensor | None, rows: list[int]) -> torch.Tensor:
         self.forward_passes += 1
         all_rows = rows == list(range(self.cache.batch))
-        return self.model(ids_BS, self.cache, attention_mask_BS=mask_BS, cache_rows=None if all_rows else rows).logits
+        return self.model(ids_BS, self.cache, attention_mask_BS=mask_BS, cache_rows=None if all_rows else rows,
+                          last_logits_only=True).logits
 
     def _advance(self, seqs: list[Sequence], logits_nV: torch.Tensor) -> list[TokenEvent]:
         self.last_logits = ([s.seq_id for s in seqs], logits_nV)

@@ -241,7 +241,7 @@ class MoETransformer(nn.Module):
 
     def forward(self, tokens_BS: torch.Tensor, cache: KVCache | None = None, *,
                 attention_mask_BS: torch.Tensor | None = None, positions_BS: torch.Tensor | None = None,
-                cache_rows: list[int] | None = None) -> ModelOutput:
+                cache_rows: list[int] | None = None, last_logits_only: bool = False) -> ModelOutput:
         """Logits for tokens_BS, appending to `cache` when given.
 
         attention_mask_BS: 1 for real tokens, 0 for padding, over the NEW tokens only (the cache
@@ -249,18 +249,19 @@ class MoETransformer(nn.Module):
         rotary positions (default: each row continues from its cache position, counting real
         tokens only). cache_rows: the cache rows the batch rows are (default: all, in order), so
         one row can be prefilled while the others wait. Without any of these and with a dense
-        cache, the plain path runs (identical to before)."""
+        cache, the plain path runs (identical to before). last_logits_only: logits [B, 1, V] of the
+        last position only (a prefill's [B, S, V] would be S times the memory)."""
         B, S = tokens_BS.shape
         if cache is not None and cache_rows is None and B != cache.batch:
             raise ValueError(f"a batch of {B} rows for a KV cache of {cache.batch} rows; pass cache_rows= naming "
                              f"the cache rows these are")
         if attention_mask_BS is None and positions_BS is None and cache_rows is None and (cache is None or cache.dense):
-            return self._forward_dense(tokens_BS, cache)
+            return self._forward_dense(tokens_BS, cache, last_logits_only)
         batch, positions_BS = self._attention_batch(tokens_BS, cache, attention_mask_BS, positions_BS, cache_rows)
         cos, sin = self.rope_cos[positions_BS], self.rope_sin[positions_BS]
-        return self._run_blocks(self.embed(tokens_BS), cos, sin, cache, batch)
+        return self._run_blocks(self.embed(tokens_BS), cos, sin, cache, batch, last_logits_only)
 
-    def _forward_dense(self, tokens_BS: torch.Tensor, cache: KVCache | None) -> ModelOutput:
+    def _forward_dense(self, tokens_BS: torch.Tensor, cache: KVCache | None, last_only: bool) -> ModelOutput:
         S = tokens_BS.shape[1]
         start = cache.length if cache is not None else 0
         if start + S > self.cfg.max_seq_len:
@@ -269,19 +270,21 @@ class MoETransformer(nn.Module):
         if cache is not None and start + S > cache.max_len:
             raise ValueError(f"{start + S} tokens do not fit the KV cache's {cache.max_len} slots; allocate a larger cache")
         cos, sin = self.rope_cos[start:start + S], self.rope_sin[start:start + S]
-        out = self._run_blocks(self.embed(tokens_BS), cos, sin, cache, None)
+        out = self._run_blocks(self.embed(tokens_BS), cos, sin, cache, None, last_only)
         if cache is not None:
             cache.valid_BS[:, start:start + S] = True
             cache.lengths = [n + S for n in cache.lengths]
             cache.next_pos = [n + S for n in cache.next_pos]
         return out
 
-    def _run_blocks(self, h, cos, sin, cache, batch) -> ModelOutput:
+    def _run_blocks(self, h, cos, sin, cache, batch, last_only: bool = False) -> ModelOutput:
         routing: list[RouterOutput] = []
         for block in self.blocks:
             h, r = block(h, cos, sin, cache, batch)
             if r is not None:
                 routing.append(r)
+        if last_only:
+            h = h[:, -1:]
         return ModelOutput(self.head(self.norm(h)).float(), routing)
 
     def _attention_batch(self, tokens_BS, cache, mask_BS, positions_BS, cache_rows

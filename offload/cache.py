@@ -24,7 +24,9 @@ import torch
 from offload.store import ExpertLayout, split_views
 
 Key = tuple[int, int]
-POLICIES = ("lru", "lfu", "predictive")
+POLICIES = ("lru", "lfu", "predictive", "mixtral-offloading", "moe-infinity")
+"""Policies the engine runs online (offload/decision.py defines what each decides); the simulator
+adds the offline ones (belady, belady-prefetch) that need the future."""
 
 
 class SlotPool:
@@ -112,10 +114,14 @@ class PredictivePolicy(Policy):
 
 
 def make_policy(name: str) -> Policy:
-    table = {"lru": LRUPolicy, "lfu": LFUPolicy, "predictive": PredictivePolicy}
-    if name not in table:
+    """The bookkeeping policy of a named scheme: LFU counts uses; every other scheme tracks recency
+    here and decides its victims in offload/decision.py (the name says which scheme)."""
+    table = {"lfu": LFUPolicy, "predictive": PredictivePolicy}
+    if name not in POLICIES + ("belady", "belady-prefetch"):
         raise ValueError(f"policy={name!r} is not one of {', '.join(POLICIES)}; pick one of those")
-    return table[name]()
+    policy = table.get(name, LRUPolicy)()
+    policy.name = name
+    return policy
 
 
 @dataclass(frozen=True)

@@ -105,12 +105,13 @@ class CostModel:
     def device_time(self, n: int) -> float:
         return interpolate(self.cal.tokens, self.cal.device_s, n)
 
-    def decide(self, n: int, inflight_remaining_s: float | None, allow_cpu: bool) -> str:
-        """'wait' (copy already in flight), 'copy' (fetch now) or 'cpu' (run on host cores)."""
+    def decide(self, n: int, inflight_remaining_s: float | None, allow_cpu: bool, *, queued_s: float = 0.0) -> str:
+        """'wait' (copy already in flight), 'copy' (fetch now, behind `queued_s` of queued copies)
+        or 'cpu' (run on host cores): whichever finishes first."""
         if inflight_remaining_s is not None:
             options = {"wait": inflight_remaining_s + self.device_time(n)}
         else:
-            options = {"copy": self.cal.copy_s + self.device_time(n)}
+            options = {"copy": queued_s + self.cal.copy_s + self.device_time(n)}
         if allow_cpu:
             options["cpu"] = self.host_time(n)
         return min(options, key=options.get)

@@ -33,7 +33,7 @@ from offload.cache import ExpertCache, SlotPool
 from offload.config import PREDICTORS, OffloadConfig
 from offload.cpu_experts import Calibration, CostModel, calibrate
 from offload.predictor import ExactPredictor, LearnedPredictor, LookaheadPredictor, moe_block_index, to_predictions
-from offload.prefetch import make_copy_engine
+from offload.copy import make_copy_engine
 from offload.runtime import CachedExperts, OffloadRuntime
 from offload.stats import CacheStats
 from offload.store import HostExpertStore
@@ -106,6 +106,7 @@ class ExpertCacheEngine:
         self._cur: dict[int, torch.Tensor] = {}
         self._prev: dict[int, torch.Tensor] = {}
         self._BS = (0, 0)
+        self._moe_of_block = {blk.layer: m for m, blk in enumerate(self.moe_blocks)}
         self._hooks = self._install_hooks()
         self.stats = CacheStats(self.runtime, self.copies)
         self.reset_stats()
@@ -157,9 +158,12 @@ class ExpertCacheEngine:
             self.recorder.begin_forward(*self._BS, cache.length if cache is not None else 0)
 
     def _on_block(self, b: int, h_BSD: torch.Tensor) -> None:
+        """Before MoE block b's attention: predictions for layers m .. m+depth, one decision pass."""
+        m = self._moe_of_block.get(b)
+        if m is None or self.runtime.resident[m]:
+            return  # a dense block, or a layer whose experts all sit in slots: nothing to decide
         preds = self.lookahead.predict(b, h_BSD) if self.lookahead is not None else []
-        m = self.first_moe[b]
-        if self.learned is not None and m is not None:
+        if self.learned is not None:
             T, raw = h_BSD.shape[0] * h_BSD.shape[1], []
             for d in range(self.depth + 1):
                 j = m + d
@@ -169,18 +173,15 @@ class ExpertCacheEngine:
                 prev = prev if prev is not None and prev.shape[0] == T else None
                 raw.append((j, d, *self.learned.predict_topk(j, d, self._cur.get(m - 1), prev, T)))
             preds += to_predictions(raw)
-        if preds:
-            self.runtime.submit(preds)
-            self.runtime.pump()
+        self.runtime.begin_layer(m, preds)
 
     def _on_routing(self, m: int, r) -> None:
         if self.recorder is not None:
             self.recorder.add(m, r.topk_idx_TK, r.topk_w_TK)
         if self.learned is not None:
             self._cur[m] = r.topk_idx_TK
-        if self.exact is not None:
-            self.runtime.submit([self.exact.from_routing(m, r.topk_idx_TK)])
-            self.runtime.pump()
+        if self.exact is not None and not self.runtime.resident[m]:
+            self.runtime.begin_layer(m, [self.exact.from_routing(m, r.topk_idx_TK)])
 
     def _on_forward_end(self, _mod, _args, _out) -> None:
         B, S = self._BS

@@ -3,55 +3,32 @@
 Legend: N routed token rows sorted by expert, D model dim, E experts, S slots, m MoE layer index.
 
 `CachedExperts` has ExpertBank's signature, forward(x_sorted_ND, counts_E) -> y_sorted_ND, so the
-model's MoELayer (router, dispatcher, combine, shared experts) runs unchanged. Per step the
-runtime picks a regime from the routed counts:
-- cache: hits run from their slots (waiting only on their own copy events); each miss is copied
-  on demand or, with cpu_experts, run on host cores when the calibrated cost model says so.
-  Misses are pipelined through the slots, so a capacity below one layer's experts still progresses.
-- stream: when nearly every expert of the layer is used (prefill, large batches) and copying
-  beats host compute at that many tokens per expert, every miss streams in expert order, double
-  buffered (up to half the pool in flight while the other half computes), no per-expert decisions.
+model's MoELayer (router, dispatcher, combine, shared experts) runs unchanged. The runtime decides
+nothing itself: the Planner (offload/decision.py, shared with the simulator) turns a layer's
+routed counts into a LayerPlan (copy / run-from-slot / run-on-host ops in execution order) and
+the runtime executes it with the copy engine. Two paths per layer:
+- resident: every expert of the layer holds its home slot (capacity >= all experts, after the
+  first use of each): the layer's slots are contiguous, so it runs like ExpertBank, one kernel
+  call, no host sync; its uses are counted on the device and read once per forward pass.
+- planned: counts_E goes to the host once (host sync), the planner decides, the ops run.
 Each expert runs as a group of one through kernels.grouped_mlp, the same kernel the resident
 ExpertBank calls, over the same rows: on CPU the outputs match the resident model bit for bit.
 """
 from __future__ import annotations
 
-from collections import deque
-from dataclasses import dataclass, fields
-
 import torch
 import torch.nn as nn
 
-from offload.cache import ExpertCache, Key, SlotPool
+import kernels
+
+from offload.cache import ExpertCache, Key, SlotPool, StaleSlotError
 from offload.cpu_experts import CostModel, expert_forward, host_expert_forward
-from offload.predictor import PredictionStats
-from offload.prefetch import PrefetchQueue, RecencyGuard, Ticket
+from offload.copy import Ticket
+from offload.decision import LayerPlan, Planner, Tally
 from offload.store import ExpertLayout, HostExpertStore
 
-
-@dataclass
-class Counters:
-    expert_uses: int = 0
-    hits: int = 0
-    late_hits: int = 0
-    misses: int = 0
-    cpu_served: int = 0
-    demand_copies: int = 0
-    stream_copies: int = 0
-    prefetch_issued: int = 0
-    prefetch_used: int = 0
-    prefetch_wasted: int = 0
-    background_copies: int = 0
-    cache_steps: int = 0
-    stream_steps: int = 0
-
-    def minus(self, other: "Counters") -> "Counters":
-        return Counters(**{f.name: getattr(self, f.name) - getattr(other, f.name) for f in fields(self)})
-
-    def as_dict(self) -> dict[str, int | float | None]:
-        d = {f.name: getattr(self, f.name) for f in fields(self)}
-        d["hit_rate"] = self.hits / self.expert_uses if self.expert_uses else None
-        return d
+Counters = Tally
+"""The engine's counters are the planner's tally (kept under the engine's old name)."""
 
 
 class CachedExperts(nn.Module):
@@ -76,7 +53,7 @@ class CachedExperts(nn.Module):
 
 
 class OffloadRuntime:
-    """Store + slot cache + copy engine + cost model + prefetch queue, and the per-layer MoE step."""
+    """Store + slot pool + copy engine, executing the Planner's decisions for each MoE layer."""
 
     def __init__(self, store: HostExpertStore, pool: SlotPool, cache: ExpertCache, copy_engine, cost: CostModel,
                  *, cpu_experts: bool, stream_fraction: float, max_inflight: int):
@@ -84,19 +61,36 @@ class OffloadRuntime:
             raise ValueError(f"stream_fraction={stream_fraction} must be in (0, 1]")
         if max_inflight < 1:
             raise ValueError(f"max_inflight={max_inflight} must be >= 1")
+        lay = store.layout
         self.store, self.pool, self.cache, self.copies, self.cost = store, pool, cache, copy_engine, cost
-        self.cpu_experts, self.stream_fraction, self.max_inflight = cpu_experts, stream_fraction, max_inflight
-        self.queue = PrefetchQueue(max_pending=store.layout.total_experts)
+        self.cpu_experts = cpu_experts
+        self.planner = Planner(cache, cost, lay.num_layers, scheme=cache.policy.name, cpu_experts=cpu_experts,
+                               stream_fraction=stream_fraction, num_experts=lay.num_experts,
+                               max_prefetch_per_layer=max_inflight)
         self.tickets: dict[Key, Ticket] = {}
-        self.prefetched: set[Key] = set()
-        self.c = Counters()
-        self.decisions = {"wait": 0, "copy": 0, "cpu": 0}
-        self.pred_stats = PredictionStats()
-        self.pending_eval: dict[int, list[tuple[int, set[int]]]] = {}
-        self.guard = RecencyGuard()
+        self.loaded: list[Key | None] = [None] * pool.num_slots
+        """What each slot's last issued copy holds, as the ops run (the plan ran ahead of it)."""
+        self.resident = [False] * lay.num_layers
+        """Layer m's experts all sit in their home slots (only when every expert fits)."""
+        self._uses_L = torch.zeros(lay.num_layers, dtype=torch.long, device=pool.device)
+        self._resident_runs = 0
         # Grow-only [0, 1, 2, ...] on the device and host: count_1 tensors are views, not allocations.
         self._counts_dev = torch.arange(1, device=pool.device)
         self._counts_host = torch.arange(1)
+
+    # The engine and its report read these by their old names.
+    c = property(lambda self: self.planner.t, lambda self, v: setattr(self.planner, "t", v))
+    decisions = property(lambda self: self.planner.decisions, lambda self, v: setattr(self.planner, "decisions", v))
+    queue = property(lambda self: self.planner.queue)
+    pred_stats = property(lambda self: self.planner.pred_stats)
+    prefetched = property(lambda self: self.planner.prefetched)
+    pending_eval = property(lambda self: self.planner.pending_eval)
+    guard = property(lambda self: self.planner.guard)
+
+    @property
+    def all_resident(self) -> bool:
+        """Every expert of every layer is in its home slot: nothing left to predict or copy."""
+        return all(self.resident)
 
     # ---------------------------------------------------------------- helpers
     def _count(self, n: int, host: bool = False) -> torch.Tensor:
@@ -110,165 +104,89 @@ class OffloadRuntime:
                 self._counts_dev = buf
         return buf[n:n + 1]
 
-    def _assign(self, key: Key, slot: int) -> None:
-        old = self.cache.assign(key, slot)
-        if old is not None:
-            self.tickets.pop(old, None)
-            if old in self.prefetched:
-                self.prefetched.discard(old)
-                self.c.prefetch_wasted += 1
-
-    def _run_slot(self, key: Key, x_ND: torch.Tensor, out_ND: torch.Tensor) -> None:
-        slot = self.cache.check_handle(self.cache.handle(key))
+    def _run_slot(self, key: Key, slot: int, x_ND: torch.Tensor, out_ND: torch.Tensor) -> None:
+        if self.loaded[slot] != key:
+            raise StaleSlotError(f"plan runs {key} from slot {slot}, whose last copy was {self.loaded[slot]}; "
+                                 f"reading it would use the wrong expert's weights")
+        t = self.tickets.pop(key, None)
+        if t is not None:
+            self.copies.wait(t)  # CUDA: the compute stream waits on this copy's event only
         out_ND.copy_(expert_forward(x_ND, self.pool.w13_SDF2[slot], self.pool.w2_SFD[slot], self._count(x_ND.shape[0])))
         self.copies.mark_read(slot)
-        self.cache.access(key)
-        self.tickets.pop(key, None)
-        if key in self.prefetched:
-            self.prefetched.discard(key)
-            self.c.prefetch_used += 1
 
     def _run_host(self, key: Key, x_ND: torch.Tensor, out_ND: torch.Tensor) -> None:
         m, e = key
         y = host_expert_forward(x_ND, self.store.w13(m, e), self.store.w2(m, e), self._count(x_ND.shape[0], True))
         out_ND.copy_(y)
-        self.c.cpu_served += 1
 
     # ---------------------------------------------------------------- the MoE step
     def run_experts(self, m: int, x_ND: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
-        """y_sorted_ND for MoE layer m: 1. which experts (host sync), 2. score predictions, 3. regime,
-        4. serve hits then misses, 5. let queued prefetches proceed."""
-        counts = counts_E.tolist()  # host sync: the experts to serve must be known on the host
-        needed = [e for e, n in enumerate(counts) if n > 0]
-        starts = [0] * len(counts)
-        for e in range(1, len(counts)):
-            starts[e] = starts[e - 1] + counts[e - 1]
-        rows = {e: (starts[e], starts[e] + counts[e]) for e in needed}
-        self._score_predictions(m, needed)
-        self.queue.layer_done(m)
+        """y_sorted_ND for MoE layer m: the resident path, or 1. which experts (host sync), 2. the
+        planner's plan, 3. its ops in order."""
+        if self.resident[m]:
+            return self._run_resident(m, x_ND, counts_E)
+        counts = counts_E.tolist()  # host sync: the planner must know the layer's experts
+        starts, at = [], 0
+        for n in counts:
+            starts.append(at)
+            at += n
+        plan = self.planner.serve(m, {e: n for e, n in enumerate(counts) if n > 0})
         y_ND = torch.empty_like(x_ND, dtype=_out_dtype(x_ND))
-        hits = [e for e in needed if (m, e) in self.cache]
-        misses = [e for e in needed if (m, e) not in self.cache]
-        self.c.expert_uses += len(needed)
-        self.c.hits += len(hits)
-        self.c.misses += len(misses)
-        stream = len(needed) >= self.stream_fraction * len(counts) and len(needed) > 1 and (
-            not self.cpu_experts or self.cost.prefers_copy(sum(counts) // max(1, len(needed))))
-        self._serve_hits(m, hits, x_ND, y_ND, rows, allow_cpu=self.cpu_experts and not stream)
-        if stream:
-            self.c.stream_steps += 1
-            self._stream(m, misses, x_ND, y_ND, rows)
-        else:
-            self.c.cache_steps += 1
-            copy = []
-            for e in misses:
-                a, b = rows[e]
-                dec = self.cost.decide(b - a, None, self.cpu_experts)
-                self.decisions[dec] += 1
-                if dec == "cpu":
-                    self._run_host((m, e), x_ND[a:b], y_ND[a:b])
-                    self._admit_in_background((m, e))
-                else:
-                    copy.append(e)
-            self.c.demand_copies += len(copy)
-            self._fetch_and_run(m, copy, x_ND, y_ND, rows)
-        self.pump()
+        self.execute(plan, lambda e: (starts[e], starts[e] + counts[e]), x_ND, y_ND)
+        E = len(counts)
+        if self.cache.num_slots >= len(self.resident) * E and all((m, e) in self.cache for e in range(E)):
+            self.resident[m] = True
         return y_ND
 
-    def _serve_hits(self, m, hits, x_ND, y_ND, rows, allow_cpu: bool) -> None:
-        def landed(e: int) -> bool:
-            return (m, e) not in self.tickets or self.copies.ready(self.tickets[(m, e)])
+    def _run_resident(self, m: int, x_ND: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
+        """Layer m's experts are slots m*E .. m*E+E-1: one grouped call, exactly ExpertBank's."""
+        E = counts_E.shape[0]
+        lo = m * E
+        dtype = _out_dtype(x_ND)
+        y = kernels.grouped_mlp(x_ND.to(dtype), self.pool.w13_SDF2[lo:lo + E].to(dtype),
+                                self.pool.w2_SFD[lo:lo + E].to(dtype), counts_E)
+        self._uses_L[m] += (counts_E > 0).sum()  # stays on the device: no host sync per layer
+        self._resident_runs += 1
+        return y
 
-        for e in sorted(hits, key=lambda e: not landed(e)):  # landed copies first, in-flight ones last
-            key, (a, b) = (m, e), rows[e]
-            t = self.tickets.get(key)
-            if t is not None and not self.copies.ready(t):
-                dec = self.cost.decide(b - a, self.copies.remaining(t), allow_cpu)
-                self.decisions[dec] += 1
-                if dec == "cpu":  # the copy keeps landing; the next use is a plain hit
-                    self._run_host(key, x_ND[a:b], y_ND[a:b])
-                    continue
-                self.copies.wait(t)
-                self.c.late_hits += 1
-            self._run_slot(key, x_ND[a:b], y_ND[a:b])
+    def execute(self, plan: LayerPlan, rows, x_ND: torch.Tensor, y_ND: torch.Tensor) -> None:
+        """Run a plan's ops in order: copies go to the copy engine, runs wait only on their own copy."""
+        for op in plan.ops:
+            if op.kind == "copy":
+                self._issue(op)
+            elif op.kind == "run":
+                a, b = rows(op.key[1])
+                self._run_slot(op.key, op.slot, x_ND[a:b], y_ND[a:b])
+            else:
+                a, b = rows(op.key[1])
+                self._run_host(op.key, x_ND[a:b], y_ND[a:b])
 
-    def _fetch_and_run(self, m, experts, x_ND, y_ND, rows, window: int | None = None) -> None:
-        """Misses, pipelined: keep up to `window` copies ahead (all that unpinned slots allow when
-        None), run them in order, and reuse each slot once its expert has run. Victims come from
-        the policy (pinned slots are never offered), so a single slot still makes progress."""
-        todo, issued = deque(experts), deque()
-        while todo or issued:
-            while todo and (window is None or len(issued) < window):
-                slot = self.cache.choose_slot(self.queue.predicted, force=True)
-                if slot is None:
-                    break  # every slot holds a miss of this step that has not run yet
-                key = (m, todo.popleft())
-                self._assign(key, slot)
-                self.cache.pin(slot)
-                self.tickets[key] = self.copies.issue(key, slot)
-                issued.append((key, slot))
-            key, slot = issued.popleft()
-            self.copies.wait(self.tickets[key])
-            a, b = rows[key[1]]
-            self.cache.unpin(slot)
-            self._run_slot(key, x_ND[a:b], y_ND[a:b])
-
-    def _stream(self, m, misses, x_ND, y_ND, rows) -> None:
-        """Whole-layer streaming, double buffered: every miss copies in expert order with up to half
-        the pool on the copy stream ahead of the expert computing from the other half."""
-        self.c.stream_copies += len(misses)
-        self._fetch_and_run(m, misses, x_ND, y_ND, rows, window=max(1, self.pool.num_slots // 2))
-
-    def _admit_in_background(self, key: Key) -> None:
-        """Copy a host-served expert into a slot only when no prefetch waits and the copy engine
-        is idle, so it never delays a prefetch; never evicts a predicted expert."""
-        if self.queue.pending or self.copies.num_inflight() or key in self.cache:
-            return
-        slot = self.cache.choose_slot(self.queue.predicted, force=False)
-        if slot is None:
-            return
-        self._assign(key, slot)
-        self.tickets[key] = self.copies.issue(key, slot)
-        self.c.background_copies += 1
+    def _issue(self, op) -> None:
+        if op.evicted is not None:
+            self.tickets.pop(op.evicted, None)
+        self.loaded[op.slot] = op.key
+        self.tickets[op.key] = self.copies.issue(op.key, op.slot)
 
     # ---------------------------------------------------------------- prefetch
-    def submit(self, predictions) -> None:
-        for j, d, experts in predictions:
-            self.queue.submit(j, experts, d)
-            self.pending_eval.setdefault(j, []).append((d, set(experts)))
-
-    def pump(self) -> None:
-        """Issue queued prefetches, nearest deadline first, up to max_inflight copies in flight."""
-        protected = self.guard.protect(self.queue.predicted, self.cache.num_slots)
-        while True:
-            if self.copies.num_inflight() >= self.max_inflight:
-                self.copies.progress()  # host engine: one copy runs; CUDA: a non-blocking query
-                if self.copies.num_inflight() >= self.max_inflight:
-                    return
-            req = self.queue.pop()
-            if req is None:
-                return
-            if req.key in self.cache:
-                continue
-            slot = self.cache.choose_slot(protected, force=False)
-            if slot is None:
-                self.queue.push_back(req)
-                return
-            self._assign(req.key, slot)
-            self.tickets[req.key] = self.copies.issue(req.key, slot)
-            self.prefetched.add(req.key)
-            self.c.prefetch_issued += 1
-
-    def _score_predictions(self, m: int, needed: list[int]) -> None:
-        scored = self.pending_eval.pop(m, [])
-        for d, predicted in scored:
-            self.pred_stats.update(m, d, predicted, needed)
-        self.guard.observe(m, set(needed), [p for _, p in scored])
+    def begin_layer(self, m: int, predictions=()) -> None:
+        """Before layer m's attention: the planner takes the predictions and issues what pays."""
+        if self.resident[m]:
+            return
+        for op in self.planner.prefetch(m, predictions):
+            self._issue(op)
+        self.copies.progress()  # host engine: one queued copy runs; CUDA: a non-blocking query
 
     def end_pass(self) -> None:
-        """A forward pass ended: predictions never go past it."""
-        self.queue.reset()
-        self.pending_eval.clear()
+        """A forward pass ended: predictions never go past it; resident uses are read (one host sync)."""
+        self.planner.end_pass()
+        if self._resident_runs:
+            uses = int(self._uses_L.sum())  # host sync: once per forward pass, only on the resident path
+            t = self.planner.t
+            t.expert_uses += uses
+            t.hits += uses
+            t.cache_steps += self._resident_runs
+            self._uses_L.zero_()
+            self._resident_runs = 0
         self.copies.settle()
         self.copies.collect_stall()
 

@@ -1,7 +1,7 @@
 """The one owner of the expert cache's statistics: reset, snapshot, prefill / decode split.
 
-The counters themselves are kept where the work happens (the runtime's Counters and miss
-decisions, the copy engine's bytes and stall time, the prefetch queue's submissions, the
+The counters themselves are kept where the work happens (the planner's Tally and miss
+decisions, read through the runtime's `c` / `decisions` / `queue` / `pred_stats`, the copy engine's bytes and stall time, the prefetch queue's submissions, the
 prediction scores); this class is the only code that zeroes them or reads them for a report,
 so the engine, the transformers integration and the report never touch those fields directly.
 A generation is: reset() -> prefill pass(es) -> mark_prefill() -> decode passes -> mark_done().
@@ -17,7 +17,7 @@ class StatsSnapshot:
     """Cumulative statistics at one instant; `minus` gives a phase."""
 
     counters: Any
-    """offload.runtime.Counters (expert uses, hits, misses, copies by kind, regimes)."""
+    """offload.decision.Tally (expert uses, hits, misses, copies by kind, regimes)."""
     decisions: dict[str, int]
     """How misses and late hits were served: wait / copy / cpu."""
     bytes_moved: int
@@ -63,9 +63,8 @@ class CacheStats:
     timing: Timing = field(default_factory=Timing)
 
     def reset(self) -> None:
-        from offload.runtime import Counters
         rt, cp = self.runtime, self.copies
-        rt.c, rt.decisions = Counters(), dict.fromkeys(rt.decisions, 0)
+        rt.c, rt.decisions = type(rt.c)(), dict.fromkeys(rt.decisions, 0)
         rt.pred_stats.counts.clear()
         cp.bytes_moved, cp.stall_s, cp.copies = 0, 0.0, 0
         q = rt.queue
@@ -73,9 +72,8 @@ class CacheStats:
         self.prefill, self.timing = None, Timing()
 
     def snapshot(self) -> StatsSnapshot:
-        from offload.runtime import Counters
         rt, cp, q = self.runtime, self.copies, self.runtime.queue
-        return StatsSnapshot(counters=Counters(**vars(rt.c)), decisions=dict(rt.decisions),
+        return StatsSnapshot(counters=type(rt.c)(**vars(rt.c)), decisions=dict(rt.decisions),
                              bytes_moved=cp.bytes_moved, stall_s=cp.stall_s, copies=cp.copies,
                              queue={"submitted": q.submitted, "preempted": q.preempted, "dropped": q.dropped})
 

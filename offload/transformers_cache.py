@@ -18,9 +18,9 @@ chat templates) stay transformers'. What changes:
    freed as soon as they are copied) and only the dense weights go to the device;
 2. each experts call sorts its rows by expert (moe.dispatch.LocalDispatcher) and runs the
    OffloadRuntime MoE step (slot cache, copy engine, host experts, streaming regime), then combines;
-3. predictors attach to the model's own routers: before decoder layer l runs, the gates of the MoE
-   layers m .. m+depth (m: the first at or after l) read the hidden state entering layer l through
-   their own post-attention norm (lookahead). These four families route after attention, so no
+3. predictors attach to the model's own routers: before MoE decoder layer l (MoE layer m) runs,
+   the gates of MoE layers m .. m+depth read the hidden state entering layer l through their own
+   post-attention norm (lookahead), and the planner (offload/decision.py) issues what pays. These four families route after attention, so no
    router reads the block input and no exact prediction exists for them;
 4. a forward pass that starts a new KV cache resets the statistics, so `model.expert_cache.report()`
    describes the last generate() call (its first pass is the prefill).
@@ -48,7 +48,7 @@ from offload.cache import ExpertCache, SlotPool
 from offload.config import OffloadConfig
 from offload.cpu_experts import CostModel, calibrate
 from offload.predictor import to_predictions
-from offload.prefetch import make_copy_engine
+from offload.copy import make_copy_engine
 from offload.runtime import OffloadRuntime
 from offload.stats import CacheStats
 from offload.store import ExpertLayout, HostExpertStore
@@ -134,8 +134,7 @@ class TransformersExpertCache:
         for m, layer in enumerate(moe):
             layer.mlp.experts._expert_cache_link = [(self, m)]  # a list: nn.Module must not adopt it
         model.set_experts_implementation(EXPERTS_IMPLEMENTATION)
-        self._first_moe = [next((m for m, l in enumerate(moe) if self.layers.index(l) >= i), None)
-                           for i in range(len(self.layers))]
+        self._moe_of_layer = {self.layers.index(l): m for m, l in enumerate(moe)}
         self._pass_t0 = self._decode_t0 = 0.0
         self._hooks = self._install_hooks()
         self.stats.reset()
@@ -172,8 +171,8 @@ class TransformersExpertCache:
     def _install_hooks(self) -> list:
         hooks = [self.model.register_forward_pre_hook(self._on_forward, with_kwargs=True),
                  self.model.register_forward_hook(self._on_forward_end)]
-        if self.predictor_name == "lookahead":
-            for i, layer in enumerate(self.layers):
+        for i, layer in enumerate(self.layers):
+            if i in self._moe_of_layer:
                 hooks.append(layer.register_forward_pre_hook(
                     lambda _m, args, kwargs, i=i: self._on_layer(i, args[0] if args else kwargs["hidden_states"]),
                     with_kwargs=True))
@@ -193,12 +192,13 @@ class TransformersExpertCache:
 
     @torch.no_grad()
     def _on_layer(self, i: int, h_BSD: torch.Tensor) -> None:
-        """Lookahead: the gates of MoE layers m .. m+depth on the hidden state entering layer i."""
-        m = self._first_moe[i]
-        if m is None:
-            return
+        """Before MoE decoder layer i (its attention): predictions for MoE layers m .. m+depth from
+        their own gates on the hidden state entering layer i (lookahead), then one planner pass."""
+        m = self._moe_of_layer[i]
+        if self.runtime.resident[m]:
+            return  # every expert of the layer sits in its slot: nothing to decide
         raw = []
-        for d in range(self.depth + 1):
+        for d in range(self.depth + 1 if self.predictor_name == "lookahead" else 0):
             j = m + d
             if j >= len(self.moe_layers):
                 break
@@ -206,8 +206,7 @@ class TransformersExpertCache:
             x_TD = target.post_attention_layernorm(h_BSD).reshape(-1, h_BSD.shape[-1])
             _, w_TK, idx_TK = target.mlp.gate.forward(x_TD)  # .forward: output recorders must not see it
             raw.append((j, d, idx_TK, w_TK))
-        self.runtime.submit(to_predictions(raw))
-        self.runtime.pump()
+        self.runtime.begin_layer(m, to_predictions(raw))
 
     def _on_forward_end(self, _mod, _args, _out) -> None:
         self.runtime.end_pass()

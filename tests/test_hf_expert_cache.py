@@ -12,8 +12,20 @@ import torch
 import transformers
 
 from offload.config import OffloadConfig
-from offload.transformers_cache import EXPERTS_IMPLEMENTATION, enable_expert_cache, load_with_expert_cache
 from tests.helpers import assert_close
+
+# offload.transformers_cache imports transformers.integrations.moe, which imports triton; imported at
+# collection time that would precede tests/test_kernels_triton.py setting TRITON_INTERPRET=1 and break
+# its interpreted kernels, so this module imports it only when a test runs.
+
+
+def _tc():
+    from offload import transformers_cache
+    return transformers_cache
+
+
+def enable_expert_cache(model, config):
+    return _tc().enable_expert_cache(model, config)
 
 FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe")
 
@@ -50,11 +62,12 @@ def hf_model(family: str, **kw):
     return cls(cfg).eval()
 
 
-def pair(family: str, policy: str = "predictive"):
+def pair(family: str, policy: str = "predictive", cpu_experts: bool = False):
     """(resident model, the same weights through the cache at 25% of the experts)."""
     resident = hf_model(family)
     cached = copy.deepcopy(resident)
-    enable_expert_cache(cached, OffloadConfig(expert_fraction=0.25, policy=policy, device="cpu"))
+    enable_expert_cache(cached, OffloadConfig(expert_fraction=0.25, policy=policy, cpu_experts=cpu_experts,
+                                              device="cpu"))
     return resident, cached
 
 
@@ -118,24 +131,54 @@ def test_eos_stops_each_row_of_a_padded_batch(models):
     assert len(set(stops)) > 1 and any(s is not None for s in stops)
 
 
-def test_lru_without_prediction_is_exact_too():
-    resident, cached = pair("mixtral", policy="lru")
+def test_lru_with_host_experts_is_exact_too():
+    resident, cached = pair("mixtral", policy="lru", cpu_experts=True)
     ids = torch.randint(1, 100, (2, 6), generator=torch.Generator().manual_seed(6))
     assert torch.equal(cached.generate(ids, max_new_tokens=8, do_sample=False, pad_token_id=0),
                        resident.generate(ids, max_new_tokens=8, do_sample=False, pad_token_id=0))
     rep = cached.expert_cache.report()
-    assert rep["predictor"] == "none" and rep["prefetch"]["issued"] == 0
+    assert rep["predictor"] == "none" and rep["cpu_experts"] and rep["prefetch"]["issued"] == 0
+
+
+def test_streamer_and_stopping_criteria_are_transformers_own(models):
+    """generate()'s streamer sees every token; a custom StoppingCriteria stops the cached model
+    exactly where it stops the resident one."""
+    family, resident, cached = models
+
+    class Collect(transformers.generation.BaseStreamer):
+        def __init__(self):
+            self.chunks = []
+
+        def put(self, value):
+            self.chunks.append(value.reshape(-1).tolist())
+
+        def end(self):
+            self.chunks.append("end")
+
+    class StopAfterRepeat(transformers.StoppingCriteria):
+        def __call__(self, input_ids, scores, **kwargs):
+            return input_ids[:, -1] == input_ids[:, -2]  # a token repeated: stop that row
+
+    ids = torch.randint(1, 100, (1, 6), generator=torch.Generator().manual_seed(8))
+    streamer = Collect()
+    kw = dict(max_new_tokens=12, do_sample=False, pad_token_id=0,
+              stopping_criteria=transformers.StoppingCriteriaList([StopAfterRepeat()]))
+    got = cached.generate(ids, streamer=streamer, **kw)
+    assert torch.equal(got, resident.generate(ids, **kw)), family
+    assert streamer.chunks[0] == ids[0].tolist() and streamer.chunks[-1] == "end"
+    assert sum(streamer.chunks[1:-1], []) == got[0, 6:].tolist()
 
 
 def test_from_pretrained_with_the_registered_implementation(tmp_path):
     resident = hf_model("qwen3_moe")
     resident.save_pretrained(tmp_path)
     ids = torch.randint(1, 100, (1, 5), generator=torch.Generator().manual_seed(7))
-    bare = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, experts_implementation=EXPERTS_IMPLEMENTATION)
+    name = _tc().EXPERTS_IMPLEMENTATION
+    bare = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, experts_implementation=name)
     with pytest.raises(RuntimeError, match="enable_expert_cache"):
         bare(ids)
-    model = load_with_expert_cache(str(tmp_path), OffloadConfig(gpu_expert_slots=3, device="cpu"))
-    assert model.config._experts_implementation == EXPERTS_IMPLEMENTATION
+    model = _tc().load_with_expert_cache(str(tmp_path), OffloadConfig(gpu_expert_slots=3, device="cpu"))
+    assert model.config._experts_implementation == _tc().EXPERTS_IMPLEMENTATION
     assert torch.equal(model.generate(ids, max_new_tokens=6, do_sample=False, pad_token_id=0),
                        resident.generate(ids, max_new_tokens=6, do_sample=False, pad_token_id=0))
 

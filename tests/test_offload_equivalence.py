@@ -47,18 +47,20 @@ def test_offloaded_equals_resident(position, policy, slots, cpu_experts):
         assert r["hit_rate"] > 0.5, "with every expert fitting, decode should mostly hit"
 
 
-def _forced(copy_s: float, host_s: float, device_s: float) -> Calibration:
+def _forced(copy_s: float, host_s: float, device_s: float, attn_s: float = 0.0) -> Calibration:
     """A cost model that makes one decision win, to drive every path (not a performance claim)."""
     return Calibration(device="cpu", expert_bytes=1, copy_s=copy_s, tokens=(1, 64), host_s=(host_s, 64 * host_s),
-                       device_s=(device_s, 64 * device_s), act_s_per_token=0.0)
+                       device_s=(device_s, 64 * device_s), act_s_per_token=0.0, attn_s=attn_s)
 
 
 @pytest.mark.parametrize("which,cal", [("cpu", _forced(1.0, 1e-6, 1e-3)), ("copy", _forced(1e-6, 1.0, 1e-6)),
-                                       ("wait", _forced(1e-4, 1.0, 1e-6))])
+                                       ("wait", _forced(1e-4, 1.0, 1e-6, attn_s=2e-5))])
 def test_every_miss_decision_path_is_exact(which, cal):
     r = _check(tiny_cfg("pre_attention"), _prompt(), gpu_expert_slots=3, policy="predictive", cpu_experts=True,
                calibration=cal)
     assert r["decisions"][which] > 0, r["decisions"]
+    # A prefetch pays only with an attention window to hide in: "wait" (a prefetch still landing)
+    # needs one shorter than a copy.
     if which == "cpu":
         assert r["decode"]["cpu_served"] > 0 and r["prefetch"]["issued"] > 0
 

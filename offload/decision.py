@@ -1,0 +1,471 @@
+"""The cost model that decides every expert transfer; the engine and the simulator both run it.
+
+Legend: L MoE layers, E experts, m the MoE layer about to run, key (layer, expert), P the
+calibrated probability that a key is used at its layer's next run, n tokens routed to an expert.
+
+Time is modelled, never read from a clock: a virtual timeline advances by the calibrated attention
+time per layer, the calibrated expert time per run and the stall while a needed copy lands; the
+link is a FIFO queue on which one copy takes copy_s. Every decision depends only on the routing,
+the predictions and the calibration, so the engine (offload/runtime.py executes a LayerPlan) and
+the simulator (offload/simulate.py replays a trace) make the same decisions: the same hits,
+misses, copies and bytes, and the simulator's projected time is the engine's modelled time.
+
+Per MoE layer:
+1. `prefetch(m, predictions)`, before attention. Candidates: predicted experts of layers m..m+depth
+   and (predictive) the experts those layers used last pass. One is copied only while the link is
+   idle by the end of attention (it then delays no demand miss of this layer) and when
+   P x stall avoided > link time it takes from expected demand misses + P(victim reused) x copy.
+   Queued candidates whose layer has run are cancelled, never issued.
+2. `serve(m, counts)`, the MoE step: hits first (decisions for a layer are made once, before any
+   slot of the layer is reassigned), then each miss is copied or run on host cores, whichever the
+   calibrated cost model says finishes first; its slot comes from the eviction rule.
+Eviction rules: lru / lfu (baselines); next-use (predictive: the key whose expected next use is
+farthest, i.e. layers until its layer runs again + L x (1/P - 1): aware of the layer cycle, an
+expert just used is next needed one pass later); belady (the simulator passes the future);
+layer-lru (mixtral-offloading: LRU inside equal per-layer budgets); frequency (MoE-Infinity).
+"""
+from __future__ import annotations
+
+import bisect
+from collections import deque
+from dataclasses import dataclass, field, fields
+from typing import Mapping
+
+from offload.cache import ExpertCache, Key
+from offload.cpu_experts import CostModel
+from offload.predictor import PredictionStats, RecencyGuard
+from offload.prefetch import PrefetchQueue
+
+INF = float("inf")
+
+
+@dataclass(frozen=True, kw_only=True)
+class Scheme:
+    """How a policy decides: its eviction rule and its prefetch rule."""
+
+    name: str
+    evict: str
+    """lru | lfu | next-use | belady | layer-lru | frequency."""
+    prefetch: str
+    """none | cost (the cost model decides) | always (every predicted expert, no cost check)."""
+    recency_candidates: bool = False
+    """Also consider the experts a layer used last pass as prefetch candidates."""
+    frequency_candidates: bool = False
+    """Also consider the next layer's most frequently activated experts (MoE-Infinity)."""
+
+
+SCHEMES = {s.name: s for s in (
+    Scheme(name="lru", evict="lru", prefetch="none"),
+    Scheme(name="lfu", evict="lfu", prefetch="none"),
+    Scheme(name="predictive", evict="next-use", prefetch="cost", recency_candidates=True),
+    Scheme(name="belady", evict="belady", prefetch="none"),
+    Scheme(name="belady-prefetch", evict="belady", prefetch="cost"),
+    Scheme(name="mixtral-offloading", evict="layer-lru", prefetch="always"),
+    Scheme(name="moe-infinity", evict="frequency", prefetch="always", frequency_candidates=True),
+)}
+
+
+@dataclass(frozen=True)
+class Op:
+    """One step of a layer's plan, in execution order: copy `key` into `slot` (evicting `evicted`),
+    run `key` from its slot (waiting for its copy), or run `key` on host cores."""
+
+    kind: str
+    key: Key
+    slot: int = -1
+    evicted: Key | None = None
+
+
+@dataclass
+class LayerPlan:
+    ops: list[Op] = field(default_factory=list)
+    stream: bool = False
+
+
+@dataclass
+class Tally:
+    """What the decisions did (the engine's counters are these)."""
+
+    expert_uses: int = 0
+    hits: int = 0
+    late_hits: int = 0
+    misses: int = 0
+    cpu_served: int = 0
+    demand_copies: int = 0
+    stream_copies: int = 0
+    prefetch_issued: int = 0
+    prefetch_used: int = 0
+    prefetch_wasted: int = 0
+    prefetch_cancelled: int = 0
+    background_copies: int = 0
+    cache_steps: int = 0
+    stream_steps: int = 0
+
+    def minus(self, other: "Tally") -> "Tally":
+        return Tally(**{f.name: getattr(self, f.name) - getattr(other, f.name) for f in fields(self)})
+
+    def as_dict(self) -> dict[str, int | float | None]:
+        d = {f.name: getattr(self, f.name) for f in fields(self)}
+        d["hit_rate"] = self.hits / self.expert_uses if self.expert_uses else None
+        return d
+
+
+class UsageStats:
+    """Per key: an EMA of "used at its layer's run" (lazy decay), and what each layer used last run."""
+
+    def __init__(self, num_layers: int, decay: float = 0.95):
+        self.decay = decay
+        self.runs = [0] * num_layers
+        self.ema: dict[Key, tuple[float, int]] = {}
+        self.last: list[set[int]] = [set() for _ in range(num_layers)]
+
+    def observe(self, m: int, used: list[int]) -> None:
+        self.runs[m] += 1
+        r = self.runs[m]
+        for e in used:
+            v, t = self.ema.get((m, e), (0.0, r))
+            self.ema[(m, e)] = (v * self.decay ** (r - t) * self.decay + (1 - self.decay), r)
+        self.last[m] = set(used)
+
+    def frequency(self, key: Key) -> float:
+        v, t = self.ema.get(key, (0.0, 0))
+        return v * self.decay ** (self.runs[key[0]] - t)
+
+
+class Planner:
+    """Decides every copy, eviction and host run (see module docstring). `future` (simulator
+    only, belady): key -> sorted positions pass * L + layer at which the key is used."""
+
+    def __init__(self, cache: ExpertCache, cost: CostModel, num_layers: int, *, scheme: str | Scheme = "lru",
+                 cpu_experts: bool = False, stream_fraction: float = 0.75, num_experts: int,
+                 max_prefetch_per_layer: int | None = None, future: Mapping[Key, list[int]] | None = None):
+        self.scheme = SCHEMES[scheme] if isinstance(scheme, str) else scheme
+        if self.scheme.evict == "belady" and future is None:
+            raise ValueError(f"policy {self.scheme.name!r} needs the future routing: only the simulator has it")
+        self.cache, self.cost, self.L, self.E = cache, cost, num_layers, num_experts
+        self.cpu_experts, self.stream_fraction = cpu_experts, stream_fraction
+        self.copy_s, self.attn_s = cost.cal.copy_s, cost.cal.attn_s
+        self.max_prefetch = max_prefetch_per_layer or cache.num_slots
+        self.future = future
+        self.queue = PrefetchQueue(max_pending=num_layers * num_experts)
+        self.stats, self.guard, self.pred_stats = UsageStats(num_layers), RecencyGuard(), PredictionStats()
+        self.pending_eval: dict[int, list[tuple[int, set[int]]]] = {}
+        self._pred_p: dict[Key, float] = {}
+        self.hit_dist: dict[int, list[int]] = {}
+        """distance -> [predicted and used, predicted]: the predictor's calibration."""
+        self.t = Tally()
+        self.decisions = {"wait": 0, "copy": 0, "cpu": 0}
+        self.now = self.link_free = self.stall_s = 0.0
+        self.ready_at: dict[Key, float] = {}
+        self.prefetched: set[Key] = set()
+        self.passes, self.pos = 0, 0
+        self.layer_s = self.attn_s + 2 * cost.device_time(1)
+        """EMA of modelled seconds per layer (to date a prediction's use)."""
+        self.demand_per_layer = 0.0
+        """EMA of demand copies per layer (the link time a prefetch would take from them)."""
+
+    # ---------------------------------------------------------------- probabilities
+    def p_predicted(self, d: int) -> float:
+        """Calibrated P(a key predicted at distance d is used): Laplace-smoothed measured precision."""
+        tp, n = self.hit_dist.get(d, (0, 0))
+        return (tp + 1) / (n + 2)
+
+    def p_recent(self) -> float:
+        """Calibrated P(a key its layer used last run is used again): the guard's measured precision."""
+        g = self.guard
+        return g.recency_ema if g.scored else 0.5
+
+    def p_use(self, key: Key) -> float:
+        """P(key is used at its layer's next run): the best calibrated guess that names it."""
+        p = self.stats.frequency(key)
+        if key[1] in self.stats.last[key[0]]:
+            p = max(p, self.p_recent())
+        pred = self.queue.predicted.get(key)
+        if pred is not None:
+            p = max(p, self._pred_p.get(key, 0.0))
+        return p
+
+    def next_use(self, key: Key) -> float:
+        """Expected layers until key is next used (Belady's ordering, with probabilities)."""
+        if self.future is not None:
+            uses = self.future.get(key, [])
+            here = self.passes * self.L + self.pos
+            i = bisect.bisect_left(uses, here)
+            return uses[i] - here if i < len(uses) else INF
+        ahead = (key[0] - self.pos) % self.L
+        p = self.p_use(key)
+        return INF if p <= 0 else ahead + self.L * (1.0 / p - 1.0)
+
+    # ---------------------------------------------------------------- eviction
+    def _candidates(self) -> list[Key]:
+        c = self.cache
+        return [k for s, k in enumerate(c.owner) if k is not None and c.pins[s] == 0]
+
+    def victim_slot(self, incoming: Key, *, prefetch: bool) -> int | None:
+        """A free slot, else the eviction rule's victim; None when every slot is pinned or (prefetch)
+        when every candidate is expected back sooner than `incoming`."""
+        c = self.cache
+        if c.num_slots >= self.L * self.E:  # everything fits: each key has a home slot, layers stay contiguous
+            return incoming[0] * self.E + incoming[1]
+        for s in range(c.num_slots):
+            if c.owner[s] is None and c.pins[s] == 0:
+                return s
+        cands = self._candidates()
+        if not cands:
+            return None
+        rule = self.scheme.evict
+        if rule in ("lru", "lfu"):
+            v = c.policy.victim(cands, {})
+        elif rule == "layer-lru":
+            v = self._layer_lru(cands, incoming)
+        elif rule == "frequency":
+            v = min(cands, key=lambda k: (self.stats.frequency(k), -((k[0] - self.pos) % self.L)))
+        else:
+            v = max(cands, key=lambda k: (self.next_use(k), -c.policy.last_use.get(k, 0)))
+            if prefetch and self.next_use(v) <= self.next_use(incoming):
+                return None  # never evict an expert expected back sooner than the one coming in
+        if prefetch and rule in ("layer-lru", "frequency") and v in self.queue.predicted:
+            return None  # the baselines never evict what they just predicted
+        return c.slot_of[v]
+
+    def _layer_lru(self, cands: list[Key], incoming: Key) -> Key:
+        """mixtral-offloading: each layer owns slots // L; LRU inside the incoming key's layer
+        when it is at its budget, else inside the layers over theirs."""
+        budget = max(1, self.cache.num_slots // self.L)
+        held: dict[int, int] = {}
+        for k in self.cache.slot_of:
+            held[k[0]] = held.get(k[0], 0) + 1
+        mine = [k for k in cands if k[0] == incoming[0]]
+        pool = mine if mine and held.get(incoming[0], 0) >= budget else \
+            [k for k in cands if held.get(k[0], 0) > budget] or cands
+        return min(pool, key=lambda k: self.cache.policy.last_use.get(k, 0))
+
+    def _assign(self, key: Key, slot: int) -> Key | None:
+        old = self.cache.assign(key, slot)
+        if old is not None:
+            self.ready_at.pop(old, None)
+            if old in self.prefetched:
+                self.prefetched.discard(old)
+                self.t.prefetch_wasted += 1
+        return old
+
+    def _copy(self, key: Key, slot: int) -> Op:
+        """Assign and queue the copy on the modelled link (FIFO)."""
+        old = self._assign(key, slot)
+        self.link_free = self.ready_at[key] = max(self.link_free, self.now) + self.copy_s
+        return Op("copy", key, slot, old)
+
+    # ---------------------------------------------------------------- 1. prefetch
+    def submit(self, predictions) -> None:
+        """(layer, distance, {expert: confidence}) from a predictor; remembered for calibration."""
+        for j, d, experts in predictions:
+            if j < self.pos or j >= self.L:
+                continue
+            self.queue.submit(j, experts, d)
+            self.pending_eval.setdefault(j, []).append((d, set(experts)))
+        self._pred_p = {k: self.p_predicted(r.distance) for k, r in self.queue.pending.items()}
+        for k in self.queue.predicted:
+            self._pred_p.setdefault(k, self.p_predicted(k[0] - self.pos))
+
+    def prefetch(self, m: int, predictions=()) -> list[Op]:
+        """Before layer m's attention: take predictions, cancel stale requests, issue what pays."""
+        self.pos = m
+        if predictions:
+            self.submit(predictions)
+        if self.scheme.prefetch == "none":
+            return []
+        cands = {k: (r.deadline, self._pred_p.get(k, r.confidence)) for k, r in self.queue.pending.items()
+                 if k not in self.cache}
+        if self.scheme.recency_candidates:
+            for j in range(m, min(self.L, m + 2)):
+                for e in self.stats.last[j]:
+                    if (j, e) not in self.cache and (j, e) not in cands:
+                        cands[(j, e)] = (j, self.p_recent())
+        if self.scheme.frequency_candidates:
+            cands.update({k: v for k, v in self._frequency_candidates(m + 1, 1).items() if k not in self.cache})
+        ops: list[Op] = []
+        cost_rule = self.scheme.prefetch == "cost"
+        while cands and len(ops) < self.max_prefetch:
+            key = self._best(cands) if cost_rule else min(cands, key=lambda k: (cands[k][0], -cands[k][1]))
+            if key is None:
+                break
+            deadline, p = cands.pop(key)
+            self.queue.pending.pop(key, None)
+            slot = self.victim_slot(key, prefetch=True)
+            if slot is None:
+                continue
+            victim = self.cache.owner[slot]
+            if cost_rule and victim is not None and self._gain(deadline, p) <= (1 - p) * self._evict_cost(victim):
+                continue
+            ops.append(self._copy(key, slot))
+            self.prefetched.add(key)
+            self.t.prefetch_issued += 1
+        return ops
+
+    def _frequency_candidates(self, m: int, depth: int) -> dict[Key, tuple[int, float]]:
+        """MoE-Infinity: per coming layer, its most frequently activated experts (as many as the
+        layer used last run)."""
+        out: dict[Key, tuple[int, float]] = {}
+        for j in range(m, min(self.L, m + depth + 1)):
+            n = len(self.stats.last[j])
+            ranked = sorted(range(self.E), key=lambda e: -self.stats.frequency((j, e)))[:n]
+            for e in ranked:
+                out[(j, e)] = (j, self.stats.frequency((j, e)))
+        return out
+
+    def _gain(self, deadline: int, p: float) -> float:
+        """P x stall avoided - link time taken from this layer's expected demand misses. The latter is
+        weighted by (1 - P): a right prediction is a copy the link carries anyway, only earlier."""
+        window_end = self.now + self.attn_s
+        t_need = window_end + (deadline - self.pos) * self.layer_s
+        t_land = max(self.link_free, self.now) + self.copy_s
+        avoided = self.copy_s - max(0.0, t_land - t_need)
+        taken = max(0.0, t_land - window_end) * self.demand_per_layer
+        return p * avoided - (1 - p) * taken
+
+    def _evict_cost(self, victim: Key) -> float:
+        """The miss an eviction may cause. Weighted by (1 - P) at the call: had the prediction been
+        right, its demand miss would have evicted someone anyway."""
+        return self.p_use(victim) * self.copy_s
+
+    def _best(self, cands: dict[Key, tuple[int, float]]) -> Key | None:
+        """The candidate with the largest positive gain, if the link is idle by the end of attention."""
+        if self.link_free > self.now + self.attn_s:
+            return None
+        best, best_gain = None, 0.0
+        for k, (deadline, p) in cands.items():
+            g = self._gain(deadline, p)
+            if g > best_gain:
+                best, best_gain = k, g
+        return best
+
+    # ---------------------------------------------------------------- 2. the MoE step
+    def serve(self, m: int, counts: Mapping[int, int]) -> LayerPlan:
+        """Layer m routes counts[e] tokens to expert e (only e with counts > 0). Returns the ops in
+        execution order and advances the modelled time by attention, waits and expert runs."""
+        self.pos = m
+        needed = sorted(counts)
+        self._score(m, needed)
+        cancelled = [k for k in self.queue.pending if k[0] <= m]
+        self.t.prefetch_cancelled += len(cancelled)
+        self.queue.layer_done(m)
+        self.now += self.attn_s
+        t0 = self.now
+        plan = LayerPlan()
+        hits = [e for e in needed if (m, e) in self.cache]
+        misses = [e for e in needed if (m, e) not in self.cache]
+        t = self.t
+        t.expert_uses += len(needed)
+        t.hits += len(hits)
+        t.misses += len(misses)
+        plan.stream = len(needed) >= self.stream_fraction * self.E and len(needed) > 1 and (
+            not self.cpu_experts or self.cost.prefers_copy(sum(counts.values()) // max(1, len(needed))))
+        self._serve_hits(m, hits, counts, plan)
+        copy = self._decide_misses(m, misses, counts, plan)
+        self._fetch_and_run(m, copy, counts, plan)
+        self.stats.observe(m, needed)
+        self.pos = (m + 1) % self.L
+        self.layer_s = 0.9 * self.layer_s + 0.1 * (self.now - t0 + self.attn_s)
+        self.demand_per_layer = 0.9 * self.demand_per_layer + 0.1 * len(copy)
+        return plan
+
+    def _run(self, key: Key, n: int, plan: LayerPlan) -> None:
+        wait = max(0.0, self.ready_at.pop(key, 0.0) - self.now)
+        self.stall_s += wait
+        self.now += wait + self.cost.device_time(n)
+        self.cache.access(key)
+        if key in self.prefetched:
+            self.prefetched.discard(key)
+            self.t.prefetch_used += 1
+        plan.ops.append(Op("run", key, self.cache.slot_of[key]))
+
+    def _host(self, key: Key, n: int, plan: LayerPlan) -> None:
+        self.now += self.cost.host_time(n)
+        self.t.cpu_served += 1
+        plan.ops.append(Op("cpu", key))
+
+    def _serve_hits(self, m: int, hits: list[int], counts, plan: LayerPlan) -> None:
+        landed = sorted(hits, key=lambda e: self.ready_at.get((m, e), 0.0) > self.now)  # landed first
+        allow_cpu = self.cpu_experts and not plan.stream
+        for e in landed:
+            key, n = (m, e), counts[e]
+            remaining = self.ready_at.get(key, 0.0) - self.now
+            if remaining > 0:
+                dec = self.cost.decide(n, remaining, allow_cpu)
+                self.decisions[dec] += 1
+                if dec == "cpu":  # the copy keeps landing; the next use is a plain hit
+                    self._host(key, n, plan)
+                    continue
+                self.t.late_hits += 1
+            self._run(key, n, plan)
+
+    def _decide_misses(self, m: int, misses: list[int], counts, plan: LayerPlan) -> list[int]:
+        if plan.stream:
+            self.t.stream_steps += 1
+            self.t.stream_copies += len(misses)
+            return misses
+        self.t.cache_steps += 1
+        copy = []
+        for e in misses:
+            queued = max(self.link_free, self.now) - self.now
+            dec = self.cost.decide(counts[e], None, self.cpu_experts, queued_s=queued)
+            self.decisions[dec] += 1
+            if dec == "cpu":
+                self._host((m, e), counts[e], plan)
+                self._admit_in_background((m, e), plan)
+            else:
+                copy.append(e)
+        self.t.demand_copies += len(copy)
+        return copy
+
+    def _fetch_and_run(self, m: int, experts: list[int], counts, plan: LayerPlan) -> None:
+        """Misses, pipelined: up to `window` copies ahead (half the pool when streaming), each run
+        in order; a slot is reusable once its expert ran, so a single slot still progresses."""
+        window = max(1, self.cache.num_slots // 2) if plan.stream else self.cache.num_slots
+        todo, issued = deque(experts), deque()
+        while todo or issued:
+            while todo and len(issued) < window:
+                key = (m, todo[0])
+                slot = self.victim_slot(key, prefetch=False)
+                if slot is None:
+                    break  # every slot holds a miss of this step that has not run yet
+                todo.popleft()
+                plan.ops.append(self._copy(key, slot))
+                self.cache.pin(slot)
+                issued.append((key, slot))
+            key, slot = issued.popleft()
+            self.cache.unpin(slot)
+            self._run(key, counts[key[1]], plan)
+
+    def _admit_in_background(self, key: Key, plan: LayerPlan) -> None:
+        """A host-served expert takes a slot only when the link is idle and nothing queued waits,
+        and (predictive) only over an expert expected back later."""
+        if self.queue.pending or self.link_free > self.now or key in self.cache:
+            return
+        slot = self.victim_slot(key, prefetch=True)
+        if slot is None:
+            return
+        plan.ops.append(self._copy(key, slot))
+        self.t.background_copies += 1
+
+    def _score(self, m: int, needed: list[int]) -> None:
+        """Calibration: each prediction for layer m against what it used."""
+        scored = self.pending_eval.pop(m, [])
+        used = set(needed)
+        for d, predicted in scored:
+            self.pred_stats.update(m, d, predicted, used)
+            c = self.hit_dist.setdefault(d, [0, 0])
+            c[0] += len(predicted & used)
+            c[1] += len(predicted)
+        self.guard.observe(m, used, [p for _, p in scored])
+
+    def end_pass(self) -> None:
+        """A forward pass ended: predictions never go past it."""
+        self.queue.reset()
+        self.pending_eval.clear()
+        self._pred_p = {}
+        self.passes += 1
+        self.pos = 0
+
+
+__all__ = ["Planner", "Scheme", "SCHEMES", "Op", "LayerPlan", "Tally", "UsageStats"]
