@@ -88,6 +88,8 @@ class Scheduler:
         with self._cv:
             self._closing = True
             self._cv.notify()
+        if self._thread.ident is None:  # never started (the server failed to start)
+            return
         self._thread.join(timeout)
         with self._cv:
             self._abort = True
