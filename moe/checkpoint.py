@@ -314,3 +314,32 @@ def latest_checkpoint(root: str | Path, *, verify: bool = True,
         except CheckpointError as e:
             print(f"[checkpoint] skipping {p}: {e}", flush=True)
     return None
+
+
+class ResumeMismatch(ValueError):
+    """The run directory's checkpoints belong to another run (model config) or are past max_steps.
+    Not a corruption: resume stops with this error instead of falling back to an older checkpoint."""
+
+
+def resume_check(run_config: dict[str, Any], param_names: list[str]) -> Callable[[Checkpoint], None]:
+    """The check `Trainer.fit` passes to `latest_checkpoint`: optimizer state covers every parameter
+    (else the checkpoint is skipped), and the checkpoint's model config and step fit this run (else
+    ResumeMismatch, naming the flags that start over)."""
+    from moe.config import RunConfig
+
+    def check(ck: Checkpoint) -> None:
+        check_optimizer_coverage(ck, param_names)
+        ours = RunConfig.from_dict(run_config, source="this run")
+        try:
+            theirs = RunConfig.from_dict(ck.manifest.config, source=str(ck.path / MANIFEST))
+        except ValueError as e:
+            raise CheckpointError(str(e)) from None
+        fix = "pass --no-resume to start over in this directory, or a new --out"
+        if theirs.model != ours.model:
+            diff = sorted(k for k in ours.to_dict()["model"] if ours.to_dict()["model"][k] != theirs.to_dict()["model"][k])
+            raise ResumeMismatch(f"checkpoint {ck.path} was written for another model ({theirs.name!r}; differs in "
+                                 f"{diff}); {fix}")
+        if ck.step > ours.train.max_steps:
+            raise ResumeMismatch(f"checkpoint {ck.path} is at step {ck.step}, past max_steps={ours.train.max_steps}; "
+                                 f"pass --max-steps {ck.step} or more to continue it, or {fix}")
+    return check

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -36,6 +36,8 @@ class HFCheckpoint:
     files: tuple[Path, ...]
     tensors: dict[str, _Found]
     plan: dict[str, _Slot]
+    hf_config: dict = field(default_factory=dict)
+    """config.json as read (export_hf writes back the fields transformers uses that RunConfig lacks)."""
 
 
 def _shard_files(path: Path) -> tuple[list[Path], dict[str, str] | None]:
@@ -144,6 +146,6 @@ def read_hf(path: str | Path, *, max_seq_len: int | None = None,
     dtype, dtype_source = _checkpoint_dtype(fields, found)
     plan = tensor_plan(family, run.model, layout)
     _check_tensors(path, plan, found, dtype, dtype_source, run.model.tie_embeddings)
-    return HFCheckpoint(path, family, run, dtype, layout, tuple(files), found, plan)
+    return HFCheckpoint(path, family, run, dtype, layout, tuple(files), found, plan, dict(fields.d))
 
 
