@@ -27,6 +27,7 @@ keep exactly the silent wrong loads this version exists to stop.
 from __future__ import annotations
 
 import dataclasses
+import errno
 import math
 import os
 import re
@@ -63,8 +64,12 @@ def write_shard_file(tmp_dir: Path, file: str, tensors: dict[str, torch.Tensor],
     offsets = offsets or {}
     cpu = {name: t.detach().cpu().contiguous() for name, t in tensors.items()}
     keys = {name: name.replace("/", ".") for name in cpu}
-    save_file({keys[n]: t for n, t in cpu.items()}, str(tmp_dir / file))
-    _fsync_file(tmp_dir / file)
+    try:
+        save_file({keys[n]: t for n, t in cpu.items()}, str(tmp_dir / file))
+        _fsync_file(tmp_dir / file)
+    except (SafetensorError, OSError) as e:  # name the path: disk full / read-only must say where
+        raise OSError(getattr(e, "errno", None) or errno.EIO, f"cannot write checkpoint shard ({e})",
+                      str(tmp_dir / file)) from None
     return {n: ShardRecord(file, keys[n], offsets.get(n, 0), tuple(t.shape), tensor_crc32(t)) for n, t in cpu.items()}
 
 
@@ -92,7 +97,7 @@ def write_sealed(path: Path, body: Any, fmt: str, version: int) -> None:
             fh.flush()
             os.fsync(fh.fileno())
     except OSError as e:
-        raise OSError(e.errno, f"cannot write {path}: {e.strerror}") from None
+        raise OSError(e.errno, f"cannot write ({e.strerror})", str(path)) from None
 
 
 def read_sealed(path: Path, fmt: str, version: int, max_bytes: int) -> Any:

@@ -32,6 +32,7 @@ TRACE_VERSION = 2
 MAX_LAYERS, MAX_EXPERTS, MAX_TOP_K = 4096, 65536, 256
 MAX_TRACE_BYTES = 1 << 30
 _COLUMNS = {"step": "<i4", "seq": "<i4", "pos": "<i4", "layer": "<u2", "experts": "<u2", "scores": "<f4"}
+_KEYS = {"format", "version", "num_layers", "num_experts", "top_k", "num_records", "meta", *_COLUMNS}
 
 
 class TraceError(ValueError):
@@ -79,6 +80,9 @@ class RoutingTrace:
         if d.get("version") != TRACE_VERSION:
             raise TraceError(f"{what} has trace version {d.get('version')!r}; this build reads version "
                              f"{TRACE_VERSION}; re-record it with this version of moe-runtime")
+        unknown = sorted(set(d) - _KEYS, key=str)
+        if unknown:
+            raise TraceError(f"{what}: unknown field(s) {unknown}")
         L, E, K, N = (_int_field(d, k, what) for k in ("num_layers", "num_experts", "top_k", "num_records"))
         if not (1 <= L <= MAX_LAYERS and 1 <= E <= MAX_EXPERTS and 1 <= K <= min(E, MAX_TOP_K) and N >= 0):
             raise TraceError(f"{what}: num_layers={L}, num_experts={E}, top_k={K}, num_records={N} are out of range "
@@ -188,10 +192,10 @@ def _check_meta(meta: Any, what: str) -> dict[str, Any]:
         raise TraceError(f"{what}: field 'meta' is {type(meta).__name__}, expected a map")
     for key, kind in _META_TYPES.items():
         v = meta.get(key)
-        if v is not None and (not isinstance(v, kind) or isinstance(v, bool) or (kind is int and v < 0)):
+        if key in meta and (not isinstance(v, kind) or isinstance(v, bool) or (kind is int and v < 0)):
             raise TraceError(f"{what}: meta.{key}={v!r:.60} should be a {'non-negative ' if kind is int else ''}"
                              f"{kind.__name__}")
-    if meta.get("calibration") is not None:
+    if "calibration" in meta:
         _check_calibration(meta["calibration"], f"{what}: meta.calibration")
     return meta
 
