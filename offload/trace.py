@@ -30,6 +30,8 @@ from moe.serial import DecodeError, seal, unseal
 TRACE_FORMAT = "moe-routing-trace"
 TRACE_VERSION = 2
 MAX_LAYERS, MAX_EXPERTS, MAX_TOP_K = 4096, 65536, 256
+MAX_TRACE_OBJECTS = 65536
+"""A trace body is ~20 fields (columns are byte strings) plus a small `meta`."""
 MAX_TRACE_BYTES = 1 << 30
 _COLUMNS = {"step": "<i4", "seq": "<i4", "pos": "<i4", "layer": "<u2", "experts": "<u2", "scores": "<f4"}
 _KEYS = {"format", "version", "num_layers", "num_experts", "top_k", "num_records", "meta", *_COLUMNS}
@@ -122,7 +124,7 @@ class RoutingTrace:
             raise TraceError(f"trace file {p} is {size} bytes, over the limit of {max_bytes} bytes; "
                              f"pass a larger max_bytes only for a file you trust")
         try:
-            d = unseal(p.read_bytes(), TRACE_FORMAT, TRACE_VERSION, f"trace file {p}", max_bytes)
+            d = unseal(p.read_bytes(), TRACE_FORMAT, TRACE_VERSION, f"trace file {p}", max_bytes, MAX_TRACE_OBJECTS)
         except DecodeError as e:
             raise TraceError(f"trace file {p} is corrupted: {e}") from None
         except OSError as e:

@@ -231,7 +231,9 @@ def structural_checkpoint(step_dir: Path, rng: random.Random) -> str:
     op = rng.choice(("swap", "tensors_list", "files_list", "model_list", "delete", "unknown", "optim_rename",
                      "offset", "global_shape", "dtype", "crc", "size", "format"))
     if op == "swap":
-        return "swap " + swap_value(body, rng, lambda p, v: _free_form(p, v) or _config_ok(body, p, v))
+        where = swap_value(body, rng, lambda p, v: _free_form(p, v) or _config_ok(body, p, v))
+        reseal_manifest(step_dir, body)
+        return "swap " + where
     if op == "tensors_list":
         body["tensors"] = list(body["tensors"].values())
     elif op == "files_list":
@@ -333,8 +335,7 @@ def structural_trace(body: dict[str, Any], rng: random.Random) -> str:
     elif op == "calibration_str":
         body["meta"]["calibration"] = "fast"
     elif op == "swap":
-        return "swap " + swap_value(body, rng, lambda p, v: p[0] == "meta" and len(p) > 1 and p[1] not in (
-            "d_model", "d_expert", "expert_bytes", "dtype", "router_position", "source", "run", "calibration"))
+        return "swap " + swap_value(body, rng, _trace_value_ok)
     elif op == "records":
         body["num_records"] += rng.choice((1, -1))
     elif op == "column":
@@ -346,6 +347,19 @@ def structural_trace(body: dict[str, Any], rng: random.Random) -> str:
     else:
         body["version"] = rng.choice((1, 3, "2"))
     return op
+
+
+def _trace_value_ok(path: list[str], v: Any) -> bool:
+    """Would v at path still be a valid trace? Free-form meta entries, and a non-negative int where
+    the calibration holds a float (a number is a number)."""
+    if path[0] != "meta" or len(path) < 2:
+        return False
+    if path[1] not in ("d_model", "d_expert", "expert_bytes", "dtype", "router_position", "source", "run",
+                       "calibration"):
+        return True
+    floats = ("copy_s", "act_s_per_token", "attn_s", "copy_gbps", "host_s", "device_s")
+    return path[1] == "calibration" and len(path) > 2 and path[2] in floats and _int(v) and v >= 0 and (
+        path[2] not in ("host_s", "device_s") or len(path) == 4)
 
 
 def _bad_column(body: dict[str, Any], rng: random.Random) -> str:
