@@ -7,10 +7,20 @@ from __future__ import annotations
 import collections
 
 import pytest
+import torch
 
 from tests.fuzzing import FAILURES, KINDS, cases, make_seeds, run_case
 
 N_CASES = 480
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    # Tiny matmuls: thread hand-offs cost more than they save on a shared 2-core box.
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")
