@@ -136,8 +136,10 @@ def export_hf(model: MoETransformer, run_config: RunConfig | ModelConfig, out_di
         raise ValueError("run_config.model differs from model.cfg; pass the config the model was built with")
     family = family or infer_family(cfg)
     dt = _as_dtype(dtype) or model.embed.weight.dtype
-    config = {**hf_config(cfg, family, dt), **read_back(getattr(model, "hf_config", None) or {}, cfg, family),
-              **(extra_config or {})}
+    source = getattr(model, "hf_config", None) or {}
+    config = {**hf_config(cfg, family, dt), **read_back(source, cfg, family), **(extra_config or {})}
+    if source and "head_dim" not in source and cfg.head_dim == cfg.d_model // cfg.n_heads:
+        config.pop("head_dim")  # transformers derives it; the loaded config.json did not carry it
     for layer in model.moe_layers():
         if bool(layer.router.bias_E.any()):
             raise ValueError("the routers carry aux-free selection biases (aux_free_bias); transformers has no "
