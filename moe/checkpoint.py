@@ -39,8 +39,9 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import safe_open, save_file
 
-from moe.manifest import (FORMAT, MANIFEST, ST_DTYPES, VERSION, CheckpointError, FileRecord, Manifest,
+from moe.manifest import (FORMAT, MANIFEST, ST_DTYPES, VERSION, CheckpointError, FileRecord, Manifest,  # noqa: F401
                           ShardRecord, TensorRecord, check_file_name, field_of, tensor_crc32)
+# (field_of, FORMAT, ... are re-exported: cluster shard-records files are checked with the same accessors)
 from moe.serial import DecodeError, file_digest, seal, unseal
 
 MAX_MANIFEST_BYTES = 32 * 1024 * 1024

@@ -18,7 +18,6 @@ the mutation, loads it the way the runtime does and classifies the outcome:
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import random

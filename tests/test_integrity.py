@@ -5,7 +5,6 @@ tests/fuzzing.make_seeds. Every mutation works on a copy.
 """
 from __future__ import annotations
 
-import json
 import random
 import shutil
 import struct
