@@ -19,34 +19,32 @@ the mutation, loads it the way the runtime does and classifies the outcome:
 from __future__ import annotations
 
 import json
-import math
 import random
-import re
 import shutil
 import signal
-import struct
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-import msgpack
 import numpy as np
 import torch
 
-from moe.checkpoint import (MANIFEST, Checkpoint, CheckpointError, ResumeMismatch, read_sealed, resume_check,
-                            write_sealed)
+from moe.checkpoint import MANIFEST, Checkpoint, CheckpointError, ResumeMismatch, resume_check
 from moe.config import ConfigError, RunConfig, load_config
-from moe.data import Corpus
+from moe.data import Corpus  # noqa: F401  (tests build their corpora from here)
 from moe.hf.config import HFCheckpointError
 from moe.manifest import FORMAT, VERSION
-from moe.serial import DecodeError, file_digest, seal, unseal
+from moe.serial import DecodeError, seal, unseal
 from offload.trace import TRACE_FORMAT, TRACE_VERSION, RoutingTrace, TraceError, recorder_for
+from tests.fuzz_mutations import (SHARD, bit_flip, bomb_file, header_edit, manifest_body, path_escape,  # noqa: F401
+                                  random_bytes, reseal_manifest, structural_checkpoint, structural_trace,
+                                  trailing_data, truncation)
+from tests.fuzz_oracle import mutate_config, oracle_valid
 
 ERRORS = (CheckpointError, TraceError, ConfigError, DecodeError, HFCheckpointError, ResumeMismatch)
 FAILURES = ("silent_wrong_load", "over_refused", "unnamed_refusal", "crash", "hang", "memory")
 HANG_S = 20
-SHARD = "model-rank00000.safetensors"
 KINDS = {
     "checkpoint": ("bit_flip", "truncation", "random_bytes", "trailing_data", "header_edit", "msgpack_bomb",
                    "structural_swap", "path_escape"),
@@ -128,360 +126,6 @@ def cases(n: int, seed: int) -> list[tuple[str, str, int]]:
     return [(*flat[i % len(flat)], rng.randrange(2**31)) for i in range(n)]
 
 
-# ---------------------------------------------------------------- byte-level mutations (any file)
-def bit_flip(raw: bytes, rng: random.Random) -> bytes:
-    b = bytearray(raw)
-    for _ in range(rng.choice((1, 1, 2, 3))):
-        b[rng.randrange(len(b))] ^= 1 << rng.randrange(8)
-    return bytes(b)
-
-
-def truncation(raw: bytes, rng: random.Random) -> bytes:
-    return raw[:rng.randrange(len(raw))]
-
-
-def random_bytes(raw: bytes, rng: random.Random) -> bytes:
-    if rng.random() < 0.2:
-        return rng.randbytes(rng.randrange(1, 4096))
-    b = bytearray(raw)
-    at, k = rng.randrange(len(b)), rng.randrange(1, 64)
-    b[at:at + k] = rng.randbytes(min(k, len(b) - at))
-    return bytes(b)
-
-
-def trailing_data(raw: bytes, rng: random.Random) -> bytes:
-    tails = [rng.randbytes(rng.randrange(1, 64)), b"\x00", b"\x92\x01", b"\xc4\x10abc", msgpack.packb({"x": 1})]
-    return raw + rng.choice(tails)
-
-
-def msgpack_bomb(rng: random.Random, max_mb: float) -> bytes:
-    """Nested / flat empty containers, many small ints or strings: tiny on disk, huge as Python objects."""
-    n = int(rng.uniform(0.05, 1.0) * max_mb * 2**20)
-    kind = rng.choice(("flat_arrays", "flat_maps", "deep", "ints", "strs"))
-    if kind == "flat_arrays":
-        return b"\xdd" + struct.pack(">I", n) + b"\x90" * n
-    if kind == "flat_maps":
-        return b"\xdf" + struct.pack(">I", n // 2) + b"\xa0\x80" * (n // 2)
-    if kind == "deep":
-        return b"\x91" * n + b"\x90"
-    if kind == "ints":
-        return b"\xdd" + struct.pack(">I", n // 3) + b"\xcd\x12\x34" * (n // 3)
-    return b"\xdd" + struct.pack(">I", n // 2) + b"\xa1x" * (n // 2)
-
-
-def bomb_file(rng: random.Random, max_mb: float, fmt: str, version: int) -> bytes:
-    """A bomb as the whole file, or sealed with a valid digest (the body must then stop it)."""
-    bomb = msgpack_bomb(rng, max_mb)
-    if rng.random() < 0.5:
-        return bomb
-    return msgpack.packb({"format": fmt, "version": version, "sha256": __import__("hashlib").sha256(
-        msgpack.packb([fmt, version, bomb], use_bin_type=True)).digest(), "body": bomb}, use_bin_type=True)
-
-
-# ---------------------------------------------------------------- structural mutations (resealed)
-_OTHER_VALUES = [None, True, 1.5, -7, 2**40, "x", "", [], [1, 2], {}, {"a": 1}, b"\x00"]
-
-
-def swap_value(d: Any, rng: random.Random, allowed: Callable[[list[str], Any], bool]) -> str:
-    """Replace one value somewhere in d by a value `allowed(path, value)` calls invalid; return the path."""
-    paths = []
-
-    def walk(x: Any, path: list[str]) -> None:
-        if isinstance(x, dict):
-            for k, v in x.items():
-                paths.append((x, k, path + [str(k)]))
-                walk(v, path + [str(k)])
-        elif isinstance(x, list):
-            for i, v in enumerate(x):
-                paths.append((x, i, path + [str(i)]))
-                walk(v, path + [str(i)])
-    walk(d, [])
-    rng.shuffle(paths)
-    for parent, key, path in paths:
-        for v in rng.sample(_OTHER_VALUES, len(_OTHER_VALUES)):
-            if type(v) is not type(parent[key]) and not allowed(path, v):
-                parent[key] = v
-                return "/".join(path)
-    raise AssertionError("no swappable value")
-
-
-def reseal_manifest(step_dir: Path, body: dict[str, Any], redigest: bool = True) -> None:
-    """Write body as the manifest with a valid digest (as a buggy writer or an editing tool would)."""
-    if redigest:
-        for f, rec in body.get("files", {}).items() if isinstance(body.get("files"), dict) else []:
-            p = step_dir / f
-            if isinstance(rec, dict) and p.is_file() and not p.is_symlink():
-                rec.update(size=p.stat().st_size, sha256=file_digest(p))
-    write_sealed(step_dir / MANIFEST, body, FORMAT, VERSION)
-
-
-def manifest_body(step_dir: Path) -> dict[str, Any]:
-    return read_sealed(step_dir / MANIFEST, FORMAT, VERSION, 1 << 26)
-
-
-def _free_form(path: list[str], v: Any) -> bool:
-    """Manifest values any type of which is legitimate: layout, extra train_state entries."""
-    return path[0] == "layout" or (path[0] == "train_state" and path[1:2] != ["step"])
-
-
-def structural_checkpoint(step_dir: Path, rng: random.Random) -> str:
-    body = manifest_body(step_dir)
-    names = sorted(body["tensors"])
-    op = rng.choice(("swap", "tensors_list", "files_list", "model_list", "delete", "unknown", "optim_rename",
-                     "offset", "global_shape", "dtype", "crc", "size", "format"))
-    if op == "swap":
-        where = swap_value(body, rng, lambda p, v: _free_form(p, v) or _config_ok(body, p, v))
-        reseal_manifest(step_dir, body)
-        return "swap " + where
-    if op == "tensors_list":
-        body["tensors"] = list(body["tensors"].values())
-    elif op == "files_list":
-        body["files"] = list(body["files"])
-    elif op == "model_list":
-        body["config"]["model"] = list(body["config"]["model"].items())
-    elif op == "delete":
-        del body[rng.choice(["step", "config", "train_state", "files", "tensors"])]
-    elif op == "unknown":
-        body[rng.choice(["extra", "Tensors"])] = {}
-    elif op == "optim_rename":
-        k = rng.choice([n for n in names if n.startswith("optim/")])
-        body["tensors"]["oPtim" + k[5:]] = body["tensors"].pop(k)
-    elif op in ("offset", "global_shape", "dtype", "crc"):
-        rec = body["tensors"][rng.choice(names)]
-        if op == "offset":
-            rec["shards"][0]["offset"] += rng.choice((1, -1, 7))
-        elif op == "global_shape":
-            rec["global_shape"] = rec["global_shape"] + [2] if rng.random() < 0.5 else [3] + rec["global_shape"]
-        elif op == "dtype":
-            rec["dtype"] = rng.choice([d for d in ("float32", "int32", "bfloat16", "float16", "int64", "float64")
-                                       if d != rec["dtype"]])
-        else:
-            rec["shards"][0]["crc32"] ^= 1 << rng.randrange(32)
-    elif op == "size":
-        rec = body["files"][SHARD]
-        rec["size"] += rng.choice((1, -1))
-        reseal_manifest(step_dir, body, redigest=False)
-        return op
-    else:
-        return _reseal_envelope(step_dir, body, rng)
-    reseal_manifest(step_dir, body)
-    return op
-
-
-def _reseal_envelope(step_dir: Path, body: dict[str, Any], rng: random.Random) -> str:
-    fmt, version = rng.choice([(FORMAT, 1), (FORMAT, 3), (TRACE_FORMAT, VERSION), ("other", VERSION)])
-    (step_dir / MANIFEST).write_bytes(seal(body, fmt, version))
-    return f"envelope {fmt} v{version}"
-
-
-def _config_ok(body: dict[str, Any], path: list[str], v: Any) -> bool:
-    """Would replacing the manifest's config value at path by v still be a valid config (oracle)?"""
-    if path[0] != "config":
-        return False
-    cfg = json.loads(json.dumps(body["config"]))
-    t = cfg
-    for k in path[1:-1]:
-        t = t[int(k)] if isinstance(t, list) else t[k]
-    t[path[-1]] = v
-    return oracle_valid(cfg)
-
-
-def header_edit(step_dir: Path, rng: random.Random) -> str:
-    """Change one tensor's dtype or shape in the safetensors header (same byte length where possible)."""
-    p = step_dir / SHARD
-    raw = p.read_bytes()
-    n = struct.unpack("<Q", raw[:8])[0]
-    header = json.loads(raw[8:8 + n])
-    key = rng.choice([k for k in header if k != "__metadata__" and header[k]["dtype"] == "F32" and header[k]["shape"]])
-    if rng.random() < 0.6:
-        header[key]["dtype"] = rng.choice(("I32", "U32"))
-        what = f"dtype F32->{header[key]['dtype']} of {key}"
-    else:
-        s = header[key]["shape"]
-        header[key]["shape"] = [math.prod(s)] if len(s) > 1 else [1, s[0]]
-        what = f"shape {s}->{header[key]['shape']} of {key}"
-    text = json.dumps(header, separators=(",", ":")).encode()
-    text += b" " * ((-len(text)) % 8)
-    p.write_bytes(struct.pack("<Q", len(text)) + text + raw[8 + n:])
-    if rng.random() < 0.7:  # with digests recomputed: only the header-vs-manifest check can catch it
-        reseal_manifest(step_dir, manifest_body(step_dir))
-        what += " (resealed)"
-    return what
-
-
-def path_escape(step_dir: Path, rng: random.Random) -> str:
-    """Point a shard at a file outside the checkpoint (a real one: followed, it would load)."""
-    body = manifest_body(step_dir)
-    older = sorted(p for p in step_dir.parent.iterdir() if p.name.startswith("step_") and p != step_dir)[0]
-    target = rng.choice([f"../{older.name}/{SHARD}", str((older / SHARD).resolve()), f"sub/../../{older.name}/{SHARD}",
-                         "/etc/passwd", "..", f"./{SHARD}"])
-    rec = body["files"].pop(SHARD)
-    body["files"][target] = rec
-    for t in body["tensors"].values():
-        for s in t["shards"]:
-            s["file"] = target
-    write_sealed(step_dir / MANIFEST, body, FORMAT, VERSION)
-    return f"shard path {target!r}"
-
-
-def structural_trace(body: dict[str, Any], rng: random.Random) -> str:
-    op = rng.choice(("huge_layers", "meta_list", "calibration_str", "swap", "records", "column", "delete",
-                     "unknown", "version"))
-    if op == "huge_layers":
-        body[rng.choice(("num_layers", "num_experts", "top_k"))] = rng.choice((2**40, 0, -1, 70000))
-    elif op == "meta_list":
-        body["meta"] = list(body["meta"])
-    elif op == "calibration_str":
-        body["meta"]["calibration"] = "fast"
-    elif op == "swap":
-        return "swap " + swap_value(body, rng, _trace_value_ok)
-    elif op == "records":
-        body["num_records"] += rng.choice((1, -1))
-    elif op == "column":
-        return "column " + _bad_column(body, rng)
-    elif op == "delete":
-        del body[rng.choice([k for k in body if k != "format"])]
-    elif op == "unknown":
-        body["extra"] = 1
-    else:
-        body["version"] = rng.choice((1, 3, "2"))
-    return op
-
-
-def _trace_value_ok(path: list[str], v: Any) -> bool:
-    """Would v at path still be a valid trace? Free-form meta entries, and a non-negative int where
-    the calibration holds a float (a number is a number)."""
-    if path[0] != "meta" or len(path) < 2:
-        return False
-    if path[1] not in ("d_model", "d_expert", "expert_bytes", "dtype", "router_position", "source", "run",
-                       "calibration"):
-        return True
-    floats = ("copy_s", "act_s_per_token", "attn_s", "copy_gbps", "host_s", "device_s")
-    return path[1] == "calibration" and len(path) > 2 and path[2] in floats and _int(v) and v >= 0 and (
-        path[2] not in ("host_s", "device_s") or len(path) == 4)
-
-
-def _bad_column(body: dict[str, Any], rng: random.Random) -> str:
-    """A column edit that no recorder can produce: ids out of range, NaN scores, a repeated expert."""
-    K = body["top_k"]
-    name = rng.choice(("experts", "layer", "scores", "pos", "dup"))
-    if name == "dup":
-        e = np.frombuffer(body["experts"], "<u2").copy().reshape(-1, K)
-        row = rng.randrange(len(e))
-        e[row, 1] = e[row, 0]
-        body["experts"] = e.tobytes()
-        return "repeated expert"
-    dt = {"experts": "<u2", "layer": "<u2", "scores": "<f4", "pos": "<i4"}[name]
-    a = np.frombuffer(body[name], dt).copy()
-    a[rng.randrange(len(a))] = {"experts": body["num_experts"], "layer": body["num_layers"], "scores": np.nan,
-                                "pos": -1}[name]
-    body[name] = a.tobytes()
-    return name
-
-
-# ---------------------------------------------------------------- configs: an independent oracle
-def _int(v: Any) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
-def _num(v: Any) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-
-
-def _pos(v):
-    return _int(v) and v > 0
-
-
-def _nonneg_num(v):
-    return _num(v) and v >= 0
-
-
-_MOE = {"num_experts": lambda v: _int(v) and 1 <= v <= 65536, "top_k": _pos, "d_expert": _pos,
-        "num_shared_experts": lambda v: _int(v) and v >= 0, "d_shared_expert": lambda v: v is None or (_int(v) and v >= 0),
-        "shared_expert_gate": lambda v: isinstance(v, bool), "score_func": lambda v: v in ("softmax", "sigmoid"),
-        "norm_topk_prob": lambda v: isinstance(v, bool), "balance_coef": _nonneg_num,
-        "balance_scope": lambda v: v in ("micro_batch", "global_batch"), "global_sync": lambda v: v in ("exact", "cumulative"),
-        "z_loss_coef": _nonneg_num, "aux_free_bias": lambda v: isinstance(v, bool), "bias_update_rate": _nonneg_num,
-        "capacity_factor": lambda v: v is None or (_num(v) and v > 0),
-        "router_position": lambda v: v in ("post_attention", "pre_attention"),
-        "balance_pooling": lambda v: v in ("per_layer", "pooled")}
-_MODEL = {"d_model": _pos, "n_layers": _pos, "n_heads": _pos, "vocab_size": _pos, "max_seq_len": _pos,
-          "n_kv_heads": lambda v: v is None or _pos(v), "head_dim": lambda v: v is None or (_pos(v) and v % 2 == 0),
-          "rope_theta": lambda v: _num(v) and v > 0, "norm_eps": lambda v: _num(v) and v > 0,
-          "first_dense_layers": lambda v: _int(v) and v >= 0, "d_dense_ffn": lambda v: v is None or _pos(v),
-          "tie_embeddings": lambda v: isinstance(v, bool), "qkv_bias": lambda v: isinstance(v, bool),
-          "qk_norm": lambda v: v in (None, "full", "head"), "init_std": _nonneg_num}
-_TRAIN = {**{k: _pos for k in ("max_steps", "batch_size", "seq_len", "grad_accum", "eval_batches", "log_interval",
-                               "eval_interval")},
-          "lr": lambda v: _num(v) and v > 0, "min_lr_ratio": lambda v: _num(v) and 0 <= v <= 1,
-          "warmup_steps": lambda v: _int(v) and v >= 0, "weight_decay": _nonneg_num,
-          "beta1": lambda v: _num(v) and 0 <= v < 1, "beta2": lambda v: _num(v) and 0 <= v < 1,
-          "grad_clip": _nonneg_num, "seed": lambda v: _int(v) and 0 <= v < 2**63,
-          "ckpt_interval": lambda v: _int(v) and v >= 0, "keep_checkpoints": _pos,
-          "device": lambda v: isinstance(v, str) and re.fullmatch(r"auto|cpu|mps|cuda(:\d{1,3})?", v) is not None,
-          "autocast_bf16": lambda v: isinstance(v, bool), "threads": lambda v: _int(v) and v >= 0}
-_REQUIRED = {"moe": ("num_experts", "top_k", "d_expert"), "model": ("d_model", "n_layers", "n_heads")}
-
-
-def oracle_valid(d: Any) -> bool:
-    """The documented config rules, restated independently of moe/config.py."""
-    if not isinstance(d, dict) or set(d) - {"name", "model", "train"} or not isinstance(d.get("name", ""), str):
-        return False
-    model, train = d.get("model"), d.get("train") or {}
-    if not isinstance(model, dict) or not isinstance(train, dict) or not isinstance(model.get("moe"), dict):
-        return False
-    moe = model["moe"]
-    for sec, spec, req in ((moe, _MOE, _REQUIRED["moe"]), ({k: v for k, v in model.items() if k != "moe"}, _MODEL,
-                                                           _REQUIRED["model"]), (train, _TRAIN, ())):
-        if set(sec) - set(spec) or any(k not in sec for k in req) or not all(spec[k](v) for k, v in sec.items()):
-            return False
-    m = lambda k, dflt: model.get(k) if model.get(k) is not None else dflt  # noqa: E731
-    E, K, S = moe["num_experts"], moe["top_k"], moe.get("num_shared_experts", 0)
-    dse = moe.get("d_shared_expert")
-    dse = moe["d_expert"] * S if dse is None else dse
-    H, kv = model["n_heads"], m("n_kv_heads", model["n_heads"])
-    hd = model.get("head_dim")
-    if hd is None and model["d_model"] % H:
-        return False
-    hd = hd if hd is not None else model["d_model"] // H
-    return (K <= E and (S == 0 or dse > 0) and (not moe.get("shared_expert_gate", False) or S > 0) and hd > 0
-            and hd % 2 == 0 and H % kv == 0 and m("first_dense_layers", 0) <= model["n_layers"]
-            and train.get("seq_len", 128) <= m("max_seq_len", 256))
-
-
-_RANGE_VALUES = [0, -1, 1, 2, 3, 7, 1.5, 0.0, -0.5, 1.0, 1e308, 2**63, float("inf"), float("nan"), "tpu", "softmax",
-                 "cuda:1", True, False, None]
-
-
-def mutate_config(d: dict[str, Any], kind: str, rng: random.Random) -> tuple[Any, str]:
-    d = json.loads(json.dumps(d))
-    sections = [(d["model"]["moe"], "model.moe"), (d["model"], "model"), (d["train"], "train")]
-    sec, where = rng.choice(sections)
-    key = rng.choice([k for k in sec if k != "moe"])
-    if kind == "type_swap":
-        v = rng.choice(_OTHER_VALUES[:-1])
-        sec[key] = v
-        return d, f"{where}.{key}={v!r}"
-    if kind == "range":
-        v = rng.choice(_RANGE_VALUES)
-        sec[key] = v
-        return d, f"{where}.{key}={v!r}"
-    op = rng.choice(("top_list", "section_list", "missing", "unknown", "no_moe", "name"))
-    if op == "top_list":
-        return [d], op
-    if op == "section_list":
-        d[rng.choice(("model", "train"))] = [1, 2]
-    elif op == "missing":
-        del d["model"]["moe"][rng.choice(_REQUIRED["moe"])]
-    elif op == "unknown":
-        sec["n_expert" if where != "train" else "learning_rate"] = 3
-    elif op == "no_moe":
-        del d["model"]["moe"]
-    else:
-        d["name"] = rng.choice((3, None, ["a"]))
-    return d, op
-
-
 # ---------------------------------------------------------------- running one case
 def _rss_reset() -> int:
     try:
@@ -522,7 +166,7 @@ def _prepare(seeds: Seeds, target: str, kind: str, rng: random.Random, case_dir:
         step = root / seeds.step_dir.name
         if kind in ("bit_flip", "truncation", "random_bytes", "trailing_data"):
             f = step / (MANIFEST if kind == "trailing_data" or rng.random() < 0.5 else SHARD)
-            f.write_bytes(globals()[kind](f.read_bytes(), rng))
+            f.write_bytes(_BYTE_MUTATIONS[kind](f.read_bytes(), rng))
             detail = f"{kind} of {f.name}"
         elif kind == "msgpack_bomb":
             (step / MANIFEST).write_bytes(bomb_file(rng, bomb_mb, FORMAT, VERSION))
@@ -549,19 +193,23 @@ def _prepare(seeds: Seeds, target: str, kind: str, rng: random.Random, case_dir:
             detail = structural_trace(body, rng)
             p.write_bytes(seal(body, TRACE_FORMAT, TRACE_VERSION))
         else:
-            p.write_bytes(globals()[kind](raw, rng))
+            p.write_bytes(_BYTE_MUTATIONS[kind](raw, rng))
             detail = kind
         return (lambda: RoutingTrace.load(p), lambda t: "identical" if _same_trace(t, seeds.trace_obj)
                 else "silent_wrong_load", p, detail)
     fmt = rng.choice(("toml", "json")) if kind in ("bit_flip", "truncation", "random_bytes") else "json"
     p = case_dir / f"run.{fmt}"
     if kind in ("bit_flip", "truncation", "random_bytes"):
-        p.write_bytes(globals()[kind](seeds.configs[fmt].read_bytes(), rng))
+        p.write_bytes(_BYTE_MUTATIONS[kind](seeds.configs[fmt].read_bytes(), rng))
         detail = f"{kind} of {fmt}"
     else:
         d, detail = mutate_config(seeds.run.to_dict(), kind, rng)
         p.write_text(json.dumps(d))
     return lambda: load_config(p), lambda run: _classify_config(p, run), p, detail
+
+
+_BYTE_MUTATIONS = {"bit_flip": bit_flip, "truncation": truncation, "random_bytes": random_bytes,
+                   "trailing_data": trailing_data}
 
 
 def _parsed(p: Path) -> Any:
