@@ -89,3 +89,15 @@ def test_export_writes_back_token_ids_and_aux_coef_and_generate_stops_alike(tmp_
         prompt, max_new_tokens=8, do_sample=False) for d in ("orig", "export")]
     assert torch.equal(outs[0], outs[1])
     assert outs[0].shape[1] <= prompt.shape[1] + 3 and int(outs[0][0, -1]) == eos, "stopped at its EOS token"
+
+
+def test_hf_index_paths_outside_the_directory_are_refused(tmp_path):
+    from moe.hf import HFCheckpointError, read_hf
+    qwen2_moe(tmp_path / "ckpt")
+    index = {"metadata": {}, "weight_map": {"model.embed_tokens.weight": "../elsewhere/model.safetensors"}}
+    (tmp_path / "ckpt" / "model.safetensors.index.json").write_text(json.dumps(index))
+    with pytest.raises(HFCheckpointError, match=r"index.json: shard '../elsewhere/model.safetensors' .* not a plain"):
+        read_hf(tmp_path / "ckpt")
+    (tmp_path / "ckpt" / "model.safetensors.index.json").write_text(json.dumps({"weight_map": [1]}))
+    with pytest.raises(HFCheckpointError, match=r"weight_map must map tensor names"):
+        read_hf(tmp_path / "ckpt")
