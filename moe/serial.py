@@ -121,7 +121,10 @@ def unpack_limited(raw: bytes, max_bytes: int, what: str = "msgpack data", max_o
 
 
 def _digest(fmt: str, version: int, body: bytes) -> bytes:
-    return hashlib.sha256(msgpack.packb([fmt, version, body], use_bin_type=True)).digest()
+    """sha256 over (format, version) then the body, fed incrementally (no copy of a large body)."""
+    h = hashlib.sha256(msgpack.packb([fmt, version], use_bin_type=True))
+    h.update(body)
+    return h.digest()
 
 
 def seal(body: Any, fmt: str, version: int) -> bytes:

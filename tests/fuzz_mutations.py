@@ -69,8 +69,8 @@ def bomb_file(rng: random.Random, max_mb: float, fmt: str, version: int) -> byte
     bomb = msgpack_bomb(rng, max_mb)
     if rng.random() < 0.5:
         return bomb
-    return msgpack.packb({"format": fmt, "version": version, "sha256": hashlib.sha256(
-        msgpack.packb([fmt, version, bomb], use_bin_type=True)).digest(), "body": bomb}, use_bin_type=True)
+    digest = hashlib.sha256(msgpack.packb([fmt, version], use_bin_type=True) + bomb).digest()
+    return msgpack.packb({"format": fmt, "version": version, "sha256": digest, "body": bomb}, use_bin_type=True)
 
 
 # ---------------------------------------------------------------- structural mutations (resealed)

@@ -168,8 +168,8 @@ BOMB = b"\xdd" + struct.pack(">I", 8 << 20) + b"\x90" * (8 << 20)  # 8 MiB of em
 def test_msgpack_bombs_are_refused_fast_in_bounded_memory(run_dir, tmp_path, sealed):
     def sealed_bomb(fmt, version):  # a valid digest over the bomb: the body decoder must stop it
         import hashlib
-        return msgpack.packb({"format": fmt, "version": version, "body": BOMB, "sha256": hashlib.sha256(
-            msgpack.packb([fmt, version, BOMB], use_bin_type=True)).digest()}, use_bin_type=True)
+        digest = hashlib.sha256(msgpack.packb([fmt, version], use_bin_type=True) + BOMB).digest()
+        return msgpack.packb({"format": fmt, "version": version, "body": BOMB, "sha256": digest}, use_bin_type=True)
     mf = newest(run_dir) / MANIFEST
     mf.write_bytes(sealed_bomb(FORMAT, VERSION) if sealed else BOMB)
     tp = tmp_path / "bomb.msgpack"
