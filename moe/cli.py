@@ -205,9 +205,8 @@ def _sigterm(signum, frame) -> None:
 
 
 def _one_line(e: BaseException) -> str:
-    if isinstance(e, OSError) and not isinstance(e, FileNotFoundError) or (
-            isinstance(e, FileNotFoundError) and e.filename):
-        return f"{e.filename or 'I/O'}: {e.strerror or e}"
+    if isinstance(e, OSError) and e.filename:  # name the path: read-only, disk full, missing
+        return f"{e.filename}: {e.strerror or e}"
     return " ".join(str(e).split())
 
 
