@@ -1,4 +1,4 @@
-"""Checkpoints: safetensors shards + a msgpack manifest, written atomically, reshardable.
+"""Checkpoints: safetensors shards + a sealed msgpack manifest, written atomically, reshardable.
 
 Layout of one checkpoint (one directory per step):
 
@@ -7,107 +7,45 @@ Layout of one checkpoint (one directory per step):
         model-rank00001.safetensors     ... one file per owner
         manifest.msgpack                written LAST, then the directory is renamed into place
 
-Every tensor is described in the manifest by its global shape and a list of shards (file, key,
-offset along dim 0, shape, crc32). A tensor split over expert-parallel ranks is stored as row
+Every tensor is described in the manifest by its global shape, dtype and a list of shards (file,
+key, offset along dim 0, shape, crc32). A tensor split over expert-parallel ranks is stored as row
 slices of its global [E, ...] shape, so a checkpoint written with EP=a loads with EP=b: the
 reader assembles or slices rows as asked. Writing goes to `.tmp-step_NNNNNNNN`, and only a
 complete directory with a manifest is ever renamed to `step_NNNNNNNN`, so a crash at any point
 leaves the previous checkpoint as the newest valid one.
+
+Integrity (the rule of moe/serial.py, for every file we write): the manifest is sealed (sha256
+over its whole content) and lists every shard file's size and sha256. Nothing is used before it
+is checked: the manifest's digest and structure when the checkpoint is opened; a shard file's
+digest, and every tensor's dtype / shape / byte length in its safetensors header against the
+manifest, before the first tensor is read from that file. File names are plain names inside the
+checkpoint directory (no paths). Any failure is a CheckpointError naming the file; `latest_checkpoint`
+skips such a checkpoint with the reason and falls back to the previous one.
+Version 1 checkpoints (no digests) are refused with a message saying so: accepting them would
+keep exactly the silent wrong loads this version exists to stop.
 """
 from __future__ import annotations
 
 import dataclasses
+import errno
+import math
 import os
+import re
 import shutil
-import zlib
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
-import msgpack
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import safe_open, save_file
 
-from moe.serial import unpack_limited
+from moe.manifest import (FORMAT, MANIFEST, ST_DTYPES, VERSION, CheckpointError, FileRecord, Manifest,  # noqa: F401
+                          ShardRecord, TensorRecord, check_file_name, field_of, tensor_crc32)
+# (field_of, FORMAT, ... are re-exported: cluster shard-records files are checked with the same accessors)
+from moe.serial import DecodeError, file_digest, seal, unseal
 
-MANIFEST = "manifest.msgpack"
-FORMAT = "moe-runtime-checkpoint"
-VERSION = 1
-MAX_MANIFEST_BYTES = 256 * 1024 * 1024
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that is missing, truncated, corrupted or of an unknown version."""
-
-
-@dataclass(frozen=True)
-class ShardRecord:
-    file: str
-    key: str
-    offset: int
-    """First row of this shard along dim 0 of the global tensor."""
-    shape: tuple[int, ...]
-    crc32: int
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"file": self.file, "key": self.key, "offset": self.offset, "shape": list(self.shape),
-                "crc32": self.crc32}
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "ShardRecord":
-        return cls(str(d["file"]), str(d["key"]), int(d["offset"]), tuple(int(s) for s in d["shape"]),
-                   int(d["crc32"]))
-
-
-@dataclass(frozen=True)
-class TensorRecord:
-    global_shape: tuple[int, ...]
-    dtype: str
-    shards: tuple[ShardRecord, ...]
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"global_shape": list(self.global_shape), "dtype": self.dtype,
-                "shards": [s.to_dict() for s in self.shards]}
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "TensorRecord":
-        return cls(tuple(int(s) for s in d["global_shape"]), str(d["dtype"]),
-                   tuple(ShardRecord.from_dict(s) for s in d["shards"]))
-
-
-@dataclass(frozen=True)
-class Manifest:
-    step: int
-    config: dict[str, Any]
-    train_state: dict[str, Any]
-    tensors: dict[str, TensorRecord]
-    files: dict[str, int]
-    """File name -> size in bytes (truncation check)."""
-    version: int = VERSION
-    format: str = FORMAT
-    layout: dict[str, Any] = field(default_factory=dict)
-    """How it was written, e.g. {"world": 4, "ep": 4}; informational."""
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"format": self.format, "version": self.version, "step": self.step, "config": self.config,
-                "train_state": self.train_state, "layout": self.layout, "files": self.files,
-                "tensors": {k: v.to_dict() for k, v in self.tensors.items()}}
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "Manifest":
-        if d.get("format") != FORMAT:
-            raise CheckpointError(f"manifest format {d.get('format')!r} is not {FORMAT!r}")
-        if d.get("version") != VERSION:
-            raise CheckpointError(f"manifest version {d.get('version')} is not supported (this build reads "
-                                  f"version {VERSION}); upgrade moe-runtime")
-        return cls(step=int(d["step"]), config=d["config"], train_state=d["train_state"],
-                   tensors={k: TensorRecord.from_dict(v) for k, v in d["tensors"].items()},
-                   files={k: int(v) for k, v in d["files"].items()}, layout=d.get("layout", {}))
-
-
-def tensor_crc32(t: torch.Tensor) -> int:
-    return zlib.crc32(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+MAX_MANIFEST_BYTES = 32 * 1024 * 1024
+"""~300k shard records; with the default object budget its worst case decodes into < 4x + 200 MB."""
 
 
 def step_dir_name(step: int) -> str:
@@ -120,14 +58,20 @@ def tmp_dir_for(root: Path, step: int) -> Path:
 
 def write_shard_file(tmp_dir: Path, file: str, tensors: dict[str, torch.Tensor],
                      offsets: dict[str, int] | None = None) -> dict[str, ShardRecord]:
-    """Write one owner's tensors to tmp_dir/file; return a shard record per tensor name.
+    """Write one owner's tensors to tmp_dir/file (fsynced); return a shard record per tensor name.
 
     offsets[name] is the first global row of a row-sliced tensor (0 / absent: not sliced).
     """
+    check_file_name(file, str(tmp_dir))
     offsets = offsets or {}
     cpu = {name: t.detach().cpu().contiguous() for name, t in tensors.items()}
     keys = {name: name.replace("/", ".") for name in cpu}
-    save_file({keys[n]: t for n, t in cpu.items()}, str(tmp_dir / file))
+    try:
+        save_file({keys[n]: t for n, t in cpu.items()}, str(tmp_dir / file))
+        _fsync_file(tmp_dir / file)
+    except (SafetensorError, OSError) as e:  # name the path: disk full / read-only must say where
+        raise OSError(getattr(e, "errno", None) or errno.EIO, f"cannot write checkpoint shard ({e})",
+                      str(tmp_dir / file)) from None
     return {n: ShardRecord(file, keys[n], offsets.get(n, 0), tuple(t.shape), tensor_crc32(t)) for n, t in cpu.items()}
 
 
@@ -141,24 +85,44 @@ def merge_records(shard_maps: list[dict[str, ShardRecord]], global_shapes: dict[
     out = {}
     for name, recs in by_name.items():
         recs.sort(key=lambda r: r.offset)
-        gshape = tuple(global_shapes[name])
-        rows = sum(r.shape[0] if r.shape else 1 for r in recs)
-        if len(recs) > 1 and rows != gshape[0]:
-            raise CheckpointError(f"shards of {name} cover {rows} rows, global shape {gshape}")
-        out[name] = TensorRecord(gshape, dtypes[name], tuple(recs))
+        out[name] = TensorRecord(tuple(global_shapes[name]), dtypes[name], tuple(recs))
+        out[name].check_tiling(f"tensor {name!r}")
     return out
 
 
+def write_sealed(path: Path, body: Any, fmt: str, version: int) -> None:
+    """Write a sealed msgpack file (see moe/serial.py) and fsync it; for manifests and records files."""
+    data = seal(body, fmt, version)
+    try:
+        with open(path, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+    except OSError as e:
+        raise OSError(e.errno, f"cannot write ({e.strerror})", str(path)) from None
+
+
+def read_sealed(path: Path, fmt: str, version: int, max_bytes: int) -> Any:
+    """The body of a sealed file after size, format, version and digest check out (CheckpointError)."""
+    try:
+        size = path.stat().st_size
+        if size > max_bytes:
+            raise CheckpointError(f"{path} is {size} bytes, over the {max_bytes}-byte limit")
+        return unseal(path.read_bytes(), fmt, version, str(path), max_bytes)
+    except DecodeError as e:
+        raise CheckpointError(str(e)) from None
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot be read ({e.strerror})") from None
+
+
 def commit(root: Path, manifest: Manifest, keep: int | None = None) -> Path:
-    """Write the manifest into the step's temp dir, fsync, and rename it into place (atomic)."""
+    """Seal the manifest (with every shard file's size and sha256) into the step's temp dir, fsync,
+    and rename the directory into place (atomic)."""
     tmp, final = tmp_dir_for(root, manifest.step), root / step_dir_name(manifest.step)
-    files = {f: (tmp / f).stat().st_size for f in sorted({s.file for t in manifest.tensors.values() for s in t.shards})}
+    names = sorted({s.file for t in manifest.tensors.values() for s in t.shards})
+    files = {f: FileRecord((tmp / f).stat().st_size, file_digest(tmp / f)) for f in names}
     manifest = dataclasses.replace(manifest, files=files)
-    data = msgpack.packb(manifest.to_dict(), use_bin_type=True)
-    with open(tmp / MANIFEST, "wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
+    write_sealed(tmp / MANIFEST, manifest.to_dict(), FORMAT, VERSION)
     if final.exists():  # re-saving a step (e.g. after recovery) replaces the old copy
         shutil.rmtree(final)
     os.rename(tmp, final)
@@ -166,6 +130,11 @@ def commit(root: Path, manifest: Manifest, keep: int | None = None) -> Path:
     if keep is not None:
         prune(root, keep)
     return final
+
+
+def _fsync_file(path: Path) -> None:
+    with open(path, "rb+") as fh:
+        os.fsync(fh.fileno())
 
 
 def _fsync_dir(path: Path) -> None:
@@ -209,38 +178,34 @@ def prepare_tmp(root: Path, step: int) -> Path:
 
 
 def read_manifest(path: str | Path) -> Manifest:
+    """The checkpoint's manifest: digest, structure and shard file sizes checked (CheckpointError)."""
     path = Path(path)
     mf = path / MANIFEST
     if not path.is_dir():
         raise CheckpointError(f"checkpoint {path} does not exist or is not a directory")
     if not mf.is_file():
         raise CheckpointError(f"checkpoint {path} has no {MANIFEST}: it was not completely written")
-    raw = mf.read_bytes()
-    try:
-        d = unpack_limited(raw, MAX_MANIFEST_BYTES, str(mf))
-        if not isinstance(d, dict):
-            raise CheckpointError(f"{mf} does not hold a map")
-        manifest = Manifest.from_dict(d)
-    except CheckpointError:
-        raise
-    except (ValueError, KeyError, TypeError) as e:
-        raise CheckpointError(f"{mf} is corrupted ({type(e).__name__}: {e}); use an earlier checkpoint") from None
-    for f, size in manifest.files.items():
+    manifest = Manifest.from_dict(read_sealed(mf, FORMAT, VERSION, MAX_MANIFEST_BYTES), str(mf))
+    if re.fullmatch(r"step_\d{8}", path.name) and path.name != step_dir_name(manifest.step):
+        raise CheckpointError(f"{mf} says step {manifest.step}, but the directory is {path.name}")
+    for f, rec in manifest.files.items():
         fp = path / f
         if not fp.is_file():
             raise CheckpointError(f"checkpoint {path}: shard file {f} is missing")
-        if fp.stat().st_size != size:
+        if fp.stat().st_size != rec.size:
             raise CheckpointError(f"checkpoint {path}: shard file {f} is {fp.stat().st_size} bytes, the manifest "
-                                  f"says {size}: it is truncated or was overwritten")
+                                  f"says {rec.size}: it is truncated or was overwritten")
     return manifest
 
 
 class Checkpoint:
-    """A validated checkpoint directory. Tensors are read lazily and their checksums verified."""
+    """A checkpoint directory whose manifest checked out. Each shard file's digest and safetensors
+    header are verified before the first tensor is read from it (see module docstring)."""
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
         self.manifest = read_manifest(self.path)
+        self._verified: set[str] = set()
 
     @property
     def step(self) -> int:
@@ -248,6 +213,46 @@ class Checkpoint:
 
     def names(self) -> list[str]:
         return list(self.manifest.tensors)
+
+    def verify(self) -> "Checkpoint":
+        """Check every shard file (digest, header) and read every tensor once; CheckpointError if any fails."""
+        for f in self.manifest.files:
+            self._verify_file(f)
+        for name in self.names():
+            self.tensor(name)
+        return self
+
+    def _verify_file(self, file: str) -> None:
+        if file in self._verified:
+            return
+        fp, rec = self.path / file, self.manifest.files[file]
+        try:
+            digest = file_digest(fp)
+        except OSError as e:
+            raise CheckpointError(f"checkpoint {self.path}: cannot read {file} ({e.strerror})") from None
+        if digest != rec.sha256:
+            raise CheckpointError(f"checkpoint {self.path}: shard file {file} fails its sha256 digest: the file "
+                                  f"is corrupted — use an earlier checkpoint")
+        want = {s.key: (name, t, s) for name, t in self.manifest.tensors.items() for s in t.shards if s.file == file}
+        try:
+            with safe_open(str(fp), framework="pt") as fh:
+                header = {k: (fh.get_slice(k).get_dtype(), tuple(fh.get_slice(k).get_shape())) for k in fh.keys()}
+        except (SafetensorError, OSError, RuntimeError) as e:
+            raise CheckpointError(f"checkpoint {self.path}: {file} is not a readable safetensors file ({e})") from None
+        if set(header) != set(want):
+            extra, missing = sorted(set(header) - set(want)), sorted(set(want) - set(header))
+            raise CheckpointError(f"checkpoint {self.path}: {file} holds keys that differ from the manifest "
+                                  f"(extra {extra[:3]}, missing {missing[:3]})")
+        for key, (name, t, s) in want.items():
+            code, shape = header[key]
+            if code != ST_DTYPES[t.dtype] or shape != s.shape:
+                raise CheckpointError(f"checkpoint {self.path}: {file} stores {name!r} as {code} {list(shape)}, the "
+                                      f"manifest says {ST_DTYPES[t.dtype]} {list(s.shape)}")
+        nbytes = sum(math.prod(s.shape) * t.itemsize for _, t, s in want.values())
+        if nbytes > rec.size:
+            raise CheckpointError(f"checkpoint {self.path}: {file} is {rec.size} bytes, smaller than the "
+                                  f"{nbytes} bytes its tensors need")
+        self._verified.add(file)
 
     def tensor(self, name: str, rows: slice | None = None) -> torch.Tensor:
         """The global tensor `name`, or rows [start, stop) of it along dim 0 (any sharding)."""
@@ -261,27 +266,39 @@ class Checkpoint:
             a, b = max(lo, s.offset), min(hi, s.offset + n)
             if a >= b:
                 continue
-            t = self._read(s, name)
+            t = self._read(s, name, rec.dtype)
             parts.append(t if not t.shape else t[a - s.offset:b - s.offset])
         if not parts:
+            if rec.global_shape and rec.global_shape[0] == 0:
+                return torch.empty(rec.global_shape, dtype=getattr(torch, rec.dtype))
             raise CheckpointError(f"checkpoint {self.path}: no shard of {name!r} covers rows {lo}:{hi}")
         return parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
 
-    def _read(self, s: ShardRecord, name: str) -> torch.Tensor:
-        fp = self.path / s.file
+    def _read(self, s: ShardRecord, name: str, dtype: str) -> torch.Tensor:
+        self._verify_file(s.file)
         try:
-            with safe_open(str(fp), framework="pt") as fh:
+            with safe_open(str(self.path / s.file), framework="pt") as fh:
                 t = fh.get_tensor(s.key)
         except (SafetensorError, OSError, RuntimeError) as e:
             raise CheckpointError(f"checkpoint {self.path}: cannot read {name!r} from {s.file} ({e}); "
                                   f"the file is corrupted — use an earlier checkpoint") from None
-        if tuple(t.shape) != s.shape or tensor_crc32(t) != s.crc32:
-            raise CheckpointError(f"checkpoint {self.path}: tensor {name!r} in {s.file} fails its checksum or "
-                                  f"shape check: the file is corrupted — use an earlier checkpoint")
+        if tuple(t.shape) != s.shape or t.dtype != getattr(torch, dtype) or tensor_crc32(t) != s.crc32:
+            raise CheckpointError(f"checkpoint {self.path}: tensor {name!r} in {s.file} fails its checksum, dtype "
+                                  f"or shape check: the file is corrupted — use an earlier checkpoint")
         return t
 
     def state_dict(self, prefix: str = "") -> dict[str, torch.Tensor]:
         return {n[len(prefix):]: self.tensor(n) for n in self.names() if n.startswith(prefix)}
+
+
+def check_optimizer_coverage(ck: Checkpoint, param_names: list[str],
+                             keys: tuple[str, ...] = ("exp_avg", "exp_avg_sq", "step")) -> None:
+    """Refuse a checkpoint whose optimizer state (optim/<param>/<key>) misses any parameter or key."""
+    missing = [f"optim/{p}/{k}" for p in param_names for k in keys if f"optim/{p}/{k}" not in ck.manifest.tensors]
+    if missing:
+        raise CheckpointError(f"checkpoint {ck.path}: optimizer state does not cover every parameter (missing "
+                              f"{len(missing)} tensor(s), e.g. {missing[:3]}); resuming from it would restart "
+                              f"their moments from zero — use an earlier checkpoint")
 
 
 def list_checkpoints(root: str | Path) -> list[Path]:
@@ -289,16 +306,47 @@ def list_checkpoints(root: str | Path) -> list[Path]:
     return sorted(p for p in root.glob("step_*") if p.is_dir()) if root.is_dir() else []
 
 
-def latest_checkpoint(root: str | Path, *, verify: bool = True) -> Path | None:
-    """The newest checkpoint under root whose manifest and files check out (corrupt ones skipped)."""
+def latest_checkpoint(root: str | Path, *, verify: bool = True,
+                      check: Callable[[Checkpoint], None] | None = None) -> Path | None:
+    """The newest checkpoint under root that passes every check (and `check`, e.g. optimizer
+    coverage); a failing one is skipped with the reason printed, and the previous one is tried."""
     for p in reversed(list_checkpoints(root)):
         if not verify:
             return p
         try:
-            ck = Checkpoint(p)
-            for name in ck.names():
-                ck.tensor(name)
+            ck = Checkpoint(p).verify()
+            if check is not None:
+                check(ck)
             return p
         except CheckpointError as e:
-            print(f"[checkpoint] skipping {p}: {e}")
+            print(f"[checkpoint] skipping {p}: {e}", flush=True)
     return None
+
+
+class ResumeMismatch(ValueError):
+    """The run directory's checkpoints belong to another run (model config) or are past max_steps.
+    Not a corruption: resume stops with this error instead of falling back to an older checkpoint."""
+
+
+def resume_check(run_config: dict[str, Any], param_names: list[str]) -> Callable[[Checkpoint], None]:
+    """The check `Trainer.fit` passes to `latest_checkpoint`: optimizer state covers every parameter
+    (else the checkpoint is skipped), and the checkpoint's model config and step fit this run (else
+    ResumeMismatch, naming the flags that start over)."""
+    from moe.config import RunConfig
+
+    def check(ck: Checkpoint) -> None:
+        check_optimizer_coverage(ck, param_names)
+        ours = RunConfig.from_dict(run_config, source="this run")
+        try:
+            theirs = RunConfig.from_dict(ck.manifest.config, source=str(ck.path / MANIFEST))
+        except ValueError as e:
+            raise CheckpointError(str(e)) from None
+        fix = "pass --no-resume to start over in this directory, or a new --out"
+        if theirs.model != ours.model:
+            diff = sorted(k for k in ours.to_dict()["model"] if ours.to_dict()["model"][k] != theirs.to_dict()["model"][k])
+            raise ResumeMismatch(f"checkpoint {ck.path} was written for another model ({theirs.name!r}; differs in "
+                                 f"{diff}); {fix}")
+        if ck.step > ours.train.max_steps:
+            raise ResumeMismatch(f"checkpoint {ck.path} is at step {ck.step}, past max_steps={ours.train.max_steps}; "
+                                 f"pass --max-steps {ck.step} or more to continue it, or {fix}")
+    return check

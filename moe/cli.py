@@ -14,10 +14,11 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import signal
 import sys
 from pathlib import Path
 
-from moe.config import PRESETS, RunConfig, get_preset, load_config, param_count
+from moe.config import PRESETS, ConfigError, RunConfig, get_preset, load_config, param_count
 
 
 def _add_train(sub) -> None:
@@ -80,8 +81,12 @@ def build_run_config(args: argparse.Namespace) -> RunConfig:
         t.eval_interval = t.max_steps
     if args.name:
         run.name = args.name
-    # Re-run validation on the overridden values.
-    return RunConfig.from_dict(run.to_dict(), source="command line")
+    # Re-run validation on the overridden values; an error names the flag that set the value.
+    try:
+        return RunConfig.from_dict(run.to_dict(), source=args.config or f"preset {args.preset or 'tiny'}")
+    except ValueError as e:
+        flags = [f"--{k.replace('_', '-')}" for k, v in vars(args).items() if v not in (None, False) and f"{k}=" in str(e)]
+        raise ConfigError(f"{e}" + (f" (set by {', '.join(flags)})" if flags else "")) from None
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -91,23 +96,40 @@ def cmd_train(args: argparse.Namespace) -> int:
     print(f"[moe] {run.name}: {counts['total'] / 1e6:.2f}M parameters, {counts['active'] / 1e6:.2f}M active per "
           f"token; {run.model.moe.num_experts} experts top-{run.model.moe.top_k}; balance "
           f"{run.model.moe.balance_scope} coef {run.model.moe.balance_coef}; run dir {out}", flush=True)
-    if args.workers:
-        from cluster.job import run_cluster_train
-        summary = run_cluster_train(run, out_dir=out, data=args.data, workers=args.workers, ep=args.ep,
-                                    max_failures=args.max_failures, offload_experts=args.offload_experts,
-                                    resume=not args.no_resume, progress=not args.no_progress)
-    else:
-        from moe.train import Trainer
-        trainer = Trainer(run, out_dir=out, data=args.data, progress=not args.no_progress)
-        print(f"[moe] data: {trainer.corpus.source}; unigram baseline "
-              f"{trainer.corpus.unigram_entropy():.4f} nats/token", flush=True)
-        summary = trainer.fit(resume=not args.no_resume)
+    trainer = None
+    try:
+        if args.workers:
+            from cluster.job import run_cluster_train
+            summary = run_cluster_train(run, out_dir=out, data=args.data, workers=args.workers, ep=args.ep,
+                                        max_failures=args.max_failures, offload_experts=args.offload_experts,
+                                        resume=not args.no_resume, progress=not args.no_progress)
+        else:
+            from moe.train import Trainer
+            trainer = Trainer(run, out_dir=out, data=args.data, progress=not args.no_progress)
+            print(f"[moe] data: {trainer.corpus.source}; unigram baseline "
+                  f"{trainer.corpus.unigram_entropy():.4f} nats/token", flush=True)
+            summary = trainer.fit(resume=not args.no_resume)
+    except KeyboardInterrupt:
+        print(_interrupted_line(out, trainer.step if trainer is not None else None), file=sys.stderr, flush=True)
+        return 130
+    except OSError as e:
+        raise OSError(e.errno, e.strerror or str(e), e.filename or f"the run directory {out}") from None
     ev = summary.get("last_eval") or {}
     if ev:
         print(f"[moe] done at step {summary['step']}: val_loss {ev['val_loss']:.4f} (ppl {ev['val_ppl']:.2f}); "
               f"checkpoints in {out / 'checkpoints'}, metrics in {out / 'metrics.jsonl'}, "
               f"expert-load heatmap {out / 'plots' / 'expert_load_latest.png'}")
     return 0
+
+
+def _interrupted_line(out: Path, step: int | None) -> str:
+    """Ctrl-C / SIGTERM during `moe train`: where it stopped and what a rerun resumes from."""
+    from moe.checkpoint import list_checkpoints
+    done = list_checkpoints(out / "checkpoints")
+    where = f"at step {step}" if step is not None else "during training"
+    resume = (f"rerun the same command to resume from {done[-1]}" if done else
+              "no checkpoint was written yet, so a rerun starts from step 0")
+    return f"moe train: interrupted {where}; {resume}"
 
 
 def _add_eval(sub) -> None:
@@ -202,20 +224,42 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _sigterm(signum, frame) -> None:
+    raise KeyboardInterrupt  # SIGTERM ends a run like Ctrl-C: one line, checkpoints intact
+
+
+def _one_line(e: BaseException) -> str:
+    if isinstance(e, OSError) and e.filename:  # name the path: read-only, disk full, missing
+        return f"{e.filename}: {e.strerror or e}"
+    return " ".join(str(e).split())
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Run one subcommand. Input, config, file and I/O errors print one line on stderr and exit 2
+    (no traceback); a missing optional dependency exits 3; Ctrl-C / SIGTERM exit 130."""
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
     try:
+        previous = signal.signal(signal.SIGTERM, _sigterm)
+    except ValueError:  # not the main thread: leave signals alone
+        previous = None
+    try:
         return int(args.func(args) or 0)
-    except (ValueError, FileNotFoundError) as e:
-        print(f"moe {args.command}: error: {e}", file=sys.stderr)
+    except (ValueError, OSError) as e:
+        print(f"moe {args.command}: error: {_one_line(e)}", file=sys.stderr)
         return 2
     except ImportError as e:
-        print(f"moe {args.command}: error: {e}", file=sys.stderr)
+        print(f"moe {args.command}: error: {_one_line(e)}", file=sys.stderr)
         return 3
+    except KeyboardInterrupt:
+        print(f"moe {args.command}: interrupted", file=sys.stderr)
+        return 130
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":

@@ -9,10 +9,14 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from moe.validate import (ConfigError, _at_least, _build, _check, _check_types, _choice, _known_keys,  # noqa: F401
+                           _positive, _section, _field_names)
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -25,17 +29,9 @@ GLOBAL_SYNCS = ("exact", "cumulative")
 ROUTER_POSITIONS = ("post_attention", "pre_attention")
 
 
-def _check(ok: bool, msg: str) -> None:
-    if not ok:
-        raise ValueError(msg)
-
-
-def _choice(name: str, value: str, options: tuple[str, ...]) -> None:
-    _check(value in options, f"{name}={value!r} is not one of {', '.join(options)}; pick one of those")
-
-
-def _positive(name: str, value: int | float) -> None:
-    _check(value > 0, f"{name}={value} must be > 0")
+BALANCE_POOLINGS = ("per_layer", "pooled")
+MAX_CONFIG_BYTES = 1 << 20
+DEVICE_PATTERN = re.compile(r"auto|cpu|mps|cuda(:\d{1,3})?")
 
 
 @dataclass(kw_only=True)
@@ -74,13 +70,20 @@ class MoEConfig:
     """Comparison only: drop tokens past capacity = ceil(cf * T * K / E). None = dropless (default)."""
     router_position: str = "post_attention"
     """'pre_attention' routes from the block input so inference can fetch experts during attention."""
+    balance_pooling: str = "per_layer"
+    """'per_layer': mean over layers of N_E * sum_i f_i p_i; 'pooled': f and p pooled over all layers
+    first (transformers' load_balancing_loss_func; used when fine-tuning a Hugging Face checkpoint)."""
 
     def __post_init__(self) -> None:
+        _check_types(self)
         _positive("num_experts", self.num_experts)
+        _check(self.num_experts <= 65536, f"num_experts={self.num_experts} must be <= 65536 (routing traces store "
+                                          f"expert ids as uint16)")
         _positive("d_expert", self.d_expert)
         _check(1 <= self.top_k <= self.num_experts,
                f"top_k={self.top_k} must be between 1 and num_experts={self.num_experts}")
         _check(self.num_shared_experts >= 0, f"num_shared_experts={self.num_shared_experts} must be >= 0")
+        _at_least("d_shared_expert", self.d_shared_expert, 0)
         if self.d_shared_expert is None:
             self.d_shared_expert = self.d_expert * self.num_shared_experts
         _check(self.num_shared_experts == 0 or self.d_shared_expert > 0,
@@ -91,6 +94,7 @@ class MoEConfig:
         _choice("balance_scope", self.balance_scope, BALANCE_SCOPES)
         _choice("global_sync", self.global_sync, GLOBAL_SYNCS)
         _choice("router_position", self.router_position, ROUTER_POSITIONS)
+        _choice("balance_pooling", self.balance_pooling, BALANCE_POOLINGS)
         _check(self.balance_coef >= 0, f"balance_coef={self.balance_coef} must be >= 0")
         _check(self.z_loss_coef >= 0, f"z_loss_coef={self.z_loss_coef} must be >= 0")
         _check(self.bias_update_rate >= 0, f"bias_update_rate={self.bias_update_rate} must be >= 0")
@@ -138,8 +142,16 @@ class ModelConfig:
     def __post_init__(self) -> None:
         if isinstance(self.moe, dict):
             self.moe = MoEConfig(**self.moe)
+        _check(isinstance(self.moe, MoEConfig), f"moe={self.moe!r} must be a MoEConfig or a table of its fields")
+        _check_types(self, skip=("moe",))
         for name in ("d_model", "n_layers", "n_heads", "vocab_size", "max_seq_len"):
             _positive(name, getattr(self, name))
+        _check(self.n_kv_heads is None or self.n_kv_heads > 0, f"n_kv_heads={self.n_kv_heads} must be > 0")
+        _check(self.head_dim is None or self.head_dim > 0, f"head_dim={self.head_dim} must be > 0")
+        _check(self.d_dense_ffn is None or self.d_dense_ffn > 0, f"d_dense_ffn={self.d_dense_ffn} must be > 0")
+        _positive("rope_theta", self.rope_theta)
+        _positive("norm_eps", self.norm_eps)
+        _at_least("init_std", self.init_std, 0)
         if self.n_kv_heads is None:
             self.n_kv_heads = self.n_heads
         if self.head_dim is None:
@@ -211,6 +223,7 @@ class TrainConfig:
     """torch intra-op threads on CPU; 0 = torch's default."""
 
     def __post_init__(self) -> None:
+        _check_types(self)
         for name in ("max_steps", "batch_size", "seq_len", "grad_accum", "eval_batches", "log_interval",
                      "eval_interval"):
             _positive(name, getattr(self, name))
@@ -220,6 +233,13 @@ class TrainConfig:
         _check(self.ckpt_interval >= 0, f"ckpt_interval={self.ckpt_interval} must be >= 0")
         _check(self.keep_checkpoints >= 1, f"keep_checkpoints={self.keep_checkpoints} must be >= 1")
         _check(self.grad_clip >= 0, f"grad_clip={self.grad_clip} must be >= 0")
+        _at_least("weight_decay", self.weight_decay, 0)
+        _at_least("threads", self.threads, 0)
+        _check(0 <= self.seed < 2**63, f"seed={self.seed} must be in [0, 2**63)")
+        for name in ("beta1", "beta2"):
+            _check(0 <= getattr(self, name) < 1, f"{name}={getattr(self, name)} must be in [0, 1)")
+        _check(bool(DEVICE_PATTERN.fullmatch(self.device)),
+               f"device={self.device!r} is not one of auto, cpu, cuda, cuda:N, mps")
 
 
 @dataclass(kw_only=True)
@@ -230,53 +250,59 @@ class RunConfig:
     model: ModelConfig
     train: TrainConfig = field(default_factory=TrainConfig)
 
+    def __post_init__(self) -> None:
+        _check(isinstance(self.name, str), f"name={self.name!r} must be a str")
+        _check(isinstance(self.model, ModelConfig) and isinstance(self.train, TrainConfig),
+               "model and train must be a ModelConfig and a TrainConfig")
+
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any], *, source: str = "config") -> "RunConfig":
+    def from_dict(cls, d: Any, *, source: str = "config") -> "RunConfig":
+        """Validate a nested dict (from TOML, JSON, a checkpoint manifest) into a RunConfig.
+        Every error is one ConfigError naming source, the section and key, the value and what is expected."""
+        _check(isinstance(d, dict), f"{source}: the top level is a {type(d).__name__}, expected a table/object with "
+                                    f"[model], [model.moe] and [train]")
         _known_keys(d, {"name", "model", "train"}, source)
-        model = dict(d.get("model") or {})
-        _check("model" in d, f"{source}: missing [model] section")
+        model = _section(d, "model", source, required=True)
         _known_keys(model, _field_names(ModelConfig), f"{source} [model]")
-        moe = model.pop("moe", None)
-        _check(moe is not None, f"{source}: missing [model.moe] section")
+        moe = _section(model, "moe", source, required=True, where="model.moe")
         _known_keys(moe, _field_names(MoEConfig), f"{source} [model.moe]")
-        train = dict(d.get("train") or {})
+        train = _section(d, "train", source, required=False)
         _known_keys(train, _field_names(TrainConfig), f"{source} [train]")
-        try:
-            return cls(name=str(d.get("name", "custom")),
-                       model=ModelConfig(moe=MoEConfig(**moe), **model),
-                       train=TrainConfig(**train))
-        except TypeError as e:  # a missing required field
-            raise ValueError(f"{source}: {e}") from None
-
-
-def _field_names(cls: type) -> set[str]:
-    return {f.name for f in dataclasses.fields(cls)}
-
-
-def _known_keys(d: dict[str, Any], known: set[str], where: str) -> None:
-    unknown = sorted(set(d) - known)
-    if unknown:
-        raise ValueError(f"{where}: unknown key(s) {unknown}; known keys are {sorted(known)}")
+        name = d.get("name", "custom")
+        _check(isinstance(name, str), f"{source}: name={name!r} must be a str")
+        m = _build(MoEConfig, moe, source, "model.moe")
+        run = _build(cls, dict(name=name, model=_build(ModelConfig, {**model, "moe": m}, source, "model"),
+                               train=_build(TrainConfig, train, source, "train")), source, "")
+        _check(run.train.seq_len <= run.model.max_seq_len,
+               f"{source}: train.seq_len={run.train.seq_len} exceeds model.max_seq_len={run.model.max_seq_len}; "
+               f"lower seq_len or raise max_seq_len")
+        return run
 
 
 def load_config(path: str | Path) -> RunConfig:
     """Read a RunConfig from a .toml or .json file."""
     p = Path(path)
     if not p.is_file():
-        raise ValueError(f"config file {p} does not exist; pass an existing .toml or .json file")
+        raise ConfigError(f"config file {p} does not exist; pass an existing .toml or .json file")
+    if p.stat().st_size > MAX_CONFIG_BYTES:
+        raise ConfigError(f"config file {p} is {p.stat().st_size} bytes, over the {MAX_CONFIG_BYTES}-byte limit "
+                          f"for a config")
     try:
         if p.suffix == ".toml":
             d = tomllib.loads(p.read_text())
         elif p.suffix == ".json":
             d = json.loads(p.read_text())
         else:
-            raise ValueError(f"config file {p} must end in .toml or .json")
-    except (tomllib.TOMLDecodeError, json.JSONDecodeError) as e:
-        raise ValueError(f"config file {p} is not valid {p.suffix[1:].upper()}: {e}") from None
-    d.setdefault("name", p.stem)
+            raise ConfigError(f"config file {p} must end in .toml or .json")
+    except (tomllib.TOMLDecodeError, json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
+        raise ConfigError(f"config file {p} is not valid {p.suffix[1:].upper()}: {str(e)[:200]}") from None
+    except OSError as e:
+        raise ConfigError(f"config file {p} cannot be read ({e.strerror})") from None
+    if isinstance(d, dict):
+        d.setdefault("name", p.stem)
     return RunConfig.from_dict(d, source=str(p))
 
 
@@ -340,7 +366,7 @@ PRESETS = {
 def get_preset(name: str) -> RunConfig:
     """A fresh RunConfig for a named preset."""
     if name not in PRESETS:
-        raise ValueError(f"unknown preset {name!r}; available presets: {', '.join(PRESETS)}")
+        raise ConfigError(f"unknown preset {name!r}; available presets: {', '.join(PRESETS)}")
     return PRESETS[name]()
 
 
@@ -367,5 +393,5 @@ def ceil_div(a: int, b: int) -> int:
     return -(-a // b)
 
 
-__all__ = ["MoEConfig", "ModelConfig", "TrainConfig", "RunConfig", "PRESETS", "get_preset", "load_config",
+__all__ = ["ConfigError", "MoEConfig", "ModelConfig", "TrainConfig", "RunConfig", "PRESETS", "get_preset", "load_config",
            "param_count", "ceil_div"]

@@ -11,7 +11,9 @@ Load-balancing loss (Switch / GShard form), per MoE layer, averaged over layers:
     f_i = (tokens routed to expert i) / (tokens * K)     -- no gradient
     p_i = mean over this micro-batch's tokens of the router probability of i  -- carries the gradient
 
-It is 1.0 at perfect balance whatever E, K, T or the number of ranks.
+It is 1.0 at perfect balance whatever E, K, T or the number of ranks. MoEConfig.balance_pooling =
+"pooled" pools f and p over all MoE layers before the product instead (transformers' form, used
+when fine-tuning a Hugging Face checkpoint with its own router_aux_loss_coef).
 
 Where f_i comes from (MoEConfig.balance_scope / global_sync):
 - "micro_batch": this micro-batch's own counts (on this rank only).
@@ -102,9 +104,17 @@ class TopKRouter(nn.Module):
         self.bias_E += self.bias_update_rate * torch.sign(load_E.mean() - load_E)
 
 
-def balance_loss(probs_mean_LE: torch.Tensor, counts_LE: torch.Tensor) -> torch.Tensor:
-    """Mean over layers of N_E * sum_i f_i * p_i, f from counts (normalised to fractions)."""
+def balance_loss(probs_mean_LE: torch.Tensor, counts_LE: torch.Tensor, pooled: bool = False) -> torch.Tensor:
+    """Mean over layers of N_E * sum_i f_i * p_i, f from counts (normalised to fractions).
+
+    pooled=True: N_E * sum_i F_i * P_i with F and P pooled over all layers first (every layer sees
+    the same tokens, so P is the mean of the layers' p). This is transformers'
+    `load_balancing_loss_func` divided by K (its f sums to K over experts, ours to 1).
+    """
     E = probs_mean_LE.shape[-1]
+    if pooled:
+        f_E = counts_LE.float().sum(dim=0) / counts_LE.float().sum().clamp_min(1.0)
+        return E * (f_E * probs_mean_LE.mean(dim=0)).sum()
     f_LE = counts_LE.float() / counts_LE.float().sum(dim=-1, keepdim=True).clamp_min(1.0)
     return (E * (f_LE * probs_mean_LE).sum(dim=-1)).mean()
 
@@ -164,7 +174,7 @@ class BalanceTracker:
             # collective: one all-reduce of this micro-batch's counts for all layers.
             self.synced_counts_LE = _add(self.synced_counts_LE, self._reduce(local_LE))
             f_LE = self.synced_counts_LE
-        return balance_loss(probs_LE, f_LE.to(probs_LE.device)), z
+        return balance_loss(probs_LE, f_LE.to(probs_LE.device), pooled=c.balance_pooling == "pooled"), z
 
     def end_step(self) -> torch.Tensor | None:
         """The step's global counts [L, E] (summed over micro-batches and ranks)."""

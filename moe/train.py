@@ -23,7 +23,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from moe.checkpoint import Checkpoint, CheckpointError, latest_checkpoint, save_checkpoint
+from moe.checkpoint import Checkpoint, CheckpointError, latest_checkpoint, resume_check, save_checkpoint
 from moe.config import RunConfig, TrainConfig
 from moe.data import Corpus, load_corpus
 from moe.model import MoETransformer
@@ -241,12 +241,14 @@ class Trainer:
         """Train to max_steps (or until_step), resuming from the newest valid checkpoint if any."""
         c = self.cfg
         self.out_dir.mkdir(parents=True, exist_ok=True)
-        (self.out_dir / "config.json").write_text(json.dumps(self.run.to_dict(), indent=2))
         if resume and self.step == 0:
-            last = latest_checkpoint(self.ckpt_root)
+            # integrity: skips corrupted checkpoints (reason printed), refuses another run's (ResumeMismatch)
+            params = [n for n, p in self.model.named_parameters() if p.requires_grad]
+            last = latest_checkpoint(self.ckpt_root, check=resume_check(self.run.to_dict(), params))
             if last is not None:
                 self.load(Checkpoint(last))
                 self._log({"event": "resumed", "step": self.step, "checkpoint": str(last)})
+        (self.out_dir / "config.json").write_text(json.dumps(self.run.to_dict(), indent=2))
         end = min(c.max_steps, until_step if until_step is not None else c.max_steps)
         bar = _progress(self.step, end, self.progress)
         t0, tok0 = time.perf_counter(), self.tokens_seen

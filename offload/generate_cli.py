@@ -31,6 +31,11 @@ def add_generate_args(p: argparse.ArgumentParser) -> None:
     src.add_argument("--checkpoint", help="run directory (newest checkpoint) or a step_NNNNNNNN dir")
     src.add_argument("--hf", metavar="DIR", help="local Hugging Face MoE checkpoint directory (Mixtral, Qwen2-MoE, "
                                                  "OLMoE, Qwen3-MoE); experts stream into host memory")
+    p.add_argument("--max-seq-len", type=int, default=None, metavar="N",
+                   help="with --hf: rotary table size (default max_position_embeddings); a sliding-window model "
+                        "loads when N <= its window")
+    p.add_argument("--ignore-config-field", action="append", default=[], metavar="KEY",
+                   help="with --hf: a config.json field you vouch does not change the model's math (repeatable)")
     cap = p.add_mutually_exclusive_group(required=True)
     cap.add_argument("--gpu-expert-slots", type=int, help="device expert slots (experts held at once)")
     cap.add_argument("--gpu-expert-gib", type=float, help="device memory for expert slots, in GiB")
@@ -136,7 +141,8 @@ def run_generate(args: argparse.Namespace) -> int:
     if args.hf:
         from moe.hf.chat import load_chat
         from offload.hf import load_hf_for_cache
-        model, run, tokenizer, store = load_hf_for_cache(args.hf)
+        model, run, tokenizer, store = load_hf_for_cache(args.hf, max_seq_len=args.max_seq_len,
+                                                         ignore_config_fields=tuple(args.ignore_config_field))
         chat = load_chat(args.hf, tokenizer)
     else:
         model, run, _ = load_model(args.checkpoint, device="cpu")

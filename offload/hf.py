@@ -18,16 +18,20 @@ from moe.model import MoETransformer
 from offload.store import ExpertLayout, HostExpertStore
 
 
-def load_hf_for_cache(path: str | Path, *, dtype: torch.dtype | str | None = None, pin: bool | None = None
+def load_hf_for_cache(path: str | Path, *, dtype: torch.dtype | str | None = None, pin: bool | None = None,
+                      max_seq_len: int | None = None, ignore_config_fields: tuple[str, ...] = ()
                       ) -> tuple[MoETransformer, RunConfig, Any, HostExpertStore]:
-    """(model with dense weights only, run config, tokenizer or None, filled host expert store)."""
-    model, run, tokenizer = load_hf(path, dtype=dtype, load_experts=False)
+    """(model with dense weights only, run config, tokenizer or None, filled host expert store).
+    max_seq_len / ignore_config_fields: as in moe.hf.load_hf (`moe generate --max-seq-len / --ignore-config-field`)."""
+    model, run, tokenizer = load_hf(path, dtype=dtype, load_experts=False, max_seq_len=max_seq_len,
+                                    ignore_config_fields=ignore_config_fields)
     m = run.model
     layout = ExpertLayout(num_layers=m.num_moe_layers, num_experts=m.moe.num_experts, d_model=m.d_model,
                           d_expert=m.moe.d_expert, dtype=model.embed.weight.dtype)
     store = HostExpertStore(layout, pin=pin)
     seen = 0
-    for layer, expert, w13_DF2, w2_FD in iter_hf_expert_tensors(path, dtype=layout.dtype):
+    for layer, expert, w13_DF2, w2_FD in iter_hf_expert_tensors(path, dtype=layout.dtype, max_seq_len=max_seq_len,
+                                                                    ignore_config_fields=ignore_config_fields):
         store.w13(layer, expert).copy_(w13_DF2)
         store.w2(layer, expert).copy_(w2_FD)
         seen += 1

@@ -3,11 +3,15 @@
 Legend: N records (one per token per MoE layer), K top-k, L MoE layers, E experts.
 
 A trace is a frozen, versioned dataclass; columns travel as little-endian byte strings (no pickle,
-ever) and are decoded with limits (moe.serial.unpack_limited: max_buffer_size, strict_map_key).
-Every column's length and value range is checked on load, so a corrupted, truncated, oversized or
-wrong-version file is refused with a message saying which. `TraceRecorder` records from any
-MoETransformer forward (generation, evaluation, or `trainer.model` during training) or is fed by
-the expert-cache engine. `moe trace` (add_trace_args / run_trace) records and simulates.
+ever). The file is sealed by the project's integrity rule (moe/serial.py): a sha256 over the whole
+content is checked before anything is decoded, and the body is decoded with limits derived from
+its size. Then every field is checked by type and range (L <= 4096, E <= 65536, K <= min(E, 256),
+columns of the right length, ids in range, scores finite, the known `meta` entries and the
+recorded calibration well-formed), so a corrupted, truncated, hand-edited, oversized or
+wrong-version file is refused with a TraceError naming the file, never loaded or crashed on later.
+`TraceRecorder` records from any MoETransformer forward (generation, evaluation, or
+`trainer.model` during training) or is fed by the expert-cache engine. `moe trace`
+(add_trace_args / run_trace) records and simulates.
 """
 from __future__ import annotations
 
@@ -16,16 +20,21 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import msgpack
+import math
+
 import numpy as np
 import torch
 
-from moe.serial import DecodeError, unpack_limited
+from moe.serial import DecodeError, seal, unseal
 
 TRACE_FORMAT = "moe-routing-trace"
-TRACE_VERSION = 1
+TRACE_VERSION = 2
+MAX_LAYERS, MAX_EXPERTS, MAX_TOP_K = 4096, 65536, 256
+MAX_TRACE_OBJECTS = 65536
+"""A trace body is ~20 fields (columns are byte strings) plus a small `meta`."""
 MAX_TRACE_BYTES = 1 << 30
 _COLUMNS = {"step": "<i4", "seq": "<i4", "pos": "<i4", "layer": "<u2", "experts": "<u2", "scores": "<f4"}
+_KEYS = {"format", "version", "num_layers", "num_experts", "top_k", "num_records", "meta", *_COLUMNS}
 
 
 class TraceError(ValueError):
@@ -66,35 +75,43 @@ class RoutingTrace:
 
     @classmethod
     def from_dict(cls, d: Any, what: str = "trace") -> "RoutingTrace":
+        """A trace from its decoded body; every field checked by type and range (TraceError naming `what`)."""
         if not isinstance(d, dict) or d.get("format") != TRACE_FORMAT:
             raise TraceError(f"{what} is not a routing trace (format {d.get('format') if isinstance(d, dict) else None!r}, "
                              f"expected {TRACE_FORMAT!r})")
         if d.get("version") != TRACE_VERSION:
             raise TraceError(f"{what} has trace version {d.get('version')!r}; this build reads version "
                              f"{TRACE_VERSION}; re-record it with this version of moe-runtime")
-        try:
-            L, E, K, N = (int(d[k]) for k in ("num_layers", "num_experts", "top_k", "num_records"))
-            cols = {name: _column(d[name], dt, name, what) for name, dt in _COLUMNS.items()}
-            meta = d.get("meta") or {}
-        except (KeyError, TypeError) as e:
-            raise TraceError(f"{what} is missing or mistypes field {e}") from None
-        if min(L, E, K) < 1 or K > E or N < 0:
-            raise TraceError(f"{what}: num_layers={L}, num_experts={E}, top_k={K} are inconsistent")
+        unknown = sorted(set(d) - _KEYS, key=str)
+        if unknown:
+            raise TraceError(f"{what}: unknown field(s) {unknown}")
+        L, E, K, N = (_int_field(d, k, what) for k in ("num_layers", "num_experts", "top_k", "num_records"))
+        if not (1 <= L <= MAX_LAYERS and 1 <= E <= MAX_EXPERTS and 1 <= K <= min(E, MAX_TOP_K) and N >= 0):
+            raise TraceError(f"{what}: num_layers={L}, num_experts={E}, top_k={K}, num_records={N} are out of range "
+                             f"or inconsistent (1 <= L <= {MAX_LAYERS}, 1 <= K <= min(E, {MAX_TOP_K}), "
+                             f"E <= {MAX_EXPERTS})")
+        if "meta" not in d:
+            raise TraceError(f"{what} is missing or mistypes field 'meta'")
+        meta = _check_meta(d["meta"], what)
+        cols = {}
+        for name, dt in _COLUMNS.items():
+            if name not in d:
+                raise TraceError(f"{what} is missing or mistypes field {name!r}")
+            cols[name] = _column(d[name], dt, name, what)
         for name, col in cols.items():
             want = N * K if name in ("experts", "scores") else N
             if col.size != want:
                 raise TraceError(f"{what}: column {name!r} holds {col.size} values, expected {want} "
                                  f"(num_records={N}); the file is truncated or corrupted")
         cols["experts"], cols["scores"] = cols["experts"].reshape(N, K), cols["scores"].reshape(N, K)
-        if N and (cols["layer"].max() >= L or cols["experts"].max() >= E or cols["pos"].min() < 0):
-            raise TraceError(f"{what}: layer or expert ids out of range (L={L}, E={E}); the file is corrupted")
-        return cls(L, E, K, meta=meta, **{k: v.astype(np.int64) if k != "scores" else v
+        _check_values(cols, L, E, what)
+        return cls(L, E, K, meta=meta, **{k: v.astype(np.int64) if k != "scores" else v.copy()
                                          for k, v in cols.items()})
 
     def save(self, path: str | Path) -> Path:
         p = Path(path)
         p.parent.mkdir(parents=True, exist_ok=True)
-        p.write_bytes(msgpack.packb(self.to_dict(), use_bin_type=True))
+        p.write_bytes(seal(self.to_dict(), TRACE_FORMAT, TRACE_VERSION))
         return p
 
     @classmethod
@@ -107,9 +124,11 @@ class RoutingTrace:
             raise TraceError(f"trace file {p} is {size} bytes, over the limit of {max_bytes} bytes; "
                              f"pass a larger max_bytes only for a file you trust")
         try:
-            d = unpack_limited(p.read_bytes(), max_bytes, f"trace file {p}")
+            d = unseal(p.read_bytes(), TRACE_FORMAT, TRACE_VERSION, f"trace file {p}", max_bytes, MAX_TRACE_OBJECTS)
         except DecodeError as e:
             raise TraceError(f"trace file {p} is corrupted: {e}") from None
+        except OSError as e:
+            raise TraceError(f"trace file {p} cannot be read ({e.strerror})") from None
         return cls.from_dict(d, f"trace file {p}")
 
     def token_table(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -141,6 +160,66 @@ def _column(raw: Any, dt: str, name: str, what: str) -> np.ndarray:
     if len(raw) % size:
         raise TraceError(f"{what}: column {name!r} has {len(raw)} bytes, not a multiple of {size}; corrupted")
     return np.frombuffer(raw, dtype=dt)
+
+
+def _int_field(d: dict[str, Any], key: str, what: str) -> int:
+    v = d.get(key)
+    if not isinstance(v, int) or isinstance(v, bool):
+        raise TraceError(f"{what} is missing or mistypes field {key!r} ({type(v).__name__}, expected int)")
+    return v
+
+
+def _check_values(cols: dict[str, np.ndarray], L: int, E: int, what: str) -> None:
+    """Ids in range, no expert twice in one record, scores finite."""
+    if not cols["layer"].size:
+        return
+    exp = cols["experts"]
+    if (cols["layer"].max() >= L or exp.max() >= E or min(cols[k].min() for k in ("pos", "seq", "step")) < 0):
+        raise TraceError(f"{what}: layer or expert ids out of range (L={L}, E={E}), or a negative "
+                         f"step/seq/pos; the file is corrupted")
+    if exp.shape[1] > 1 and (np.diff(np.sort(exp, axis=1), axis=1) == 0).any():
+        raise TraceError(f"{what}: a record lists the same expert twice; the file is corrupted")
+    if not np.isfinite(cols["scores"]).all():
+        raise TraceError(f"{what}: column 'scores' holds NaN or infinity; the file is corrupted")
+
+
+_META_TYPES = {"d_model": int, "d_expert": int, "expert_bytes": int, "dtype": str, "router_position": str,
+               "source": str, "run": str, "calibration": dict}
+_CAL_FLOATS = ("copy_s", "act_s_per_token", "attn_s", "copy_gbps")
+
+
+def _check_meta(meta: Any, what: str) -> dict[str, Any]:
+    """meta: a map; the entries the simulator and engine read have the right types and ranges."""
+    if not isinstance(meta, dict):
+        raise TraceError(f"{what}: field 'meta' is {type(meta).__name__}, expected a map")
+    for key, kind in _META_TYPES.items():
+        v = meta.get(key)
+        if key in meta and (not isinstance(v, kind) or isinstance(v, bool) or (kind is int and v < 0)):
+            raise TraceError(f"{what}: meta.{key}={v!r:.60} should be a {'non-negative ' if kind is int else ''}"
+                             f"{kind.__name__}")
+    if "calibration" in meta:
+        _check_calibration(meta["calibration"], f"{what}: meta.calibration")
+    return meta
+
+
+def _check_calibration(cal: dict[str, Any], what: str) -> None:
+    def number(v: Any) -> bool:
+        return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v >= 0
+
+    if not isinstance(cal.get("device"), str) or not isinstance(cal.get("expert_bytes"), int) \
+            or isinstance(cal.get("expert_bytes"), bool) or cal["expert_bytes"] < 0:
+        raise TraceError(f"{what}: device must be a str and expert_bytes a non-negative int")
+    bad = [k for k in _CAL_FLOATS if k in cal and not number(cal[k])]
+    if bad or "copy_s" not in cal or "act_s_per_token" not in cal:
+        raise TraceError(f"{what}: {bad or ['copy_s', 'act_s_per_token']} must be finite non-negative numbers")
+    grid = cal.get("tokens")
+    if not isinstance(grid, list) or not grid or not all(isinstance(t, int) and not isinstance(t, bool) and t >= 1
+                                                         for t in grid) or any(a >= b for a, b in zip(grid, grid[1:])):
+        raise TraceError(f"{what}: tokens must be a non-empty increasing list of positive ints")
+    for key in ("host_s", "device_s"):
+        v = cal.get(key)
+        if not isinstance(v, list) or len(v) != len(grid) or not all(number(x) for x in v):
+            raise TraceError(f"{what}: {key} must be {len(grid)} finite non-negative numbers (one per token count)")
 
 
 class TraceRecorder:

@@ -57,7 +57,7 @@ def test_corrupted_bytes_fail_checksum(tmp_path):
     raw[-5] ^= 0xFF  # flip bits inside the last tensor's data, size unchanged
     f.write_bytes(bytes(raw))
     ck = Checkpoint(p2)
-    with pytest.raises(CheckpointError, match="checksum"):
+    with pytest.raises(CheckpointError, match="fails its sha256 digest"):
         for n in ck.names():
             ck.tensor(n)
     assert latest_checkpoint(tmp_path).name == "step_00000001"
@@ -68,12 +68,12 @@ def test_bad_manifests(tmp_path):
     mf = p / "manifest.msgpack"
     good = mf.read_bytes()
     mf.write_bytes(good[: len(good) // 2])
-    with pytest.raises(CheckpointError, match="corrupted"):
+    with pytest.raises(CheckpointError, match="truncated"):
         Checkpoint(p)
     d = msgpack.unpackb(good, raw=False)
     d["version"] = 99
     mf.write_bytes(msgpack.packb(d))
-    with pytest.raises(CheckpointError, match="version 99 is not supported"):
+    with pytest.raises(CheckpointError, match="version 99; this build reads version 2"):
         Checkpoint(p)
     os.remove(mf)
     with pytest.raises(CheckpointError, match="was not completely written"):

@@ -2,7 +2,7 @@ import json
 
 import pytest
 
-from moe.config import MoEConfig, ModelConfig, PRESETS, RunConfig, TrainConfig, get_preset, load_config, param_count
+from moe.config import ConfigError, MoEConfig, ModelConfig, PRESETS, RunConfig, TrainConfig, get_preset, load_config, param_count
 
 
 def test_presets_build_and_roundtrip():
@@ -97,3 +97,68 @@ def test_param_count_matches_the_built_model(kw):
         kw = {**kw, "moe": small_moe(**kw["moe"])}
     cfg = small_model(**kw)
     assert param_count(cfg)["total"] == sum(p.numel() for p in MoETransformer(cfg).parameters())
+
+
+# ---------------------------------------------------------------- issue #12: types and ranges, one error each
+@pytest.mark.parametrize("section, key, value, pattern", [
+    ("model.moe", "norm_topk_prob", "false", r"norm_topk_prob='false' must be a bool, not str"),
+    ("model.moe", "aux_free_bias", "no", r"aux_free_bias='no' must be a bool, not str"),
+    ("model.moe", "num_experts", 8.0, r"num_experts=8.0 must be an int, not float"),
+    ("model.moe", "top_k", True, r"top_k=True must be an int, not bool"),
+    ("model", "n_kv_heads", 0, r"n_kv_heads=0 must be > 0"),
+    ("model", "n_kv_heads", -2, r"n_kv_heads=-2 must be > 0"),
+    ("model", "n_kv_heads", 3, r"n_heads=4 is not divisible by n_kv_heads=3"),
+    ("model.moe", "capacity_factor", float("inf"), r"capacity_factor=inf must be a finite number"),
+    ("model", "rope_theta", 0.0, r"rope_theta=0.0 must be > 0"),
+    ("model", "rope_theta", -10000, r"rope_theta=-10000.0 must be > 0"),
+    ("model", "init_std", -0.02, r"init_std=-0.02 must be >= 0"),
+    ("model", "norm_eps", -1e-5, r"norm_eps=-1e-05 must be > 0"),
+    ("train", "weight_decay", -0.1, r"weight_decay=-0.1 must be >= 0"),
+    ("train", "beta1", 1.5, r"beta1=1.5 must be in \[0, 1\)"),
+    ("model.moe", "balance_coef", float("inf"), r"balance_coef=inf must be a finite number"),
+    ("model.moe", "balance_coef", float("nan"), r"balance_coef=nan must be a finite number"),
+    ("train", "device", "tpu", r"device='tpu' is not one of auto, cpu, cuda, cuda:N, mps"),
+    ("model.moe", "top_k", 9, r"top_k=9 must be between 1 and num_experts=8"),
+    ("train", "seq_len", 4096, r"train.seq_len=4096 exceeds model.max_seq_len=128"),
+    ("train", "lr", "3e-3", r"lr='3e-3' must be a float, not str"),
+])
+def test_json_config_values_checked_by_type_and_range(tmp_path, section, key, value, pattern):
+    d = get_preset("tiny").to_dict()
+    t = d
+    for part in section.split("."):
+        t = t[part]
+    t[key] = value
+    p = tmp_path / "c.json"
+    p.write_text(json.dumps(d))
+    where = "" if key == "seq_len" else rf"\[{section}\] "
+    with pytest.raises(ConfigError, match=rf"^{p}: {where}{pattern}"):
+        load_config(p)
+
+
+def test_config_top_level_and_sections_of_the_wrong_type(tmp_path):
+    p = tmp_path / "c.json"
+    p.write_text("[1, 2]")
+    with pytest.raises(ConfigError, match=rf"{p}: the top level is a list"):
+        load_config(p)
+    p.write_text(json.dumps({"model": {"d_model": 32, "n_layers": 1, "n_heads": 4, "moe": "small"}}))
+    with pytest.raises(ConfigError, match=r"\[model.moe\] is a str 'small', expected a table"):
+        load_config(p)
+
+
+def test_float_fields_take_ints_and_stay_floats():
+    cfg = ModelConfig(d_model=32, n_layers=1, n_heads=4, rope_theta=10000, moe=MoEConfig(num_experts=4, top_k=1,
+                                                                                        d_expert=8, balance_coef=0))
+    assert isinstance(cfg.rope_theta, float) and isinstance(cfg.moe.balance_coef, float)
+
+
+def test_hf_config_import_shares_the_validation(tmp_path):
+    from moe.hf import HFCheckpointError, read_hf
+    d = {"architectures": ["MixtralForCausalLM"], "model_type": "mixtral", "vocab_size": 64, "hidden_size": 16,
+         "intermediate_size": 24, "num_hidden_layers": 1, "num_attention_heads": 2, "num_key_value_heads": 1,
+         "num_local_experts": 2, "num_experts_per_tok": 1, "max_position_embeddings": 64, "rms_norm_eps": -1e-6}
+    (tmp_path / "config.json").write_text(json.dumps(d))
+    with pytest.raises(HFCheckpointError, match=rf"{tmp_path / 'config.json'}: norm_eps=-1e-06 must be > 0"):
+        read_hf(tmp_path)
+    (tmp_path / "config.json").write_text("[1]")
+    with pytest.raises(HFCheckpointError, match=r"config.json: the top level is a list"):
+        read_hf(tmp_path)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 
-import msgpack
 import numpy as np
 import pytest
 import torch
@@ -12,7 +11,8 @@ import torch
 from moe.cli import main
 from offload.engine import ExpertCacheEngine
 from offload.simulate import SimTiming, parse_capacities, simulate, simulate_grid, trace_timing
-from offload.trace import RoutingTrace, TraceError, TraceRecorder
+from moe.serial import seal
+from offload.trace import TRACE_FORMAT, TRACE_VERSION, RoutingTrace, TraceError, TraceRecorder
 from tests.test_offload_support import single_thread, tiny_cfg, twin_models  # noqa: F401
 
 
@@ -37,12 +37,13 @@ def test_round_trip(trace, tmp_path):
 
 def _write(tmp_path, obj_or_bytes) -> str:
     p = tmp_path / "bad.msgpack"
-    p.write_bytes(obj_or_bytes if isinstance(obj_or_bytes, bytes) else msgpack.packb(obj_or_bytes, use_bin_type=True))
+    # dicts are sealed like RoutingTrace.save does, so the body's own checks are what is tested
+    p.write_bytes(obj_or_bytes if isinstance(obj_or_bytes, bytes) else seal(obj_or_bytes, TRACE_FORMAT, TRACE_VERSION))
     return str(p)
 
 
 def test_corrupted_oversized_and_wrong_version_traces_are_refused(trace, tmp_path):
-    raw = msgpack.packb(trace.to_dict(), use_bin_type=True)
+    raw = seal(trace.to_dict(), TRACE_FORMAT, TRACE_VERSION)
     with pytest.raises(TraceError, match="corrupted: .* is truncated"):
         RoutingTrace.load(_write(tmp_path, raw[: len(raw) // 2]))
     with pytest.raises(TraceError, match="corrupted: .* not valid msgpack"):
@@ -54,7 +55,7 @@ def test_corrupted_oversized_and_wrong_version_traces_are_refused(trace, tmp_pat
     with pytest.raises(TraceError, match="corrupted: .* not valid msgpack"):
         RoutingTrace.load(_write(tmp_path, {1: 2}))  # strict_map_key: integer keys are refused
     d = trace.to_dict()
-    with pytest.raises(TraceError, match="trace version 99; this build reads version 1"):
+    with pytest.raises(TraceError, match="trace version 99; this build reads version 2"):
         RoutingTrace.load(_write(tmp_path, {**d, "version": 99}))
     with pytest.raises(TraceError, match="is not a routing trace"):
         RoutingTrace.load(_write(tmp_path, {**d, "format": "moe-runtime-checkpoint"}))

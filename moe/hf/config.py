@@ -16,7 +16,7 @@ ARCHITECTURES = {"MixtralForCausalLM": "mixtral", "Qwen2MoeForCausalLM": "qwen2_
 FAMILY_ARCH = {family: arch for arch, family in ARCHITECTURES.items()}
 EXPERT_LAYOUTS = ("per_expert", "fused")
 TRAIN_ONLY_MOE_FIELDS = ("balance_coef", "balance_scope", "global_sync", "z_loss_coef", "aux_free_bias",
-                         "bias_update_rate")
+                         "bias_update_rate", "balance_pooling")
 _ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
 _DTYPES = {"float64": torch.float64, "float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 # transformers' class defaults for fields a config.json may leave out.
@@ -129,8 +129,9 @@ def _attention_fields(f: _Fields, max_seq_len: int | None) -> dict[str, Any]:
     if window is not None and window < seq:
         raise HFCheckpointError(f"{f.file}: field sliding_window={window} is smaller than the longest sequence "
                                 f"({'max_seq_len' if max_seq_len else 'max_position_embeddings'}={seq}): "
-                                f"sliding-window attention is not implemented; pass max_seq_len <= {window} "
-                                f"to load it for sequences that never leave the window" if window else
+                                f"sliding-window attention is not implemented; pass max_seq_len={window} "
+                                f"(Python) or --max-seq-len {window} (moe generate --hf) to load it for sequences "
+                                f"that never leave the window" if window else
                                 f"{f.file}: field layer_types enables sliding-window attention, which is not "
                                 f"implemented")
     return dict(vocab_size=f.get("vocab_size", kind=int), d_model=D, n_layers=f.get("num_hidden_layers", kind=int),
@@ -158,8 +159,11 @@ def _dense_prefix(f: _Fields, n_layers: int) -> int:
 def _moe_fields(f: _Fields, top_k: int, renorm: bool) -> dict[str, Any]:
     output_logits = f.get("output_router_logits", False, bool)
     coef = f.get("router_aux_loss_coef", 0.0, float)
-    # transformers' f_i sums to K over experts, ours to 1: the same loss needs K times the coefficient.
-    return dict(top_k=top_k, norm_topk_prob=renorm, balance_coef=coef * top_k if output_logits else 0.0)
+    # transformers pools f and p over all layers before the product (balance_pooling="pooled"), and its
+    # f_i sums to K over experts where ours sums to 1: the same loss needs K times the coefficient.
+    # Per forward pass, like transformers: balance_scope="micro_batch".
+    return dict(top_k=top_k, norm_topk_prob=renorm, balance_coef=coef * top_k if output_logits else 0.0,
+                balance_pooling="pooled", balance_scope="micro_batch")
 
 
 def _family_config(f: _Fields, max_seq_len: int | None) -> ModelConfig:
@@ -210,6 +214,8 @@ def _read_config(path: Path, max_seq_len: int | None, ignore: tuple[str, ...]) -
         d = json.loads(file.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise HFCheckpointError(f"{file}: not valid JSON ({e})") from None
+    if not isinstance(d, dict):
+        raise HFCheckpointError(f"{file}: the top level is a {type(d).__name__}, expected a JSON object")
     archs = d.get("architectures") or []
     if not isinstance(archs, list) or len(archs) != 1 or archs[0] not in ARCHITECTURES:
         raise HFCheckpointError(f"{file}: field architectures={archs!r} is not supported; supported: "
@@ -229,7 +235,8 @@ def _read_config(path: Path, max_seq_len: int | None, ignore: tuple[str, ...]) -
     if unknown:
         raise HFCheckpointError(f"{file}: unknown field(s) {unknown} for {archs[0]}; moe-runtime does not know "
                                 f"whether they change the model's math. If they do not, pass "
-                                f"ignore_config_fields={tuple(unknown)}")
+                                f"ignore_config_fields={tuple(unknown)} (Python) or "
+                                f"{' '.join('--ignore-config-field ' + k for k in unknown)} (moe generate --hf)")
     return family, RunConfig(name=path.name, model=cfg, train=finetune_defaults(cfg.max_seq_len)), f
 
 

@@ -2,7 +2,8 @@
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+import re
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -36,6 +37,8 @@ class HFCheckpoint:
     files: tuple[Path, ...]
     tensors: dict[str, _Found]
     plan: dict[str, _Slot]
+    hf_config: dict = field(default_factory=dict)
+    """config.json as read (export_hf writes back the fields transformers uses that RunConfig lacks)."""
 
 
 def _shard_files(path: Path) -> tuple[list[Path], dict[str, str] | None]:
@@ -43,10 +46,16 @@ def _shard_files(path: Path) -> tuple[list[Path], dict[str, str] | None]:
     if index.is_file():
         try:
             weight_map = json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError, TypeError) as e:
+        except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError, RecursionError) as e:
             raise HFCheckpointError(f"{index}: not a valid index ({type(e).__name__}: {e})") from None
+        if not isinstance(weight_map, dict) or not all(isinstance(k, str) and isinstance(v, str)
+                                                       for k, v in weight_map.items()):
+            raise HFCheckpointError(f"{index}: weight_map must map tensor names to shard file names")
         by_file: dict[str, list[str]] = {}
         for name, file in weight_map.items():
+            if not re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9_.-]*\.safetensors", file):
+                raise HFCheckpointError(f"{index}: shard {file!r} (of {name}) is not a plain *.safetensors name in "
+                                        f"the checkpoint directory (paths and '..' are refused)")
             by_file.setdefault(file, []).append(name)
         for file, names in sorted(by_file.items()):
             if not (path / file).is_file():
@@ -144,6 +153,6 @@ def read_hf(path: str | Path, *, max_seq_len: int | None = None,
     dtype, dtype_source = _checkpoint_dtype(fields, found)
     plan = tensor_plan(family, run.model, layout)
     _check_tensors(path, plan, found, dtype, dtype_source, run.model.tie_embeddings)
-    return HFCheckpoint(path, family, run, dtype, layout, tuple(files), found, plan)
+    return HFCheckpoint(path, family, run, dtype, layout, tuple(files), found, plan, dict(fields.d))
 
 

@@ -88,6 +88,25 @@ def hf_config(cfg: ModelConfig, family: str, dtype: torch.dtype = torch.float32)
     return c
 
 
+# Fields of a loaded config.json that transformers uses but RunConfig does not hold (or holds only in
+# training form): written back so that load -> export -> load is identical and generate() stops alike.
+PASSTHROUGH = ("bos_token_id", "eos_token_id", "pad_token_id", "router_aux_loss_coef", "output_router_logits",
+               "tokenizer_class", "id2label", "label2id", "max_window_layers", "layer_types", "rope_scaling",
+               "use_sliding_window", "sliding_window", "max_position_embeddings", "rope_parameters")
+
+
+def read_back(source: dict[str, Any], cfg: ModelConfig, family: str) -> dict[str, Any]:
+    """The PASSTHROUGH fields of the config.json the model was loaded from (same family only)."""
+    if source.get("model_type") != family:
+        return {}
+    out = {k: source[k] for k in PASSTHROUGH if k in source}
+    if out.get("max_position_embeddings", cfg.max_seq_len) < cfg.max_seq_len:
+        out.pop("max_position_embeddings")  # the model was extended past it: ours is the truth
+    if isinstance(out.get("rope_parameters"), dict) and out["rope_parameters"].get("rope_theta") != cfg.rope_theta:
+        out.pop("rope_parameters")
+    return out
+
+
 def _shard_groups(plan: dict[str, _Slot], itemsize: int, max_shard_bytes: int) -> list[list[str]]:
     groups: list[list[str]] = [[]]
     size = 0
@@ -117,7 +136,10 @@ def export_hf(model: MoETransformer, run_config: RunConfig | ModelConfig, out_di
         raise ValueError("run_config.model differs from model.cfg; pass the config the model was built with")
     family = family or infer_family(cfg)
     dt = _as_dtype(dtype) or model.embed.weight.dtype
-    config = {**hf_config(cfg, family, dt), **(extra_config or {})}
+    source = getattr(model, "hf_config", None) or {}
+    config = {**hf_config(cfg, family, dt), **read_back(source, cfg, family), **(extra_config or {})}
+    if source and "head_dim" not in source and cfg.head_dim == cfg.d_model // cfg.n_heads:
+        config.pop("head_dim")  # transformers derives it; the loaded config.json did not carry it
     for layer in model.moe_layers():
         if bool(layer.router.bias_E.any()):
             raise ValueError("the routers carry aux-free selection biases (aux_free_bias); transformers has no "

@@ -80,6 +80,7 @@ def load_hf(path: str | Path, *, dtype: torch.dtype | str | None = None, device:
     ck = read_hf(path, max_seq_len=max_seq_len, ignore_config_fields=ignore_config_fields)
     model = _empty_model(ck.run.model, _as_dtype(dtype) or ck.dtype, torch.device(device), load_experts)
     load_hf_weights(ck, model)
+    model.hf_config = ck.hf_config  # export_hf writes back token ids, aux-loss coefficient, ...
     return model.eval(), ck.run, load_tokenizer(ck.path)
 
 
@@ -103,13 +104,15 @@ class HFExpert(NamedTuple):
     """[F, D] down projection."""
 
 
-def iter_hf_expert_tensors(path: str | Path | HFCheckpoint, *, dtype: torch.dtype | str | None = None
+def iter_hf_expert_tensors(path: str | Path | HFCheckpoint, *, dtype: torch.dtype | str | None = None,
+                           max_seq_len: int | None = None, ignore_config_fields: tuple[str, ...] = ()
                            ) -> Iterator[HFExpert]:
     """Yield every routed expert, layer-major, reading only that expert's bytes from its shard(s).
 
     Memory: one expert at a time (plus the OS page cache of the memory-mapped shards).
     """
-    ck = path if isinstance(path, HFCheckpoint) else read_hf(path)
+    ck = path if isinstance(path, HFCheckpoint) else read_hf(path, max_seq_len=max_seq_len,
+                                                             ignore_config_fields=ignore_config_fields)
     cfg, dt = ck.run.model, _as_dtype(dtype) or ck.dtype
     E, F = cfg.moe.num_experts, cfg.moe.d_expert
     gate, up, down = _expert_names(ck.family)
@@ -203,6 +206,7 @@ def trainer_from_hf(path: str | Path, train_config: TrainConfig | None = None, *
             trainer_kwargs["corpus"] = tokenized_corpus(tokenizer, data, cfg.vocab_size)
     trainer = Trainer(run, **trainer_kwargs)
     load_hf_weights(ck, trainer.model)  # in place: the optimizer already holds these parameters
+    trainer.model.hf_config = ck.hf_config
     return trainer
 
 
