@@ -168,6 +168,16 @@ def commit(root: Path, manifest: Manifest, keep: int | None = None) -> Path:
     return final
 
 
+def write_manifest(directory: Path, manifest: Manifest) -> None:
+    """Write a manifest whose `files` sizes the caller already knows (shards written by other
+    processes, e.g. ranks of a Ray Train job whose directories are merged on upload); fsynced."""
+    data = msgpack.packb(manifest.to_dict(), use_bin_type=True)
+    with open(Path(directory) / MANIFEST, "wb") as fh:
+        fh.write(data)
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
 def _fsync_dir(path: Path) -> None:
     try:
         fd = os.open(path, os.O_RDONLY)

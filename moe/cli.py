@@ -48,13 +48,20 @@ def _add_train(sub) -> None:
     p.add_argument("--aux-free-bias", action="store_true", help="DeepSeek-V3 aux-loss-free bias balancing")
     p.add_argument("--no-resume", action="store_true", help="start fresh even if the run dir has checkpoints")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (metrics still go to metrics.jsonl)")
-    p.add_argument("--workers", type=int, default=0,
-                   help="train on N Ray actors (an embedded local Ray cluster unless one is running)")
-    p.add_argument("--ep", type=int, default=None,
-                   help="expert-parallel size with --workers (default: gcd(workers, num_experts))")
-    p.add_argument("--max-failures", type=int, default=3, help="actor failures to recover from with --workers")
-    p.add_argument("--offload-experts", action="store_true",
-                   help="with --workers: keep expert shards and their optimizer state in host memory")
+    g = p.add_argument_group("cluster (Ray Train; needs moe-runtime[ray])")
+    g.add_argument("--workers", type=int, default=0,
+                   help="train on N Ray Train workers (an embedded local Ray unless one is running; 0: one process)")
+    g.add_argument("--ep", type=int, default=None, help="expert-parallel size (default: gcd(workers, num_experts))")
+    g.add_argument("--storage", default=None,
+                   help="checkpoint storage: an absolute directory or a URI (s3://...); relative paths resolve "
+                        "against the current directory (refused inside `ray job submit`); default ./runs. "
+                        "The run goes to <storage>/<name>")
+    g.add_argument("--max-failures", type=int, default=3, help="worker failures to recover from")
+    g.add_argument("--collective-timeout", type=float, default=120.0,
+                   help="seconds before a stuck collective fails and names the rank that stopped")
+    g.add_argument("--cpus-per-worker", type=float, default=1.0, help="CPU cores per worker bundle (fractions ok)")
+    g.add_argument("--offload-experts", action="store_true", help="expert shards + AdamW state in host memory")
+    g.add_argument("--ray-address", default=None, help="Ray cluster to join (default: the current or a local one)")
     p.set_defaults(func=cmd_train)
 
 
@@ -85,27 +92,37 @@ def build_run_config(args: argparse.Namespace) -> RunConfig:
 
 def cmd_train(args: argparse.Namespace) -> int:
     run = build_run_config(args)
+    if args.workers:
+        return _train_cluster(run, args)
     out = Path(args.out) if args.out else Path("runs") / run.name
     counts = param_count(run.model)
     print(f"[moe] {run.name}: {counts['total'] / 1e6:.2f}M parameters, {counts['active'] / 1e6:.2f}M active per "
           f"token; {run.model.moe.num_experts} experts top-{run.model.moe.top_k}; balance "
           f"{run.model.moe.balance_scope} coef {run.model.moe.balance_coef}; run dir {out}", flush=True)
-    if args.workers:
-        from cluster.job import run_cluster_train
-        summary = run_cluster_train(run, out_dir=out, data=args.data, workers=args.workers, ep=args.ep,
-                                    max_failures=args.max_failures, offload_experts=args.offload_experts,
-                                    resume=not args.no_resume, progress=not args.no_progress)
-    else:
-        from moe.train import Trainer
-        trainer = Trainer(run, out_dir=out, data=args.data, progress=not args.no_progress)
-        print(f"[moe] data: {trainer.corpus.source}; unigram baseline "
-              f"{trainer.corpus.unigram_entropy():.4f} nats/token", flush=True)
-        summary = trainer.fit(resume=not args.no_resume)
+    from moe.train import Trainer
+    trainer = Trainer(run, out_dir=out, data=args.data, progress=not args.no_progress)
+    print(f"[moe] data: {trainer.corpus.source}; unigram baseline "
+          f"{trainer.corpus.unigram_entropy():.4f} nats/token", flush=True)
+    summary = trainer.fit(resume=not args.no_resume)
     ev = summary.get("last_eval") or {}
     if ev:
         print(f"[moe] done at step {summary['step']}: val_loss {ev['val_loss']:.4f} (ppl {ev['val_ppl']:.2f}); "
               f"checkpoints in {out / 'checkpoints'}, metrics in {out / 'metrics.jsonl'}, "
               f"expert-load heatmap {out / 'plots' / 'expert_load_latest.png'}")
+    return 0
+
+
+def _train_cluster(run: RunConfig, args: argparse.Namespace) -> int:
+    """`moe train --workers N`: a Ray Train job (cluster/job.py); failures print one line."""
+    from cluster.job import ClusterTrainingError, run_cluster_train
+    try:
+        summary = run_cluster_train(run, args)
+    except ClusterTrainingError as e:
+        print(f"moe train: error: {e}", file=sys.stderr)
+        return 1
+    ev = summary.get("last_eval") or {}
+    print(f"[moe] done at step {summary['step']}: val_loss {ev.get('val_loss', float('nan')):.4f}; checkpoints and "
+          f"metrics.jsonl in {summary['run_dir']}", flush=True)
     return 0
 
 
