@@ -276,6 +276,9 @@ class Trainer:
         with autocast_ctx(self.device, c.autocast_bf16):
             pre = routing_counts(model, [x for x, _ in micro]) if self.tracker.needs_prepass else None
             self.tracker.begin_step(pre)
+            for layer in model.moe_layers():  # load reporting counts the gradient pass, not the pre-pass
+                if hasattr(layer.dispatcher, "rows_received"):
+                    layer.dispatcher.rows_received = 0
             parts = []
             for x, y in micro:
                 ml = micro_batch_loss(model, x, y, self.tracker, 1.0 / c.grad_accum)
@@ -289,9 +292,6 @@ class Trainer:
         lr = lr_at(self.step, c)
         for g in self.opt.param_groups:
             g["lr"] = lr
-        for layer in model.moe_layers():
-            if hasattr(layer.dispatcher, "rows_received"):
-                layer.dispatcher.rows_received = 0
         parts = self.forward_backward(self.batches(self.step))
         gnorm = self.plan.sync_and_clip(model, c.grad_clip if c.grad_clip > 0 else 1e30)
         self.opt.step()
