@@ -33,8 +33,8 @@ import torch.nn as nn
 from cluster.groups import ParallelGroups
 from moe.checkpoint import (Checkpoint, CheckpointError, Manifest, ShardRecord, latest_checkpoint, merge_records,
                             prepare_tmp, prune, step_dir_name, tmp_dir_for, write_manifest, write_shard_file)
-from moe.modelio import (fetch_checkpoint, is_uri, load_model_state, load_optimizer_tensors, newest_remote_checkpoint,
-                         optimizer_tensors, filesystem)
+from moe.modelio import (fetch_checkpoint, filesystem, is_uri, join_uri, load_model_state, load_optimizer_tensors,
+                         newest_remote_checkpoint, optimizer_tensors, uri_basename)
 from moe.serial import DecodeError, unpack_limited
 
 RECORDS_VERSION = 2
@@ -108,7 +108,7 @@ class CheckpointStore(Protocol):
     def stage(self, step: int, groups: ParallelGroups) -> Path: ...
     def publish(self, step: int, staged: Path, groups: ParallelGroups, metrics: dict[str, Any]) -> str: ...
     def newest(self) -> str | None: ...
-    def open(self, location: str, files: Callable[[Manifest], set[str]]) -> Checkpoint: ...
+    def open(self, location: str) -> Checkpoint: ...
 
 
 class DirStore:
@@ -139,7 +139,7 @@ class DirStore:
         last = latest_checkpoint(self.root)
         return None if last is None else str(last)
 
-    def open(self, location: str, files: Callable[[Manifest], set[str]]) -> Checkpoint:
+    def open(self, location: str) -> Checkpoint:
         return Checkpoint(location)
 
 
@@ -167,7 +167,7 @@ class RayStore:
             raise StorageError(f"cannot write checkpoint {self.run_uri}/{step_dir_name(step)}: {e}") from None
         finally:
             shutil.rmtree(staged, ignore_errors=True)
-        return f"{self.run_uri}/{step_dir_name(step)}"
+        return join_uri(self.run_uri, step_dir_name(step))
 
     def newest(self) -> str | None:
         if not is_uri(self.run_uri):
@@ -175,25 +175,17 @@ class RayStore:
             return None if last is None else str(last)
         fs, root = filesystem(self.run_uri)
         path = newest_remote_checkpoint(fs, root)
-        return None if path is None else f"{self.run_uri}/{path.rsplit('/', 1)[-1]}"
+        return None if path is None else join_uri(self.run_uri, path.rsplit("/", 1)[-1])
 
-    def open(self, location: str, files: Callable[[Manifest], set[str]]) -> Checkpoint:
+    def open(self, location: str) -> Checkpoint:
         if not is_uri(location):
             return Checkpoint(location)
-        dest = self.tmp / ("read-" + location.rsplit("/", 1)[-1])
+        dest = self.tmp / ("read-" + uri_basename(location))
         shutil.rmtree(dest, ignore_errors=True)
-        fetch_checkpoint(location, dest, files=set())  # the manifest first: it says which files this rank needs
-        manifest = _read_unchecked(dest)
-        fetch_checkpoint(location, dest, files=files(manifest))
+        # Every file comes down to local disk (the checkpoint's integrity check covers all of them);
+        # only this rank's tensors are then read into memory.
+        fetch_checkpoint(location, dest)
         return Checkpoint(dest)
-
-
-def _read_unchecked(local_dir: Path) -> Manifest:
-    from moe.checkpoint import MANIFEST, MAX_MANIFEST_BYTES
-    d = unpack_limited((local_dir / MANIFEST).read_bytes(), MAX_MANIFEST_BYTES, str(local_dir / MANIFEST))
-    if not isinstance(d, dict):
-        raise CheckpointError(f"{local_dir / MANIFEST} does not hold a map")
-    return Manifest.from_dict(d)
 
 
 def owned_tensors(model: nn.Module, opt: torch.optim.Optimizer, expert_names: set[str], groups: ParallelGroups
@@ -257,18 +249,6 @@ def save_sharded(store: CheckpointStore, step: int, model: nn.Module, opt: torch
         except OSError as e:
             raise StorageError(f"cannot write {staged}/manifest.msgpack: {e}") from None
     return store.publish(step, staged, groups, metrics or {"step": step})
-
-
-def files_for_rank(manifest: Manifest, expert_names: set[str], rows: slice) -> set[str]:
-    """Shard files holding the dense tensors and the expert rows `rows` (what one rank reads)."""
-    out = set()
-    for name, rec in manifest.tensors.items():
-        sliced = name.split("/")[1] in expert_names and not name.endswith("/step")
-        for s in rec.shards:
-            n = s.shape[0] if s.shape else 1
-            if not sliced or (s.offset < rows.stop and rows.start < s.offset + n):
-                out.add(s.file)
-    return out
 
 
 def load_sharded(ck: Checkpoint, model: nn.Module, opt: torch.optim.Optimizer, expert_names: set[str],

@@ -30,6 +30,7 @@ from typing import Any
 
 from cluster.layout import ClusterConfig, check_resources, validate_cluster
 from moe.config import RunConfig
+from moe.modelio import join_uri
 
 try:
     import ray
@@ -80,12 +81,6 @@ def resolve_storage(storage: str | None, default_name: str = "runs") -> tuple[st
                                 f"is Ray's temporary copy of --working-dir (lost when the job ends); pass an absolute "
                                 f"path or a URI, e.g. --storage \"$PWD/{s}\" or --storage s3://bucket/{s}")
     return str(p.resolve()), f"storage {p.resolve()} (relative path {s!r} resolved against {Path.cwd()})"
-
-
-def join_uri(base: str, *parts: str) -> str:
-    """base/parts..., keeping a URI's query string (e.g. ?endpoint_override=...) at the end."""
-    head, q, query = base.partition("?")
-    return "/".join([head.rstrip("/"), *parts]) + (q + query if q else "")
 
 
 def preflight_storage(storage: str) -> None:

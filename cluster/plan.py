@@ -25,7 +25,7 @@ from typing import Any, Callable
 import torch
 import torch.distributed as dist
 
-from cluster.ckpt import CheckpointStore, files_for_rank, load_sharded, save_sharded
+from cluster.ckpt import CheckpointStore, load_sharded, save_sharded
 from cluster.dispatch import AllToAllDispatcher, CommTimer, count_reducer
 from cluster.groups import ParallelGroups
 from cluster.layout import FaultPlan
@@ -136,7 +136,7 @@ class EPPlan:
         where = _broadcast_str(where, self.groups)  # collective: the checkpoint every rank loads
         if where is None:
             return None
-        ck = self.store.open(where, lambda m: files_for_rank(m, self.expert_names, self.lay.expert_rows))
+        ck = self.store.open(where)
         load_sharded(ck, trainer.model, trainer.opt, self.expert_names, self.groups)
         if self.streamer is not None:
             self.streamer.invalidate()

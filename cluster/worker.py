@@ -52,14 +52,15 @@ def rank_main(config: dict[str, Any]) -> None:
     try:
         summary = _train(config, rank, beat)
     except FATAL as e:
-        board.report_fatal.remote(str(e).splitlines()[0] if str(e) else type(e).__name__)
+        ray.get(board.report_fatal.remote(str(e).splitlines()[0] if str(e) else type(e).__name__))
+        _abort_group()  # peers blocked in a collective with me fail now instead of at the timeout
         return
     except RuntimeError as e:
+        if ray.get(board.state.remote())["fatal"]:
+            return  # a peer hit an error that no retry fixes, and aborted: the driver reports it
         if not _is_collective_timeout(e):
             raise
         state = _after_timeout(board, rank)
-        if state["fatal"]:
-            return  # a peer hit an error that no retry fixes; the driver reports it
         msg = stalled_ranks(state, ray.train.get_context().get_world_size()) or str(e).splitlines()[0]
         msg += f" after {config['collective_timeout_s']:g}s (--collective-timeout)"
         board.report_hang.remote(msg)
@@ -86,6 +87,13 @@ def _train(config: dict[str, Any], rank: int, beat) -> dict[str, Any]:
     return {"step": s["step"], "tokens_seen": s["tokens_seen"], "final_loss": s["final_loss"],
             "last_eval": s["last_eval"], "history": s["history"], "run_dir": run_uri,
             "offload": plan.streamer.memory_report() | plan.streamer.stats if plan.streamer else None}
+
+
+def _abort_group() -> None:
+    try:
+        torch.distributed.destroy_process_group()
+    except (RuntimeError, ValueError, AssertionError):
+        pass  # already torn down
 
 
 def _is_collective_timeout(e: BaseException) -> bool:

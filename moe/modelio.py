@@ -77,6 +77,16 @@ def is_uri(path: str | Path) -> bool:
     return "://" in str(path)
 
 
+def join_uri(base: str, *parts: str) -> str:
+    """base/parts..., keeping a URI's query string (e.g. ?endpoint_override=...) at the end."""
+    head, q, query = base.partition("?")
+    return "/".join([head.rstrip("/"), *parts]) + (q + query if q else "")
+
+
+def uri_basename(uri: str) -> str:
+    return uri.partition("?")[0].rstrip("/").rsplit("/", 1)[-1]
+
+
 def resolve_checkpoint(path: str | Path) -> Path:
     """A local checkpoint directory for a checkpoint or run directory, local or remote (downloaded)."""
     if is_uri(path):
@@ -154,4 +164,4 @@ def _download(fs, src: str, dst: Path) -> None:
 
 
 __all__ = ["optimizer_tensors", "load_optimizer_tensors", "load_model_state", "load_model", "resolve_checkpoint",
-           "fetch_checkpoint", "is_uri", "read_manifest"]
+           "fetch_checkpoint", "is_uri", "join_uri", "uri_basename", "read_manifest"]
