@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 import time
 
 import pytest
@@ -159,9 +160,11 @@ def test_hang_detected_within_bound_naming_the_rank(ray_local, tmp_path, point, 
                         fault=FaultPlan(rank=1, step=step, point=point, action="hang", marker=str(tmp_path / "m")))
     t0 = time.monotonic()
     with pytest.raises(ClusterTrainingError, match=rf"rank 1 stopped responding \(last seen in {point} at step "
-                                                   rf"{step}.*ranks \[0\] timed out waiting for it after 5s"):
+                                                   rf"{step}, .*ranks \[0\] timed out waiting for it after 5s") as e:
         _cluster(tiny_run(max_steps=4), cfg, data).fit()
-    assert time.monotonic() - t0 < 60, "a hang must be detected within the collective timeout (+ start-up)"
+    silent_s = float(re.search(r"at step \d+, ([0-9.]+)s ago", str(e.value)).group(1))
+    assert silent_s < 5 + 2 + 5, f"named {silent_s:.1f}s after the rank went silent; the bound is the 5s timeout"
+    assert time.monotonic() - t0 < 120
 
 
 def test_disk_full_ends_the_run_at_once_naming_the_path(ray_local, tmp_path):
