@@ -22,6 +22,7 @@ class RunBoard:
         self.summary: dict[str, Any] | None = None
         self.timed_out: set[int] = set()
         self.hang: str | None = None
+        self.ranks: dict[int, dict[str, Any]] = {}
 
     def beat(self, rank: int, phase: str, step: int) -> None:
         self.seen[rank] = (phase, step, time.time())
@@ -39,12 +40,16 @@ class RunBoard:
     def report_hang(self, message: str) -> None:
         self.hang = message
 
+    def report_rank(self, rank: int, stats: dict[str, Any]) -> None:
+        """Per-rank numbers for the summary (memory: peak RSS, parameter and optimizer bytes)."""
+        self.ranks[rank] = stats
+
     def finish(self, summary: dict[str, Any]) -> None:
         self.summary = summary
 
     def state(self) -> dict[str, Any]:
         return {"seen": dict(self.seen), "fatal": list(self.fatal), "summary": self.summary,
-                "timed_out": sorted(self.timed_out), "hang": self.hang, "now": time.time()}
+                "timed_out": sorted(self.timed_out), "hang": self.hang, "ranks": dict(self.ranks), "now": time.time()}
 
 
 def stalled_ranks(state: dict[str, Any], world: int) -> str | None:

@@ -176,6 +176,7 @@ class ClusterTrainer:
                                        f"{state['hang'] or _first_line(error)}. The newest valid checkpoint in "
                                        f"{self.run_uri} is kept; rerun to resume") from error
         summary = state["summary"]
+        summary["per_rank"] = [state["ranks"].get(r) for r in range(cfg.workers)]
         summary["layout"] = {"workers": cfg.workers, "ep": cfg.ep, "replicas": cfg.workers // cfg.ep,
                              "backend": "nccl" if use_gpu else "gloo", "offload_experts": cfg.offload_experts}
         return summary

@@ -97,7 +97,7 @@ class EPPlan:
         vals = vec.tolist()  # host sync: logged metrics
         comm = self.timer.reset()
         m = {"loss": vals[0] / W, "balance_loss": vals[1] / W, "z_loss": vals[2] / W, "drop_rate": 0.0,
-             "rank_load": [int(v) for v in vals[3:]], "alltoall_s": comm["alltoall"], "allreduce_s": comm["allreduce"]}
+             "rank_load": [int(v) for v in vals[3:]], "t_alltoall": comm["alltoall"], "t_allreduce": comm["allreduce"]}
         if self.streamer is not None:
             m["h2d_bytes"] = self.streamer.stats["bytes_copied"]
         return m

@@ -12,6 +12,7 @@ Failure classes, decided here where the error happens:
 from __future__ import annotations
 
 import json
+import resource
 import tempfile
 import time
 from pathlib import Path
@@ -66,6 +67,7 @@ def rank_main(config: dict[str, Any]) -> None:
         board.report_hang.remote(msg)
         raise WorkerHang(msg) from None
     beat("done", summary["step"])
+    board.report_rank.remote(rank, summary.pop("memory"))
     if rank == 0:
         board.finish.remote(summary)
 
@@ -81,12 +83,29 @@ def _train(config: dict[str, Any], rank: int, beat) -> dict[str, Any]:
     plan = EPPlan(groups, RayStore(run_uri), offload=config["offload"], fault=FaultPlan.from_dict(config["fault"]),
                   heartbeat=beat, metrics_sink=sink.append if sink else None)
     trainer = Trainer(run, corpus=corpus, out_dir=local_dir, progress=False, plots=config["plots"], plan=plan)
+    peak_after_init = _peak_rss_bytes()  # model + optimizer built: the full model must never have existed here
     if rank == 0 and config["progress"]:
         print(f"[cluster rank 0] data: {corpus.source}", flush=True)
     s = trainer.fit(resume=config["resume"])
     return {"step": s["step"], "tokens_seen": s["tokens_seen"], "final_loss": s["final_loss"],
             "last_eval": s["last_eval"], "history": s["history"], "run_dir": run_uri,
-            "offload": plan.streamer.memory_report() | plan.streamer.stats if plan.streamer else None}
+            "offload": plan.streamer.memory_report() | plan.streamer.stats if plan.streamer else None,
+            "memory": {**memory_report(trainer), "peak_rss_after_init_bytes": peak_after_init}}
+
+
+def _peak_rss_bytes() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
+def memory_report(trainer: Trainer) -> dict[str, int]:
+    """This rank's peak RSS and the bytes of its parameters and AdamW state, dense vs experts."""
+    names = trainer.plan.expert_names
+    dense = sum(p.numel() * p.element_size() for n, p in trainer.model.named_parameters() if n not in names)
+    experts = sum(p.numel() * p.element_size() for n, p in trainer.model.named_parameters() if n in names)
+    opt = sum(t.numel() * t.element_size() for st in trainer.opt.state.values() for t in st.values()
+              if torch.is_tensor(t))
+    return {"peak_rss_bytes": _peak_rss_bytes(), "dense_param_bytes": dense,
+            "expert_param_bytes": experts, "optimizer_bytes": opt}
 
 
 def _abort_group() -> None:

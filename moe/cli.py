@@ -46,6 +46,8 @@ def _add_train(sub) -> None:
                    help="global-batch semantics over accumulation micro-batches (see moe/router.py)")
     p.add_argument("--balance-coef", type=float, default=None, help="load-balancing loss weight (0 = off)")
     p.add_argument("--aux-free-bias", action="store_true", help="DeepSeek-V3 aux-loss-free bias balancing")
+    p.add_argument("--activation-checkpointing", choices=["none", "full", "selective"], default=None,
+                   help="recompute blocks (full) or attention only (selective) in backward to save activations")
     p.add_argument("--no-resume", action="store_true", help="start fresh even if the run dir has checkpoints")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (metrics still go to metrics.jsonl)")
     g = p.add_argument_group("cluster (Ray Train; needs moe-runtime[ray])")
@@ -72,6 +74,7 @@ def build_run_config(args: argparse.Namespace) -> RunConfig:
     for flag, attr in (("max_steps", "max_steps"), ("batch_size", "batch_size"), ("seq_len", "seq_len"),
                        ("grad_accum", "grad_accum"), ("lr", "lr"), ("seed", "seed"), ("device", "device"),
                        ("threads", "threads"), ("eval_interval", "eval_interval"),
+                       ("activation_checkpointing", "activation_checkpointing"),
                        ("ckpt_interval", "ckpt_interval")):
         v = getattr(args, flag)
         if v is not None:

@@ -174,7 +174,7 @@ class TrainConfig:
     max_steps: int = 600
     """Optimizer steps."""
     batch_size: int = 8
-    """Sequences per micro-batch."""
+    """Sequences per micro-batch, over all workers (each of W cluster workers takes batch_size / W)."""
     seq_len: int = 128
     """Tokens per sequence."""
     grad_accum: int = 1
@@ -209,6 +209,8 @@ class TrainConfig:
     """bf16 autocast on CUDA (ignored on CPU)."""
     threads: int = 0
     """torch intra-op threads on CPU; 0 = torch's default."""
+    activation_checkpointing: str = "none"
+    """'none'; 'full': recompute each block in backward; 'selective': recompute only attention."""
 
     def __post_init__(self) -> None:
         for name in ("max_steps", "batch_size", "seq_len", "grad_accum", "eval_batches", "log_interval",
@@ -220,6 +222,8 @@ class TrainConfig:
         _check(self.ckpt_interval >= 0, f"ckpt_interval={self.ckpt_interval} must be >= 0")
         _check(self.keep_checkpoints >= 1, f"keep_checkpoints={self.keep_checkpoints} must be >= 1")
         _check(self.grad_clip >= 0, f"grad_clip={self.grad_clip} must be >= 0")
+        _check(self.activation_checkpointing in ("none", "full", "selective"),
+               f"activation_checkpointing={self.activation_checkpointing!r} must be 'none', 'full' or 'selective'")
 
 
 @dataclass(kw_only=True)

@@ -9,12 +9,14 @@ before attention runs, so an inference engine knows the layer's experts while at
 """
 from __future__ import annotations
 
+import contextlib
 import zlib
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 from moe.config import ModelConfig
 from moe.experts import SwiGLUMLP
@@ -130,12 +132,20 @@ class Block(nn.Module):
         B, S, D = h_BSD.shape
         a_BSD = self.attn_norm(h_BSD)
         routing = self.ffn.route(a_BSD.reshape(B * S, D)) if self.pre_attention_router else None
-        h_BSD = h_BSD + self.attn(a_BSD, cos, sin, cache, self.layer)
+        h_BSD = h_BSD + self._attend(a_BSD, cos, sin, cache)
         f_TD = self.ffn_norm(h_BSD).reshape(B * S, D)
         if not self.is_moe:
             return h_BSD + self.ffn(f_TD).view(B, S, D), None
         y_TD, routing = self.ffn(f_TD, routing)
         return h_BSD + y_TD.view(B, S, D), routing
+
+    checkpoint_attention = False
+    """Selective activation checkpointing: recompute attention in backward (set by MoETransformer)."""
+
+    def _attend(self, a_BSD: torch.Tensor, cos, sin, cache: KVCache | None) -> torch.Tensor:
+        if self.checkpoint_attention and cache is None and self.training and torch.is_grad_enabled():
+            return checkpoint(self.attn, a_BSD, cos, sin, use_reentrant=False, context_fn=_recompute_contexts)
+        return self.attn(a_BSD, cos, sin, cache, self.layer)
 
 
 @dataclass
@@ -163,6 +173,14 @@ class MoETransformer(nn.Module):
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
 
+    activation_checkpointing = "none"
+    """'none' | 'full' | 'selective' (TrainConfig.activation_checkpointing; set by the Trainer)."""
+
+    def set_activation_checkpointing(self, mode: str) -> None:
+        self.activation_checkpointing = mode
+        for b in self.blocks:
+            b.checkpoint_attention = mode == "selective"
+
     def moe_layers(self) -> list[MoELayer]:
         return [b.ffn for b in self.blocks if b.is_moe]
 
@@ -175,8 +193,13 @@ class MoETransformer(nn.Module):
         cos, sin = self.rope_cos[start:start + S], self.rope_sin[start:start + S]
         h = self.embed(tokens_BS)
         routing: list[RouterOutput] = []
+        full_ckpt = self.activation_checkpointing == "full" and cache is None and self.training \
+            and torch.is_grad_enabled()
         for block in self.blocks:
-            h, r = block(h, cos, sin, cache)
+            if full_ckpt:  # recompute the whole block (routing included) in backward
+                h, r = checkpoint(block, h, cos, sin, use_reentrant=False, context_fn=_recompute_contexts)
+            else:
+                h, r = block(h, cos, sin, cache)
             if r is not None:
                 routing.append(r)
         if cache is not None:
@@ -209,6 +232,32 @@ def sample_next(logits_BV: torch.Tensor, temperature: float, top_k: int | None,
         kth = logits_BV.topk(min(top_k, logits_BV.shape[-1]), dim=-1).values[:, -1:]
         logits_BV = logits_BV.masked_fill(logits_BV < kth, float("-inf"))
     return torch.multinomial(logits_BV.softmax(-1), 1, generator=generator).squeeze(-1)
+
+
+# ---------------------------------------------------------------------- activation checkpointing
+_recompute_depth = 0
+
+
+@contextlib.contextmanager
+def _recomputing():
+    global _recompute_depth
+    _recompute_depth += 1
+    try:
+        yield
+    finally:
+        _recompute_depth -= 1
+
+
+def _recompute_contexts():
+    """torch.utils.checkpoint context_fn: plain forward, then a recompute that is_recomputing() sees."""
+    return contextlib.nullcontext(), _recomputing()
+
+
+def is_recomputing() -> bool:
+    """True while activation checkpointing recomputes a forward in backward: code with side effects
+    (load counters) must not count it again. Routing counts are safe: BalanceTracker only sees the
+    first forward's RouterOutput, so the exact global-batch counts never include a recompute."""
+    return _recompute_depth > 0
 
 
 # ---------------------------------------------------------------------- layout-free initialisation

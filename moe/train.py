@@ -234,6 +234,7 @@ class Trainer:
                              f"{self.plan.world} workers; use a multiple of {self.plan.world}")
         self.corpus = corpus or load_corpus(data, vocab_size=self.mcfg.vocab_size)
         self.model = self.plan.build_model(run, self.device)
+        self.model.set_activation_checkpointing(self.cfg.activation_checkpointing)
         self.opt = build_optimizer(self.model, self.cfg)
         self.plan.after_init(self)
         self.tracker = balance_tracker(run, self.plan.world, self.plan.count_reducer())

@@ -108,6 +108,7 @@ def test_dp_ep_through_ray_train_equals_single_process(ray_local, tmp_path):
     assert sum(last["expert_load"]) == tokens_routed and sum(last["rank_load"]) == tokens_routed
 
 
+@pytest.mark.slow
 def test_sigkill_at_random_step_resumes_across_invocations(ray_local, tmp_path):
     """Invocation 1 dies (no retries left) after its step-2 checkpoint; invocation 2 resumes from
     it, loses a worker to SIGKILL at a random later step, is restarted by Ray Train from the newest
@@ -135,6 +136,7 @@ def test_sigkill_at_random_step_resumes_across_invocations(ray_local, tmp_path):
     assert steps[-2:] == ["step_00000004", "step_00000006"] and len(steps) <= 3, steps  # num_to_keep=2 per run
 
 
+@pytest.mark.slow
 def test_s3_checkpoints_resume_at_other_ep_and_load_in_one_process(ray_local, s3_server, tmp_path):
     from moe.modelio import load_model
     endpoint, bucket = s3_server
@@ -152,6 +154,7 @@ def test_s3_checkpoints_resume_at_other_ep_and_load_in_one_process(ray_local, s3
     assert abs(single.evaluate()["val_loss"] - s["last_eval"]["val_loss"]) < 1e-5
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("point,step", [("setup", 0), ("step", 2)])
 def test_hang_detected_within_bound_naming_the_rank(ray_local, tmp_path, point, step):
     from cluster.job import ClusterTrainingError
