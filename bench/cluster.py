@@ -4,6 +4,7 @@ all-to-all volume of Mixtral-8x7B at 8-64 GPUs worked out on paper.
     python bench/cluster.py                 # ~5 min on a 2-core CPU; writes bench/results/cluster_cpu.{json,md}
     python bench/cluster.py --paper-only    # only bench/results/cluster_alltoall_paper.md (no Ray, instant)
     python bench/cluster.py --memory        # ~4 min: per-worker memory at EP=1,2,4, experts ~1.2 GB (cluster_memory.*)
+    python bench/cluster.py --overlap       # ~3 min: step time with the dense all-reduce overlapped or not
 
 Weak scaling: each worker trains the same per-worker batch, so tokens/s should grow with workers
 while cores last. Workers are Ray actors with one torch thread each on an embedded Ray cluster
@@ -47,7 +48,8 @@ def machine() -> dict:
             "ray": ray.__version__, "date": datetime.date.today().isoformat(), "ray_cpus_claimed": 4}
 
 
-def measure(preset: str, workers: int, *, offload: bool = False, steps: int | None = None) -> dict:
+def measure(preset: str, workers: int, *, offload: bool = False, steps: int | None = None, ep: int | None = None,
+            overlap: bool = True) -> dict:
     """One ClusterTrainer run; per-step metrics of rank 0, medians over the measured steps."""
     from cluster.job import ClusterTrainer
     from cluster.layout import ClusterConfig
@@ -59,7 +61,8 @@ def measure(preset: str, workers: int, *, offload: bool = False, steps: int | No
     t.batch_size, t.seq_len, t.grad_accum, t.max_steps = B * workers, S, 1, steps + 1  # batch_size is global
     t.log_interval, t.eval_interval, t.ckpt_interval, t.eval_batches, t.device = 1, 10_000, 0, 1, "cpu"
     with tempfile.TemporaryDirectory() as out:
-        summary = ClusterTrainer(run, ClusterConfig(workers=workers, offload_experts=offload, storage=out),
+        summary = ClusterTrainer(run, ClusterConfig(workers=workers, ep=ep, offload_experts=offload, storage=out,
+                                                    overlap_grad_sync=overlap),
                                  progress=False, plots=False).fit(resume=False)
     recs = [r for r in summary["history"] if "t_step" in r][1:]
     for r in recs:
@@ -68,6 +71,7 @@ def measure(preset: str, workers: int, *, offload: bool = False, steps: int | No
     tokens = B * S * workers
     tps = sorted(tokens / r["t_step"] for r in recs)
     res = {"preset": preset, "workers": workers, "ep": summary["layout"]["ep"], "offload_experts": offload,
+           "overlap_grad_sync": overlap,
            "tokens_per_s_step_range": [round(tps[0]), round(tps[-1])],
            "batch_per_worker": B, "seq_len": S, "measured_steps": len(recs), "tokens_per_step": tokens,
            "tokens_per_s": tokens / mean["t_step"], **{k: round(v, 4) for k, v in mean.items()},
@@ -144,6 +148,29 @@ def run_memory() -> int:
                                                             indent=2))
     md = memory_markdown(rows, full, mach)
     (RESULTS / "cluster_memory.md").write_text(md)
+    print(md)
+    return 0
+
+
+# ---------------------------------------------------------------------- --overlap
+def run_overlap(repeats: int = 2) -> int:
+    """Step time with the dense-gradient all-reduce overlapped with backward, and after it:
+    small preset, 4 workers = 2 replicas x EP=2 (dense gradients cross replicas), alternating runs."""
+    import ray
+    if not ray.is_initialized():
+        ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+    runs = [measure("small", 4, ep=2, overlap=o, steps=3) for _ in range(repeats) for o in (True, False)]
+    mach = machine()
+    (RESULTS / "cluster_overlap.json").write_text(json.dumps({"machine": mach, "runs": runs}, indent=2))
+    lines = [f"# Dense-gradient all-reduce overlapped with backward ({mach['cpu']}, {mach['cores']} cores, "
+             f"{mach['date']})", "", "small preset, 4 CPU workers (2 replicas x EP=2, gloo), batch 1 x 128 per "
+             "worker, median over measured steps, runs alternating.", "",
+             "| overlap | step s | all-reduce s (not hidden) | all-to-all s | tokens/s |", "|---|---|---|---|---|"]
+    for r in runs:
+        lines.append(f"| {'on' if r['overlap_grad_sync'] else 'off'} | {r['t_step']:.3f} | {r['t_allreduce']:.3f} "
+                     f"| {r['t_alltoall']:.3f} | {r['tokens_per_s']:.0f} |")
+    md = "\n".join(lines) + "\n"
+    (RESULTS / "cluster_overlap.md").write_text(md)
     print(md)
     return 0
 
@@ -279,10 +306,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--presets", nargs="+", default=list(SHAPES))
     p.add_argument("--workers", nargs="+", type=int, default=[1, 2, 4])
     p.add_argument("--memory", action="store_true", help="per-worker memory at EP=1,2,4 (cluster_memory.*)")
+    p.add_argument("--overlap", action="store_true", help="step time, gradient-sync overlap on/off (cluster_overlap.*)")
     args = p.parse_args(argv)
     RESULTS.mkdir(parents=True, exist_ok=True)
     if args.memory:
         return run_memory()
+    if args.overlap:
+        return run_overlap()
     paper_rows, paper_md = alltoall_paper()
     (RESULTS / "cluster_alltoall_paper.md").write_text(paper_md)
     print(paper_md)

@@ -61,6 +61,8 @@ class ClusterConfig:
     """One GPU per worker (NCCL) or CPU workers (gloo); None = GPUs when the cluster has one per worker."""
     offload_experts: bool = False
     """Keep each worker's expert weights and optimizer state in host memory, streamed per layer."""
+    overlap_grad_sync: bool = True
+    """All-reduce dense gradients in buckets during the last backward (DDP-style), not after it."""
     max_failures: int = 3
     """Worker failures survived (Ray Train FailureConfig): the group restarts from the newest checkpoint."""
     collective_timeout_s: float = 120.0

@@ -30,7 +30,8 @@ from cluster.dispatch import AllToAllDispatcher, CommTimer, count_reducer
 from cluster.groups import ParallelGroups
 from cluster.layout import FaultPlan
 from cluster.offload import enable_expert_offload
-from cluster.shard import clip_grad_norm, expert_param_names, split_params, sync_gradients
+from cluster.shard import (DenseGradOverlap, clip_grad_norm, expert_param_names, split_params, sync_expert_gradients,
+                           sync_gradients)
 from moe.config import RunConfig, TrainConfig
 from moe.data import Corpus
 from moe.model import MoETransformer, init_model
@@ -41,6 +42,7 @@ class EPPlan:
     """moe.train.TrainPlan for one rank of the W x EP layout (see module docstring)."""
 
     def __init__(self, groups: ParallelGroups, store: CheckpointStore, *, offload: bool = False,
+                 overlap_grad_sync: bool = True,
                  timer: CommTimer | None = None, fault: FaultPlan | None = None,
                  heartbeat: Callable[[str, int], None] | None = None,
                  metrics_sink: Callable[[dict[str, Any]], None] | None = None):
@@ -50,6 +52,7 @@ class EPPlan:
         self.heartbeat, self.metrics_sink = heartbeat, metrics_sink
         self.streamer = None
         self.expert_names: set[str] = set()
+        self.overlap_grad_sync, self.overlap = overlap_grad_sync, None
 
     # ------------------------------------------------------------------ model
     def build_model(self, run: RunConfig, device: torch.device) -> MoETransformer:
@@ -65,6 +68,9 @@ class EPPlan:
         return model
 
     def after_init(self, trainer) -> None:
+        if self.overlap_grad_sync:
+            dense = [p for n, p in trainer.model.named_parameters() if p.requires_grad and n not in self.expert_names]
+            self.overlap = DenseGradOverlap(dense, self.groups.world, self.world, self.timer)
         if self.streamer is not None and trainer.device.type == "cuda":
             for g in trainer.opt.param_groups:  # the multi-tensor path groups by device: CPU experts, GPU dense
                 g["foreach"] = True
@@ -79,9 +85,17 @@ class EPPlan:
                 for m in range(cfg.grad_accum)]
 
     # ------------------------------------------------------------------ step
+    def before_backward(self, trainer, last: bool) -> None:
+        if last and self.overlap is not None:
+            self.overlap.arm()  # dense buckets all-reduce while the rest of this backward runs
+
     def sync_and_clip(self, model: MoETransformer, max_norm: float) -> float:
         dense, experts = split_params(model, self.expert_names)
-        sync_gradients(dense, experts, self.groups, self.timer)
+        if self.overlap is not None:
+            self.overlap.finish()
+            sync_expert_gradients(experts, self.groups, self.timer)
+        else:
+            sync_gradients(dense, experts, self.groups, self.timer)
         return clip_grad_norm(dense, experts, max_norm, self.groups, self.timer)
 
     def reduce_metrics(self, parts: list, model: MoETransformer) -> dict[str, Any]:

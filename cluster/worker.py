@@ -80,7 +80,7 @@ def _train(config: dict[str, Any], rank: int, beat) -> dict[str, Any]:
     run_uri = config["run_uri"]
     local_dir = Path(run_uri) if not is_uri(run_uri) else Path(tempfile.mkdtemp(prefix="moe-run-"))
     sink = MetricsFile(run_uri) if rank == 0 else None
-    plan = EPPlan(groups, RayStore(run_uri), offload=config["offload"], fault=FaultPlan.from_dict(config["fault"]),
+    plan = EPPlan(groups, RayStore(run_uri), offload=config["offload"], overlap_grad_sync=config["overlap"], fault=FaultPlan.from_dict(config["fault"]),
                   heartbeat=beat, metrics_sink=sink.append if sink else None)
     trainer = Trainer(run, corpus=corpus, out_dir=local_dir, progress=False, plots=config["plots"], plan=plan)
     peak_after_init = _peak_rss_bytes()  # model + optimizer built: the full model must never have existed here

@@ -155,6 +155,7 @@ class TrainPlan(Protocol):
     def after_init(self, trainer: "Trainer") -> None: ...
     def before_step(self, trainer: "Trainer") -> None: ...
     def after_optimizer_step(self, trainer: "Trainer") -> None: ...
+    def before_backward(self, trainer: "Trainer", last: bool) -> None: ...
 
 
 class LocalPlan:
@@ -205,6 +206,9 @@ class LocalPlan:
         pass
 
     def after_optimizer_step(self, trainer: "Trainer") -> None:
+        pass
+
+    def before_backward(self, trainer: "Trainer", last: bool) -> None:
         pass
 
     def write_metrics(self, rec: dict[str, Any]) -> None:
@@ -281,8 +285,9 @@ class Trainer:
                 if hasattr(layer.dispatcher, "rows_received"):
                     layer.dispatcher.rows_received = 0
             parts = []
-            for x, y in micro:
+            for i, (x, y) in enumerate(micro):
                 ml = micro_batch_loss(model, x, y, self.tracker, 1.0 / c.grad_accum)
+                self.plan.before_backward(self, last=i == len(micro) - 1)
                 ml.total.backward()
                 parts.append(ml)
         return parts
