@@ -21,6 +21,7 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Protocol
@@ -150,6 +151,7 @@ class RayStore:
     def __init__(self, run_uri: str, local_tmp: str | None = None):
         self.run_uri = run_uri.rstrip("/")
         self.tmp = Path(tempfile.mkdtemp(prefix="moe-ckpt-", dir=local_tmp))
+        weakref.finalize(self, shutil.rmtree, self.tmp, True)  # staged and downloaded files go with the store
 
     def stage(self, step: int, groups: ParallelGroups) -> Path:
         d = self.tmp / f"stage-{step_dir_name(step)}"

@@ -161,6 +161,12 @@ def _ckpt_worker(rank: int, world: int, data: str, out: str) -> None:
         assert rt.plan.resume(rt) == str(path) and rt.step == 2
         logits[(w, ep)] = _val_logits(rt)
         loss3[(w, ep)] = rt.train_step()["loss"]
+        if (w, ep) == (4, 2):  # and back: this EP=2 checkpoint (2 replicas) loads at EP=4
+            rt.plan.store = DirStore(Path(out) / "ep2" / "checkpoints")
+            ep2_path = rt.save()
+            back = rank_trainer(tiny_run(), build_groups(4, 8), corpus, Path(out) / "ep2")
+            assert back.plan.resume(back) == ep2_path and back.step == 3
+            _close("EP=2 checkpoint loaded at EP=4", _val_logits(back), _val_logits(rt), atol=1e-6)
     # EP=1: the single-process loader and Trainer read the same checkpoint, and evaluate it the same
     model, _, _ = load_model(path)
     single = Trainer.from_checkpoint(path, corpus=corpus, out_dir=out, progress=False, plots=False)
@@ -202,7 +208,7 @@ def _ckpt_worker(rank: int, world: int, data: str, out: str) -> None:
 
 def test_checkpoint_reshards_and_survives_crash_before_manifest(tmp_path):
     """Save at EP=4; load at EP=2 (2 and 4 ranks) and EP=1: same outputs, the same evaluation and
-    the same next step. Then a crash between the shards and the manifest leaves the previous
+    the same next step; an EP=2 checkpoint loads at EP=4. Then a crash between the shards and the manifest leaves the previous
     checkpoint the latest."""
     spawn_gloo(_ckpt_worker, 4, str(write_text_corpus(tmp_path / "text.txt")), str(tmp_path / "out"))
 
