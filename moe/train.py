@@ -70,9 +70,10 @@ class MicroLoss:
 
 
 def micro_batch_loss(model: MoETransformer, x_BS: torch.Tensor, y_BS: torch.Tensor, tracker: BalanceTracker,
-                     scale: float = 1.0) -> MicroLoss:
-    """Forward one micro-batch; `total` is ready for backward (already multiplied by scale)."""
-    out = model(x_BS)
+                     scale: float = 1.0, out=None) -> MicroLoss:
+    """Forward one micro-batch (unless `out` holds its forward already); `total` is ready for
+    backward (already multiplied by scale)."""
+    out = model(x_BS) if out is None else out
     ce = F.cross_entropy(out.logits.reshape(-1, out.logits.shape[-1]), y_BS.reshape(-1))
     lbl, z = tracker.losses(out.routing)
     m = model.cfg.moe
@@ -273,17 +274,21 @@ class Trainer:
         """This process's rows of the step's micro-batches."""
         return self.plan.batches(self.corpus, self.cfg, step, self.device)
 
+    fuse_prepass = True
+    """With exact global balance and ONE micro-batch per step, the forward that keeps the graph is its
+    own pre-pass: its counts are reduced before the loss is formed (no second forward)."""
+
     def forward_backward(self, micro: list[tuple[torch.Tensor, torch.Tensor]]) -> list[MicroLoss]:
         """Balance pre-pass (when exact global counts need it), then forward + backward per
         micro-batch; gradients are left unsynchronised in .grad."""
         c, model = self.cfg, self.model
         model.train()
+        if self.tracker.needs_prepass and len(micro) == 1 and self.fuse_prepass:
+            return [self._fused_step(*micro[0])]
         with autocast_ctx(self.device, c.autocast_bf16):
             pre = routing_counts(model, [x for x, _ in micro]) if self.tracker.needs_prepass else None
             self.tracker.begin_step(pre)
-            for layer in model.moe_layers():  # load reporting counts the gradient pass, not the pre-pass
-                if hasattr(layer.dispatcher, "rows_received"):
-                    layer.dispatcher.rows_received = 0
+            self._reset_load_counters()
             parts = []
             for i, (x, y) in enumerate(micro):
                 ml = micro_batch_loss(model, x, y, self.tracker, 1.0 / c.grad_accum)
@@ -291,6 +296,23 @@ class Trainer:
                 ml.total.backward()
                 parts.append(ml)
         return parts
+
+    def _fused_step(self, x: torch.Tensor, y: torch.Tensor) -> MicroLoss:
+        """One micro-batch, exact global counts from its own forward: the same numbers as a no-grad
+        pre-pass (same weights, same routing) for one forward less."""
+        self._reset_load_counters()
+        with autocast_ctx(self.device, self.cfg.autocast_bf16):
+            out = self.model(x)
+            self.tracker.begin_step(torch.stack([r.counts_E for r in out.routing]))
+            ml = micro_batch_loss(self.model, x, y, self.tracker, 1.0, out=out)
+            self.plan.before_backward(self, last=True)
+            ml.total.backward()
+        return ml
+
+    def _reset_load_counters(self) -> None:
+        for layer in self.model.moe_layers():  # load reporting counts the gradient pass, not the pre-pass
+            if hasattr(layer.dispatcher, "rows_received"):
+                layer.dispatcher.rows_received = 0
 
     def train_step(self) -> dict[str, Any]:
         """One optimizer step over grad_accum micro-batches; returns its metrics."""

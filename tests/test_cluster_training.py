@@ -254,3 +254,24 @@ def test_overlapped_dense_allreduce_equals_the_plain_one(tmp_path):
     """Bucketed all-reduce launched from gradient hooks during backward: the same sums up to fp32
     rounding (gloo's ring reduces each element in an order that depends on its bucket offset)."""
     spawn_gloo(_overlap_worker, 4, str(write_text_corpus(tmp_path / "text.txt")), str(tmp_path / "out"))
+
+
+# ---------------------------------------------------------------- the exact pre-pass, fused
+def _fused_worker(rank: int, world: int, data: str, out: str) -> None:
+    corpus = load_corpus(data)
+    groups = build_groups(2, 8)
+    res = {}
+    for fuse in (False, True):
+        rt = rank_trainer(tiny_run(grad_accum=1), groups, corpus, out)
+        rt.fuse_prepass = fuse
+        res[fuse] = ([(m["loss"], m["balance_loss"], m["rank_load"]) for m in (rt.train_step() for _ in range(3))],
+                     dict(rt.model.named_parameters()))
+    assert res[True][0] == res[False][0], res
+    for n, p in res[True][1].items():
+        assert torch.equal(p, res[False][1][n]), f"{n} differs when the forward is its own pre-pass"
+
+
+def test_one_micro_batch_forward_is_its_own_exact_prepass(tmp_path):
+    """Exact global balance with one micro-batch per step on 2 ranks: reducing the counts of the
+    gradient forward (no separate no-grad pre-pass) trains bit for bit like the pre-pass path."""
+    spawn_gloo(_fused_worker, 2, str(write_text_corpus(tmp_path / "text.txt")), str(tmp_path / "out"))
