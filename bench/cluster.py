@@ -49,7 +49,7 @@ def machine() -> dict:
 
 
 def measure(preset: str, workers: int, *, offload: bool = False, steps: int | None = None, ep: int | None = None,
-            overlap: bool = True) -> dict:
+            overlap: bool = False) -> dict:
     """One ClusterTrainer run; per-step metrics of rank 0, medians over the measured steps."""
     from cluster.job import ClusterTrainer
     from cluster.layout import ClusterConfig
@@ -62,7 +62,7 @@ def measure(preset: str, workers: int, *, offload: bool = False, steps: int | No
     t.log_interval, t.eval_interval, t.ckpt_interval, t.eval_batches, t.device = 1, 10_000, 0, 1, "cpu"
     with tempfile.TemporaryDirectory() as out:
         summary = ClusterTrainer(run, ClusterConfig(workers=workers, ep=ep, offload_experts=offload, storage=out,
-                                                    overlap_grad_sync=overlap),
+                                                    overlap_grad_sync="on" if overlap else "off"),
                                  progress=False, plots=False).fit(resume=False)
     recs = [r for r in summary["history"] if "t_step" in r][1:]
     for r in recs:

@@ -23,6 +23,13 @@ class RunBoard:
         self.timed_out: set[int] = set()
         self.hang: str | None = None
         self.ranks: dict[int, dict[str, Any]] = {}
+        self.starts: dict[int, int] = {}
+
+    def start(self, rank: int) -> int:
+        """Called by each rank as it starts; returns how many times this rank started before (the
+        attempt number: Ray Train restarts the whole group together)."""
+        self.starts[rank] = self.starts.get(rank, -1) + 1
+        return self.starts[rank]
 
     def beat(self, rank: int, phase: str, step: int) -> None:
         self.seen[rank] = (phase, step, time.time())

@@ -186,7 +186,8 @@ class ClusterTrainer:
         run = self.run.to_dict()
         run["train"]["device"] = "cuda" if use_gpu else "cpu"
         c = self.cluster
-        return {"run": run, "ep": c.ep, "data": self.data, "run_uri": self.run_uri, "offload": c.offload_experts, "overlap": c.overlap_grad_sync,
+        return {"run": run, "ep": c.ep, "data": self.data, "run_uri": self.run_uri, "offload": c.offload_experts,
+                "overlap": c.overlap_grad_sync == "on" or (c.overlap_grad_sync == "auto" and use_gpu),
                 "progress": self.progress, "plots": self.plots and "://" not in self.run_uri, "resume": resume,
                 "threads": max(1, int(c.cpus_per_worker)), "board": board,
                 "collective_timeout_s": c.collective_timeout_s, "fault": c.fault.to_dict() if c.fault else None}
@@ -219,7 +220,7 @@ def run_cluster_train(run: RunConfig, args: argparse.Namespace) -> dict[str, Any
                                 f"(the run goes to <storage>/<name>)")
     cfg = ClusterConfig(workers=args.workers, ep=args.ep, max_failures=args.max_failures,
                         offload_experts=args.offload_experts, cpus_per_worker=args.cpus_per_worker,
-                        overlap_grad_sync=not args.no_overlap_grad_sync,
+                        overlap_grad_sync=args.overlap_grad_sync,
                         collective_timeout_s=args.collective_timeout, storage=args.storage,
                         ray_address=args.ray_address)
     return ClusterTrainer(run, cfg, data=args.data, progress=not args.no_progress).fit(resume=not args.no_resume)

@@ -61,8 +61,10 @@ class ClusterConfig:
     """One GPU per worker (NCCL) or CPU workers (gloo); None = GPUs when the cluster has one per worker."""
     offload_experts: bool = False
     """Keep each worker's expert weights and optimizer state in host memory, streamed per layer."""
-    overlap_grad_sync: bool = True
-    """All-reduce dense gradients in buckets during the last backward (DDP-style), not after it."""
+    overlap_grad_sync: str = "auto"
+    """'on': all-reduce dense gradients in buckets during the last backward (DDP-style); 'off': after
+    it; 'auto': on with GPUs, off on CPU workers (measured slower there: the cores that would hide the
+    communication are the ones computing backward; bench/results/cluster_overlap.md)."""
     max_failures: int = 3
     """Worker failures survived (Ray Train FailureConfig): the group restarts from the newest checkpoint."""
     collective_timeout_s: float = 120.0
@@ -111,6 +113,8 @@ def validate_cluster(run: RunConfig, cfg: ClusterConfig) -> ClusterConfig:
     if run.train.batch_size % W:
         raise ValueError(f"batch_size={run.train.batch_size} is the global batch and is not divisible by "
                          f"workers={W}; use a multiple of {W} (each worker trains on batch_size / workers rows)")
+    if cfg.overlap_grad_sync not in ("auto", "on", "off"):
+        raise ValueError(f"overlap_grad_sync={cfg.overlap_grad_sync!r} must be 'auto', 'on' or 'off'")
     f = cfg.fault
     if f is not None and not (0 <= f.rank < W and f.point in FAULT_POINTS and f.action in FAULT_ACTIONS):
         raise ValueError(f"fault={f} needs 0 <= rank < workers={W}, point in {FAULT_POINTS}, action in "

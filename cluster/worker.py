@@ -43,6 +43,7 @@ class WorkerHang(RuntimeError):
 def rank_main(config: dict[str, Any]) -> None:
     rank = ray.train.get_context().get_world_rank()
     board = config["board"]
+    attempt = ray.get(board.start.remote(rank))
     if rank == 0:
         board.clear_timeouts.remote()
 
@@ -51,7 +52,7 @@ def rank_main(config: dict[str, Any]) -> None:
 
     beat("setup", 0)
     try:
-        summary = _train(config, rank, beat)
+        summary = _train(config, rank, beat, resume=config["resume"] or attempt > 0)  # a restart always resumes
     except FATAL as e:
         ray.get(board.report_fatal.remote(str(e).splitlines()[0] if str(e) else type(e).__name__))
         _abort_group()  # peers blocked in a collective with me fail now instead of at the timeout
@@ -67,12 +68,12 @@ def rank_main(config: dict[str, Any]) -> None:
         board.report_hang.remote(msg)
         raise WorkerHang(msg) from None
     beat("done", summary["step"])
-    board.report_rank.remote(rank, summary.pop("memory"))
+    ray.get(board.report_rank.remote(rank, summary.pop("memory")))  # recorded before the driver reads the board
     if rank == 0:
-        board.finish.remote(summary)
+        ray.get(board.finish.remote(summary))
 
 
-def _train(config: dict[str, Any], rank: int, beat) -> dict[str, Any]:
+def _train(config: dict[str, Any], rank: int, beat, resume: bool) -> dict[str, Any]:
     run = RunConfig.from_dict(config["run"], source="cluster spec")
     torch.set_num_threads(run.train.threads if run.train.threads > 0 else config["threads"])
     groups = build_groups(config["ep"], run.model.moe.num_experts)
@@ -86,7 +87,7 @@ def _train(config: dict[str, Any], rank: int, beat) -> dict[str, Any]:
     peak_after_init = _peak_rss_bytes()  # model + optimizer built: the full model must never have existed here
     if rank == 0 and config["progress"]:
         print(f"[cluster rank 0] data: {corpus.source}", flush=True)
-    s = trainer.fit(resume=config["resume"])
+    s = trainer.fit(resume=resume)
     return {"step": s["step"], "tokens_seen": s["tokens_seen"], "final_loss": s["final_loss"],
             "last_eval": s["last_eval"], "history": s["history"], "run_dir": run_uri,
             "offload": plan.streamer.memory_report() | plan.streamer.stats if plan.streamer else None,

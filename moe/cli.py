@@ -63,8 +63,8 @@ def _add_train(sub) -> None:
                    help="seconds before a stuck collective fails and names the rank that stopped")
     g.add_argument("--cpus-per-worker", type=float, default=1.0, help="CPU cores per worker bundle (fractions ok)")
     g.add_argument("--offload-experts", action="store_true", help="expert shards + AdamW state in host memory")
-    g.add_argument("--no-overlap-grad-sync", action="store_true",
-                   help="all-reduce dense gradients after backward instead of overlapping it (for measurement)")
+    g.add_argument("--overlap-grad-sync", choices=["auto", "on", "off"], default="auto",
+                   help="all-reduce dense gradients during backward (on) or after it (off); auto: on with GPUs")
     g.add_argument("--ray-address", default=None, help="Ray cluster to join (default: the current or a local one)")
     p.set_defaults(func=cmd_train)
 
