@@ -27,14 +27,14 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def readme_job_command() -> str:
-    """The `ray job submit ...` command of the README's job section, continuation lines joined."""
+def readme_job_commands() -> str:
+    """The README job section's `export` and `ray job submit ...` lines (continuations joined)."""
     text = (REPO / "README.md").read_text()
     block = text.split("### On a Ray cluster", 1)[1].split("```bash", 1)[1].split("```", 1)[0]
     lines = block.replace("\\\n", " ").splitlines()
-    cmd = [ln for ln in lines if ln.startswith("ray job submit")]
-    assert len(cmd) == 1, block
-    return cmd[0]
+    cmd = [ln for ln in lines if ln.startswith(("export ", "ray job submit"))]
+    assert len(cmd) == 2 and cmd[1].startswith("ray job submit"), block
+    return "\n".join(cmd)
 
 
 @pytest.fixture
@@ -45,6 +45,7 @@ def ray_head(tmp_path):
                                         "metrics-export-port", "runtime-env-agent-port", "dashboard-agent-grpc-port")}
     env = {**os.environ, "PATH": f"{venv_bin}:{os.environ['PATH']}", "RAY_DEDUP_LOGS": "0"}
     env.pop("RAY_ADDRESS", None)
+    env.pop("PYTHONPATH", None)  # as on a fresh clone: the job imports the uploaded working dir
     args = [str(venv_bin / "ray"), "start", "--head", "--block", "--node-ip-address", "127.0.0.1", "--dashboard-host",
             "127.0.0.1", "--num-cpus", "2", "--disable-usage-stats", *[f"--{k}={v}" for k, v in ports.items()]]
     proc = subprocess.Popen(args, env=env, start_new_session=True, stdout=open(tmp_path / "head.log", "w"),
@@ -62,11 +63,11 @@ def ray_head(tmp_path):
 
 
 def _wait_for_dashboard(address: str, env: dict, proc: subprocess.Popen, log: Path) -> None:
-    for _ in range(90):
+    for _ in range(40):
         if proc.poll() is not None:
             pytest.fail(f"ray start exited: {log.read_text()[-2000:]}")
-        r = subprocess.run([str(Path(sys.executable).parent / "ray"), "job", "list", "--address", address], env=env,
-                           capture_output=True, text=True)
+        r = subprocess.run([str(Path(sys.executable).parent / "ray"), "job", "list", "--address", address],
+                           env={**env, "RAY_AUTH_MODE": "token"}, capture_output=True, text=True)
         if r.returncode == 0:
             return
         time.sleep(2)
@@ -76,11 +77,10 @@ def _wait_for_dashboard(address: str, env: dict, proc: subprocess.Popen, log: Pa
 def test_readme_job_command_writes_checkpoints_to_storage(ray_head, tmp_path):
     address, env = ray_head
     storage = tmp_path / "storage"
-    cmd = readme_job_command()
-    assert '--storage "$PWD/runs"' in cmd and "--workers 2 --ep 2" in cmd
-    cmd = cmd.replace('"$PWD/runs"', str(storage))
-    r = subprocess.run(["bash", "-c", cmd], cwd=REPO, env={**env, "RAY_ADDRESS": address}, capture_output=True,
-                       text=True, timeout=540)
+    cmd = readme_job_commands()
+    assert '--storage "$PWD/runs"' in cmd and "--workers 2 --ep 2" in cmd and "http://127.0.0.1:8265" in cmd
+    cmd = cmd.replace('"$PWD/runs"', str(storage)).replace("http://127.0.0.1:8265", address)
+    r = subprocess.run(["bash", "-ec", cmd], cwd=REPO, env=env, capture_output=True, text=True, timeout=540)
     out = r.stdout + r.stderr
     assert r.returncode == 0, out[-4000:]
     assert re.search(r"succeeded", out), out[-2000:]
