@@ -133,7 +133,7 @@ def run_memory() -> int:
 
     from moe.model import MoETransformer
     if not ray.is_initialized():
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     with torch.device("meta"):  # sizes only: nothing is allocated
         m = MoETransformer(memory_model().model)
     full = {"experts": sum(p.numel() * 4 for n, p in m.named_parameters() if "experts." in n),
@@ -158,7 +158,7 @@ def run_overlap(repeats: int = 2) -> int:
     small preset, 4 workers = 2 replicas x EP=2 (dense gradients cross replicas), alternating runs."""
     import ray
     if not ray.is_initialized():
-        ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+        ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
     runs = [measure("small", 4, ep=2, overlap=o, steps=3) for _ in range(repeats) for o in (True, False)]
     mach = machine()
     (RESULTS / "cluster_overlap.json").write_text(json.dumps({"machine": mach, "runs": runs}, indent=2))
@@ -324,7 +324,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     import ray
     if not ray.is_initialized():
-        ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+        ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
     rows = []
     for preset in args.presets:
         for w in args.workers:

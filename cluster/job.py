@@ -98,14 +98,17 @@ def preflight_storage(storage: str) -> None:
 
 
 def ensure_ray(address: str | None = None) -> bool:
-    """ray.init() unless Ray is initialised; returns whether this call started it. With no
-    address: the cluster of RAY_ADDRESS (ray job submit), else a new embedded local one."""
+    """ray.init() unless Ray is initialised; returns whether this call started it. With no address:
+    the cluster of RAY_ADDRESS (ray job submit sets it), else a new embedded local one (never a
+    stale or foreign cluster found on the machine; pass address='auto' to join a running one)."""
     if ray.is_initialized():
         return False
-    if address is None:
-        ray.init(include_dashboard=False) if "RAY_ADDRESS" not in os.environ else ray.init()
-    else:
+    if address is not None:
         ray.init(address=address, runtime_env=runtime_env(REPO_ROOT))
+    elif "RAY_ADDRESS" in os.environ:
+        ray.init()
+    else:
+        ray.init(address="local", include_dashboard=False)
     return True
 
 

@@ -65,7 +65,7 @@ def _add_train(sub) -> None:
     g.add_argument("--offload-experts", action="store_true", help="expert shards + AdamW state in host memory")
     g.add_argument("--overlap-grad-sync", choices=["auto", "on", "off"], default="auto",
                    help="all-reduce dense gradients during backward (on) or after it (off); auto: on with GPUs")
-    g.add_argument("--ray-address", default=None, help="Ray cluster to join (default: the current or a local one)")
+    g.add_argument("--ray-address", default=None, help="Ray cluster to join ('auto': the running one; default: RAY_ADDRESS, else a new local one)")
     p.set_defaults(func=cmd_train)
 
 

@@ -22,7 +22,7 @@ def ray_local():
         os.environ.setdefault(k, v)
     started = not ray.is_initialized()
     if started:
-        ray.init(num_cpus=4, include_dashboard=False, _node_ip_address="127.0.0.1")
+        ray.init(address="local", num_cpus=4, include_dashboard=False, _node_ip_address="127.0.0.1")
     yield ray
     if started:
         ray.shutdown()
