@@ -2,7 +2,7 @@
 
     moe train                                  tiny preset, default corpus, ~2 minutes on a laptop CPU
     moe train --preset small --data my.txt     another preset, your text
-    moe train --config examples/configs/small.toml --workers 4 --ep 2   Ray actors, expert parallel
+    moe train --config examples/configs/small.toml --workers 4 --ep 2   Ray Train workers, expert parallel
     moe eval runs/tiny                         validation loss / perplexity of the newest checkpoint
     moe generate --checkpoint runs/tiny --gpu-expert-slots 8 --policy predictive
     moe trace simulate trace.msgpack           replay a routing trace through every cache policy
