@@ -3,6 +3,8 @@ all-to-all volume of Mixtral-8x7B at 8-64 GPUs worked out on paper.
 
     python bench/cluster.py                 # ~5 min on a 2-core CPU; writes bench/results/cluster_cpu.{json,md}
     python bench/cluster.py --paper-only    # only bench/results/cluster_alltoall_paper.md (no Ray, instant)
+    python bench/cluster.py --memory        # ~4 min: per-worker memory at EP=1,2,4, experts ~1.2 GB (cluster_memory.*)
+    python bench/cluster.py --overlap       # ~3 min: step time with the dense all-reduce overlapped or not
 
 Weak scaling: each worker trains the same per-worker batch, so tokens/s should grow with workers
 while cores last. Workers are Ray actors with one torch thread each on an embedded Ray cluster
@@ -46,7 +48,8 @@ def machine() -> dict:
             "ray": ray.__version__, "date": datetime.date.today().isoformat(), "ray_cpus_claimed": 4}
 
 
-def measure(preset: str, workers: int, *, offload: bool = False, steps: int | None = None) -> dict:
+def measure(preset: str, workers: int, *, offload: bool = False, steps: int | None = None, ep: int | None = None,
+            overlap: bool = False) -> dict:
     """One ClusterTrainer run; per-step metrics of rank 0, medians over the measured steps."""
     from cluster.job import ClusterTrainer
     from cluster.layout import ClusterConfig
@@ -55,16 +58,20 @@ def measure(preset: str, workers: int, *, offload: bool = False, steps: int | No
     steps = steps or default_steps
     run = get_preset(preset)
     t = run.train
-    t.batch_size, t.seq_len, t.grad_accum, t.max_steps = B, S, 1, steps + 1
+    t.batch_size, t.seq_len, t.grad_accum, t.max_steps = B * workers, S, 1, steps + 1  # batch_size is global
     t.log_interval, t.eval_interval, t.ckpt_interval, t.eval_batches, t.device = 1, 10_000, 0, 1, "cpu"
     with tempfile.TemporaryDirectory() as out:
-        summary = ClusterTrainer(run, ClusterConfig(workers=workers, offload_experts=offload), out_dir=out,
+        summary = ClusterTrainer(run, ClusterConfig(workers=workers, ep=ep, offload_experts=offload, storage=out,
+                                                    overlap_grad_sync="on" if overlap else "off"),
                                  progress=False, plots=False).fit(resume=False)
     recs = [r for r in summary["history"] if "t_step" in r][1:]
+    for r in recs:
+        r["t_compute"] = max(0.0, r["t_step"] - r["t_alltoall"] - r["t_allreduce"])
     mean = {k: statistics.median(r[k] for r in recs) for k in ("t_step", "t_alltoall", "t_allreduce", "t_compute")}
     tokens = B * S * workers
     tps = sorted(tokens / r["t_step"] for r in recs)
     res = {"preset": preset, "workers": workers, "ep": summary["layout"]["ep"], "offload_experts": offload,
+           "overlap_grad_sync": overlap,
            "tokens_per_s_step_range": [round(tps[0]), round(tps[-1])],
            "batch_per_worker": B, "seq_len": S, "measured_steps": len(recs), "tokens_per_step": tokens,
            "tokens_per_s": tokens / mean["t_step"], **{k: round(v, 4) for k, v in mean.items()},
@@ -73,6 +80,99 @@ def measure(preset: str, workers: int, *, offload: bool = False, steps: int | No
         res["offload_report"] = summary["offload"]
         res["h2d_bytes_per_step"] = statistics.median(r["h2d_bytes"] for r in recs)
     return res
+
+
+# ---------------------------------------------------------------------- --memory
+def memory_model():
+    """Experts dominate: 6 MoE layers x 16 experts x (512 x 2048 x 3) = 302M expert parameters
+    (1.21 GB fp32) next to a ~7M-parameter dense part."""
+    from moe.config import ModelConfig, MoEConfig, RunConfig, TrainConfig
+    moe = MoEConfig(num_experts=16, top_k=2, d_expert=2048, balance_coef=0.01)
+    model = ModelConfig(d_model=512, n_layers=6, n_heads=8, max_seq_len=64, moe=moe)
+    train = TrainConfig(max_steps=1, batch_size=4, seq_len=32, grad_accum=1, eval_interval=1, eval_batches=1,
+                        ckpt_interval=0, log_interval=1, device="cpu")
+    return RunConfig(name="memory-bench", model=model, train=train)
+
+
+def measure_memory(ep: int) -> dict:
+    """One optimizer step on `ep` workers at EP=ep (so AdamW state exists); per-worker numbers."""
+    from cluster.job import ClusterTrainer
+    from cluster.layout import ClusterConfig
+    run = memory_model()
+    with tempfile.TemporaryDirectory() as out:
+        s = ClusterTrainer(run, ClusterConfig(workers=ep, ep=ep, cpus_per_worker=0.5, storage=out),
+                           progress=False, plots=False).fit(resume=False)
+    return {"ep": ep, "workers": ep, "per_rank": s["per_rank"]}
+
+
+def memory_markdown(rows: list[dict], full: dict[str, int], mach: dict) -> str:
+    dense, experts = full["dense"], full["experts"]
+    lines = [f"# Per-worker memory at EP = 1, 2, 4 ({mach['cpu']}, {mach['cores']} cores, {mach['date']})", "",
+             f"Model `bench/cluster.py:memory_model`: dense {dense / 1e6:.1f} MB + experts {experts / 1e9:.3f} GB "
+             f"(fp32 parameters; AdamW adds 2x). One optimizer step per run, CPU workers (gloo), Ray Train.", "",
+             "| EP = workers | params / worker (MB) | params + AdamW / worker (MB) | target: dense + experts/EP + 10% (MB) "
+             "| peak RSS after init (MB) | peak RSS, whole run (MB) | full model params (MB) |",
+             "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        for rank, st in enumerate(r["per_rank"]):
+            params = st["dense_param_bytes"] + st["expert_param_bytes"]
+            target = 3 * (dense + experts / r["ep"]) * 1.10
+            lines.append(f"| {r['ep']} (rank {rank}) | {params / 1e6:.1f} | {(params + st['optimizer_bytes']) / 1e6:.1f} "
+                         f"| {target / 1e6:.1f} | {st['peak_rss_after_init_bytes'] / 1e6:.0f} | {st['peak_rss_bytes'] / 1e6:.0f} "
+                         f"| {(dense + experts) / 1e6:.1f} |")
+    lines += ["", "Target column: (parameters + AdamW exp_avg + exp_avg_sq) of dense + 1/EP of the experts, + 10%. "
+              "Peak RSS includes the Python/torch/Ray runtime (~0.4-0.5 GB per worker); after init = model and optimizer "
+              "built, before the first step; the whole run adds gradients, AdamW state, activations and the "
+              "checkpoint write (safetensors serialises each file in memory)."]
+    return "\n".join(lines) + "\n"
+
+
+def run_memory() -> int:
+    import ray
+    import torch
+
+    from moe.model import MoETransformer
+    if not ray.is_initialized():
+        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    with torch.device("meta"):  # sizes only: nothing is allocated
+        m = MoETransformer(memory_model().model)
+    full = {"experts": sum(p.numel() * 4 for n, p in m.named_parameters() if "experts." in n),
+            "dense": sum(p.numel() * 4 for n, p in m.named_parameters() if "experts." not in n)}
+    rows = []
+    for ep in (4, 2, 1):
+        rows.append(measure_memory(ep))
+        print(json.dumps(rows[-1]), flush=True)
+    rows.sort(key=lambda r: r["ep"])
+    mach = machine()
+    (RESULTS / "cluster_memory.json").write_text(json.dumps({"machine": mach, "full_bytes": full, "runs": rows},
+                                                            indent=2))
+    md = memory_markdown(rows, full, mach)
+    (RESULTS / "cluster_memory.md").write_text(md)
+    print(md)
+    return 0
+
+
+# ---------------------------------------------------------------------- --overlap
+def run_overlap(repeats: int = 2) -> int:
+    """Step time with the dense-gradient all-reduce overlapped with backward, and after it:
+    small preset, 4 workers = 2 replicas x EP=2 (dense gradients cross replicas), alternating runs."""
+    import ray
+    if not ray.is_initialized():
+        ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
+    runs = [measure("small", 4, ep=2, overlap=o, steps=3) for _ in range(repeats) for o in (True, False)]
+    mach = machine()
+    (RESULTS / "cluster_overlap.json").write_text(json.dumps({"machine": mach, "runs": runs}, indent=2))
+    lines = [f"# Dense-gradient all-reduce overlapped with backward ({mach['cpu']}, {mach['cores']} cores, "
+             f"{mach['date']})", "", "small preset, 4 CPU workers (2 replicas x EP=2, gloo), batch 1 x 128 per "
+             "worker, median over measured steps, runs alternating.", "",
+             "| overlap | step s | all-reduce s (not hidden) | all-to-all s | tokens/s |", "|---|---|---|---|---|"]
+    for r in runs:
+        lines.append(f"| {'on' if r['overlap_grad_sync'] else 'off'} | {r['t_step']:.3f} | {r['t_allreduce']:.3f} "
+                     f"| {r['t_alltoall']:.3f} | {r['tokens_per_s']:.0f} |")
+    md = "\n".join(lines) + "\n"
+    (RESULTS / "cluster_overlap.md").write_text(md)
+    print(md)
+    return 0
 
 
 def _tps_list(runs: list[dict]) -> str:
@@ -205,8 +305,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--from-json", action="store_true", help="re-render cluster_cpu.md from cluster_cpu.json")
     p.add_argument("--presets", nargs="+", default=list(SHAPES))
     p.add_argument("--workers", nargs="+", type=int, default=[1, 2, 4])
+    p.add_argument("--memory", action="store_true", help="per-worker memory at EP=1,2,4 (cluster_memory.*)")
+    p.add_argument("--overlap", action="store_true", help="step time, gradient-sync overlap on/off (cluster_overlap.*)")
     args = p.parse_args(argv)
     RESULTS.mkdir(parents=True, exist_ok=True)
+    if args.memory:
+        return run_memory()
+    if args.overlap:
+        return run_overlap()
     paper_rows, paper_md = alltoall_paper()
     (RESULTS / "cluster_alltoall_paper.md").write_text(paper_md)
     print(paper_md)
@@ -218,7 +324,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     import ray
     if not ray.is_initialized():
-        ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+        ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
     rows = []
     for preset in args.presets:
         for w in args.workers:

@@ -1,15 +1,15 @@
-"""Ray orchestration and torch.distributed: expert-parallel training on a group of actors.
+"""Ray Train and torch.distributed: expert-parallel training on a group of Ray Train workers.
 
-    layout.py    ClusterConfig, the W x EP layout and its validation (refused before actors start)
+    layout.py    ClusterConfig, FaultPlan, the W x EP layout and its validation (refused before workers start)
     groups.py    world / EP / replica process groups; spawn_gloo (local processes, no Ray)
     dispatch.py  AllToAllDispatcher (expert parallel), the global-batch count all-reduce
-    shard.py     expert sharding, gradient all-reduce, global-norm clipping
+    shard.py     expert parameters, gradient all-reduce (overlapped with backward), global-norm clipping
     offload.py   host-memory expert shards streamed per layer (ZeRO-Offload style)
-    ckpt.py      checkpoints sharded by owner, loadable at any EP
-    engine.py    RankTrainer: one rank's training loop
-    actors.py    Worker actor, WorkerGroup, placement group, rendezvous + process group
-    fault.py     liveness, teardown, restart from the last committed checkpoint
-    job.py       ClusterTrainer (Python API), `moe train --workers N` hook, `python -m cluster.job`
+    ckpt.py      checkpoints sharded by owner, published to a directory or through Ray Train, loadable at any EP
+    plan.py      EPPlan: one rank's part of moe.train.Trainer's loop
+    board.py     RunBoard: where ranks are, fatal errors, the name of a rank that hung
+    worker.py    rank_main: what each Ray Train worker runs
+    job.py       ClusterTrainer (a TorchTrainer), `moe train --workers N`, the `ray job submit` runtime_env
 
-Importing `cluster` imports nothing heavy; Ray is needed only by actors.py, fault.py and job.py.
+Importing `cluster` imports nothing heavy; Ray is needed only by job.py and worker.py.
 """

@@ -1,4 +1,5 @@
-"""Checkpoints sharded by owner, built on moe/checkpoint.py's primitives.
+"""Checkpoints sharded by owner, built on moe/checkpoint.py's format; published to a local
+directory (DirStore, no Ray) or through Ray Train to any storage it accepts (RayStore).
 
 Legend: E experts, El = E / EP local experts, W ranks.
 
@@ -7,18 +8,23 @@ Who writes what (one safetensors file per owner, `model-rankNNNNN.safetensors`):
   (weights and their AdamW moments) with their row offsets in the global [E, ...] shape;
 - job rank 0 also writes the dense part (replicated, so one copy) and the AdamW step counters;
 - the other replicas write nothing (they hold copies).
-Shard records travel to rank 0 without pickle: each writer leaves a small msgpack record file in the
-step's temp dir; after a barrier rank 0 reads them, merges them, deletes them and commits (manifest
-last, then the atomic rename). A crash anywhere before the rename leaves the previous checkpoint as
-the newest valid one. Loading slices rows for the loading rank, so any EP (or a single process)
-reads any other's checkpoint.
+Every rank's shard records (crc32, shapes, row offsets, file sizes) reach rank 0 as msgpack bytes
+over one all-gather (never pickle); rank 0 writes the manifest naming which file holds what. A
+failed write anywhere is seen by every rank in the same all-gather, so the job stops as one.
+With Ray Train each rank reports its own directory and Ray merges them into one checkpoint
+directory on the storage; a directory whose manifest names a missing or short file is never
+resumed from (read_manifest / newest_remote_checkpoint check every file). Loading slices rows
+for the loading rank, so any EP (or a single process) reads any other's checkpoint.
 """
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+import shutil
+import tempfile
+import weakref
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Protocol
 
 import msgpack
 import torch
@@ -26,27 +32,35 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from cluster.groups import ParallelGroups
-from moe.checkpoint import (Checkpoint, CheckpointError, Manifest, ShardRecord, commit, merge_records,
-                            prepare_tmp, tmp_dir_for, write_shard_file)
-from moe.serial import DecodeError, unpack_limited
-from moe.train import load_model_state, load_optimizer_tensors, optimizer_tensors
+from moe.checkpoint import (Checkpoint, CheckpointError, FileRecord, Manifest, ShardRecord, latest_checkpoint, merge_records,
+                            prepare_tmp, prune, step_dir_name, tmp_dir_for, write_manifest, write_shard_file)
+from moe.modelio import (fetch_checkpoint, filesystem, is_uri, join_uri, load_model_state, load_optimizer_tensors,
+                         newest_remote_checkpoint, optimizer_tensors, uri_basename)
+from moe.serial import DecodeError, file_digest, unpack_limited
 
-RECORDS_VERSION = 1
+RECORDS_VERSION = 2
 MAX_RECORDS_BYTES = 64 * 1024 * 1024
+
+
+class StorageError(RuntimeError):
+    """A checkpoint could not be written (disk full, read-only, permissions): retrying cannot help."""
 
 
 @dataclass(frozen=True)
 class ShardRecordsMessage:
-    """One writer's shard records, handed to the committing rank as a msgpack file."""
+    """One rank's contribution to a checkpoint: its shard records, or the error that stopped it."""
 
     rank: int
     records: dict[str, ShardRecord]
     global_shapes: dict[str, tuple[int, ...]]
     dtypes: dict[str, str]
+    files: dict[str, FileRecord] = field(default_factory=dict)
+    """File name -> size and sha256 of what this rank wrote (the manifest's file records)."""
+    error: str = ""
     version: int = RECORDS_VERSION
 
     def to_dict(self) -> dict[str, Any]:
-        return {"version": self.version, "rank": self.rank,
+        return {"version": self.version, "rank": self.rank, "error": self.error, "files": {k: f.to_dict() for k, f in self.files.items()},
                 "records": {k: r.to_dict() for k, r in self.records.items()},
                 "global_shapes": {k: list(v) for k, v in self.global_shapes.items()}, "dtypes": self.dtypes}
 
@@ -56,7 +70,8 @@ class ShardRecordsMessage:
             raise CheckpointError(f"shard records version {d.get('version')} is not {RECORDS_VERSION}")
         return cls(int(d["rank"]), {k: ShardRecord.from_dict(r) for k, r in d["records"].items()},
                    {k: tuple(int(s) for s in v) for k, v in d["global_shapes"].items()},
-                   {k: str(v) for k, v in d["dtypes"].items()})
+                   {k: str(v) for k, v in d["dtypes"].items()}, {k: FileRecord.from_dict(v, f"shard records of rank {d['rank']}") for k, v in d["files"].items()},
+                   str(d["error"]))
 
     def encode(self) -> bytes:
         return msgpack.packb(self.to_dict(), use_bin_type=True)
@@ -72,8 +87,107 @@ class ShardRecordsMessage:
         return cls.from_dict(d)
 
 
-def records_file(rank: int) -> str:
-    return f"records-rank{rank:05d}.msgpack"
+def all_gather_bytes(data: bytes, group) -> list[bytes]:
+    """Every rank's bytes, in group-rank order (two all-gathers: lengths, then padded payloads)."""
+    n = dist.get_world_size(group)
+    if n == 1:
+        return [data]
+    size = torch.tensor([len(data)], dtype=torch.int64)
+    sizes = [torch.zeros_like(size) for _ in range(n)]
+    dist.all_gather(sizes, size, group=group)  # collective: payload lengths
+    top = int(max(s.item() for s in sizes))
+    buf = torch.zeros(top, dtype=torch.uint8)
+    buf[:len(data)] = torch.frombuffer(bytearray(data), dtype=torch.uint8) if data else buf[:0]
+    bufs = [torch.zeros_like(buf) for _ in range(n)]
+    dist.all_gather(bufs, buf, group=group)  # collective: the payloads
+    return [bytes(b[:int(s.item())].numpy().tobytes()) for b, s in zip(bufs, sizes)]
+
+
+class CheckpointStore(Protocol):
+    """Where a job's checkpoints live. Every rank of the job calls stage and publish."""
+
+    def stage(self, step: int, groups: ParallelGroups) -> Path: ...
+    def publish(self, step: int, staged: Path, groups: ParallelGroups, metrics: dict[str, Any]) -> str: ...
+    def newest(self) -> str | None: ...
+    def open(self, location: str) -> Checkpoint: ...
+
+
+class DirStore:
+    """A directory every rank sees (one machine, or a shared file system): ranks write into the
+    step's temp dir, rank 0 writes the manifest and renames it into place (moe.checkpoint.commit)."""
+
+    def __init__(self, root: str | Path, keep: int | None = None):
+        self.root, self.keep = Path(root), keep
+
+    def stage(self, step: int, groups: ParallelGroups) -> Path:
+        if groups.layout.rank == 0:
+            prepare_tmp(self.root, step)
+        dist.barrier(group=groups.world)  # collective: the temp dir exists before anyone writes
+        return tmp_dir_for(self.root, step)
+
+    def publish(self, step: int, staged: Path, groups: ParallelGroups, metrics: dict[str, Any]) -> str:
+        final = self.root / step_dir_name(step)
+        if groups.layout.rank == 0:
+            if final.exists():  # re-saving a step (e.g. after recovery) replaces the old copy
+                shutil.rmtree(final)
+            os.rename(staged, final)
+            if self.keep is not None:
+                prune(self.root, self.keep)
+        dist.barrier(group=groups.world)  # collective: the checkpoint is in place for every rank
+        return str(final)
+
+    def newest(self) -> str | None:
+        last = latest_checkpoint(self.root)
+        return None if last is None else str(last)
+
+    def open(self, location: str) -> Checkpoint:
+        return Checkpoint(location)
+
+
+class RayStore:
+    """Ray Train's storage (`RunConfig(storage_path, name)`): a local path or a URI. Each rank
+    stages its files in a local temp dir and reports it; Ray merges them into <run>/step_N."""
+
+    def __init__(self, run_uri: str, local_tmp: str | None = None):
+        self.run_uri = run_uri.rstrip("/")
+        self.tmp = Path(tempfile.mkdtemp(prefix="moe-ckpt-", dir=local_tmp))
+        weakref.finalize(self, shutil.rmtree, self.tmp, True)  # staged and downloaded files go with the store
+
+    def stage(self, step: int, groups: ParallelGroups) -> Path:
+        d = self.tmp / f"stage-{step_dir_name(step)}"
+        shutil.rmtree(d, ignore_errors=True)
+        d.mkdir(parents=True)
+        return d
+
+    def publish(self, step: int, staged: Path, groups: ParallelGroups, metrics: dict[str, Any]) -> str:
+        import ray.train
+        try:
+            # collective (Ray Train): every rank reports; Ray uploads each directory into one checkpoint.
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(str(staged)),
+                             checkpoint_dir_name=step_dir_name(step))
+        except OSError as e:
+            raise StorageError(f"cannot write checkpoint {self.run_uri}/{step_dir_name(step)}: {e}") from None
+        finally:
+            shutil.rmtree(staged, ignore_errors=True)
+        return join_uri(self.run_uri, step_dir_name(step))
+
+    def newest(self) -> str | None:
+        if not is_uri(self.run_uri):
+            last = latest_checkpoint(self.run_uri)
+            return None if last is None else str(last)
+        fs, root = filesystem(self.run_uri)
+        path = newest_remote_checkpoint(fs, root)
+        return None if path is None else join_uri(self.run_uri, path.rsplit("/", 1)[-1])
+
+    def open(self, location: str) -> Checkpoint:
+        if not is_uri(location):
+            return Checkpoint(location)
+        dest = self.tmp / ("read-" + uri_basename(location))
+        shutil.rmtree(dest, ignore_errors=True)
+        # Every file comes down to local disk (the checkpoint's integrity check covers all of them);
+        # only this rank's tensors are then read into memory.
+        fetch_checkpoint(location, dest)
+        return Checkpoint(dest)
 
 
 def owned_tensors(model: nn.Module, opt: torch.optim.Optimizer, expert_names: set[str], groups: ParallelGroups
@@ -95,42 +209,48 @@ def owned_tensors(model: nn.Module, opt: torch.optim.Optimizer, expert_names: se
     return tensors, offsets, shapes
 
 
-def save_sharded(root: Path, step: int, model: nn.Module, opt: torch.optim.Optimizer, expert_names: set[str],
-                 groups: ParallelGroups, config: dict[str, Any], train_state: dict[str, Any], keep: int,
-                 before_manifest: Callable[[], None] | None = None) -> Path:
-    """Every rank of the job calls this; returns the committed checkpoint directory."""
-    lay, tmp = groups.layout, tmp_dir_for(root, step)
-    if lay.rank == 0:
-        prepare_tmp(root, step)
-    dist.barrier(group=groups.world)  # collective: the temp dir exists before anyone writes
+def _write_own(staged: Path, model, opt, expert_names, groups, before_write: Callable[[], None] | None
+               ) -> ShardRecordsMessage:
+    lay = groups.layout
     tensors, offsets, shapes = owned_tensors(model, opt, expert_names, groups)
-    if tensors:
-        recs = write_shard_file(tmp, f"model-rank{lay.rank:05d}.safetensors", tensors, offsets)
-        msg = ShardRecordsMessage(lay.rank, recs, shapes,
-                                  {k: str(t.dtype).removeprefix("torch.") for k, t in tensors.items()})
-        _write_synced(tmp / records_file(lay.rank), msg.encode())
+    if not tensors:
+        return ShardRecordsMessage(lay.rank, {}, {}, {})
+    file = f"model-rank{lay.rank:05d}.safetensors"
+    try:
+        if before_write is not None:
+            before_write()
+        recs = write_shard_file(staged, file, tensors, offsets)
+        written = FileRecord((staged / file).stat().st_size, file_digest(staged / file))
+    except OSError as e:
+        return ShardRecordsMessage(lay.rank, {}, {}, {}, error=f"rank {lay.rank} cannot write {staged / file}: {e}")
+    return ShardRecordsMessage(lay.rank, recs, shapes, {k: str(t.dtype).removeprefix("torch.")
+                                                         for k, t in tensors.items()}, {file: written})
+
+
+def save_sharded(store: CheckpointStore, step: int, model: nn.Module, opt: torch.optim.Optimizer,
+                 expert_names: set[str], groups: ParallelGroups, config: dict[str, Any], train_state: dict[str, Any],
+                 metrics: dict[str, Any] | None = None, before_manifest: Callable[[], None] | None = None,
+                 before_write: Callable[[], None] | None = None) -> str:
+    """Every rank of the job calls this; returns where the checkpoint was published."""
+    lay = groups.layout
+    staged = store.stage(step, groups)
+    msg = _write_own(staged, model, opt, expert_names, groups, before_write)
     if before_manifest is not None:
         before_manifest()
-    dist.barrier(group=groups.world)  # collective: every shard and record file is on disk
-    final = root / f"step_{step:08d}"
+    msgs = [ShardRecordsMessage.decode(b) for b in all_gather_bytes(msg.encode(), groups.world)]
+    errors = [m.error for m in msgs if m.error]
+    if errors:  # every rank saw the same messages: the whole job stops here, none retries
+        raise StorageError(errors[0])
     if lay.rank == 0:
-        msgs = [ShardRecordsMessage.decode((tmp / records_file(r)).read_bytes(), records_file(r)) for r in range(lay.ep)]
-        shapes = {k: v for m in msgs for k, v in m.global_shapes.items()}
-        dtypes = {k: v for m in msgs for k, v in m.dtypes.items()}
-        records = merge_records([m.records for m in msgs], shapes, dtypes)
-        for r in range(lay.ep):
-            (tmp / records_file(r)).unlink()
-        final = commit(root, Manifest(step=step, config=config, train_state=train_state, tensors=records, files={},
-                                      layout={"world": lay.world, "ep": lay.ep}), keep)
-    dist.barrier(group=groups.world)  # collective: the checkpoint is committed for every rank
-    return final
-
-
-def _write_synced(path: Path, data: bytes) -> None:
-    with open(path, "wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
+        records = merge_records([m.records for m in msgs], {k: v for m in msgs for k, v in m.global_shapes.items()},
+                                {k: v for m in msgs for k, v in m.dtypes.items()})
+        files = {f: s for m in msgs for f, s in m.files.items()}
+        try:
+            write_manifest(staged, Manifest(step=step, config=config, train_state=train_state, tensors=records,
+                                            files=files, layout={"world": lay.world, "ep": lay.ep}))
+        except OSError as e:
+            raise StorageError(f"cannot write {staged}/manifest.msgpack: {e}") from None
+    return store.publish(step, staged, groups, metrics or {"step": step})
 
 
 def load_sharded(ck: Checkpoint, model: nn.Module, opt: torch.optim.Optimizer, expert_names: set[str],

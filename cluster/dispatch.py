@@ -25,6 +25,7 @@ import torch.distributed as dist
 
 import kernels
 from moe.experts import compute_dtype
+from moe.model import is_recomputing
 from moe.router import CountReducer
 
 
@@ -136,7 +137,8 @@ class AllToAllDispatcher:
         unsort_R[sort_R] = torch.arange(sort_R.numel(), device=sort_R.device)
         x_sorted_RD = x_recv_RD.index_select(0, sort_R)
         counts_El = recv_counts_PEl.sum(0)
-        self.rows_received += sum(recv)
+        if not is_recomputing():  # activation checkpointing replays this dispatch in backward
+            self.rows_received += sum(recv)
         return x_sorted_RD, counts_El, AllToAllMeta(token_idx_N, weight_N, T, send, recv, unsort_R)
 
     def _exchange_counts(self, counts_E: torch.Tensor) -> torch.Tensor:

@@ -67,7 +67,7 @@ def _new_group(ranks: list[int]):
 
 # Imported once by the fork server, so each launched process starts in milliseconds instead of
 # paying ~5 s of imports (torch, and torch._dynamo which the optimizer constructor pulls in).
-PRELOAD = ["torch", "torch._dynamo", "torch.distributed", "cluster.engine"]
+PRELOAD = ["torch", "torch._dynamo", "torch.distributed", "cluster.plan"]
 
 
 def spawn_gloo(fn: Callable[..., None], world: int, *args: Any, timeout_s: float = 120.0) -> None:

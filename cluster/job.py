@@ -1,38 +1,55 @@
-"""Cluster training entrypoint: the Python API, the `moe train --workers N` hook, and a script.
+"""Cluster training on Ray Train: the Python API, the `moe train --workers N` flags, the worker function.
 
-    python -m cluster.job --preset tiny --workers 2 --ep 2 --max-steps 50 --out runs/tiny-ep2
-    ray job submit --working-dir . --runtime-env-json "$(python -m cluster.job --print-runtime-env)" \\
-        -- python -m moe train --preset tiny --workers 2 --ep 2
+    moe train --preset tiny --workers 2 --ep 2 --cpus-per-worker 1 --storage /abs/runs
+    ray job submit --address http://127.0.0.1:8265 --working-dir . \\
+        --runtime-env-json "$(python -m cluster.job --print-runtime-env)" \\
+        -- python -m moe train --preset tiny --workers 2 --ep 2 --storage "$PWD/runs"
 
 Python:
     from cluster.job import ClusterTrainer
     from cluster.layout import ClusterConfig
-    summary = ClusterTrainer(run, ClusterConfig(workers=4, ep=2), out_dir="runs/x").fit()
+    summary = ClusterTrainer(run, ClusterConfig(workers=4, ep=2, storage="s3://bucket/runs")).fit()
 
-The same code runs on a laptop (`ray.init()` starts an embedded local Ray cluster), inside
-`ray job submit` (RAY_ADDRESS is set: it joins that cluster and the job's runtime_env already
-carries the code) and against a running cluster from plain python (`--ray-address`: the repository
-is shipped as the runtime_env's working_dir, without .git, runs/, caches or .venv).
-Rank 0 owns progress lines and metrics.jsonl; the driver appends failure events between attempts.
-Paths (out_dir, data) must be visible to every node: on several machines, use shared storage.
+A job is one Ray Train `TorchTrainer`: ScalingConfig (one placement-group bundle per worker: a GPU,
+or `cpus_per_worker` cores), TorchConfig (gloo or NCCL, `collective_timeout_s`), RunConfig
+(storage_path, FailureConfig(max_failures), CheckpointConfig(num_to_keep)). Ray Train owns the
+worker group, process-group setup, restarts and checkpoint storage; each worker runs `rank_main`:
+moe.train.Trainer's loop with cluster.plan.EPPlan. Checkpoints land in <storage>/<run name>/step_N
+and a run resumes from the newest valid one there, whichever invocation or attempt wrote it.
+Errors that a restart cannot fix (configuration, disk) end the run at once, as one line.
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
 import json
-import uuid
+import os
 from pathlib import Path
 from typing import Any
 
-from cluster.actors import WorkerGroup, create_placement_group, ray, remove_placement_group
-from cluster.fault import jsonl_logger, supervise
 from cluster.layout import ClusterConfig, check_resources, validate_cluster
 from moe.config import RunConfig
+from moe.modelio import join_uri
+
+try:
+    import ray
+    import ray.train
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig as RayRunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+except ImportError as e:  # pragma: no cover - exercised by tests/test_cli.py in a subprocess
+    raise ImportError(f"cluster training needs Ray Train ({e}); install it with `pip install 'moe-runtime[ray]'`") from e
 
 RUNTIME_ENV_EXCLUDES = [".git", ".venv", "venv", "runs", "**/__pycache__", "*.pyc", ".pytest_cache", ".mypy_cache",
                         ".ruff_cache", "*.egg-info", "build", "dist", ".whl", ".gl", "bench/results/*.png"]
 REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+class ClusterTrainingError(RuntimeError):
+    """The run failed more than max_failures times; the message names the rank and the cause."""
+
+
+class ClusterFatalError(ValueError):
+    """A configuration or storage error: the run stopped at once, without a retry (one line)."""
 
 
 def runtime_env(working_dir: str | Path | None = None) -> dict[str, Any]:
@@ -43,15 +60,54 @@ def runtime_env(working_dir: str | Path | None = None) -> dict[str, Any]:
     return env
 
 
+def in_ray_job() -> bool:
+    """True inside a `ray job submit` entrypoint (its cwd is a temporary copy of the working dir)."""
+    return "RAY_JOB_CONFIG_JSON_ENV_VAR" in os.environ
+
+
+def resolve_storage(storage: str | None, default_name: str = "runs") -> tuple[str, str]:
+    """(storage_path for Ray Train, a note saying how it was resolved). URIs pass through; relative
+    paths are resolved against the current directory, except inside `ray job submit`, where the
+    current directory is Ray's temporary copy and anything written there is lost: refused."""
+    s = storage if storage is not None else default_name
+    if "://" in s:
+        return s, f"storage {s}"
+    p = Path(s).expanduser()
+    if p.is_absolute():
+        return str(p), f"storage {p}"
+    if in_ray_job():
+        raise ClusterFatalError(f"--storage {s} is a relative path, and inside `ray job submit` the current directory "
+                                f"is Ray's temporary copy of --working-dir (lost when the job ends); pass an absolute "
+                                f"path or a URI, e.g. --storage \"$PWD/{s}\" or --storage s3://bucket/{s}")
+    return str(p.resolve()), f"storage {p.resolve()} (relative path {s!r} resolved against {Path.cwd()})"
+
+
+def preflight_storage(storage: str) -> None:
+    """Fail before any worker starts if a local storage directory cannot be written."""
+    if "://" in storage:
+        return
+    probe = Path(storage) / f".moe-write-probe-{os.getpid()}"
+    try:
+        Path(storage).mkdir(parents=True, exist_ok=True)
+        probe.write_bytes(b"ok")
+        probe.unlink()
+    except OSError as e:
+        raise ClusterFatalError(f"storage {storage} is not writable ({e.strerror or e}); pass a writable --storage "
+                                f"directory or URI") from None
+
+
 def ensure_ray(address: str | None = None) -> bool:
-    """ray.init() unless Ray is initialised; returns whether this call started it. With no
-    address: the cluster of RAY_ADDRESS (ray job submit), else a new embedded local one."""
+    """ray.init() unless Ray is initialised; returns whether this call started it. With no address:
+    the cluster of RAY_ADDRESS (ray job submit sets it), else a new embedded local one (never a
+    stale or foreign cluster found on the machine; pass address='auto' to join a running one)."""
     if ray.is_initialized():
         return False
-    if address is None:
+    if address is not None:
+        ray.init(address=address, runtime_env=runtime_env(REPO_ROOT))
+    elif "RAY_ADDRESS" in os.environ:
         ray.init()
     else:
-        ray.init(address=address, runtime_env=runtime_env(REPO_ROOT))
+        ray.init(address="local", include_dashboard=False)
     return True
 
 
@@ -67,126 +123,122 @@ def resolve_use_gpu(run: RunConfig, cfg: ClusterConfig, resources: dict[str, flo
 
 
 class ClusterTrainer:
-    """Data x expert parallel training on Ray actors, with recovery (see cluster/fault.py)."""
+    """Data x expert parallel training as a Ray Train TorchTrainer (see module docstring)."""
 
-    def __init__(self, run: RunConfig, cluster: ClusterConfig, *, out_dir: str | Path | None = None,
-                 data: str | Path | None = None, progress: bool = True, plots: bool = True, timer_sync: bool = False):
-        self.cluster = validate_cluster(run, dataclasses.replace(cluster))  # refused before any actor starts
+    def __init__(self, run: RunConfig, cluster: ClusterConfig, *, data: str | Path | None = None,
+                 progress: bool = True, plots: bool = True):
+        self.cluster = validate_cluster(run, dataclasses.replace(cluster))  # refused before any worker starts
         self.run = run
-        self.out_dir = Path(out_dir if out_dir is not None else Path("runs") / run.name).resolve()
+        self.storage, self.storage_note = resolve_storage(self.cluster.storage)
         self.data = str(Path(data).resolve()) if data is not None else None
-        self.progress, self.plots, self.timer_sync = progress, plots, timer_sync
+        if self.data is not None and not Path(self.data).exists():
+            raise ClusterFatalError(f"--data {data}: {self.data} does not exist; pass a text file, a directory of "
+                                    f"text files or a .bin token file visible to every worker")
+        self.progress, self.plots = progress, plots
 
-    def fit(self, *, resume: bool = True, until_step: int | None = None) -> dict[str, Any]:
-        """Train; returns rank 0's summary (+ failures, layout). Raises ClusterTrainingError after
-        more than max_failures worker failures, ValueError for impossible configurations."""
+    @property
+    def run_uri(self) -> str:
+        """Where this run's checkpoints and metrics.jsonl live: <storage>/<run name>."""
+        return join_uri(self.storage, self.run.name)
+
+    def fit(self, *, resume: bool = True) -> dict[str, Any]:
+        """Train; returns rank 0's summary. Raises ClusterFatalError (not retried) or
+        ClusterTrainingError (after more than max_failures worker failures)."""
         cfg = self.cluster
+        preflight_storage(self.storage)
         ensure_ray(cfg.ray_address)
         resources = ray.cluster_resources()
         use_gpu = resolve_use_gpu(self.run, cfg, resources)
         check_resources(dataclasses.replace(cfg, use_gpu=use_gpu), resources)
-        run_id = uuid.uuid4().hex
-        log = jsonl_logger(self.out_dir / "metrics.jsonl")
-        layout = {"workers": cfg.workers, "ep": cfg.ep, "replicas": cfg.workers // cfg.ep,
-                  "backend": "nccl" if use_gpu else "gloo", "offload_experts": cfg.offload_experts}
+        board = ray.remote(_board_cls()).options(num_cpus=0).remote(cfg.workers)
         if self.progress:
             print(f"[cluster] {cfg.workers} {'GPU' if use_gpu else 'CPU'} workers, ep={cfg.ep} "
-                  f"({self.run.model.moe.num_experts // cfg.ep} experts per worker, {layout['replicas']} replica(s)), "
-                  f"run dir {self.out_dir}", flush=True)
-        pg = create_placement_group(cfg, use_gpu)
+                  f"({self.run.model.moe.num_experts // cfg.ep} experts per worker, {cfg.workers // cfg.ep} "
+                  f"replica(s)); {self.storage_note}; run dir {self.run_uri}", flush=True)
+        trainer = TorchTrainer(
+            _rank_main(), train_loop_config=self._spec(use_gpu, resume, board),
+            scaling_config=ScalingConfig(num_workers=cfg.workers, use_gpu=use_gpu, placement_strategy="PACK",
+                                         resources_per_worker={"CPU": cfg.cpus_per_worker, **({"GPU": 1} if use_gpu else {})}),
+            torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo", timeout_s=int(max(1, cfg.collective_timeout_s))),
+            run_config=RayRunConfig(name=self.run.name, storage_path=self.storage,
+                                    failure_config=FailureConfig(max_failures=cfg.max_failures),
+                                    checkpoint_config=CheckpointConfig(num_to_keep=self.run.train.keep_checkpoints)))
+        error: Exception | None = None
         try:
-            def attempt(n: int) -> dict[str, Any]:
-                group = WorkerGroup(cfg, pg, use_gpu)
-                try:
-                    group.wait(group.call("setup", self._spec(n, use_gpu)))
-                    # attempt 0 honours `resume`; later attempts resume from this job's own checkpoints
-                    return group.wait(group.call("fit", resume if n == 0 else False, until_step, run_id))[0]
-                finally:
-                    group.kill()
-            summary = supervise(attempt, cfg.max_failures, log)
-        finally:
-            remove_placement_group(pg)
-        summary["layout"] = layout
+            result = trainer.fit()
+            error = getattr(result, "error", None)
+        except Exception as e:  # noqa: BLE001 - Ray Train's TrainingFailedError and friends: rephrased below
+            error = e
+        state = ray.get(board.state.remote())
+        ray.kill(board)
+        if state["fatal"]:
+            raise ClusterFatalError(state["fatal"][0])
+        if error is not None or state["summary"] is None:
+            raise ClusterTrainingError(f"training failed (max_failures={cfg.max_failures}): "
+                                       f"{state['hang'] or _first_line(error)}. The newest valid checkpoint in "
+                                       f"{self.run_uri} is kept; rerun to resume") from error
+        summary = state["summary"]
+        summary["per_rank"] = [state["ranks"].get(r) for r in range(cfg.workers)]
+        summary["layout"] = {"workers": cfg.workers, "ep": cfg.ep, "replicas": cfg.workers // cfg.ep,
+                             "backend": "nccl" if use_gpu else "gloo", "offload_experts": cfg.offload_experts}
         return summary
 
-    def _spec(self, attempt: int, use_gpu: bool) -> dict[str, Any]:
-        """What a worker needs, as plain values (Ray serialises this small dict; never tensors)."""
+    def _spec(self, use_gpu: bool, resume: bool, board) -> dict[str, Any]:
+        """What a worker needs, as plain values (and the board's actor handle); never tensors."""
         run = self.run.to_dict()
         run["train"]["device"] = "cuda" if use_gpu else "cpu"
-        return {"run": run, "ep": self.cluster.ep, "data": self.data, "out_dir": str(self.out_dir),
-                "offload": self.cluster.offload_experts, "progress": self.progress, "plots": self.plots,
-                "timer_sync": self.timer_sync, "attempt": attempt,
-                "fault": self.cluster.fault.to_dict() if self.cluster.fault else None}
+        c = self.cluster
+        return {"run": run, "ep": c.ep, "data": self.data, "run_uri": self.run_uri, "offload": c.offload_experts,
+                "overlap": c.overlap_grad_sync == "on" or (c.overlap_grad_sync == "auto" and use_gpu),
+                "progress": self.progress, "plots": self.plots and "://" not in self.run_uri, "resume": resume,
+                "threads": max(1, int(c.cpus_per_worker)), "board": board,
+                "collective_timeout_s": c.collective_timeout_s, "fault": c.fault.to_dict() if c.fault else None}
 
 
-# ---------------------------------------------------------------------- the `moe train` hook
-def add_train_cluster_args(parser: argparse.ArgumentParser) -> None:
-    """Add the cluster flags this parser does not have yet (`moe train` already defines some)."""
-    have = set(parser._option_string_actions)  # noqa: SLF001 - argparse has no public lookup
-    flags = [("--workers", dict(type=int, default=0, help="train on N Ray actors (0: one process)")),
-             ("--ep", dict(type=int, default=None, help="expert-parallel size (default: gcd(workers, experts))")),
-             ("--max-failures", dict(type=int, default=3, help="worker failures to recover from")),
-             ("--offload-experts", dict(action="store_true", help="expert shards + optimizer state in host memory")),
-             ("--cpus-per-worker", dict(type=float, default=1.0, help="CPU cores per worker (its torch threads)")),
-             ("--collective-timeout", dict(type=float, default=120.0, help="seconds before a stuck collective fails")),
-             ("--ray-address", dict(default=None, help="Ray cluster to join (default: current or a local one)"))]
-    for flag, kw in flags:
-        if flag not in have:
-            parser.add_argument(flag, **kw)
+def _rank_main():
+    from cluster.worker import rank_main
+    return rank_main
 
 
-def cluster_kwargs(args: argparse.Namespace) -> dict[str, Any]:
-    """run_cluster_train keyword arguments from parsed flags (absent flags keep their defaults)."""
-    names = {"workers": "workers", "ep": "ep", "max_failures": "max_failures", "offload_experts": "offload_experts",
-             "cpus_per_worker": "cpus_per_worker", "collective_timeout": "collective_timeout_s",
-             "ray_address": "ray_address"}
-    return {kw: getattr(args, a) for a, kw in names.items() if hasattr(args, a)}
+def _board_cls():
+    from cluster.board import RunBoard
+    return RunBoard
 
 
-def run_cluster_train(run: RunConfig, *, out_dir: str | Path, data: str | Path | None = None, workers: int,
-                      ep: int | None = None, max_failures: int = 3, offload_experts: bool = False, resume: bool = True,
-                      cpus_per_worker: float = 1.0, collective_timeout_s: float = 120.0, ray_address: str | None = None,
-                      progress: bool = True) -> dict[str, Any]:
-    """What `moe train --workers N [--ep E]` calls: train `run` on N Ray workers; rank 0's summary."""
-    cfg = ClusterConfig(workers=workers, ep=ep, max_failures=max_failures, offload_experts=offload_experts,
-                        cpus_per_worker=cpus_per_worker, collective_timeout_s=collective_timeout_s,
-                        ray_address=ray_address)
-    return ClusterTrainer(run, cfg, out_dir=out_dir, data=data, progress=progress).fit(resume=resume)
+def _first_line(e: BaseException | None) -> str:
+    text = str(e) if e is not None else "no summary from rank 0"
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    for ln in lines:  # Ray's message lists each worker's error; prefer ours
+        if "stopped responding" in ln or "died" in ln.lower():
+            return ln
+    return lines[0] if lines else type(e).__name__
+
+
+# ---------------------------------------------------------------------- `moe train --workers N`
+def run_cluster_train(run: RunConfig, args: argparse.Namespace) -> dict[str, Any]:
+    """What `moe train --workers N` calls."""
+    if args.out is not None:
+        raise ClusterFatalError(f"--out {args.out} is for one-process runs; with --workers pass --storage DIR_OR_URI "
+                                f"(the run goes to <storage>/<name>)")
+    cfg = ClusterConfig(workers=args.workers, ep=args.ep, max_failures=args.max_failures,
+                        offload_experts=args.offload_experts, cpus_per_worker=args.cpus_per_worker,
+                        overlap_grad_sync=args.overlap_grad_sync,
+                        collective_timeout_s=args.collective_timeout, storage=args.storage,
+                        ray_address=args.ray_address)
+    return ClusterTrainer(run, cfg, data=args.data, progress=not args.no_progress).fit(resume=not args.no_resume)
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`python -m cluster.job`: the cluster path without the `moe` CLI (e.g. for ray job submit)."""
-    from moe.config import get_preset, load_config
-
+    """`python -m cluster.job --print-runtime-env`: the runtime_env JSON for `ray job submit`."""
     p = argparse.ArgumentParser(prog="python -m cluster.job", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--preset", default="tiny")
-    p.add_argument("--config", default=None, help="TOML/JSON config (overrides --preset)")
-    p.add_argument("--data", default=None)
-    p.add_argument("--out", default=None)
-    for flag in ("--max-steps", "--batch-size", "--seq-len"):
-        p.add_argument(flag, type=int, default=None)
-    p.add_argument("--device", default=None)
-    p.add_argument("--no-resume", action="store_true")
     p.add_argument("--print-runtime-env", action="store_true", help="print the runtime_env JSON and exit")
-    add_train_cluster_args(p)
     args = p.parse_args(argv)
     if args.print_runtime_env:
         print(json.dumps(runtime_env()))
         return 0
-    run = load_config(args.config) if args.config else get_preset(args.preset)
-    for flag in ("max_steps", "batch_size", "seq_len", "device"):
-        if getattr(args, flag) is not None:
-            setattr(run.train, flag, getattr(args, flag))
-    run.train.eval_interval = min(run.train.eval_interval, run.train.max_steps)
-    run = RunConfig.from_dict(run.to_dict(), source="command line")
-    out = args.out or str(Path("runs") / run.name)
-    summary = run_cluster_train(run, out_dir=out, data=args.data, resume=not args.no_resume,
-                                **{**cluster_kwargs(args), "workers": max(1, args.workers)})
-    ev = summary.get("last_eval") or {}
-    print(f"[cluster] done at step {summary['step']}: final train loss {summary['final_loss']}, "
-          f"val_loss {ev.get('val_loss')}, failures {summary['failures']}; metrics in {out}/metrics.jsonl")
-    return 0
+    p.print_help()
+    return 2
 
 
 if __name__ == "__main__":

@@ -18,52 +18,62 @@ from typing import Any
 
 from moe.config import RunConfig
 
-FAULT_POINTS = ("step", "before_manifest")
+FAULT_POINTS = ("setup", "step", "before_manifest", "checkpoint_write")
+FAULT_ACTIONS = ("kill", "hang", "disk_full")
 
 
 @dataclass(frozen=True, kw_only=True)
 class FaultPlan:
-    """Chaos testing: make one worker die with os._exit(1), in the first attempt only, to check
-    that recovery works on your cluster."""
+    """Chaos testing: make one worker fail once per job, to check that recovery works on your cluster."""
 
     rank: int
-    """The worker that dies."""
+    """The worker that fails."""
     step: int
-    """It dies when it has completed this many optimizer steps."""
+    """It fails when it has completed this many optimizer steps (0 for 'setup')."""
     point: str = "step"
-    """'step': before starting the next step; 'before_manifest': while saving the checkpoint of
-    `step`, after its shards are written and before the manifest is."""
+    """'setup': before building its model; 'step': before starting the next step; 'checkpoint_write':
+    while writing its shard of the checkpoint of `step`; 'before_manifest': after its shard is written."""
+    action: str = "kill"
+    """'kill': SIGKILL itself; 'hang': SIGSTOP itself; 'disk_full': fail the write with ENOSPC."""
+    marker: str
+    """A file created when the fault fires, so it fires once per job (not again after a restart)."""
 
     def to_dict(self) -> dict[str, Any]:
-        return {"rank": self.rank, "step": self.step, "point": self.point}
+        return {"rank": self.rank, "step": self.step, "point": self.point, "action": self.action,
+                "marker": self.marker}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any] | None) -> "FaultPlan | None":
-        return None if d is None else cls(rank=int(d["rank"]), step=int(d["step"]), point=str(d["point"]))
+        return None if d is None else cls(**d)
 
 
 @dataclass(kw_only=True)
 class ClusterConfig:
-    """How many Ray workers, how they split the experts, and how failures are handled."""
+    """How many Ray Train workers, how they split the experts, where checkpoints go, and failures."""
 
     workers: int
-    """W: Ray actors, one rank of the torch.distributed group each."""
+    """W: Ray Train workers (one placement-group bundle each), one rank of the torch.distributed group each."""
     ep: int | None = None
     """Expert-parallel size; None = the largest divisor of workers that divides num_experts."""
     cpus_per_worker: float = 1.0
-    """CPU cores reserved per worker (its placement-group bundle); also its torch thread count."""
+    """CPU cores in each worker's bundle (fractions allowed); its torch threads = max(1, floor)."""
     use_gpu: bool | None = None
     """One GPU per worker (NCCL) or CPU workers (gloo); None = GPUs when the cluster has one per worker."""
     offload_experts: bool = False
     """Keep each worker's expert weights and optimizer state in host memory, streamed per layer."""
+    overlap_grad_sync: str = "auto"
+    """'on': all-reduce dense gradients in buckets during the last backward (DDP-style); 'off': after
+    it; 'auto': on with GPUs, off on CPU workers (measured slower there: the cores that would hide the
+    communication are the ones computing backward; bench/results/cluster_overlap.md)."""
     max_failures: int = 3
-    """Worker failures survived (group torn down, recreated, resumed from the last checkpoint)."""
+    """Worker failures survived (Ray Train FailureConfig): the group restarts from the newest checkpoint."""
     collective_timeout_s: float = 120.0
-    """Bound on any one collective and on the rendezvous; a dead peer surfaces within this time."""
+    """Bound on process-group setup and on every collective (TorchConfig.timeout_s): a hung or dead
+    peer is detected within it and the error names the rank that stopped."""
+    storage: str | None = None
+    """Checkpoint storage (Ray Train storage_path): an absolute directory or a URI (s3://, gs://, ...)."""
     ray_address: str | None = None
     """Ray cluster to join; None = the current one (`ray job submit`, RAY_ADDRESS) or a local one."""
-    poll_s: float = 1.0
-    """How often the driver checks worker liveness."""
     fault: FaultPlan | None = None
     """Chaos testing only (see FaultPlan)."""
 
@@ -97,10 +107,18 @@ def validate_cluster(run: RunConfig, cfg: ClusterConfig) -> ClusterConfig:
         raise ValueError(f"cpus_per_worker={cfg.cpus_per_worker} must be > 0")
     if cfg.max_failures < 0:
         raise ValueError(f"max_failures={cfg.max_failures} must be >= 0")
-    if cfg.collective_timeout_s <= 0 or cfg.poll_s <= 0:
-        raise ValueError(f"collective_timeout_s={cfg.collective_timeout_s} and poll_s={cfg.poll_s} must be > 0")
-    if cfg.fault is not None and not (0 <= cfg.fault.rank < W and cfg.fault.point in FAULT_POINTS):
-        raise ValueError(f"fault={cfg.fault} needs 0 <= rank < workers={W} and point in {FAULT_POINTS}")
+    if cfg.collective_timeout_s <= 0:
+        raise ValueError(f"collective_timeout_s={cfg.collective_timeout_s} must be > 0; pass --collective-timeout "
+                         f"in seconds")
+    if run.train.batch_size % W:
+        raise ValueError(f"batch_size={run.train.batch_size} is the global batch and is not divisible by "
+                         f"workers={W}; use a multiple of {W} (each worker trains on batch_size / workers rows)")
+    if cfg.overlap_grad_sync not in ("auto", "on", "off"):
+        raise ValueError(f"overlap_grad_sync={cfg.overlap_grad_sync!r} must be 'auto', 'on' or 'off'")
+    f = cfg.fault
+    if f is not None and not (0 <= f.rank < W and f.point in FAULT_POINTS and f.action in FAULT_ACTIONS):
+        raise ValueError(f"fault={f} needs 0 <= rank < workers={W}, point in {FAULT_POINTS}, action in "
+                         f"{FAULT_ACTIONS}")
     cfg.ep = ep
     return cfg
 

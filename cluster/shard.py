@@ -11,6 +11,8 @@ the W rank losses (equal token counts), so:
 """
 from __future__ import annotations
 
+import time
+
 import torch
 import torch.distributed as dist
 import torch.nn as nn
@@ -67,7 +69,12 @@ def sync_gradients(dense: list[nn.Parameter], experts: list[nn.Parameter], group
     """Dense: average over the job. Experts: sum over replicas, divide by W (module docstring)."""
     W = groups.layout.world
     _allreduce_mean([p.grad for p in dense], groups.world, W, timer)
-    _allreduce_mean([p.grad for p in experts], groups.replica, W, timer)
+    sync_expert_gradients(experts, groups, timer)
+
+
+def sync_expert_gradients(experts: list[nn.Parameter], groups: ParallelGroups, timer: CommTimer | None = None) -> None:
+    """Experts: sum over the replica group, divide by W (module docstring)."""
+    _allreduce_mean([p.grad for p in experts], groups.replica, groups.layout.world, timer)
 
 
 def _allreduce_mean(grads: list[torch.Tensor], group, divisor: int, timer: CommTimer | None) -> None:
@@ -136,3 +143,71 @@ def _sq_norm(params: list[nn.Parameter], dev: torch.device) -> torch.Tensor:
     for p in params:
         acc = acc + torch.linalg.vector_norm(p.grad.float(), 2).to(dev).square()
     return acc
+
+
+class DenseGradOverlap:
+    """DDP-style overlap: during the step's last backward, each bucket of dense gradients is
+    all-reduced (async) as soon as autograd has produced all of its gradients, while backward goes
+    on computing the rest. finish() waits, then writes the averages back into .grad.
+
+    Buckets follow reverse parameter order (roughly the order backward produces gradients) and the
+    hooks fire in the same order on every rank (same graph), so every rank issues the same
+    collectives in the same order. Earlier micro-batches of an accumulation step only accumulate.
+    """
+
+    def __init__(self, dense: list[nn.Parameter], group, world: int, timer: CommTimer | None = None,
+                 bucket_bytes: int = BUCKET_BYTES):
+        self.group, self.world, self.timer = group, world, timer
+        self.buckets: list[list[nn.Parameter]] = []
+        size = 0
+        for p in reversed(dense):
+            nbytes = p.numel() * p.element_size()
+            if not self.buckets or size + nbytes > bucket_bytes or self.buckets[-1][0].device != p.device:
+                self.buckets.append([])
+                size = 0
+            self.buckets[-1].append(p)
+            size += nbytes
+        self.bucket_of = {id(p): i for i, b in enumerate(self.buckets) for p in b}
+        self.armed = False
+        self.left: list[int] = []
+        self.inflight: list[tuple[int, torch.Tensor, object]] = []
+        for p in dense:
+            p.register_post_accumulate_grad_hook(self._ready)
+
+    def arm(self) -> None:
+        """Call before the step's last backward."""
+        self.armed, self.left, self.inflight = True, [len(b) for b in self.buckets], []
+
+    def _ready(self, p: nn.Parameter) -> None:
+        if not self.armed:
+            return
+        i = self.bucket_of[id(p)]
+        self.left[i] -= 1
+        if self.left[i] == 0:
+            self._launch(i)
+
+    def _launch(self, i: int) -> None:
+        flat = _flatten_dense_tensors([p.grad for p in self.buckets[i]])
+        # collective (async): all-reduce of one dense-gradient bucket, overlapping the rest of backward.
+        handle = dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=self.group, async_op=True) \
+            if dist.get_world_size(self.group) > 1 else None
+        self.inflight.append((i, flat, handle))
+
+    def finish(self) -> None:
+        """Wait for every bucket (launching any whose gradients never arrived, as zeros), average."""
+        t0 = time.perf_counter()
+        for i, n in enumerate(self.left):
+            if n > 0:
+                for p in self.buckets[i]:
+                    if p.grad is None:
+                        p.grad = torch.zeros_like(p)
+                self._launch(i)
+        for i, flat, handle in self.inflight:
+            if handle is not None:
+                handle.wait()
+            flat.div_(self.world)
+            for p, synced in zip(self.buckets[i], _unflatten_dense_tensors(flat, [p.grad for p in self.buckets[i]])):
+                p.grad.copy_(synced)
+        if self.timer is not None:
+            self.timer.seconds["allreduce"] += time.perf_counter() - t0  # only the part not hidden by backward
+        self.armed, self.inflight = False, []

@@ -132,6 +132,12 @@ def commit(root: Path, manifest: Manifest, keep: int | None = None) -> Path:
     return final
 
 
+def write_manifest(directory: Path, manifest: Manifest) -> None:
+    """Seal a manifest whose `files` records the caller already has (shards written and digested by
+    other processes, e.g. the ranks of a Ray Train job whose directories are merged on upload)."""
+    write_sealed(Path(directory) / MANIFEST, manifest.to_dict(), FORMAT, VERSION)
+
+
 def _fsync_file(path: Path) -> None:
     with open(path, "rb+") as fh:
         os.fsync(fh.fileno())

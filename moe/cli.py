@@ -2,7 +2,7 @@
 
     moe train                                  tiny preset, default corpus, ~2 minutes on a laptop CPU
     moe train --preset small --data my.txt     another preset, your text
-    moe train --config examples/configs/small.toml --workers 4 --ep 2   Ray actors, expert parallel
+    moe train --config examples/configs/small.toml --workers 4 --ep 2   Ray Train workers, expert parallel
     moe eval runs/tiny                         validation loss / perplexity of the newest checkpoint
     moe generate --checkpoint runs/tiny --gpu-expert-slots 8 --policy predictive
     moe trace simulate trace.msgpack           replay a routing trace through every cache policy
@@ -48,15 +48,26 @@ def _add_train(sub) -> None:
                    help="global-batch semantics over accumulation micro-batches (see moe/router.py)")
     p.add_argument("--balance-coef", type=float, default=None, help="load-balancing loss weight (0 = off)")
     p.add_argument("--aux-free-bias", action="store_true", help="DeepSeek-V3 aux-loss-free bias balancing")
+    p.add_argument("--activation-checkpointing", choices=["none", "full", "selective"], default=None,
+                   help="recompute blocks (full) or attention only (selective) in backward to save activations")
     p.add_argument("--no-resume", action="store_true", help="start fresh even if the run dir has checkpoints")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (metrics still go to metrics.jsonl)")
-    p.add_argument("--workers", type=int, default=0,
-                   help="train on N Ray actors (an embedded local Ray cluster unless one is running)")
-    p.add_argument("--ep", type=int, default=None,
-                   help="expert-parallel size with --workers (default: gcd(workers, num_experts))")
-    p.add_argument("--max-failures", type=int, default=3, help="actor failures to recover from with --workers")
-    p.add_argument("--offload-experts", action="store_true",
-                   help="with --workers: keep expert shards and their optimizer state in host memory")
+    g = p.add_argument_group("cluster (Ray Train; needs moe-runtime[ray])")
+    g.add_argument("--workers", type=int, default=0,
+                   help="train on N Ray Train workers (an embedded local Ray unless one is running; 0: one process)")
+    g.add_argument("--ep", type=int, default=None, help="expert-parallel size (default: gcd(workers, num_experts))")
+    g.add_argument("--storage", default=None,
+                   help="checkpoint storage: an absolute directory or a URI (s3://...); relative paths resolve "
+                        "against the current directory (refused inside `ray job submit`); default ./runs. "
+                        "The run goes to <storage>/<name>")
+    g.add_argument("--max-failures", type=int, default=3, help="worker failures to recover from")
+    g.add_argument("--collective-timeout", type=float, default=120.0,
+                   help="seconds before a stuck collective fails and names the rank that stopped")
+    g.add_argument("--cpus-per-worker", type=float, default=1.0, help="CPU cores per worker bundle (fractions ok)")
+    g.add_argument("--offload-experts", action="store_true", help="expert shards + AdamW state in host memory")
+    g.add_argument("--overlap-grad-sync", choices=["auto", "on", "off"], default="auto",
+                   help="all-reduce dense gradients during backward (on) or after it (off); auto: on with GPUs")
+    g.add_argument("--ray-address", default=None, help="Ray cluster to join ('auto': the running one; default: RAY_ADDRESS, else a new local one)")
     p.set_defaults(func=cmd_train)
 
 
@@ -67,6 +78,7 @@ def build_run_config(args: argparse.Namespace) -> RunConfig:
     for flag, attr in (("max_steps", "max_steps"), ("batch_size", "batch_size"), ("seq_len", "seq_len"),
                        ("grad_accum", "grad_accum"), ("lr", "lr"), ("seed", "seed"), ("device", "device"),
                        ("threads", "threads"), ("eval_interval", "eval_interval"),
+                       ("activation_checkpointing", "activation_checkpointing"),
                        ("ckpt_interval", "ckpt_interval")):
         v = getattr(args, flag)
         if v is not None:
@@ -91,6 +103,8 @@ def build_run_config(args: argparse.Namespace) -> RunConfig:
 
 def cmd_train(args: argparse.Namespace) -> int:
     run = build_run_config(args)
+    if args.workers:
+        return _train_cluster(run, args)
     out = Path(args.out) if args.out else Path("runs") / run.name
     counts = param_count(run.model)
     print(f"[moe] {run.name}: {counts['total'] / 1e6:.2f}M parameters, {counts['active'] / 1e6:.2f}M active per "
@@ -98,17 +112,11 @@ def cmd_train(args: argparse.Namespace) -> int:
           f"{run.model.moe.balance_scope} coef {run.model.moe.balance_coef}; run dir {out}", flush=True)
     trainer = None
     try:
-        if args.workers:
-            from cluster.job import run_cluster_train
-            summary = run_cluster_train(run, out_dir=out, data=args.data, workers=args.workers, ep=args.ep,
-                                        max_failures=args.max_failures, offload_experts=args.offload_experts,
-                                        resume=not args.no_resume, progress=not args.no_progress)
-        else:
-            from moe.train import Trainer
-            trainer = Trainer(run, out_dir=out, data=args.data, progress=not args.no_progress)
-            print(f"[moe] data: {trainer.corpus.source}; unigram baseline "
-                  f"{trainer.corpus.unigram_entropy():.4f} nats/token", flush=True)
-            summary = trainer.fit(resume=not args.no_resume)
+        from moe.train import Trainer
+        trainer = Trainer(run, out_dir=out, data=args.data, progress=not args.no_progress)
+        print(f"[moe] data: {trainer.corpus.source}; unigram baseline "
+              f"{trainer.corpus.unigram_entropy():.4f} nats/token", flush=True)
+        summary = trainer.fit(resume=not args.no_resume)
     except KeyboardInterrupt:
         print(_interrupted_line(out, trainer.step if trainer is not None else None), file=sys.stderr, flush=True)
         return 130
@@ -130,6 +138,24 @@ def _interrupted_line(out: Path, step: int | None) -> str:
     resume = (f"rerun the same command to resume from {done[-1]}" if done else
               "no checkpoint was written yet, so a rerun starts from step 0")
     return f"moe train: interrupted {where}; {resume}"
+
+
+def _train_cluster(run: RunConfig, args: argparse.Namespace) -> int:
+    """`moe train --workers N`: a Ray Train job (cluster/job.py); failures print one line."""
+    from cluster.job import ClusterTrainingError, run_cluster_train
+    try:
+        summary = run_cluster_train(run, args)
+    except ClusterTrainingError as e:
+        print(f"moe train: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("moe train: interrupted; rerun the same command (same --storage and --name) to resume from the "
+              "run's newest checkpoint", file=sys.stderr, flush=True)
+        return 130
+    ev = summary.get("last_eval") or {}
+    print(f"[moe] done at step {summary['step']}: val_loss {ev.get('val_loss', float('nan')):.4f}; checkpoints and "
+          f"metrics.jsonl in {summary['run_dir']}", flush=True)
+    return 0
 
 
 def _add_eval(sub) -> None:

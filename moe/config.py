@@ -186,7 +186,7 @@ class TrainConfig:
     max_steps: int = 600
     """Optimizer steps."""
     batch_size: int = 8
-    """Sequences per micro-batch."""
+    """Sequences per micro-batch, over all workers (each of W cluster workers takes batch_size / W)."""
     seq_len: int = 128
     """Tokens per sequence."""
     grad_accum: int = 1
@@ -221,6 +221,8 @@ class TrainConfig:
     """bf16 autocast on CUDA (ignored on CPU)."""
     threads: int = 0
     """torch intra-op threads on CPU; 0 = torch's default."""
+    activation_checkpointing: str = "none"
+    """'none'; 'full': recompute each block in backward; 'selective': recompute only attention."""
 
     def __post_init__(self) -> None:
         _check_types(self)
@@ -240,6 +242,8 @@ class TrainConfig:
             _check(0 <= getattr(self, name) < 1, f"{name}={getattr(self, name)} must be in [0, 1)")
         _check(bool(DEVICE_PATTERN.fullmatch(self.device)),
                f"device={self.device!r} is not one of auto, cpu, cuda, cuda:N, mps")
+        _check(self.activation_checkpointing in ("none", "full", "selective"),
+               f"activation_checkpointing={self.activation_checkpointing!r} must be 'none', 'full' or 'selective'")
 
 
 @dataclass(kw_only=True)

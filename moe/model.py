@@ -9,11 +9,14 @@ before attention runs, so an inference engine knows the layer's experts while at
 """
 from __future__ import annotations
 
+import contextlib
+import zlib
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 from moe.config import ModelConfig
 from moe.experts import SwiGLUMLP
@@ -203,12 +206,21 @@ class Block(nn.Module):
         B, S, D = h_BSD.shape
         a_BSD = self.attn_norm(h_BSD)
         routing = self.ffn.route(a_BSD.reshape(B * S, D)) if self.pre_attention_router else None
-        h_BSD = h_BSD + self.attn(a_BSD, cos, sin, cache, self.layer, batch)
+        h_BSD = h_BSD + self._attend(a_BSD, cos, sin, cache, batch)
         f_TD = self.ffn_norm(h_BSD).reshape(B * S, D)
         if not self.is_moe:
             return h_BSD + self.ffn(f_TD).view(B, S, D), None
         y_TD, routing = self.ffn(f_TD, routing)
         return h_BSD + y_TD.view(B, S, D), routing
+
+    checkpoint_attention = False
+    """Selective activation checkpointing: recompute attention in backward (set by MoETransformer)."""
+
+    def _attend(self, a_BSD: torch.Tensor, cos, sin, cache: KVCache | None, batch) -> torch.Tensor:
+        if self.checkpoint_attention and cache is None and batch is None and self.training \
+                and torch.is_grad_enabled():
+            return checkpoint(self.attn, a_BSD, cos, sin, use_reentrant=False, context_fn=_recompute_contexts)
+        return self.attn(a_BSD, cos, sin, cache, self.layer, batch)
 
 
 @dataclass
@@ -235,6 +247,14 @@ class MoETransformer(nn.Module):
         cos, sin = rotary_tables(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
+
+    activation_checkpointing = "none"
+    """'none' | 'full' | 'selective' (TrainConfig.activation_checkpointing; set by the Trainer)."""
+
+    def set_activation_checkpointing(self, mode: str) -> None:
+        self.activation_checkpointing = mode
+        for b in self.blocks:
+            b.checkpoint_attention = mode == "selective"
 
     def moe_layers(self) -> list[MoELayer]:
         return [b.ffn for b in self.blocks if b.is_moe]
@@ -279,8 +299,13 @@ class MoETransformer(nn.Module):
 
     def _run_blocks(self, h, cos, sin, cache, batch, last_only: bool = False) -> ModelOutput:
         routing: list[RouterOutput] = []
+        full_ckpt = self.activation_checkpointing == "full" and cache is None and batch is None and self.training \
+            and torch.is_grad_enabled()
         for block in self.blocks:
-            h, r = block(h, cos, sin, cache, batch)
+            if full_ckpt:  # recompute the whole block (routing included) in backward
+                h, r = checkpoint(block, h, cos, sin, use_reentrant=False, context_fn=_recompute_contexts)
+            else:
+                h, r = block(h, cos, sin, cache, batch)
             if r is not None:
                 routing.append(r)
         if last_only:
@@ -370,3 +395,89 @@ def sample_next(logits_BV: torch.Tensor, temperature: float, top_k: int | None,
         kth = logits_BV.topk(min(top_k, logits_BV.shape[-1]), dim=-1).values[:, -1:]
         logits_BV = logits_BV.masked_fill(logits_BV < kth, float("-inf"))
     return torch.multinomial(logits_BV.softmax(-1), 1, generator=generator).squeeze(-1)
+
+
+# ---------------------------------------------------------------------- activation checkpointing
+_recompute_depth = 0
+
+
+@contextlib.contextmanager
+def _recomputing():
+    global _recompute_depth
+    _recompute_depth += 1
+    try:
+        yield
+    finally:
+        _recompute_depth -= 1
+
+
+def _recompute_contexts():
+    """torch.utils.checkpoint context_fn: plain forward, then a recompute that is_recomputing() sees."""
+    return contextlib.nullcontext(), _recomputing()
+
+
+def is_recomputing() -> bool:
+    """True while activation checkpointing recomputes a forward in backward: code with side effects
+    (load counters) must not count it again. Routing counts are safe: BalanceTracker only sees the
+    first forward's RouterOutput, so the exact global-batch counts never include a recompute."""
+    return _recompute_depth > 0
+
+
+# ---------------------------------------------------------------------- layout-free initialisation
+def init_model(cfg: ModelConfig, *, seed: int, device: str | torch.device = "cpu",
+               expert_rows: slice | None = None) -> MoETransformer:
+    """A model whose initial weights depend only on (seed, parameter name) and, for routed experts,
+    on (seed, layer, expert): built on the meta device, then only what this process keeps is
+    materialised. expert_rows: keep only these experts of every MoE layer (an expert-parallel
+    rank's shard); their weights equal the same rows of the full model's, bit for bit.
+    """
+    with torch.device("meta"):
+        model = MoETransformer(cfg)
+        if expert_rows is not None:
+            from moe.experts import ExpertBank
+            for layer in model.moe_layers():
+                full = layer.experts
+                layer.experts = ExpertBank(expert_rows.stop - expert_rows.start, full.d_model, full.d_expert,
+                                           expert_offset=expert_rows.start)
+    model.to_empty(device=device)
+    out_std = out_proj_std(cfg.init_std, cfg.n_layers)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            _init_param(model, name, p, seed, cfg.init_std, out_std)
+        for name, b in model.named_buffers():
+            if name.endswith("bias_E"):
+                b.zero_()
+        model.rope_cos, model.rope_sin = (t.to(device) for t in rotary_tables(cfg.head_dim, cfg.max_seq_len,
+                                                                              cfg.rope_theta))
+    return model
+
+
+_OUT_PROJ = ("attn.wo.weight", ".w2.weight", "experts.w2_EFD")
+
+
+def _init_param(model: MoETransformer, name: str, p: torch.Tensor, seed: int, std: float, out_std: float) -> None:
+    """The same distributions as the constructors (normal, zeros for biases, ones for norms),
+    drawn on the CPU from a generator seeded by the name (or the expert), then copied over."""
+    leaf = name.rsplit(".", 1)[-1]
+    if "norm" in name.rsplit(".", 2)[-2] or leaf == "bias":
+        p.fill_(1.0 if leaf == "weight" else 0.0)
+        return
+    s = out_std if any(k in name for k in _OUT_PROJ) else std
+    if "experts." in name and name.endswith(("w13_EDF2", "w2_EFD")):
+        layer = int(name.split(".")[1])
+        bank = model.blocks[layer].ffn.experts
+        for i in range(p.shape[0]):
+            e = bank.expert_offset + i
+            g = torch.Generator().manual_seed(_mix(seed, layer, e, 1 if name.endswith("w2_EFD") else 0))
+            p[i].copy_(torch.randn(p.shape[1:], generator=g) * s)
+        return
+    g = torch.Generator().manual_seed(_mix(seed, zlib.crc32(name.encode())))
+    p.copy_(torch.randn(p.shape, generator=g) * s)
+
+
+def _mix(*xs: int) -> int:
+    """FNV-style mix of small integers into a 61-bit seed."""
+    h = 1469598103934665603
+    for x in xs:
+        h = ((h ^ (x & 0xFFFFFFFFFFFF)) * 1099511628211) % (1 << 61)
+    return h

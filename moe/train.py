@@ -1,4 +1,4 @@
-"""Trainer: the Python training API.
+"""Trainer: the Python training API, and the one training loop every layout runs.
 
     from moe import Trainer, get_preset
     trainer = Trainer(get_preset("tiny"), out_dir="runs/tiny")
@@ -8,37 +8,35 @@ One optimizer step = `grad_accum` micro-batches. Per micro-batch the loss is
     cross-entropy + balance_coef * LBL + z_loss_coef * z-loss      (divided by grad_accum)
 with LBL's f_i formed as documented in moe/router.py. Data batches depend only on (seed, step,
 micro-batch), so resuming from a checkpoint continues exactly like an uninterrupted run.
+
+The step and the fit loop below are the same for one process and for an expert-parallel rank;
+what differs is a plan object: LocalPlan here, cluster.plan.EPPlan for a rank of a Ray Train job.
+A plan builds this process's part of the model, picks its rows of each batch, synchronises and
+clips gradients, reduces metrics, saves and resumes checkpoints, and says who logs.
 """
 from __future__ import annotations
 
-import contextlib
+import dataclasses
 import json
 import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Protocol
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from moe.checkpoint import Checkpoint, CheckpointError, latest_checkpoint, resume_check, save_checkpoint
+from moe.checkpoint import Checkpoint, latest_checkpoint, resume_check, save_checkpoint
 from moe.config import RunConfig, TrainConfig
 from moe.data import Corpus, load_corpus
-from moe.model import MoETransformer
-from moe.router import BalanceTracker
+from moe.device import autocast_ctx, resolve_device
+from moe.model import MoETransformer, init_model
+from moe.modelio import (load_model, load_model_state, load_optimizer_tensors, optimizer_tensors,
+                         resolve_checkpoint)
+from moe.router import BalanceTracker, CountReducer
 from moe.stats import balance_metrics, plot_expert_load
-
-
-def resolve_device(name: str | torch.device | None) -> torch.device:
-    """'auto' or None: CUDA when available, else the CPU; anything else must exist here."""
-    if name is None or name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(name)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device={name!r} but CUDA is not available here; use --device cpu")
-    return dev
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
@@ -62,12 +60,6 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=1e-8)
 
 
-def autocast_ctx(device: torch.device, enabled: bool):
-    if device.type == "cuda" and enabled:
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
-
-
 @dataclass
 class MicroLoss:
     """`total` carries the graph; the parts are detached 0-d tensors (no host sync per micro-batch)."""
@@ -78,9 +70,10 @@ class MicroLoss:
 
 
 def micro_batch_loss(model: MoETransformer, x_BS: torch.Tensor, y_BS: torch.Tensor, tracker: BalanceTracker,
-                     scale: float = 1.0) -> MicroLoss:
-    """Forward one micro-batch; `total` is ready for backward (already multiplied by scale)."""
-    out = model(x_BS)
+                     scale: float = 1.0, out=None) -> MicroLoss:
+    """Forward one micro-batch (unless `out` holds its forward already); `total` is ready for
+    backward (already multiplied by scale)."""
+    out = model(x_BS) if out is None else out
     ce = F.cross_entropy(out.logits.reshape(-1, out.logits.shape[-1]), y_BS.reshape(-1))
     lbl, z = tracker.losses(out.routing)
     m = model.cfg.moe
@@ -98,19 +91,29 @@ def routing_counts(model: MoETransformer, batches: list[torch.Tensor]) -> torch.
     return counts
 
 
+def balance_tracker(run: RunConfig, world: int, reduce: CountReducer | None = None) -> BalanceTracker:
+    """The step's BalanceTracker. With one micro-batch on one rank the exact global batch IS the
+    micro-batch, so the routing pre-pass is skipped: micro-batch balancing gives the same counts
+    (the same forward under the same weights), bit for bit, at no extra forward."""
+    moe = run.model.moe
+    if world == 1 and run.train.grad_accum == 1 and moe.balance_scope == "global_batch":
+        moe = dataclasses.replace(moe, balance_scope="micro_batch")
+    return BalanceTracker(moe, run.model.num_moe_layers, reduce=reduce)
+
+
 @torch.no_grad()
 def validation_pass(model: MoETransformer, corpus: Corpus, cfg: TrainConfig, device: torch.device,
                     batches: int | None = None, *, rank: int = 0, world: int = 1
                     ) -> tuple[float, torch.Tensor | None]:
-    """Mean cross-entropy over the fixed validation batches (this rank's rows) and the [L, E]
-    expert counts they routed (on device; None for a model without MoE layers)."""
+    """Mean cross-entropy over the fixed validation batches (this rank's batch_size // world rows of
+    each) and the [L, E] expert counts they routed (on device; None for a model without MoE layers)."""
     model.eval()
     n = batches or cfg.eval_batches
     total, counts = 0.0, None
     with autocast_ctx(device, cfg.autocast_bf16):
         for i in range(n):
-            x, y = (t.to(device) for t in corpus.batch("val", i, cfg.batch_size, cfg.seq_len, seed=cfg.seed,
-                                                       rank=rank, world=world))
+            x, y = (t.to(device) for t in corpus.batch("val", i, cfg.batch_size // world, cfg.seq_len,
+                                                       seed=cfg.seed, rank=rank, world=world))
             out = model(x)
             total += float(F.cross_entropy(out.logits.reshape(-1, out.logits.shape[-1]), y.reshape(-1)))
             if out.routing:
@@ -133,59 +136,126 @@ def eval_report(step: int, loss: float, counts_LE: torch.Tensor | None, plots_di
     return res
 
 
-def optimizer_tensors(model: nn.Module, opt: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
-    """AdamW state keyed by parameter name: optim/<name>/exp_avg, .../exp_avg_sq, .../step."""
-    names = {id(p): n for n, p in model.named_parameters()}
-    out = {}
-    for p, st in opt.state.items():
-        for k, v in st.items():
-            t = v if torch.is_tensor(v) else torch.tensor(float(v))
-            out[f"optim/{names[id(p)]}/{k}"] = t
-    return out
+class TrainPlan(Protocol):
+    """What differs between one process and one rank of an expert-parallel job (see module docstring)."""
+
+    rank: int
+    world: int
+    is_root: bool
+    """Logs, writes metrics and plots."""
+
+    def build_model(self, run: RunConfig, device: torch.device) -> MoETransformer: ...
+    def count_reducer(self) -> CountReducer | None: ...
+    def batches(self, corpus: Corpus, cfg: TrainConfig, step: int, device: torch.device) -> list: ...
+    def sync_and_clip(self, model: MoETransformer, max_norm: float) -> float: ...
+    def reduce_metrics(self, parts: list[MicroLoss], model: MoETransformer) -> dict[str, Any]: ...
+    def reduce_eval(self, loss: float, counts_LE: torch.Tensor | None) -> tuple[float, torch.Tensor | None]: ...
+    def save(self, trainer: "Trainer") -> str: ...
+    def resume(self, trainer: "Trainer") -> str | None: ...
+    def write_metrics(self, rec: dict[str, Any]) -> None: ...
+    def after_init(self, trainer: "Trainer") -> None: ...
+    def before_step(self, trainer: "Trainer") -> None: ...
+    def after_optimizer_step(self, trainer: "Trainer") -> None: ...
+    def before_backward(self, trainer: "Trainer", last: bool) -> None: ...
 
 
-def load_optimizer_tensors(model: nn.Module, opt: torch.optim.Optimizer,
-                           get: Callable[[str, nn.Parameter], torch.Tensor | None]) -> None:
-    """Restore AdamW state; get(key, param) returns the stored tensor (sliced for this rank) or None."""
-    for name, p in model.named_parameters():
-        state = {}
-        for k in ("exp_avg", "exp_avg_sq", "step"):
-            t = get(f"optim/{name}/{k}", p)
-            if t is not None:
-                state[k] = t.to(p.device) if k != "step" else t.float().cpu()
-        if state:
-            opt.state[p] = state
+class LocalPlan:
+    """One process holds the whole model; checkpoints go to out_dir/checkpoints."""
+
+    rank, world, is_root = 0, 1, True
+
+    def __init__(self, out_dir: Path):
+        self.out_dir = out_dir
+
+    def build_model(self, run: RunConfig, device: torch.device) -> MoETransformer:
+        return init_model(run.model, seed=run.train.seed, device=device)
+
+    def count_reducer(self) -> CountReducer | None:
+        return None
+
+    def batches(self, corpus: Corpus, cfg: TrainConfig, step: int, device: torch.device) -> list:
+        return [tuple(t.to(device) for t in corpus.batch("train", step, cfg.batch_size, cfg.seq_len, seed=cfg.seed,
+                                                          micro=m)) for m in range(cfg.grad_accum)]
+
+    def sync_and_clip(self, model: MoETransformer, max_norm: float) -> float:
+        return float(torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm))  # host sync: logged metric
+
+    def reduce_metrics(self, parts: list[MicroLoss], model: MoETransformer) -> dict[str, Any]:
+        # host sync: one transfer of the step's loss parts, for logging
+        ce, bal, z = torch.stack([torch.stack([p.ce, p.balance, p.z]) for p in parts]).mean(0).tolist()
+        return {"loss": ce, "balance_loss": bal, "z_loss": z, "drop_rate": _mean_drop_rate(model)}
+
+    def reduce_eval(self, loss: float, counts_LE: torch.Tensor | None) -> tuple[float, torch.Tensor | None]:
+        return loss, counts_LE
+
+    def save(self, trainer: "Trainer") -> str:
+        state = {"step": trainer.step, "tokens_seen": trainer.tokens_seen}
+        return str(save_checkpoint(trainer.ckpt_root, trainer.step, trainer.state_tensors(), trainer.run.to_dict(),
+                                   state, keep=trainer.cfg.keep_checkpoints))
+
+    def resume(self, trainer: "Trainer") -> str | None:
+        # integrity: skips corrupted checkpoints (reason printed), refuses another run's (ResumeMismatch)
+        params = [n for n, p in trainer.model.named_parameters() if p.requires_grad]
+        last = latest_checkpoint(trainer.ckpt_root, check=resume_check(trainer.run.to_dict(), params))
+        if last is None:
+            return None
+        trainer.load(Checkpoint(last))
+        return str(last)
+
+    def after_init(self, trainer: "Trainer") -> None:
+        pass
+
+    def before_step(self, trainer: "Trainer") -> None:
+        pass
+
+    def after_optimizer_step(self, trainer: "Trainer") -> None:
+        pass
+
+    def before_backward(self, trainer: "Trainer", last: bool) -> None:
+        pass
+
+    def write_metrics(self, rec: dict[str, Any]) -> None:
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        with open(self.out_dir / "metrics.jsonl", "a") as fh:
+            fh.write(json.dumps(rec) + "\n")
 
 
 class Trainer:
-    """Single-process MoE language-model training. See module docstring."""
+    """MoE language-model training: one process (LocalPlan) or one expert-parallel rank (a plan
+    from cluster/). See module docstring."""
 
     def __init__(self, run: RunConfig, *, out_dir: str | Path | None = None, data: str | Path | None = None,
-                 corpus: Corpus | None = None, progress: bool = True, plots: bool = True):
+                 corpus: Corpus | None = None, progress: bool = True, plots: bool = True,
+                 plan: TrainPlan | None = None):
         self.run, self.cfg, self.mcfg = run, run.train, run.model
         self.out_dir = Path(out_dir) if out_dir is not None else Path("runs") / run.name
+        self.plan = plan if plan is not None else LocalPlan(self.out_dir)
         self.device = resolve_device(self.cfg.device)
         if self.cfg.threads > 0:
             torch.set_num_threads(self.cfg.threads)
-        self.corpus = corpus or load_corpus(data, vocab_size=self.mcfg.vocab_size)
         if self.cfg.seq_len > self.mcfg.max_seq_len:
             raise ValueError(f"seq_len={self.cfg.seq_len} exceeds the model's max_seq_len={self.mcfg.max_seq_len}; "
                              f"lower seq_len or raise max_seq_len")
-        torch.manual_seed(self.cfg.seed)
-        self.model = MoETransformer(self.mcfg).to(self.device)
+        if self.cfg.batch_size % self.plan.world:
+            raise ValueError(f"batch_size={self.cfg.batch_size} (the global batch) is not divisible by "
+                             f"{self.plan.world} workers; use a multiple of {self.plan.world}")
+        self.corpus = corpus or load_corpus(data, vocab_size=self.mcfg.vocab_size)
+        self.model = self.plan.build_model(run, self.device)
+        self.model.set_activation_checkpointing(self.cfg.activation_checkpointing)
         self.opt = build_optimizer(self.model, self.cfg)
-        self.tracker = BalanceTracker(self.mcfg.moe, self.mcfg.num_moe_layers)
+        self.plan.after_init(self)
+        self.tracker = balance_tracker(run, self.plan.world, self.plan.count_reducer())
         self.step = 0
         self.tokens_seen = 0
-        self.progress, self.plots = progress, plots
+        self.progress, self.plots = progress and self.plan.is_root, plots and self.plan.is_root
         self.history: list[dict[str, Any]] = []
 
     # ------------------------------------------------------------------ construction helpers
     @classmethod
     def from_checkpoint(cls, path: str | Path, *, train_overrides: dict[str, Any] | None = None,
                         **kw) -> "Trainer":
-        """A trainer whose config, weights and optimizer come from a checkpoint (or a run dir)."""
-        ck = Checkpoint(_resolve_ckpt(path))
+        """A trainer whose config, weights and optimizer come from a checkpoint (or a run dir, or a URI)."""
+        ck = Checkpoint(resolve_checkpoint(path))
         d = ck.manifest.config
         if train_overrides:
             d = {**d, "train": {**d["train"], **train_overrides}}
@@ -203,66 +273,94 @@ class Trainer:
 
     # ------------------------------------------------------------------ training
     def batches(self, step: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        c = self.cfg
-        return [tuple(t.to(self.device) for t in self.corpus.batch("train", step, c.batch_size, c.seq_len,
-                                                                    seed=c.seed, micro=m))
-                for m in range(c.grad_accum)]
+        """This process's rows of the step's micro-batches."""
+        return self.plan.batches(self.corpus, self.cfg, step, self.device)
 
-    def train_step(self) -> dict[str, Any]:
-        """One optimizer step over grad_accum micro-batches; returns its metrics."""
+    fuse_prepass = True
+    """With exact global balance and ONE micro-batch per step, the forward that keeps the graph is its
+    own pre-pass: its counts are reduced before the loss is formed (no second forward)."""
+
+    def forward_backward(self, micro: list[tuple[torch.Tensor, torch.Tensor]]) -> list[MicroLoss]:
+        """Balance pre-pass (when exact global counts need it), then forward + backward per
+        micro-batch; gradients are left unsynchronised in .grad."""
         c, model = self.cfg, self.model
         model.train()
-        lr = lr_at(self.step, c)
-        for g in self.opt.param_groups:
-            g["lr"] = lr
-        micro = self.batches(self.step)
+        if self.tracker.needs_prepass and len(micro) == 1 and self.fuse_prepass:
+            return [self._fused_step(*micro[0])]
         with autocast_ctx(self.device, c.autocast_bf16):
             pre = routing_counts(model, [x for x, _ in micro]) if self.tracker.needs_prepass else None
             self.tracker.begin_step(pre)
+            self._reset_load_counters()
             parts = []
-            for x, y in micro:
+            for i, (x, y) in enumerate(micro):
                 ml = micro_batch_loss(model, x, y, self.tracker, 1.0 / c.grad_accum)
+                self.plan.before_backward(self, last=i == len(micro) - 1)
                 ml.total.backward()
                 parts.append(ml)
-        gnorm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), c.grad_clip if c.grad_clip > 0 else 1e30))
+        return parts
+
+    def _fused_step(self, x: torch.Tensor, y: torch.Tensor) -> MicroLoss:
+        """One micro-batch, exact global counts from its own forward: the same numbers as a no-grad
+        pre-pass (same weights, same routing) for one forward less."""
+        self._reset_load_counters()
+        with autocast_ctx(self.device, self.cfg.autocast_bf16):
+            out = self.model(x)
+            self.tracker.begin_step(torch.stack([r.counts_E for r in out.routing]))
+            ml = micro_batch_loss(self.model, x, y, self.tracker, 1.0, out=out)
+            self.plan.before_backward(self, last=True)
+            ml.total.backward()
+        return ml
+
+    def _reset_load_counters(self) -> None:
+        for layer in self.model.moe_layers():  # load reporting counts the gradient pass, not the pre-pass
+            if hasattr(layer.dispatcher, "rows_received"):
+                layer.dispatcher.rows_received = 0
+
+    def train_step(self) -> dict[str, Any]:
+        """One optimizer step over grad_accum micro-batches; returns its metrics."""
+        c, model, t0 = self.cfg, self.model, time.perf_counter()
+        lr = lr_at(self.step, c)
+        for g in self.opt.param_groups:
+            g["lr"] = lr
+        parts = self.forward_backward(self.batches(self.step))
+        gnorm = self.plan.sync_and_clip(model, c.grad_clip if c.grad_clip > 0 else 1e30)
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
+        self.plan.after_optimizer_step(self)
         counts_LE = self.tracker.end_step()
         for layer, counts_E in zip(model.moe_layers(), counts_LE if counts_LE is not None else []):
             layer.router.update_bias(counts_E)
         self.step += 1
         self.tokens_seen += c.grad_accum * c.batch_size * c.seq_len
-        # host sync: one transfer of the step's loss parts, for logging
-        ce, bal, z = torch.stack([torch.stack([p.ce, p.balance, p.z]) for p in parts]).mean(0).tolist()
-        return {"step": self.step, "loss": ce, "balance_loss": bal, "z_loss": z, "lr": lr, "grad_norm": gnorm,
-                "drop_rate": _mean_drop_rate(model), "counts": counts_LE}
+        return {"step": self.step, **self.plan.reduce_metrics(parts, model), "lr": lr, "grad_norm": gnorm,
+                "t_step": time.perf_counter() - t0, "counts": counts_LE}
 
     def fit(self, *, resume: bool = True, until_step: int | None = None) -> dict[str, Any]:
         """Train to max_steps (or until_step), resuming from the newest valid checkpoint if any."""
         c = self.cfg
-        self.out_dir.mkdir(parents=True, exist_ok=True)
+        local_root = self.plan.is_root and self.plan.world == 1
+        if local_root:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
         if resume and self.step == 0:
-            # integrity: skips corrupted checkpoints (reason printed), refuses another run's (ResumeMismatch)
-            params = [n for n, p in self.model.named_parameters() if p.requires_grad]
-            last = latest_checkpoint(self.ckpt_root, check=resume_check(self.run.to_dict(), params))
-            if last is not None:
-                self.load(Checkpoint(last))
-                self._log({"event": "resumed", "step": self.step, "checkpoint": str(last)})
-        (self.out_dir / "config.json").write_text(json.dumps(self.run.to_dict(), indent=2))
+            where = self.plan.resume(self)
+            if where is not None:
+                self._log({"event": "resumed", "step": self.step, "checkpoint": where})
+        if local_root:  # after the resume decision: a refused resume leaves the run's config.json as it was
+            (self.out_dir / "config.json").write_text(json.dumps(self.run.to_dict(), indent=2))
         end = min(c.max_steps, until_step if until_step is not None else c.max_steps)
-        bar = _progress(self.step, end, self.progress)
-        t0, tok0 = time.perf_counter(), self.tokens_seen
-        last_eval = None
+        bar = _progress(self.step, end, self.progress) if self.plan.is_root else _QuietBar()
+        t0, tok0, last_eval, m = time.perf_counter(), self.tokens_seen, None, {}
         while self.step < end:
+            self.plan.before_step(self)
             m = self.train_step()
             counts = m.pop("counts")
-            dt = time.perf_counter() - t0
-            m["tokens_per_s"] = (self.tokens_seen - tok0) / max(dt, 1e-9)
+            m["tokens_per_s"] = (self.tokens_seen - tok0) / max(time.perf_counter() - t0, 1e-9)
             bar.update(1)
             bar.set_postfix(loss=f"{m['loss']:.3f}", tok_s=f"{m['tokens_per_s']:.0f}")
             if self.step % c.log_interval == 0 or self.step == end:
                 if counts is not None:
                     m.update({k: v for k, v in balance_metrics(counts).items() if not k.startswith("per_layer")})
+                    m["expert_load"] = [int(v) for v in counts.sum(dim=0).tolist()]
                 self._log(m)
             if self.step % c.eval_interval == 0 or self.step == c.max_steps:
                 last_eval = self.evaluate()
@@ -274,14 +372,18 @@ class Trainer:
         bar.close()
         if last_eval is None:  # nothing left to train (a finished run resumed): still report where it stands
             last_eval = self.evaluate()
-        return {"step": self.step, "tokens_seen": self.tokens_seen, "last_eval": last_eval,
-                "out_dir": str(self.out_dir)}
+        return {"step": self.step, "tokens_seen": self.tokens_seen, "last_eval": last_eval, "final_loss": m.get("loss"),
+                "out_dir": str(self.out_dir), "history": self.history}
 
     # ------------------------------------------------------------------ evaluation
     @torch.no_grad()
     def evaluate(self, batches: int | None = None) -> dict[str, Any]:
-        """Validation loss / perplexity on fixed batches, expert load and balance metrics, heatmap."""
-        loss, counts = validation_pass(self.model, self.corpus, self.cfg, self.device, batches)
+        """Validation loss / perplexity on fixed batches of the global batch size (so the same
+        checkpoint evaluates the same at any layout), expert load and balance metrics, heatmap."""
+        p = self.plan
+        loss, counts = validation_pass(self.model, self.corpus, self.cfg, self.device, batches,
+                                       rank=p.rank, world=p.world)
+        loss, counts = p.reduce_eval(loss, counts)
         return eval_report(self.step, loss, None if counts is None else counts.cpu(),
                            self.out_dir / "plots" if self.plots else None, self.run.name)
 
@@ -295,62 +397,26 @@ class Trainer:
         t.update(optimizer_tensors(self.model, self.opt))
         return t
 
-    def save(self) -> Path:
-        state = {"step": self.step, "tokens_seen": self.tokens_seen}
-        return save_checkpoint(self.ckpt_root, self.step, self.state_tensors(), self.run.to_dict(), state,
-                               keep=self.cfg.keep_checkpoints)
+    def save(self) -> str:
+        return self.plan.save(self)
 
     def load(self, ck: Checkpoint) -> None:
+        """Weights and AdamW state of a checkpoint written at any layout (local plan: all of it)."""
         load_model_state(self.model, ck)
         load_optimizer_tensors(self.model, self.opt,
                                lambda k, p: ck.tensor(k) if k in ck.manifest.tensors else None)
+        self.restore_counters(ck)
+
+    def restore_counters(self, ck: Checkpoint) -> None:
         self.step = int(ck.manifest.train_state["step"])
         self.tokens_seen = int(ck.manifest.train_state.get("tokens_seen", 0))
 
     def _log(self, rec: dict[str, Any]) -> None:
+        if not self.plan.is_root:
+            return
         rec = {k: v for k, v in rec.items() if not torch.is_tensor(v)}
         self.history.append(rec)
-        with open(self.out_dir / "metrics.jsonl", "a") as fh:
-            fh.write(json.dumps(rec) + "\n")
-
-
-def load_model_state(model: nn.Module, ck: Checkpoint, rows_for: Callable[[str], slice | None] | None = None) -> None:
-    """Copy model/<name> tensors into model; rows_for(name) selects a row slice (expert parallel)."""
-    sd = model.state_dict()
-    missing = [k for k in sd if f"model/{k}" not in ck.manifest.tensors]
-    if missing:
-        raise CheckpointError(f"checkpoint {ck.path} lacks model tensors {missing[:5]}{'...' if len(missing) > 5 else ''}; "
-                              f"it was written for a different model config")
-    new = {}
-    for k, v in sd.items():
-        rows = rows_for(k) if rows_for else None
-        t = ck.tensor(f"model/{k}", rows)
-        if t.shape != v.shape:
-            raise CheckpointError(f"checkpoint {ck.path}: {k} has shape {tuple(t.shape)}, the model expects "
-                                  f"{tuple(v.shape)}")
-        new[k] = t
-    model.load_state_dict(new)
-
-
-def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[MoETransformer, RunConfig, Checkpoint]:
-    """A model from a checkpoint dir or a run dir (its newest valid checkpoint)."""
-    ck = Checkpoint(_resolve_ckpt(path))
-    run = RunConfig.from_dict(ck.manifest.config, source=str(ck.path))
-    model = MoETransformer(run.model)
-    load_model_state(model, ck)
-    return model.to(device).eval(), run, ck
-
-
-def _resolve_ckpt(path: str | Path) -> Path:
-    p = Path(path)
-    if (p / "manifest.msgpack").exists():
-        return p
-    for root in (p / "checkpoints", p):
-        last = latest_checkpoint(root)
-        if last is not None:
-            return last
-    raise CheckpointError(f"no valid checkpoint under {p}; pass a run directory written by `moe train` "
-                          f"or a checkpoints/step_NNNNNNNN directory")
+        self.plan.write_metrics(rec)
 
 
 def _mean_drop_rate(model: MoETransformer) -> float:
@@ -366,6 +432,10 @@ class _NullBar:
     def close(self): pass
 
 
+class _QuietBar(_NullBar):
+    def write(self, s): pass
+
+
 def _progress(start: int, end: int, enabled: bool):
     if not enabled:
         return _NullBar()
@@ -373,5 +443,7 @@ def _progress(start: int, end: int, enabled: bool):
     return tqdm(total=end, initial=start, desc="train", unit="step", dynamic_ncols=True, mininterval=1.0)
 
 
-__all__ = ["Trainer", "micro_batch_loss", "routing_counts", "validation_pass", "eval_report", "build_optimizer", "lr_at", "load_model",
-           "load_model_state", "optimizer_tensors", "load_optimizer_tensors", "resolve_device"]
+# Moved to moe/modelio.py and moe/device.py; kept importable from here for existing callers.
+__all__ = ["Trainer", "LocalPlan", "TrainPlan", "micro_batch_loss", "routing_counts", "validation_pass",
+           "eval_report", "build_optimizer", "lr_at", "balance_tracker", "load_model", "load_model_state",
+           "optimizer_tensors", "load_optimizer_tensors", "resolve_device", "autocast_ctx"]

@@ -57,3 +57,14 @@ def test_import_moe_without_optional_extras():
     assert r.returncode == 0, r.stderr
     assert "reference" in r.stdout
     assert "pip install 'moe-runtime[ray]'" in r.stdout
+
+
+def test_train_has_every_cluster_flag_and_refuses_out_with_workers(capsys):
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    text = capsys.readouterr().out
+    for flag in ("--workers", "--ep", "--storage", "--max-failures", "--collective-timeout", "--cpus-per-worker",
+                 "--offload-experts", "--ray-address", "--activation-checkpointing", "--overlap-grad-sync"):
+        assert flag in text, flag
+    assert main(["train", "--workers", "2", "--out", "runs/x"]) == 2
+    assert "--out runs/x is for one-process runs; with --workers pass --storage" in capsys.readouterr().err

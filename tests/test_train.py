@@ -101,3 +101,41 @@ def test_fit_on_a_finished_run_still_reports_its_evaluation(tmp_path):
     first = Trainer(run, out_dir=tmp_path, corpus=corpus(), progress=False, plots=False).fit()
     again = Trainer(run, out_dir=tmp_path, corpus=corpus(), progress=False, plots=False).fit()
     assert again["step"] == 2 and again["last_eval"]["val_loss"] == pytest.approx(first["last_eval"]["val_loss"])
+
+
+@pytest.mark.parametrize("mode", ["full", "selective"])
+def test_activation_checkpointing_keeps_losses_grads_and_counts(tmp_path, mode):
+    """Recomputing blocks (routing included) or attention in backward changes no loss, no gradient
+    and no expert count: the exact global-batch counts never include a recompute."""
+    def one_step(ac: str):
+        run = small_run(moe=small_moe(balance_scope="global_batch", global_sync="exact", balance_coef=0.1),
+                        activation_checkpointing=ac)
+        t = Trainer(run, out_dir=tmp_path / ac, corpus=corpus(), progress=False, plots=False)
+        parts = t.forward_backward(t.batches(0))
+        grads = {n: p.grad.clone() for n, p in t.model.named_parameters() if p.grad is not None}
+        return [float(p.total.detach()) for p in parts], grads, t.tracker.end_step()
+    l0, g0, c0 = one_step("none")
+    l1, g1, c1 = one_step(mode)
+    assert l0 == l1, (l0, l1)
+    assert torch.equal(c0, c1) and int(c1.sum()) == 2 * 2 * 2 * 16 * 2  # layers x micro x batch x seq x top_k
+    assert g0.keys() == g1.keys()
+    for n in g0:
+        assert torch.allclose(g0[n], g1[n], atol=1e-7, rtol=1e-6), f"{mode}: {n} max err {(g0[n] - g1[n]).abs().max()}"
+
+
+def test_exact_prepass_skipped_with_one_micro_batch_on_one_rank(tmp_path):
+    """One micro-batch on one rank: the exact global batch is the micro-batch, so the routing pre-pass
+    is skipped, and training is bit for bit what the pre-pass path gives."""
+    from moe.router import BalanceTracker
+    run = small_run(grad_accum=1, max_steps=2, moe=small_moe(balance_scope="global_batch", global_sync="exact"))
+    a = Trainer(run, out_dir=tmp_path / "a", corpus=corpus(), progress=False, plots=False)
+    assert not a.tracker.needs_prepass
+    b = Trainer(run, out_dir=tmp_path / "b", corpus=corpus(), progress=False, plots=False)
+    b.tracker = BalanceTracker(run.model.moe, run.model.num_moe_layers)  # the pre-pass path
+    assert b.tracker.needs_prepass
+    for _ in range(2):
+        ma, mb = a.train_step(), b.train_step()
+        assert ma["loss"] == mb["loss"] and ma["balance_loss"] == mb["balance_loss"]
+        assert torch.equal(ma["counts"], mb["counts"])
+    for (n, p), q in zip(a.model.named_parameters(), b.model.parameters()):
+        assert torch.equal(p, q), n
