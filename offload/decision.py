@@ -26,13 +26,15 @@ layer-lru (mixtral-offloading: LRU inside equal per-layer budgets); frequency (M
 """
 from __future__ import annotations
 
-import bisect
 from collections import deque
 from dataclasses import dataclass, field, fields
 from typing import Mapping
 
 from offload.cache import ExpertCache, Key
+import numpy as np
+
 from offload.cpu_experts import CostModel
+from offload.eviction import NEVER, SlotTable, UsageStats
 from offload.predictor import PredictionStats, RecencyGuard
 from offload.prefetch import PrefetchQueue
 
@@ -52,6 +54,8 @@ class Scheme:
     """Also consider the experts a layer used last pass as prefetch candidates."""
     frequency_candidates: bool = False
     """Also consider the next layer's most frequently activated experts (MoE-Infinity)."""
+    distances: tuple[int, ...] | None = None
+    """Prediction distances the scheme listens to (None: all)."""
 
 
 SCHEMES = {s.name: s for s in (
@@ -60,7 +64,7 @@ SCHEMES = {s.name: s for s in (
     Scheme(name="predictive", evict="next-use", prefetch="cost", recency_candidates=True),
     Scheme(name="belady", evict="belady", prefetch="none"),
     Scheme(name="belady-prefetch", evict="belady", prefetch="cost"),
-    Scheme(name="mixtral-offloading", evict="layer-lru", prefetch="always"),
+    Scheme(name="mixtral-offloading", evict="layer-lru", prefetch="always", distances=(1,)),
     Scheme(name="moe-infinity", evict="frequency", prefetch="always", frequency_candidates=True),
 )}
 
@@ -110,28 +114,6 @@ class Tally:
         return d
 
 
-class UsageStats:
-    """Per key: an EMA of "used at its layer's run" (lazy decay), and what each layer used last run."""
-
-    def __init__(self, num_layers: int, decay: float = 0.95):
-        self.decay = decay
-        self.runs = [0] * num_layers
-        self.ema: dict[Key, tuple[float, int]] = {}
-        self.last: list[set[int]] = [set() for _ in range(num_layers)]
-
-    def observe(self, m: int, used: list[int]) -> None:
-        self.runs[m] += 1
-        r = self.runs[m]
-        for e in used:
-            v, t = self.ema.get((m, e), (0.0, r))
-            self.ema[(m, e)] = (v * self.decay ** (r - t) * self.decay + (1 - self.decay), r)
-        self.last[m] = set(used)
-
-    def frequency(self, key: Key) -> float:
-        v, t = self.ema.get(key, (0.0, 0))
-        return v * self.decay ** (self.runs[key[0]] - t)
-
-
 class Planner:
     """Decides every copy, eviction and host run (see module docstring). `future` (simulator
     only, belady): key -> sorted positions pass * L + layer at which the key is used."""
@@ -146,11 +128,12 @@ class Planner:
         self.cpu_experts, self.stream_fraction = cpu_experts, stream_fraction
         self.copy_s, self.attn_s = cost.cal.copy_s, cost.cal.attn_s
         self.max_prefetch = max_prefetch_per_layer or cache.num_slots
-        self.future = future
         self.queue = PrefetchQueue(max_pending=num_layers * num_experts)
-        self.stats, self.guard, self.pred_stats = UsageStats(num_layers), RecencyGuard(), PredictionStats()
+        self.stats, self.guard, self.pred_stats = UsageStats(num_layers, num_experts), RecencyGuard(), PredictionStats()
+        self.table = SlotTable(cache.num_slots, num_layers, num_experts, future)
+        self._pred_LE = np.zeros((num_layers, num_experts))
+        """Calibrated P of each key the standing predictions name (0 elsewhere)."""
         self.pending_eval: dict[int, list[tuple[int, set[int]]]] = {}
-        self._pred_p: dict[Key, float] = {}
         self.hit_dist: dict[int, list[int]] = {}
         """distance -> [predicted and used, predicted]: the predictor's calibration."""
         self.t = Tally()
@@ -158,11 +141,13 @@ class Planner:
         self.now = self.link_free = self.stall_s = 0.0
         self.ready_at: dict[Key, float] = {}
         self.prefetched: set[Key] = set()
-        self.passes, self.pos = 0, 0
+        self.passes, self.pos, self._serving = 0, 0, 0
         self.layer_s = self.attn_s + 2 * cost.device_time(1)
         """EMA of modelled seconds per layer (to date a prediction's use)."""
-        self.demand_per_layer = 0.0
-        """EMA of demand copies per layer (the link time a prefetch would take from them)."""
+        self.demand_per_layer = self.copies_per_layer = 0.0
+        """EMAs of demand copies and of all copies per layer (the link's load)."""
+        self._copies = 0
+        self._mark = (0.0, 0)
 
     # ---------------------------------------------------------------- probabilities
     def p_predicted(self, d: int) -> float:
@@ -170,78 +155,50 @@ class Planner:
         tp, n = self.hit_dist.get(d, (0, 0))
         return (tp + 1) / (n + 2)
 
-    def p_recent(self) -> float:
-        """Calibrated P(a key its layer used last run is used again): the guard's measured precision."""
-        g = self.guard
-        return g.recency_ema if g.scored else 0.5
-
     def p_use(self, key: Key) -> float:
-        """P(key is used at its layer's next run): the best calibrated guess that names it."""
-        p = self.stats.frequency(key)
-        if key[1] in self.stats.last[key[0]]:
-            p = max(p, self.p_recent())
-        pred = self.queue.predicted.get(key)
-        if pred is not None:
-            p = max(p, self._pred_p.get(key, 0.0))
-        return p
+        """P(key is used at its layer's next run): its usage statistics, or its prediction if higher."""
+        return max(self.stats.p_use(key), float(self._pred_LE[key]))
+
+    def _here(self) -> int:
+        """Position of the next layer to run; while layer m serves, its keys are next needed a pass later."""
+        return self.passes * self.L + self.pos + self._serving
 
     def next_use(self, key: Key) -> float:
-        """Expected layers until key is next used (Belady's ordering, with probabilities)."""
-        if self.future is not None:
-            uses = self.future.get(key, [])
-            here = self.passes * self.L + self.pos
-            i = bisect.bisect_left(uses, here)
-            return uses[i] - here if i < len(uses) else INF
-        ahead = (key[0] - self.pos) % self.L
+        """Expected (or, with the future, true) layers until key is next used."""
+        here = self._here()
+        if self.table.future is not None:
+            nxt = self.table.next_pos_LE[key]
+            return float(nxt - here) if nxt < NEVER else INF
         p = self.p_use(key)
-        return INF if p <= 0 else ahead + self.L * (1.0 / p - 1.0)
+        return INF if p <= 0 else (key[0] - here) % self.L + self.L * (1.0 / p - 1.0)
 
     # ---------------------------------------------------------------- eviction
-    def _candidates(self) -> list[Key]:
-        c = self.cache
-        return [k for s, k in enumerate(c.owner) if k is not None and c.pins[s] == 0]
-
     def victim_slot(self, incoming: Key, *, prefetch: bool) -> int | None:
         """A free slot, else the eviction rule's victim; None when every slot is pinned or (prefetch)
         when every candidate is expected back sooner than `incoming`."""
-        c = self.cache
-        if c.num_slots >= self.L * self.E:  # everything fits: each key has a home slot, layers stay contiguous
+        if self.cache.num_slots >= self.L * self.E:  # everything fits: home slots keep layers contiguous
             return incoming[0] * self.E + incoming[1]
-        for s in range(c.num_slots):
-            if c.owner[s] is None and c.pins[s] == 0:
-                return s
-        cands = self._candidates()
-        if not cands:
-            return None
+        free = self.table.free_slot()
+        if free is not None:
+            return free
         rule = self.scheme.evict
-        if rule in ("lru", "lfu"):
-            v = c.policy.victim(cands, {})
-        elif rule == "layer-lru":
-            v = self._layer_lru(cands, incoming)
-        elif rule == "frequency":
-            v = min(cands, key=lambda k: (self.stats.frequency(k), -((k[0] - self.pos) % self.L)))
-        else:
-            v = max(cands, key=lambda k: (self.next_use(k), -c.policy.last_use.get(k, 0)))
-            if prefetch and self.next_use(v) <= self.next_use(incoming):
-                return None  # never evict an expert expected back sooner than the one coming in
-        if prefetch and rule in ("layer-lru", "frequency") and v in self.queue.predicted:
+        needs_p = rule in ("next-use", "frequency")
+        p_LE = np.maximum(self.stats.p_use_LE(), self._pred_LE) if needs_p else None
+        if rule == "frequency":
+            p_LE = self.stats.v * self.stats.decay ** (self.stats.runs[:, None] - self.stats.t)
+        found = self.table.victim(rule, incoming, self._here(), p_LE)
+        if found is None:
+            return None
+        slot, dist = found
+        if prefetch and rule in ("next-use", "belady") and dist <= self.next_use(incoming):
+            return None  # never evict an expert expected back sooner than the one coming in
+        if prefetch and rule in ("layer-lru", "frequency") and self.cache.owner[slot] in self.queue.predicted:
             return None  # the baselines never evict what they just predicted
-        return c.slot_of[v]
-
-    def _layer_lru(self, cands: list[Key], incoming: Key) -> Key:
-        """mixtral-offloading: each layer owns slots // L; LRU inside the incoming key's layer
-        when it is at its budget, else inside the layers over theirs."""
-        budget = max(1, self.cache.num_slots // self.L)
-        held: dict[int, int] = {}
-        for k in self.cache.slot_of:
-            held[k[0]] = held.get(k[0], 0) + 1
-        mine = [k for k in cands if k[0] == incoming[0]]
-        pool = mine if mine and held.get(incoming[0], 0) >= budget else \
-            [k for k in cands if held.get(k[0], 0) > budget] or cands
-        return min(pool, key=lambda k: self.cache.policy.last_use.get(k, 0))
+        return slot
 
     def _assign(self, key: Key, slot: int) -> Key | None:
         old = self.cache.assign(key, slot)
+        self.table.on_insert(slot, key)
         if old is not None:
             self.ready_at.pop(old, None)
             if old in self.prefetched:
@@ -252,6 +209,7 @@ class Planner:
     def _copy(self, key: Key, slot: int) -> Op:
         """Assign and queue the copy on the modelled link (FIFO)."""
         old = self._assign(key, slot)
+        self._copies += 1
         self.link_free = self.ready_at[key] = max(self.link_free, self.now) + self.copy_s
         return Op("copy", key, slot, old)
 
@@ -259,28 +217,37 @@ class Planner:
     def submit(self, predictions) -> None:
         """(layer, distance, {expert: confidence}) from a predictor; remembered for calibration."""
         for j, d, experts in predictions:
-            if j < self.pos or j >= self.L:
+            if j < self.pos or j >= self.L or (self.scheme.distances and d not in self.scheme.distances):
                 continue
             self.queue.submit(j, experts, d)
             self.pending_eval.setdefault(j, []).append((d, set(experts)))
-        self._pred_p = {k: self.p_predicted(r.distance) for k, r in self.queue.pending.items()}
+        self._pred_LE[:] = 0.0
+        for k, r in self.queue.pending.items():
+            self._pred_LE[k] = self.p_predicted(r.distance)
         for k in self.queue.predicted:
-            self._pred_p.setdefault(k, self.p_predicted(k[0] - self.pos))
+            if not self._pred_LE[k]:
+                self._pred_LE[k] = self.p_predicted(k[0] - self.pos)
+
+    def layer_resident(self, m: int) -> bool:
+        """Every expert fits and layer m's are all in (their home) slots: nothing left to decide."""
+        return self.cache.num_slots >= self.L * self.E and all((m, e) in self.cache for e in range(self.E))
 
     def prefetch(self, m: int, predictions=()) -> list[Op]:
         """Before layer m's attention: take predictions, cancel stale requests, issue what pays."""
+        if self.layer_resident(m):
+            return []
         self.pos = m
         if predictions:
             self.submit(predictions)
         if self.scheme.prefetch == "none":
             return []
-        cands = {k: (r.deadline, self._pred_p.get(k, r.confidence)) for k, r in self.queue.pending.items()
+        cands = {k: (r.deadline, float(self._pred_LE[k])) for k, r in self.queue.pending.items()
                  if k not in self.cache}
         if self.scheme.recency_candidates:
             for j in range(m, min(self.L, m + 2)):
                 for e in self.stats.last[j]:
                     if (j, e) not in self.cache and (j, e) not in cands:
-                        cands[(j, e)] = (j, self.p_recent())
+                        cands[(j, e)] = (j, self.stats.p_use((j, e)))
         if self.scheme.frequency_candidates:
             cands.update({k: v for k, v in self._frequency_candidates(m + 1, 1).items() if k not in self.cache})
         ops: list[Op] = []
@@ -295,7 +262,7 @@ class Planner:
             if slot is None:
                 continue
             victim = self.cache.owner[slot]
-            if cost_rule and victim is not None and self._gain(deadline, p) <= (1 - p) * self._evict_cost(victim):
+            if cost_rule and self._gain(deadline, p) <= (0.0 if victim is None else (1 - p) * self._evict_cost(victim)):
                 continue
             ops.append(self._copy(key, slot))
             self.prefetched.add(key)
@@ -314,14 +281,17 @@ class Planner:
         return out
 
     def _gain(self, deadline: int, p: float) -> float:
-        """P x stall avoided - link time taken from this layer's expected demand misses. The latter is
-        weighted by (1 - P): a right prediction is a copy the link carries anyway, only earlier."""
+        """Expected seconds a prefetch saves, before its eviction's cost. Right (P): it moves link
+        work into time the link would idle before the use (attention now; the layers before the
+        deadline beyond their expected demand copies), so it saves min(copy, idle). Wrong (1 - P):
+        the part of its copy outside idle time delays demand copies by as much."""
+        start = max(self.link_free, self.now)
         window_end = self.now + self.attn_s
-        t_need = window_end + (deadline - self.pos) * self.layer_s
-        t_land = max(self.link_free, self.now) + self.copy_s
-        avoided = self.copy_s - max(0.0, t_land - t_need)
-        taken = max(0.0, t_land - window_end) * self.demand_per_layer
-        return p * avoided - (1 - p) * taken
+        ahead = deadline - self.pos
+        idle = max(0.0, window_end - start) + max(0.0, ahead * (self.layer_s - self.copies_per_layer * self.copy_s))
+        used = min(self.copy_s, idle)
+        taken = (self.copy_s - used) * min(1.0, self.demand_per_layer)
+        return p * used - (1 - p) * taken
 
     def _evict_cost(self, victim: Key) -> float:
         """The miss an eviction may cause. Weighted by (1 - P) at the call: had the prediction been
@@ -343,14 +313,13 @@ class Planner:
     def serve(self, m: int, counts: Mapping[int, int]) -> LayerPlan:
         """Layer m routes counts[e] tokens to expert e (only e with counts > 0). Returns the ops in
         execution order and advances the modelled time by attention, waits and expert runs."""
-        self.pos = m
+        self.pos, self._serving = m, 1
         needed = sorted(counts)
         self._score(m, needed)
         cancelled = [k for k in self.queue.pending if k[0] <= m]
         self.t.prefetch_cancelled += len(cancelled)
         self.queue.layer_done(m)
         self.now += self.attn_s
-        t0 = self.now
         plan = LayerPlan()
         hits = [e for e in needed if (m, e) in self.cache]
         misses = [e for e in needed if (m, e) not in self.cache]
@@ -364,9 +333,15 @@ class Planner:
         copy = self._decide_misses(m, misses, counts, plan)
         self._fetch_and_run(m, copy, counts, plan)
         self.stats.observe(m, needed)
-        self.pos = (m + 1) % self.L
-        self.layer_s = 0.9 * self.layer_s + 0.1 * (self.now - t0 + self.attn_s)
+        self.table.used(m, needed, self.passes * self.L + m)
+        self._pred_LE[: m + 1] = 0.0
+        self._serving = 0
+        self.pos = m + 1
+        # EMAs from the end of one MoE step to the end of the next: the link's load per layer
+        self.layer_s = 0.9 * self.layer_s + 0.1 * (self.now - self._mark[0])
         self.demand_per_layer = 0.9 * self.demand_per_layer + 0.1 * len(copy)
+        self.copies_per_layer = 0.9 * self.copies_per_layer + 0.1 * (self._copies - self._mark[1])
+        self._mark = (self.now, self._copies)
         return plan
 
     def _run(self, key: Key, n: int, plan: LayerPlan) -> None:
@@ -374,6 +349,7 @@ class Planner:
         self.stall_s += wait
         self.now += wait + self.cost.device_time(n)
         self.cache.access(key)
+        self.table.on_access(key)
         if key in self.prefetched:
             self.prefetched.discard(key)
             self.t.prefetch_used += 1
@@ -432,9 +408,11 @@ class Planner:
                 todo.popleft()
                 plan.ops.append(self._copy(key, slot))
                 self.cache.pin(slot)
+                self.table.pinned_S[slot] = True
                 issued.append((key, slot))
             key, slot = issued.popleft()
             self.cache.unpin(slot)
+            self.table.pinned_S[slot] = False
             self._run(key, counts[key[1]], plan)
 
     def _admit_in_background(self, key: Key, plan: LayerPlan) -> None:
@@ -463,7 +441,7 @@ class Planner:
         """A forward pass ended: predictions never go past it."""
         self.queue.reset()
         self.pending_eval.clear()
-        self._pred_p = {}
+        self._pred_LE[:] = 0.0
         self.passes += 1
         self.pos = 0
 

@@ -133,7 +133,8 @@ class ExpertCacheEngine:
         if predictor == "learned":
             raise ValueError("predictor='learned' needs a trained model: pass LearnedPredictor.fit(trace) instead")
         if predictor == "auto":
-            predictor = ("exact" if pre else "lookahead") if self.policy == "predictive" else "none"
+            predicts = self.policy in ("predictive", "mixtral-offloading")
+            predictor = ("exact" if pre else "lookahead") if predicts else "none"
         self.predictor_name, self.depth = predictor, depth
         if predictor == "exact":
             self.exact = ExactPredictor(self.model)

@@ -133,9 +133,7 @@ class OffloadRuntime:
         plan = self.planner.serve(m, {e: n for e, n in enumerate(counts) if n > 0})
         y_ND = torch.empty_like(x_ND, dtype=_out_dtype(x_ND))
         self.execute(plan, lambda e: (starts[e], starts[e] + counts[e]), x_ND, y_ND)
-        E = len(counts)
-        if self.cache.num_slots >= len(self.resident) * E and all((m, e) in self.cache for e in range(E)):
-            self.resident[m] = True
+        self.resident[m] = self.planner.layer_resident(m)
         return y_ND
 
     def _run_resident(self, m: int, x_ND: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
