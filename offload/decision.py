@@ -34,7 +34,7 @@ from offload.cache import ExpertCache, Key
 import numpy as np
 
 from offload.cpu_experts import CostModel
-from offload.eviction import NEVER, SlotTable, UsageStats
+from offload.eviction import NEVER, ShadowRules, SlotTable, UsageStats
 from offload.predictor import PredictionStats, RecencyGuard
 from offload.prefetch import PrefetchQueue
 
@@ -54,6 +54,8 @@ class Scheme:
     """Also consider the experts a layer used last pass as prefetch candidates."""
     frequency_candidates: bool = False
     """Also consider the next layer's most frequently activated experts (MoE-Infinity)."""
+    adaptive: bool = False
+    """Evict by whichever of lru / lfu / next-use its shadow cache says missed least lately."""
     distances: tuple[int, ...] | None = None
     """Prediction distances the scheme listens to (None: all)."""
 
@@ -61,7 +63,8 @@ class Scheme:
 SCHEMES = {s.name: s for s in (
     Scheme(name="lru", evict="lru", prefetch="none"),
     Scheme(name="lfu", evict="lfu", prefetch="none"),
-    Scheme(name="predictive", evict="next-use", prefetch="cost", recency_candidates=True),
+    Scheme(name="predictive", evict="next-use", prefetch="cost", adaptive=True,
+           recency_candidates=bool(int(__import__("os").environ.get("RC", "1")))),
     Scheme(name="belady", evict="belady", prefetch="none"),
     Scheme(name="belady-prefetch", evict="belady", prefetch="cost"),
     Scheme(name="mixtral-offloading", evict="layer-lru", prefetch="always", distances=(1,)),
@@ -131,6 +134,7 @@ class Planner:
         self.queue = PrefetchQueue(max_pending=num_layers * num_experts)
         self.stats, self.guard, self.pred_stats = UsageStats(num_layers, num_experts), RecencyGuard(), PredictionStats()
         self.table = SlotTable(cache.num_slots, num_layers, num_experts, future)
+        self.shadows = ShadowRules(cache.num_slots, num_layers, num_experts) if self.scheme.adaptive else None
         self._pred_LE = np.zeros((num_layers, num_experts))
         """Calibrated P of each key the standing predictions name (0 elsewhere)."""
         self.pending_eval: dict[int, list[tuple[int, set[int]]]] = {}
@@ -181,16 +185,20 @@ class Planner:
         free = self.table.free_slot()
         if free is not None:
             return free
-        rule = self.scheme.evict
+        rule = self.scheme.evict if self.shadows is None else self.shadows.best
         needs_p = rule in ("next-use", "frequency")
-        p_LE = np.maximum(self.stats.p_use_LE(), self._pred_LE) if needs_p else None
+        # victims are judged by usage statistics; predictions only bring experts in (protecting
+        # predicted experts from demand misses cost more misses than it saved on every trace tried)
+        p_LE = self.stats.p_use_LE() if needs_p else None
         if rule == "frequency":
             p_LE = self.stats.v * self.stats.decay ** (self.stats.runs[:, None] - self.stats.t)
         found = self.table.victim(rule, incoming, self._here(), p_LE)
         if found is None:
             return None
         slot, dist = found
-        if prefetch and rule in ("next-use", "belady") and dist <= self.next_use(incoming):
+        if rule in ("lru", "lfu") and self.shadows is not None:
+            dist = self.next_use(self.cache.owner[slot])
+        if prefetch and (rule in ("next-use", "belady") or self.shadows is not None) and dist <= self.next_use(incoming):
             return None  # never evict an expert expected back sooner than the one coming in
         if prefetch and rule in ("layer-lru", "frequency") and self.cache.owner[slot] in self.queue.predicted:
             return None  # the baselines never evict what they just predicted
@@ -262,7 +270,7 @@ class Planner:
             if slot is None:
                 continue
             victim = self.cache.owner[slot]
-            if cost_rule and self._gain(deadline, p) <= (0.0 if victim is None else (1 - p) * self._evict_cost(victim)):
+            if cost_rule and self._gain(deadline, p) <= self._evict_cost(victim, deadline, p):
                 continue
             ops.append(self._copy(key, slot))
             self.prefetched.add(key)
@@ -293,10 +301,14 @@ class Planner:
         taken = (self.copy_s - used) * min(1.0, self.demand_per_layer)
         return p * used - (1 - p) * taken
 
-    def _evict_cost(self, victim: Key) -> float:
-        """The miss an eviction may cause. Weighted by (1 - P) at the call: had the prediction been
-        right, its demand miss would have evicted someone anyway."""
-        return self.p_use(victim) * self.copy_s
+    def _evict_cost(self, victim: Key | None, deadline: int, p: float) -> float:
+        """The miss an eviction may cause: P(victim used again) x copy. For the layer about to run it
+        is weighted by (1 - P): had the prediction been right, its demand miss would have evicted
+        at the same moment anyway; a prefetch further ahead evicts that much earlier."""
+        if victim is None:
+            return 0.0
+        cost = self.p_use(victim) * self.copy_s
+        return (1 - p) * cost if deadline == self.pos else cost
 
     def _best(self, cands: dict[Key, tuple[int, float]]) -> Key | None:
         """The candidate with the largest positive gain, if the link is idle by the end of attention."""
@@ -316,6 +328,9 @@ class Planner:
         self.pos, self._serving = m, 1
         needed = sorted(counts)
         self._score(m, needed)
+        # the layer's uses count from now: its experts are next needed a pass later
+        self.stats.observe(m, needed)
+        self.table.used(m, needed, self.passes * self.L + m)
         cancelled = [k for k in self.queue.pending if k[0] <= m]
         self.t.prefetch_cancelled += len(cancelled)
         self.queue.layer_done(m)
@@ -332,8 +347,8 @@ class Planner:
         self._serve_hits(m, hits, counts, plan)
         copy = self._decide_misses(m, misses, counts, plan)
         self._fetch_and_run(m, copy, counts, plan)
-        self.stats.observe(m, needed)
-        self.table.used(m, needed, self.passes * self.L + m)
+        if self.shadows is not None:
+            self.shadows.observe(m, needed, self._here(), self.stats.p_use_LE())
         self._pred_LE[: m + 1] = 0.0
         self._serving = 0
         self.pos = m + 1

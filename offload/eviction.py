@@ -167,4 +167,47 @@ class SlotTable:
         return self._lru(over if over.size else slots)
 
 
-__all__ = ["UsageStats", "SlotTable", "NEVER"]
+class ShadowRules:
+    """Demand-only shadow caches of the same size, one per candidate rule, fed the real routing:
+    the rule whose shadow missed least lately (EMA) is the one to evict by. Choosing among
+    lru / lfu / next-use online keeps the predictive policy near the best of them on each trace
+    (ARC / ACME style adaptive replacement)."""
+
+    RULES = ("next-use", "lru", "lfu")
+
+    def __init__(self, num_slots: int, num_layers: int, num_experts: int, decay: float = 0.995):
+        self.tables = {r: SlotTable(num_slots, num_layers, num_experts, None) for r in self.RULES}
+        self.slot_of: dict[str, dict[Key, int]] = {r: {} for r in self.RULES}
+        self.misses = dict.fromkeys(self.RULES, 0.0)
+        self.decay = decay
+
+    def observe(self, m: int, used: list[int], here: int, p_LE: np.ndarray) -> None:
+        """Layer m used `used`: every shadow serves it (hits first, then misses, pinned until done)."""
+        for r in self.RULES:
+            table, where = self.tables[r], self.slot_of[r]
+            keys = [(m, e) for e in used]
+            missed = [k for k in keys if k not in where]
+            for k in keys:
+                if k in where:
+                    table.on_access(k)
+            for k in missed:
+                slot = table.free_slot()
+                if slot is None:
+                    found = table.victim(r, k, here, p_LE)
+                    if found is None:
+                        continue  # every slot holds this layer's experts: pass through
+                    slot = found[0]
+                    del where[(int(table.layer_S[slot]), int(table.expert_S[slot]))]
+                table.on_insert(slot, k)
+                table.on_access(k)
+                table.pinned_S[slot] = True
+                where[k] = slot
+            table.pinned_S[:] = False
+            self.misses[r] = self.decay * self.misses[r] + len(missed)
+
+    @property
+    def best(self) -> str:
+        return min(self.RULES, key=lambda r: (self.misses[r], self.RULES.index(r)))
+
+
+__all__ = ["UsageStats", "SlotTable", "ShadowRules", "NEVER"]

@@ -226,12 +226,21 @@ class LearnedPredictor(nn.Module):
         return top.indices, top.values
 
     @classmethod
-    def fit(cls, trace, depth: int = 1, *, steps: int = 300, lr: float = 0.05, seed: int = 0) -> "LearnedPredictor":
-        """Train every head at once (full batch, Adam, BCE) on a RoutingTrace's token table."""
+    def fit(cls, trace, depth: int = 1, *, steps: int = 300, lr: float = 0.05, seed: int = 0,
+            max_tokens: int | None = None) -> "LearnedPredictor":
+        """Train every head at once (full batch, Adam, BCE) on a RoutingTrace's token table;
+        `max_tokens` trains on a seeded sample of that many tokens (large shapes: E = 128)."""
         choices_NLK, prev_N, _ = trace.token_table()
         if choices_NLK.shape[0] == 0:
             raise ValueError("the trace holds no complete token (every MoE layer recorded); record a longer trace")
         torch.manual_seed(seed)
+        if max_tokens is not None and choices_NLK.shape[0] > max_tokens:
+            keep = torch.randperm(choices_NLK.shape[0])[:max_tokens].sort().values
+            remap = torch.full((choices_NLK.shape[0],), -1, dtype=torch.long)
+            remap[keep] = torch.arange(keep.numel())
+            p = prev_N[keep]
+            prev_N = torch.where(p >= 0, remap[p.clamp_min(0)], p)  # a predecessor left out: no feature
+            choices_NLK = choices_NLK[keep]
         model = cls(trace.num_layers, trace.num_experts, trace.top_k, depth)
         X, Y = model._design(choices_NLK, prev_N)
         opt = torch.optim.Adam(model.parameters(), lr=lr)
