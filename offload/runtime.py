@@ -70,9 +70,13 @@ class OffloadRuntime:
         self.tickets: dict[Key, Ticket] = {}
         self.loaded: list[Key | None] = [None] * pool.num_slots
         """What each slot's last issued copy holds, as the ops run (the plan ran ahead of it)."""
-        self.resident = [False] * lay.num_layers
-        """Layer m's experts all sit in their home slots (only when every expert fits)."""
-        self._uses_L = torch.zeros(lay.num_layers, dtype=torch.long, device=pool.device)
+        for op in self.planner.preload():  # every expert fits: load them all now, once
+            self._issue(op)
+        self.copies.synchronize()  # host sync: set-up only
+        self.tickets.clear()
+        self.resident = [self.planner.layer_resident(m) for m in range(lay.num_layers)]
+        """Layer m's experts all sit in their home slots (when every expert fits: all layers)."""
+        self._resident_counts: list[torch.Tensor] = []
         self._resident_runs = 0
         # Grow-only [0, 1, 2, ...] on the device and host: count_1 tensors are views, not allocations.
         self._counts_dev = torch.arange(1, device=pool.device)
@@ -143,7 +147,7 @@ class OffloadRuntime:
         dtype = _out_dtype(x_ND)
         y = kernels.grouped_mlp(x_ND.to(dtype), self.pool.w13_SDF2[lo:lo + E].to(dtype),
                                 self.pool.w2_SFD[lo:lo + E].to(dtype), counts_E)
-        self._uses_L[m] += (counts_E > 0).sum()  # stays on the device: no host sync per layer
+        self._resident_counts.append(counts_E)  # counted once per pass in end_pass: no work per layer
         self._resident_runs += 1
         return y
 
@@ -178,12 +182,13 @@ class OffloadRuntime:
         """A forward pass ended: predictions never go past it; resident uses are read (one host sync)."""
         self.planner.end_pass()
         if self._resident_runs:
-            uses = int(self._uses_L.sum())  # host sync: once per forward pass, only on the resident path
+            # host sync: once per forward pass, only on the resident path (the counts are already there)
+            uses = int((torch.stack(self._resident_counts) > 0).sum())
             t = self.planner.t
             t.expert_uses += uses
             t.hits += uses
             t.cache_steps += self._resident_runs
-            self._uses_L.zero_()
+            self._resident_counts.clear()
             self._resident_runs = 0
         self.copies.settle()
         self.copies.collect_stall()

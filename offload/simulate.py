@@ -137,6 +137,7 @@ def simulate(trace: RoutingTrace, policy: str, capacity: int, cal: Calibration, 
                       scheme=SCHEMES[scheme], cpu_experts=cpu_experts, stream_fraction=stream_fraction,
                       num_experts=E, max_prefetch_per_layer=max_inflight or 2 * trace.top_k,
                       future=_future(steps, L) if scheme.startswith("belady") else None)
+    planner.preload()  # every expert fits: all resident from the start, like the engine
     dec = {"time_s": 0.0, "stall_s": 0.0, "copies": 0, "tokens": 0, "passes": 0}
     copies, prev = 0, None
     for st in steps:
