@@ -12,109 +12,36 @@ misses, copies and bytes, and the simulator's projected time is the engine's mod
 
 Per MoE layer:
 1. `prefetch(m, predictions)`, before attention. Candidates: predicted experts of layers m..m+depth
-   and (predictive) the experts those layers used last pass. One is copied only while the link is
-   idle by the end of attention (it then delays no demand miss of this layer) and when
-   P x stall avoided > link time it takes from expected demand misses + P(victim reused) x copy.
-   Queued candidates whose layer has run are cancelled, never issued.
-2. `serve(m, counts)`, the MoE step: hits first (decisions for a layer are made once, before any
-   slot of the layer is reassigned), then each miss is copied or run on host cores, whichever the
-   calibrated cost model says finishes first; its slot comes from the eviction rule.
-Eviction rules: lru / lfu (baselines); next-use (predictive: the key whose expected next use is
-farthest, i.e. layers until its layer runs again + L x (1/P - 1): aware of the layer cycle, an
-expert just used is next needed one pass later); belady (the simulator passes the future);
-layer-lru (mixtral-offloading: LRU inside equal per-layer budgets); frequency (MoE-Infinity).
+   (P = the predictor's measured precision at that distance) and, for the predictive policy, the
+   experts those layers used last pass. The best candidate is copied while the link is free by the
+   end of attention and its expected saving beats its costs:
+     P x min(copy, link idle time before the use)         (a right guess moves link work into idle time)
+   - (1 - P) x (copy - that idle time)                    (a wrong one delays demand copies as long)
+   - P(victim used again) x copy                          (the miss its eviction may cause)
+   and never over a victim expected back sooner than it. Requests whose layer has run are cancelled.
+2. `serve(m, counts)`, the MoE step: the layer's uses are recorded first, hits run first, then each
+   miss is copied or run on host cores, whichever the calibrated cost model says finishes first
+   (a copy waits behind the queued ones); its slot comes from the eviction rule.
+Eviction rules (offload/eviction.py): lru, lfu, next-use (expected distance to the next use from
+calibrated usage probabilities: aware of the layer cycle), belady (the simulator's future),
+layer-lru (mixtral-offloading), frequency (MoE-Infinity). The predictive policy evicts by whichever
+of next-use / lru / lfu its shadow caches say missed least lately.
 """
 from __future__ import annotations
 
 from collections import deque
-from dataclasses import dataclass, field, fields
 from typing import Mapping
 
-from offload.cache import ExpertCache, Key
 import numpy as np
 
+from offload.cache import ExpertCache, Key
 from offload.cpu_experts import CostModel
 from offload.eviction import NEVER, ShadowRules, SlotTable, UsageStats
-from offload.predictor import PredictionStats, RecencyGuard
+from offload.plan import SCHEMES, LayerPlan, Op, Scheme, Tally
+from offload.predictor import PredictionStats
 from offload.prefetch import PrefetchQueue
 
 INF = float("inf")
-
-
-@dataclass(frozen=True, kw_only=True)
-class Scheme:
-    """How a policy decides: its eviction rule and its prefetch rule."""
-
-    name: str
-    evict: str
-    """lru | lfu | next-use | belady | layer-lru | frequency."""
-    prefetch: str
-    """none | cost (the cost model decides) | always (every predicted expert, no cost check)."""
-    recency_candidates: bool = False
-    """Also consider the experts a layer used last pass as prefetch candidates."""
-    frequency_candidates: bool = False
-    """Also consider the next layer's most frequently activated experts (MoE-Infinity)."""
-    adaptive: bool = False
-    """Evict by whichever of lru / lfu / next-use its shadow cache says missed least lately."""
-    distances: tuple[int, ...] | None = None
-    """Prediction distances the scheme listens to (None: all)."""
-
-
-SCHEMES = {s.name: s for s in (
-    Scheme(name="lru", evict="lru", prefetch="none"),
-    Scheme(name="lfu", evict="lfu", prefetch="none"),
-    Scheme(name="predictive", evict="next-use", prefetch="cost", adaptive=True,
-           recency_candidates=bool(int(__import__("os").environ.get("RC", "1")))),
-    Scheme(name="belady", evict="belady", prefetch="none"),
-    Scheme(name="belady-prefetch", evict="belady", prefetch="cost"),
-    Scheme(name="mixtral-offloading", evict="layer-lru", prefetch="always", distances=(1,)),
-    Scheme(name="moe-infinity", evict="frequency", prefetch="always", frequency_candidates=True),
-)}
-
-
-@dataclass(frozen=True)
-class Op:
-    """One step of a layer's plan, in execution order: copy `key` into `slot` (evicting `evicted`),
-    run `key` from its slot (waiting for its copy), or run `key` on host cores."""
-
-    kind: str
-    key: Key
-    slot: int = -1
-    evicted: Key | None = None
-
-
-@dataclass
-class LayerPlan:
-    ops: list[Op] = field(default_factory=list)
-    stream: bool = False
-
-
-@dataclass
-class Tally:
-    """What the decisions did (the engine's counters are these)."""
-
-    expert_uses: int = 0
-    hits: int = 0
-    late_hits: int = 0
-    misses: int = 0
-    cpu_served: int = 0
-    demand_copies: int = 0
-    stream_copies: int = 0
-    prefetch_issued: int = 0
-    prefetch_used: int = 0
-    prefetch_wasted: int = 0
-    prefetch_cancelled: int = 0
-    background_copies: int = 0
-    cache_steps: int = 0
-    stream_steps: int = 0
-
-    def minus(self, other: "Tally") -> "Tally":
-        return Tally(**{f.name: getattr(self, f.name) - getattr(other, f.name) for f in fields(self)})
-
-    def as_dict(self) -> dict[str, int | float | None]:
-        d = {f.name: getattr(self, f.name) for f in fields(self)}
-        d["hit_rate"] = self.hits / self.expert_uses if self.expert_uses else None
-        return d
 
 
 class Planner:
@@ -132,7 +59,7 @@ class Planner:
         self.copy_s, self.attn_s = cost.cal.copy_s, cost.cal.attn_s
         self.max_prefetch = max_prefetch_per_layer or cache.num_slots
         self.queue = PrefetchQueue(max_pending=num_layers * num_experts)
-        self.stats, self.guard, self.pred_stats = UsageStats(num_layers, num_experts), RecencyGuard(), PredictionStats()
+        self.stats, self.pred_stats = UsageStats(num_layers, num_experts), PredictionStats()
         self.table = SlotTable(cache.num_slots, num_layers, num_experts, future)
         self.shadows = ShadowRules(cache.num_slots, num_layers, num_experts) if self.scheme.adaptive else None
         self._pred_LE = np.zeros((num_layers, num_experts))
@@ -459,7 +386,6 @@ class Planner:
             c = self.hit_dist.setdefault(d, [0, 0])
             c[0] += len(predicted & used)
             c[1] += len(predicted)
-        self.guard.observe(m, used, [p for _, p in scored])
 
     def end_pass(self) -> None:
         """A forward pass ended: predictions never go past it."""
@@ -470,4 +396,4 @@ class Planner:
         self.pos = 0
 
 
-__all__ = ["Planner", "Scheme", "SCHEMES", "Op", "LayerPlan", "Tally", "UsageStats"]
+__all__ = ["Planner", "Scheme", "SCHEMES", "Op", "LayerPlan", "Tally"]

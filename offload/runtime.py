@@ -89,7 +89,6 @@ class OffloadRuntime:
     pred_stats = property(lambda self: self.planner.pred_stats)
     prefetched = property(lambda self: self.planner.prefetched)
     pending_eval = property(lambda self: self.planner.pending_eval)
-    guard = property(lambda self: self.planner.guard)
 
     @property
     def all_resident(self) -> bool:

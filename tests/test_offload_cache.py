@@ -177,29 +177,3 @@ def test_cost_model_interpolates_measurements():
     assert cm.decide(4, 0.1, allow_cpu=True) == "wait"
     assert cm.decide(1, None, allow_cpu=False) == "copy"
     assert cm.prefers_copy(4) and not cm.prefers_copy(1)
-
-
-def test_recency_guard_protects_recent_experts_only_when_recency_predicts_better_and_fits():
-    from offload.predictor import RecencyGuard
-    g = RecencyGuard(warmup=3)
-    predicted = {(1, 5): 1}
-    for _ in range(4):  # layers keep using the same experts; the predictor keeps guessing wrong
-        g.observe(0, {1, 2}, [{3, 4}])
-        g.observe(1, {0, 7}, [{5, 6}])
-    assert g.active and g.recency_ema == pytest.approx(1.0) and g.pred_ema == pytest.approx(0.0)
-    prot = g.protect(predicted, capacity=8)
-    assert set(prot) == {(0, 1), (0, 2), (1, 0), (1, 7), (1, 5)} and prot[(1, 5)] == 1
-    assert g.protect(predicted, capacity=3) is predicted  # recency's experts would not fit: predictor only
-    g2 = RecencyGuard(warmup=3)
-    for _ in range(4):  # the predictor is right, recency is not
-        g2.observe(0, {1, 2}, [{1, 2}])
-        g2.observe(0, {3, 4}, [{3, 4}])
-    assert not g2.active and g2.protect(predicted, capacity=8) is predicted
-
-
-def test_recency_guard_waits_for_evidence():
-    from offload.predictor import RecencyGuard
-    g = RecencyGuard(warmup=8)
-    for _ in range(4):
-        g.observe(0, {1}, [{2}])
-    assert g.scored == 3 and not g.active  # the first pass of a layer has nothing to compare with

@@ -139,3 +139,18 @@ def test_projection_constants_and_scaling():
     assert p["tokens_per_s"] == pytest.approx(2.5) and p["bytes_per_token"] == pytest.approx(40)
     with pytest.raises(ValueError, match="--link 'pcie9' is not one of h100-pcie5, pcie4"):
         projection_calibration("mixtral-8x7b", "pcie9")
+
+
+def test_recency_boost_is_calibrated_from_the_routing():
+    """The boost is ~1 when layers reuse last run's experts and ~0 when routing is independent."""
+    from offload.eviction import UsageStats
+    rng = np.random.default_rng(0)
+    repeat, iid = UsageStats(2, 8), UsageStats(2, 8)
+    for _ in range(300):
+        for m in range(2):
+            repeat.observe(m, [1, 2 + m])
+            iid.observe(m, sorted(int(e) for e in rng.choice(8, 2, replace=False)))
+    assert repeat.boost > 0.9 and abs(iid.boost) < 0.1
+    assert repeat.p_use((0, 1)) > 0.95 and repeat.p_use((0, 5)) < 0.05
+    cm = CostModel(_cal(0.5, 0.0))  # copy 0.5 s beats host 1.0 s, unless 5 s of copies are queued
+    assert cm.decide(1, None, True, queued_s=0.0) == "copy" and cm.decide(1, None, True, queued_s=5.0) == "cpu"
