@@ -146,6 +146,8 @@ class ExpertCacheEngine:
     def _install_hooks(self) -> list:
         hooks = [self.model.register_forward_pre_hook(self._on_forward, with_kwargs=True),
                  self.model.register_forward_hook(self._on_forward_end)]
+        if self.runtime.all_resident and self.recorder is None:
+            return hooks  # every expert sits in its slot: nothing to predict or decide per layer
         for b, block in enumerate(self.model.blocks):
             hooks.append(block.register_forward_pre_hook(lambda _m, args, b=b: self._on_block(b, args[0])))
         for m, block in enumerate(self.moe_blocks):
