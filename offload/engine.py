@@ -7,11 +7,12 @@ Legend: B batch, S sequence, V vocab, L MoE layers, E experts, m MoE layer index
 
 The model's own math runs unchanged: each MoE layer's ExpertBank is swapped for a CachedExperts
 module with the same forward(x_sorted, counts) signature, and forward hooks do the rest:
-1. before block b runs (before its attention): the predictor names the experts of MoE layers
-   m .. m+depth and the runtime queues and issues their copies, nearest deadline first;
+1. before MoE block b runs (before its attention): the predictor names the experts of MoE layers
+   m .. m+depth and the planner (offload/decision.py) issues the copies that pay for their link time;
 2. a pre-attention router's output (exact mode) is queued the moment it exists, still before
    attention; every router's output also feeds the learned predictor's memory and the trace;
-3. the MoE step (runtime.run_experts) serves hits, waits, misses, host experts, or streams;
+3. the MoE step (runtime.run_experts) runs the planner's plan: hits, waits, misses, host experts,
+   streams; with every expert in a slot, the resident path (no per-layer hooks at all);
 4. at the end of a forward pass predictions lapse and stall timers are collected.
 Without CUDA the host is the "device" and every path above runs the same way.
 """
@@ -31,7 +32,7 @@ from moe.train import resolve_device
 from offload.cache import POLICIES, ExpertCache, SlotPool
 from offload.cpu_experts import Calibration, CostModel, calibrate
 from offload.predictor import ExactPredictor, LearnedPredictor, LookaheadPredictor, moe_block_index, to_predictions
-from offload.copy import make_copy_engine
+from offload.copy_engines import make_copy_engine
 from offload.runtime import CachedExperts, Counters, OffloadRuntime
 from offload.store import HostExpertStore
 from offload.trace import RoutingTrace, recorder_for

@@ -23,7 +23,7 @@ import kernels
 
 from offload.cache import ExpertCache, Key, SlotPool, StaleSlotError
 from offload.cpu_experts import CostModel, expert_forward, host_expert_forward
-from offload.copy import Ticket
+from offload.copy_engines import Ticket
 from offload.decision import LayerPlan, Planner, Tally
 from offload.store import ExpertLayout, HostExpertStore
 

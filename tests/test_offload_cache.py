@@ -13,7 +13,7 @@ import torch
 
 from offload.cache import POLICIES, ExpertCache, SlotPool, StaleSlotError
 from offload.cpu_experts import Calibration, CostModel, expert_forward, interpolate
-from offload.copy import HostCopyEngine
+from offload.copy_engines import HostCopyEngine
 from offload.prefetch import PrefetchQueue
 from offload.runtime import OffloadRuntime
 from offload.store import ExpertLayout, HostExpertStore

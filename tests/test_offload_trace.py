@@ -88,13 +88,11 @@ def test_simulator_counts_and_timeline(trace):
                          host_s=(1.0,), device_s=(1e-4,), act_s_per_token=0.0, attn_s=0.1)
     rows = {(r["policy"], r["capacity"]): r for r in
             simulate_grid(trace, ["lru", "lfu", "predictive", "oracle", "belady"], [1, 6, 24], timing)}
-    uses, keys = 0, set()
+    uses = 0
     for s in sorted(set(trace.step.tolist())):
         for m in range(3):
             sel = (trace.step == s) & (trace.layer == m)
-            used = set(trace.experts[sel].flatten().tolist())
-            uses += len(used)
-            keys |= {(m, e) for e in used}
+            uses += len(set(trace.experts[sel].flatten().tolist()))
     full = rows[("lru", 24)]
     assert full["hits"] == uses and full["misses"] == full["copies"] == 0, "all fit: loaded once, before any step"
     # exact predictions with a long attention window: prefetches (up to 2 x top_k a layer) hide copies
