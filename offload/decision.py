@@ -281,8 +281,10 @@ class Planner:
         plan.stream = len(needed) >= self.stream_fraction * self.E and len(needed) > 1 and (
             not self.cpu_experts or self.cost.prefers_copy(sum(counts.values()) // max(1, len(needed))))
         self._serve_hits(m, hits, counts, plan)
-        copy = self._decide_misses(m, misses, counts, plan)
-        self._fetch_and_run(m, copy, counts, plan)
+        copy, host = self._decide_misses(m, misses, counts, plan)
+        self._fetch_and_run(m, copy, counts, plan, host)
+        for e in host:
+            self._admit_in_background((m, e), plan)
         if self.shadows is not None:
             self.shadows.observe(m, needed, self._here(), self.stats.p_use_LE())
         self._pred_LE[: m + 1] = 0.0
@@ -326,31 +328,34 @@ class Planner:
                 self.t.late_hits += 1
             self._run(key, n, plan)
 
-    def _decide_misses(self, m: int, misses: list[int], counts, plan: LayerPlan) -> list[int]:
+    def _decide_misses(self, m: int, misses: list[int], counts, plan: LayerPlan) -> tuple[list[int], list[int]]:
+        """Each miss: copy (behind the link's queue and the copies decided before it) or host
+        cores, which run while those copies fly. Returns (copy, host)."""
         if plan.stream:
             self.t.stream_steps += 1
             self.t.stream_copies += len(misses)
-            return misses
+            return misses, []
         self.t.cache_steps += 1
-        copy = []
+        copy, host, host_s = [], [], 0.0
         for e in misses:
-            queued = max(self.link_free, self.now) - self.now
-            dec = self.cost.decide(counts[e], None, self.cpu_experts, queued_s=queued)
+            queued = max(self.link_free, self.now) - self.now + len(copy) * self.copy_s
+            dec = self.cost.decide(counts[e], None, self.cpu_experts, queued_s=queued - host_s)
             self.decisions[dec] += 1
             if dec == "cpu":
-                self._host((m, e), counts[e], plan)
-                self._admit_in_background((m, e), plan)
+                host.append(e)
+                host_s += self.cost.host_time(counts[e])
             else:
                 copy.append(e)
         self.t.demand_copies += len(copy)
-        return copy
+        return copy, host
 
-    def _fetch_and_run(self, m: int, experts: list[int], counts, plan: LayerPlan) -> None:
+    def _fetch_and_run(self, m: int, experts: list[int], counts, plan: LayerPlan, host: list[int] = ()) -> None:
         """Misses, pipelined: up to `window` copies ahead (half the pool when streaming), each run
-        in order; a slot is reusable once its expert ran, so a single slot still progresses."""
+        in order; a slot is reusable once its expert ran, so a single slot still progresses.
+        Host-served experts run once the first copies are on the link, overlapping them."""
         window = max(1, self.cache.num_slots // 2) if plan.stream else self.cache.num_slots
-        todo, issued = deque(experts), deque()
-        while todo or issued:
+        todo, issued, host = deque(experts), deque(), list(host)
+        while todo or issued or host:
             while todo and len(issued) < window:
                 key = (m, todo[0])
                 slot = self.victim_slot(key, prefetch=False)
@@ -361,6 +366,11 @@ class Planner:
                 self.cache.pin(slot)
                 self.table.pinned_S[slot] = True
                 issued.append((key, slot))
+            for e in host:
+                self._host((m, e), counts[e], plan)
+            host = []
+            if not issued:
+                continue
             key, slot = issued.popleft()
             self.cache.unpin(slot)
             self.table.pinned_S[slot] = False

@@ -61,6 +61,24 @@ def test_engine_equals_simulator_on_a_recorded_trace(recorded, policy):
         engine.close()
 
 
+@pytest.mark.parametrize("policy", ["lru", "predictive"])
+def test_engine_equals_simulator_with_host_experts(recorded, policy):
+    """Host cores at 1.5 copies per expert: a miss queued behind one copy runs on the host instead."""
+    model, trace, learned, cal, prompt = recorded
+    host = Calibration(device="cpu", expert_bytes=cal.expert_bytes, copy_s=1e-3, tokens=(1, 64),
+                       host_s=(1.5e-3, 96e-3), device_s=(1e-4, 1e-3), act_s_per_token=0.0, attn_s=3e-4)
+    for slots in (3, 12):
+        engine = ExpertCacheEngine(model, gpu_expert_slots=slots, policy=policy, device="cpu", calibration=host,
+                                   keep_banks=True, cpu_experts=True, predictor=learned if policy == "predictive" else "auto")
+        engine.generate(prompt, NEW, temperature=0.8, generator=torch.Generator().manual_seed(0))
+        c = engine.runtime.c
+        sim = simulate(trace, policy, slots, host, learned=learned, cpu_experts=True)
+        got = (c.hits, c.misses, c.cpu_served, engine.copies.bytes_moved)
+        assert got == (sim["hits"], sim["misses"], sim["cpu_served"], sim["bytes_moved"]), (policy, slots)
+        assert c.cpu_served > 0
+        engine.close()
+
+
 def _warm(planner: Planner, layers: int, k: int = 2) -> None:
     """Serve `layers` layers, each routing one token to k random experts (no temporal locality)."""
     rng = np.random.default_rng(0)
