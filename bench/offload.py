@@ -9,7 +9,10 @@ Per model and batch (1 and 8): all experts resident; LRU, LFU, predictive and pr
 experts at caches of 25 / 50 / 75 % of all experts; and, when transformers + accelerate import,
 Hugging Face Mixtral fully resident, with its experts offloaded by accelerate (device_map with
 every `experts` module on "cpu"; CUDA only), and with our expert cache plugged into its experts
-(`hf+cache MODE` rows: offload/transformers_cache.py, same cache sizes, model.generate()). Next to each cache run: the physical bound from its own misses,
+(`hf+cache MODE` rows: offload/transformers_cache.py, same cache sizes, model.generate()). Next to
+each of our cache runs: the simulator's projection for the same routing with the measured
+calibration (on a GPU this checks the model of offload/decision.py; on CPU only the plumbing,
+since host "copies" are memcpys), and the physical bound from its own misses,
 max(resident decode time, bytes moved / measured copy bandwidth). Results go to
 bench/results/offload_<device>.{json,md} with the device name and date. Timings are wall clock
 around whole generations after one warm-up generation (the CUDA device is synchronised at both
@@ -121,6 +124,23 @@ def run_engine(model, store, cal, prompt, new: int, mode: str, slots: int, dev) 
     return row, engine.calibration
 
 
+def projected(model, store, cal, prompt, new: int, mode: str, slots: int, dev) -> float | None:
+    """The simulator's tokens/s for the same generation: routing recorded by a separate full-capacity
+    engine (recording syncs the host, so never in the timed run), replayed with the measured
+    calibration through the engine's own Planner (offload/simulate.py). Decode passes of the
+    warm-up and the timed generation together; the learned predictor stands in for lookahead."""
+    from offload.simulate import simulate
+    total = store.layout.total_experts
+    rec = ExpertCacheEngine(model, gpu_expert_slots=total, policy="lru", device=dev, store=store, calibration=cal,
+                            record_trace=True)
+    rec.generate(prompt, 4)
+    rec.generate(prompt, new + 1)
+    rec.close()
+    r = simulate(rec.trace(), MODES[mode][0], slots, cal, cpu_experts=MODES[mode][1])
+    d = r["decode"]
+    return d["tokens"] / d["time_s"] if d["time_s"] else None
+
+
 def bench_model(name: str, model: MoETransformer, args, dev: torch.device) -> dict:
     """Every mode x cache x batch for one of our models; the HF rows are added by the caller."""
     cfg = model.cfg
@@ -145,6 +165,7 @@ def bench_model(name: str, model: MoETransformer, args, dev: torch.device) -> di
                 bound_s = max(res["decode_s"], row["bytes_moved"] / max(cal.expert_bytes / cal.copy_s, 1e-9))
                 row["bound_tokens_per_s"] = B * args.new_tokens / bound_s
                 row["fraction_of_bound"] = bound_s / row["decode_s"]
+                row["projected_tokens_per_s"] = projected(model, store, cal, prompt, args.new_tokens, mode, slots, dev)
                 rows.append(row)
                 print(f"{name} B={B} {mode:>15} cache {frac:>3}% ({slots} slots): "
                       f"{row['decode_tokens_per_s']:9.2f} tok/s, hit {row['hit_rate']:.3f}, "
@@ -273,14 +294,15 @@ def markdown(res: dict) -> str:
         lines += [f"## {name}: L={c['n_layers']} D={c['d_model']} E={c['experts']} K={c['top_k']} F={c['d_expert']} "
                   f"{c['dtype']}; host store {m['store']['total_gib']:.3f} GiB; measured copy "
                   f"{cal.get('copy_gbps', float('nan')):.2f} GB/s", "",
-                  "| batch | mode | cache | tok/s | hit rate | GiB moved | stall ms | prefetch P / R | bound tok/s |",
-                  "|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
+                  "| batch | mode | cache | tok/s | projected tok/s | hit rate | GiB moved | stall ms | prefetch P / R | "
+                  "bound tok/s |", "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
         for r in m["rows"]:
             if "skipped" in r:
-                lines.append(f"| | {r['mode']} | | skipped: {r['skipped']} | | | | | |")
+                lines.append(f"| | {r['mode']} | | skipped: {r['skipped']} | | | | | | |")
                 continue
             pr = "" if r.get("precision") is None else f"{r['precision']:.2f} / {r['recall']:.2f}"
-            cells = [_cell(r, "cache_fraction", ".0%"), f"{r['decode_tokens_per_s']:.2f}", _cell(r, "hit_rate", ".3f"),
+            cells = [_cell(r, "cache_fraction", ".0%"), f"{r['decode_tokens_per_s']:.2f}",
+                     _cell(r, "projected_tokens_per_s", ".2f"), _cell(r, "hit_rate", ".3f"),
                      _cell(r, "gib_moved", ".3f"), _cell(r, "stall_ms", ".1f"), pr, _cell(r, "bound_tokens_per_s", ".2f")]
             lines.append(f"| {r['batch']} | {r['mode']} | " + " | ".join(cells) + " |")
         for t in m.get("targets", []):

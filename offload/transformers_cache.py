@@ -48,7 +48,7 @@ from offload.cache import ExpertCache, SlotPool
 from offload.config import OffloadConfig
 from offload.cpu_experts import CostModel, calibrate
 from offload.predictor import to_predictions
-from offload.copy import make_copy_engine
+from offload.copy_engines import make_copy_engine
 from offload.runtime import OffloadRuntime
 from offload.stats import CacheStats
 from offload.store import ExpertLayout, HostExpertStore
