@@ -9,7 +9,10 @@ Per model and batch (1 and 8): all experts resident; LRU, LFU, predictive and pr
 experts at caches of 25 / 50 / 75 % of all experts; and, when transformers + accelerate import,
 Hugging Face Mixtral fully resident, with its experts offloaded by accelerate (device_map with
 every `experts` module on "cpu"; CUDA only), and with our expert cache plugged into its experts
-(`hf+cache MODE` rows: offload/transformers_cache.py, same cache sizes, model.generate()). Next to each cache run: the physical bound from its own misses,
+(`hf+cache MODE` rows: offload/transformers_cache.py, same cache sizes, model.generate()). Next to
+each of our cache runs: the simulator's projection for the same routing with the measured
+calibration (on a GPU this checks the model of offload/decision.py; on CPU only the plumbing,
+since host "copies" are memcpys), and the physical bound from its own misses,
 max(resident decode time, bytes moved / measured copy bandwidth). Results go to
 bench/results/offload_<device>.{json,md} with the device name and date. Timings are wall clock
 around whole generations after one warm-up generation (the CUDA device is synchronised at both
@@ -121,6 +124,23 @@ def run_engine(model, store, cal, prompt, new: int, mode: str, slots: int, dev) 
     return row, engine.calibration
 
 
+def projected(model, store, cal, prompt, new: int, mode: str, slots: int, dev) -> float | None:
+    """The simulator's tokens/s for the same generation: routing recorded by a separate full-capacity
+    engine (recording syncs the host, so never in the timed run), replayed with the measured
+    calibration through the engine's own Planner (offload/simulate.py). Decode passes of the
+    warm-up and the timed generation together; the learned predictor stands in for lookahead."""
+    from offload.simulate import simulate
+    total = store.layout.total_experts
+    rec = ExpertCacheEngine(model, gpu_expert_slots=total, policy="lru", device=dev, store=store, calibration=cal,
+                            record_trace=True)
+    rec.generate(prompt, 4)
+    rec.generate(prompt, new + 1)
+    rec.close()
+    r = simulate(rec.trace(), MODES[mode][0], slots, cal, cpu_experts=MODES[mode][1])
+    d = r["decode"]
+    return d["tokens"] / d["time_s"] if d["time_s"] else None
+
+
 def bench_model(name: str, model: MoETransformer, args, dev: torch.device) -> dict:
     """Every mode x cache x batch for one of our models; the HF rows are added by the caller."""
     cfg = model.cfg
@@ -145,6 +165,7 @@ def bench_model(name: str, model: MoETransformer, args, dev: torch.device) -> di
                 bound_s = max(res["decode_s"], row["bytes_moved"] / max(cal.expert_bytes / cal.copy_s, 1e-9))
                 row["bound_tokens_per_s"] = B * args.new_tokens / bound_s
                 row["fraction_of_bound"] = bound_s / row["decode_s"]
+                row["projected_tokens_per_s"] = projected(model, store, cal, prompt, args.new_tokens, mode, slots, dev)
                 rows.append(row)
                 print(f"{name} B={B} {mode:>15} cache {frac:>3}% ({slots} slots): "
                       f"{row['decode_tokens_per_s']:9.2f} tok/s, hit {row['hit_rate']:.3f}, "
@@ -155,8 +176,26 @@ def bench_model(name: str, model: MoETransformer, args, dev: torch.device) -> di
             "store": store.report(), "calibration": cal.to_dict() if cal else None, "rows": rows}
 
 
-def _hf_mixtral(mc, dtype: torch.dtype, place):
+def export_for_hf(model: MoETransformer, args) -> str | None:
+    """Our model as a Mixtral checkpoint in a temp dir, so the transformers rows run the same weights
+    (CPU smoke, or --hf-same-weights: a real-size export writes every expert to disk); None when an
+    aux-free bias has no transformers twin."""
+    if not (args.cpu_smoke or args.hf_same_weights) or model.cfg.moe.aux_free_bias:
+        return None
+    from moe.hf import export_hf
+    with torch.no_grad():  # to_empty left the unused (aux_free_bias=False) bias buffers unset
+        for layer in model.moe_layers():
+            layer.router.bias_E.zero_()
+    source = str(Path(tempfile.mkdtemp(prefix="bench-offload-hf-")) / "ck")
+    export_hf(model, model.cfg, source, family="mixtral")
+    return source
+
+
+def _hf_mixtral(mc, dtype: torch.dtype, place, source: str | None):
+    """Random weights, or (source) our model's weights exported as a Mixtral checkpoint."""
     from transformers import MixtralForCausalLM
+    if source is not None:
+        return MixtralForCausalLM.from_pretrained(source, dtype=dtype).to(place).eval()
     with torch.device("meta"):
         model = MixtralForCausalLM(mc)
     model = model.to(dtype).to_empty(device=place)
@@ -169,7 +208,7 @@ def _hf_mixtral(mc, dtype: torch.dtype, place):
 def _time_hf(model, ids, args, dev) -> tuple[float, dict | None]:
     """Decode seconds for args.new_tokens tokens: generate(new + 1) minus generate(1), after a warm-up.
     With the expert cache, also its report of the longer generation."""
-    kw = dict(do_sample=False, pad_token_id=0, eos_token_id=None)
+    kw = dict(do_sample=False, pad_token_id=0, eos_token_id=None, attention_mask=torch.ones_like(ids))
     times, rep = [], None
     for n in (1, args.new_tokens + 1):
         model.generate(ids, max_new_tokens=2, min_new_tokens=2, **kw)  # warm-up
@@ -183,10 +222,11 @@ def _time_hf(model, ids, args, dev) -> tuple[float, dict | None]:
     return max(times[1] - times[0], 1e-9), rep
 
 
-def hf_rows(cfg: ModelConfig, args, dev: torch.device, dtype: torch.dtype) -> list[dict]:
-    """Hugging Face Mixtral with the same shapes: fully on the device, accelerate CPU offload (CUDA
-    only), and the same transformers model with our expert cache plugged into its experts
-    (offload/transformers_cache.py) at every cache size and mode."""
+def hf_rows(cfg: ModelConfig, args, dev: torch.device, dtype: torch.dtype, source: str | None = None) -> list[dict]:
+    """Hugging Face Mixtral with the same shapes (and, given `source`, our model's weights): fully on
+    the device, accelerate CPU offload (CUDA only), and the same transformers model with our expert
+    cache plugged into its experts (offload/transformers_cache.py) at every cache size and mode.
+    Prompts are our rows' prompts, so with the same weights the cache statistics compare."""
     try:
         from transformers import MixtralConfig
         import accelerate
@@ -204,7 +244,7 @@ def hf_rows(cfg: ModelConfig, args, dev: torch.device, dtype: torch.dtype) -> li
                if mode in args.hf_cache_modes]
     rows = []
     for mode, place, cache in places:
-        model = _hf_mixtral(mc, dtype, place)
+        model = _hf_mixtral(mc, dtype, place, source)
         if mode == "hf-accelerate-offload":
             dmap = {n: ("cpu" if n.split(".")[-1] == "experts" else 0) for n, m in model.named_modules()
                     if any(True for _ in m.parameters(recurse=False))}
@@ -214,10 +254,12 @@ def hf_rows(cfg: ModelConfig, args, dev: torch.device, dtype: torch.dtype) -> li
             enable_expert_cache(model, OffloadConfig(expert_fraction=cache[0] / 100, policy=policy, cpu_experts=cpu,
                                                      device=dev))
         for B in args.batches:
-            ids = torch.randint(1, cfg.vocab_size, (B, args.prompt_len)).to(dev)  # 0 is the pad id
+            ids = torch.randint(0, cfg.vocab_size, (B, args.prompt_len), generator=torch.Generator().manual_seed(B))
+            ids = ids.to(dev)  # our rows' prompts (generate gets an explicit all-ones attention mask)
             dt, rep = _time_hf(model, ids, args, dev)
             row = {"mode": mode, "batch": B, "decode_tokens_per_s": B * args.new_tokens / dt, "decode_s": dt,
-                   "transformers": __import__("transformers").__version__}
+                   "transformers": __import__("transformers").__version__,
+                   "weights": "ours (exported)" if source else "random"}
             if rep is not None:
                 row.update(cache_fraction=rep["cache_fraction"], slots=rep["slots"], hit_rate=rep["hit_rate"],
                            gib_moved=rep["gib_moved"], bytes_moved=rep["bytes_moved"], stall_ms=rep["stall_s"] * 1e3,
@@ -273,14 +315,15 @@ def markdown(res: dict) -> str:
         lines += [f"## {name}: L={c['n_layers']} D={c['d_model']} E={c['experts']} K={c['top_k']} F={c['d_expert']} "
                   f"{c['dtype']}; host store {m['store']['total_gib']:.3f} GiB; measured copy "
                   f"{cal.get('copy_gbps', float('nan')):.2f} GB/s", "",
-                  "| batch | mode | cache | tok/s | hit rate | GiB moved | stall ms | prefetch P / R | bound tok/s |",
-                  "|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
+                  "| batch | mode | cache | tok/s | projected tok/s | hit rate | GiB moved | stall ms | prefetch P / R | "
+                  "bound tok/s |", "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
         for r in m["rows"]:
             if "skipped" in r:
-                lines.append(f"| | {r['mode']} | | skipped: {r['skipped']} | | | | | |")
+                lines.append(f"| | {r['mode']} | | skipped: {r['skipped']} | | | | | | |")
                 continue
             pr = "" if r.get("precision") is None else f"{r['precision']:.2f} / {r['recall']:.2f}"
-            cells = [_cell(r, "cache_fraction", ".0%"), f"{r['decode_tokens_per_s']:.2f}", _cell(r, "hit_rate", ".3f"),
+            cells = [_cell(r, "cache_fraction", ".0%"), f"{r['decode_tokens_per_s']:.2f}",
+                     _cell(r, "projected_tokens_per_s", ".2f"), _cell(r, "hit_rate", ".3f"),
                      _cell(r, "gib_moved", ".3f"), _cell(r, "stall_ms", ".1f"), pr, _cell(r, "bound_tokens_per_s", ".2f")]
             lines.append(f"| {r['batch']} | {r['mode']} | " + " | ".join(cells) + " |")
         for t in m.get("targets", []):
@@ -307,6 +350,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-hf", action="store_true", help="skip the Hugging Face baselines")
     p.add_argument("--hf-cache-modes", default="lru,predictive,predictive+cpu",
                    help="modes of the transformers model with our expert cache (rows 'hf+cache MODE')")
+    p.add_argument("--hf-same-weights", action="store_true",
+                   help="give the transformers rows our model's weights (export to a temp dir; always on with "
+                        "--cpu-smoke) so their cache statistics compare with ours")
     p.add_argument("--tag", default=None, help="results file name: offload_<tag>.{json,md} (default: the device)")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = default)")
     args = p.parse_args(argv)
@@ -332,9 +378,10 @@ def main(argv: list[str] | None = None) -> int:
            "mode": "cpu-smoke" if args.cpu_smoke else "gpu", "new_tokens": args.new_tokens,
            "prompt_len": args.prompt_len, "threads": torch.get_num_threads(), "models": {},
            "note": ("CPU SMOKE RUN: tiny models on CPU, the host plays the device; these numbers check the pipeline "
-                    "and are not performance results. Rows 'hf+cache MODE' are the transformers model with our "
-                    "expert cache in its experts; on CPU they check the plumbing only (no GPU: accelerate's "
-                    "offload row needs CUDA and is absent)." if args.cpu_smoke else
+                    "and are not performance results. Rows 'hf+cache MODE' are the transformers model (our "
+                    "model's weights, exported as Mixtral) with our expert cache in its experts; on CPU they "
+                    "check the plumbing only (no GPU: accelerate's offload row needs CUDA and is absent)."
+                    if args.cpu_smoke else
                     "Mixtral-8x7B-shaped model with 4 layers and random weights, and a trained model.")}
     for name in [m for m in args.models.split(",") if m]:
         torch.manual_seed(0)
@@ -345,13 +392,14 @@ def main(argv: list[str] | None = None) -> int:
             model, label = build_trained(args, dev), ("tiny-trained" if args.cpu_smoke else "trained")
         else:
             raise SystemExit(f"--models: unknown model {name!r}; use mixtral4 and/or trained")
-        res["models"][label] = bench_model(label, model, args, dev)
+        source = export_for_hf(model, args) if name == "mixtral4" and not args.no_hf else None
+        res["models"][label] = bench_model(label, model, args, dev)  # its experts end in the engines' store
         if name == "mixtral4" and not args.no_hf:
             cfg = model.cfg
             del model
             if dev.type == "cuda":
                 torch.cuda.empty_cache()
-            res["models"][label]["rows"] += hf_rows(cfg, args, dev, dtype)
+            res["models"][label]["rows"] += hf_rows(cfg, args, dev, dtype, source)
         if not args.cpu_smoke:
             res["models"][label]["targets"] = [t for B in args.batches for t in targets(res["models"][label]["rows"], B)]
     tag = args.tag or ("cpu" if args.cpu_smoke else re.sub(r"[^a-z0-9]+", "_", res["device_name"].lower()).strip("_"))

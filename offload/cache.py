@@ -7,11 +7,12 @@ pure host bookkeeping and knows nothing about copies: a slot is assigned to a ke
 copy engine fills it; the generation counter of a slot changes on every assignment so a handle
 taken before an eviction can never read the new occupant (`check_handle`).
 
-Policies choose a victim among the unpinned occupied slots:
+The engine's victims are chosen by the Planner (offload/decision.py, rules in offload/eviction.py).
+The policies here keep per-key recency / frequency for direct users of `choose_slot`:
 - LRU: least recently used.
 - LFU: fewest uses over the whole run (ties: least recently used).
-- predictive: LRU, but never evicts an expert predicted for the coming layers (`protected`,
-  key -> deadline layer) unless the caller must make progress, and then the one needed last.
+- predictive: LRU, but never evicts an expert in `protected` (key -> deadline layer) unless the
+  caller must make progress, and then the one needed last.
 """
 from __future__ import annotations
 

@@ -12,124 +12,36 @@ misses, copies and bytes, and the simulator's projected time is the engine's mod
 
 Per MoE layer:
 1. `prefetch(m, predictions)`, before attention. Candidates: predicted experts of layers m..m+depth
-   and (predictive) the experts those layers used last pass. One is copied only while the link is
-   idle by the end of attention (it then delays no demand miss of this layer) and when
-   P x stall avoided > link time it takes from expected demand misses + P(victim reused) x copy.
-   Queued candidates whose layer has run are cancelled, never issued.
-2. `serve(m, counts)`, the MoE step: hits first (decisions for a layer are made once, before any
-   slot of the layer is reassigned), then each miss is copied or run on host cores, whichever the
-   calibrated cost model says finishes first; its slot comes from the eviction rule.
-Eviction rules: lru / lfu (baselines); next-use (predictive: the key whose expected next use is
-farthest, i.e. layers until its layer runs again + L x (1/P - 1): aware of the layer cycle, an
-expert just used is next needed one pass later); belady (the simulator passes the future);
-layer-lru (mixtral-offloading: LRU inside equal per-layer budgets); frequency (MoE-Infinity).
+   (P = the predictor's measured precision at that distance) and, for the predictive policy, the
+   experts those layers used last pass. The best candidate is copied while the link is free by the
+   end of attention and its expected saving beats its costs:
+     P x min(copy, link idle time before the use)         (a right guess moves link work into idle time)
+   - (1 - P) x (copy - that idle time)                    (a wrong one delays demand copies as long)
+   - P(victim used again) x copy                          (the miss its eviction may cause)
+   and never over a victim expected back sooner than it. Requests whose layer has run are cancelled.
+2. `serve(m, counts)`, the MoE step: the layer's uses are recorded first, hits run first, then each
+   miss is copied or run on host cores, whichever the calibrated cost model says finishes first
+   (a copy waits behind the queued ones); its slot comes from the eviction rule.
+Eviction rules (offload/eviction.py): lru, lfu, next-use (expected distance to the next use from
+calibrated usage probabilities: aware of the layer cycle), belady (the simulator's future),
+layer-lru (mixtral-offloading), frequency (MoE-Infinity). The predictive policy evicts by whichever
+of next-use / lru / lfu its shadow caches say missed least lately.
 """
 from __future__ import annotations
 
-import bisect
 from collections import deque
-from dataclasses import dataclass, field, fields
 from typing import Mapping
+
+import numpy as np
 
 from offload.cache import ExpertCache, Key
 from offload.cpu_experts import CostModel
-from offload.predictor import PredictionStats, RecencyGuard
+from offload.eviction import NEVER, ShadowRules, SlotTable, UsageStats
+from offload.plan import SCHEMES, LayerPlan, Op, Scheme, Tally
+from offload.predictor import PredictionStats
 from offload.prefetch import PrefetchQueue
 
 INF = float("inf")
-
-
-@dataclass(frozen=True, kw_only=True)
-class Scheme:
-    """How a policy decides: its eviction rule and its prefetch rule."""
-
-    name: str
-    evict: str
-    """lru | lfu | next-use | belady | layer-lru | frequency."""
-    prefetch: str
-    """none | cost (the cost model decides) | always (every predicted expert, no cost check)."""
-    recency_candidates: bool = False
-    """Also consider the experts a layer used last pass as prefetch candidates."""
-    frequency_candidates: bool = False
-    """Also consider the next layer's most frequently activated experts (MoE-Infinity)."""
-
-
-SCHEMES = {s.name: s for s in (
-    Scheme(name="lru", evict="lru", prefetch="none"),
-    Scheme(name="lfu", evict="lfu", prefetch="none"),
-    Scheme(name="predictive", evict="next-use", prefetch="cost", recency_candidates=True),
-    Scheme(name="belady", evict="belady", prefetch="none"),
-    Scheme(name="belady-prefetch", evict="belady", prefetch="cost"),
-    Scheme(name="mixtral-offloading", evict="layer-lru", prefetch="always"),
-    Scheme(name="moe-infinity", evict="frequency", prefetch="always", frequency_candidates=True),
-)}
-
-
-@dataclass(frozen=True)
-class Op:
-    """One step of a layer's plan, in execution order: copy `key` into `slot` (evicting `evicted`),
-    run `key` from its slot (waiting for its copy), or run `key` on host cores."""
-
-    kind: str
-    key: Key
-    slot: int = -1
-    evicted: Key | None = None
-
-
-@dataclass
-class LayerPlan:
-    ops: list[Op] = field(default_factory=list)
-    stream: bool = False
-
-
-@dataclass
-class Tally:
-    """What the decisions did (the engine's counters are these)."""
-
-    expert_uses: int = 0
-    hits: int = 0
-    late_hits: int = 0
-    misses: int = 0
-    cpu_served: int = 0
-    demand_copies: int = 0
-    stream_copies: int = 0
-    prefetch_issued: int = 0
-    prefetch_used: int = 0
-    prefetch_wasted: int = 0
-    prefetch_cancelled: int = 0
-    background_copies: int = 0
-    cache_steps: int = 0
-    stream_steps: int = 0
-
-    def minus(self, other: "Tally") -> "Tally":
-        return Tally(**{f.name: getattr(self, f.name) - getattr(other, f.name) for f in fields(self)})
-
-    def as_dict(self) -> dict[str, int | float | None]:
-        d = {f.name: getattr(self, f.name) for f in fields(self)}
-        d["hit_rate"] = self.hits / self.expert_uses if self.expert_uses else None
-        return d
-
-
-class UsageStats:
-    """Per key: an EMA of "used at its layer's run" (lazy decay), and what each layer used last run."""
-
-    def __init__(self, num_layers: int, decay: float = 0.95):
-        self.decay = decay
-        self.runs = [0] * num_layers
-        self.ema: dict[Key, tuple[float, int]] = {}
-        self.last: list[set[int]] = [set() for _ in range(num_layers)]
-
-    def observe(self, m: int, used: list[int]) -> None:
-        self.runs[m] += 1
-        r = self.runs[m]
-        for e in used:
-            v, t = self.ema.get((m, e), (0.0, r))
-            self.ema[(m, e)] = (v * self.decay ** (r - t) * self.decay + (1 - self.decay), r)
-        self.last[m] = set(used)
-
-    def frequency(self, key: Key) -> float:
-        v, t = self.ema.get(key, (0.0, 0))
-        return v * self.decay ** (self.runs[key[0]] - t)
 
 
 class Planner:
@@ -146,11 +58,13 @@ class Planner:
         self.cpu_experts, self.stream_fraction = cpu_experts, stream_fraction
         self.copy_s, self.attn_s = cost.cal.copy_s, cost.cal.attn_s
         self.max_prefetch = max_prefetch_per_layer or cache.num_slots
-        self.future = future
         self.queue = PrefetchQueue(max_pending=num_layers * num_experts)
-        self.stats, self.guard, self.pred_stats = UsageStats(num_layers), RecencyGuard(), PredictionStats()
+        self.stats, self.pred_stats = UsageStats(num_layers, num_experts), PredictionStats()
+        self.table = SlotTable(cache.num_slots, num_layers, num_experts, future)
+        self.shadows = ShadowRules(cache.num_slots, num_layers, num_experts) if self.scheme.adaptive else None
+        self._pred_LE = np.zeros((num_layers, num_experts))
+        """Calibrated P of each key the standing predictions name (0 elsewhere)."""
         self.pending_eval: dict[int, list[tuple[int, set[int]]]] = {}
-        self._pred_p: dict[Key, float] = {}
         self.hit_dist: dict[int, list[int]] = {}
         """distance -> [predicted and used, predicted]: the predictor's calibration."""
         self.t = Tally()
@@ -158,11 +72,13 @@ class Planner:
         self.now = self.link_free = self.stall_s = 0.0
         self.ready_at: dict[Key, float] = {}
         self.prefetched: set[Key] = set()
-        self.passes, self.pos = 0, 0
+        self.passes, self.pos, self._serving = 0, 0, 0
         self.layer_s = self.attn_s + 2 * cost.device_time(1)
         """EMA of modelled seconds per layer (to date a prediction's use)."""
-        self.demand_per_layer = 0.0
-        """EMA of demand copies per layer (the link time a prefetch would take from them)."""
+        self.demand_per_layer = self.copies_per_layer = 0.0
+        """EMAs of demand copies and of all copies per layer (the link's load)."""
+        self._copies = 0
+        self._mark = (0.0, 0)
 
     # ---------------------------------------------------------------- probabilities
     def p_predicted(self, d: int) -> float:
@@ -170,78 +86,54 @@ class Planner:
         tp, n = self.hit_dist.get(d, (0, 0))
         return (tp + 1) / (n + 2)
 
-    def p_recent(self) -> float:
-        """Calibrated P(a key its layer used last run is used again): the guard's measured precision."""
-        g = self.guard
-        return g.recency_ema if g.scored else 0.5
-
     def p_use(self, key: Key) -> float:
-        """P(key is used at its layer's next run): the best calibrated guess that names it."""
-        p = self.stats.frequency(key)
-        if key[1] in self.stats.last[key[0]]:
-            p = max(p, self.p_recent())
-        pred = self.queue.predicted.get(key)
-        if pred is not None:
-            p = max(p, self._pred_p.get(key, 0.0))
-        return p
+        """P(key is used at its layer's next run): its usage statistics, or its prediction if higher."""
+        return max(self.stats.p_use(key), float(self._pred_LE[key]))
+
+    def _here(self) -> int:
+        """Position of the next layer to run; while layer m serves, its keys are next needed a pass later."""
+        return self.passes * self.L + self.pos + self._serving
 
     def next_use(self, key: Key) -> float:
-        """Expected layers until key is next used (Belady's ordering, with probabilities)."""
-        if self.future is not None:
-            uses = self.future.get(key, [])
-            here = self.passes * self.L + self.pos
-            i = bisect.bisect_left(uses, here)
-            return uses[i] - here if i < len(uses) else INF
-        ahead = (key[0] - self.pos) % self.L
+        """Expected (or, with the future, true) layers until key is next used."""
+        here = self._here()
+        if self.table.future is not None:
+            nxt = self.table.next_pos_LE[key]
+            return float(nxt - here) if nxt < NEVER else INF
         p = self.p_use(key)
-        return INF if p <= 0 else ahead + self.L * (1.0 / p - 1.0)
+        return INF if p <= 0 else (key[0] - here) % self.L + self.L * (1.0 / p - 1.0)
 
     # ---------------------------------------------------------------- eviction
-    def _candidates(self) -> list[Key]:
-        c = self.cache
-        return [k for s, k in enumerate(c.owner) if k is not None and c.pins[s] == 0]
-
     def victim_slot(self, incoming: Key, *, prefetch: bool) -> int | None:
         """A free slot, else the eviction rule's victim; None when every slot is pinned or (prefetch)
         when every candidate is expected back sooner than `incoming`."""
-        c = self.cache
-        if c.num_slots >= self.L * self.E:  # everything fits: each key has a home slot, layers stay contiguous
+        if self.cache.num_slots >= self.L * self.E:  # everything fits: home slots keep layers contiguous
             return incoming[0] * self.E + incoming[1]
-        for s in range(c.num_slots):
-            if c.owner[s] is None and c.pins[s] == 0:
-                return s
-        cands = self._candidates()
-        if not cands:
+        free = self.table.free_slot()
+        if free is not None:
+            return free
+        rule = self.scheme.evict if self.shadows is None else self.shadows.best
+        needs_p = rule in ("next-use", "frequency")
+        # victims are judged by usage statistics; predictions only bring experts in (protecting
+        # predicted experts from demand misses cost more misses than it saved on every trace tried)
+        p_LE = self.stats.p_use_LE() if needs_p else None
+        if rule == "frequency":
+            p_LE = self.stats.v * self.stats.decay ** (self.stats.runs[:, None] - self.stats.t)
+        found = self.table.victim(rule, incoming, self._here(), p_LE)
+        if found is None:
             return None
-        rule = self.scheme.evict
-        if rule in ("lru", "lfu"):
-            v = c.policy.victim(cands, {})
-        elif rule == "layer-lru":
-            v = self._layer_lru(cands, incoming)
-        elif rule == "frequency":
-            v = min(cands, key=lambda k: (self.stats.frequency(k), -((k[0] - self.pos) % self.L)))
-        else:
-            v = max(cands, key=lambda k: (self.next_use(k), -c.policy.last_use.get(k, 0)))
-            if prefetch and self.next_use(v) <= self.next_use(incoming):
-                return None  # never evict an expert expected back sooner than the one coming in
-        if prefetch and rule in ("layer-lru", "frequency") and v in self.queue.predicted:
+        slot, dist = found
+        if rule in ("lru", "lfu") and self.shadows is not None:
+            dist = self.next_use(self.cache.owner[slot])
+        if prefetch and (rule in ("next-use", "belady") or self.shadows is not None) and dist <= self.next_use(incoming):
+            return None  # never evict an expert expected back sooner than the one coming in
+        if prefetch and rule in ("layer-lru", "frequency") and self.cache.owner[slot] in self.queue.predicted:
             return None  # the baselines never evict what they just predicted
-        return c.slot_of[v]
-
-    def _layer_lru(self, cands: list[Key], incoming: Key) -> Key:
-        """mixtral-offloading: each layer owns slots // L; LRU inside the incoming key's layer
-        when it is at its budget, else inside the layers over theirs."""
-        budget = max(1, self.cache.num_slots // self.L)
-        held: dict[int, int] = {}
-        for k in self.cache.slot_of:
-            held[k[0]] = held.get(k[0], 0) + 1
-        mine = [k for k in cands if k[0] == incoming[0]]
-        pool = mine if mine and held.get(incoming[0], 0) >= budget else \
-            [k for k in cands if held.get(k[0], 0) > budget] or cands
-        return min(pool, key=lambda k: self.cache.policy.last_use.get(k, 0))
+        return slot
 
     def _assign(self, key: Key, slot: int) -> Key | None:
         old = self.cache.assign(key, slot)
+        self.table.on_insert(slot, key)
         if old is not None:
             self.ready_at.pop(old, None)
             if old in self.prefetched:
@@ -252,6 +144,7 @@ class Planner:
     def _copy(self, key: Key, slot: int) -> Op:
         """Assign and queue the copy on the modelled link (FIFO)."""
         old = self._assign(key, slot)
+        self._copies += 1
         self.link_free = self.ready_at[key] = max(self.link_free, self.now) + self.copy_s
         return Op("copy", key, slot, old)
 
@@ -259,28 +152,46 @@ class Planner:
     def submit(self, predictions) -> None:
         """(layer, distance, {expert: confidence}) from a predictor; remembered for calibration."""
         for j, d, experts in predictions:
-            if j < self.pos or j >= self.L:
+            if j < self.pos or j >= self.L or (self.scheme.distances and d not in self.scheme.distances):
                 continue
             self.queue.submit(j, experts, d)
             self.pending_eval.setdefault(j, []).append((d, set(experts)))
-        self._pred_p = {k: self.p_predicted(r.distance) for k, r in self.queue.pending.items()}
+        self._pred_LE[:] = 0.0
+        for k, r in self.queue.pending.items():
+            self._pred_LE[k] = self.p_predicted(r.distance)
         for k in self.queue.predicted:
-            self._pred_p.setdefault(k, self.p_predicted(k[0] - self.pos))
+            if not self._pred_LE[k]:
+                self._pred_LE[k] = self.p_predicted(k[0] - self.pos)
+
+    def preload(self) -> list[Op]:
+        """When every expert fits, all are copied to their home slots once, before any step: the
+        cache is then the resident model (no cold misses, no decisions). [] otherwise."""
+        if self.cache.num_slots < self.L * self.E:
+            return []
+        ops = [self._copy((m, e), m * self.E + e) for m in range(self.L) for e in range(self.E)]
+        self.link_free, self.ready_at = 0.0, {}  # landed before the first step; not workload traffic
+        return ops
+
+    def layer_resident(self, m: int) -> bool:
+        """Every expert fits and layer m's are all in (their home) slots: nothing left to decide."""
+        return self.cache.num_slots >= self.L * self.E and all((m, e) in self.cache for e in range(self.E))
 
     def prefetch(self, m: int, predictions=()) -> list[Op]:
         """Before layer m's attention: take predictions, cancel stale requests, issue what pays."""
+        if self.layer_resident(m):
+            return []
         self.pos = m
         if predictions:
             self.submit(predictions)
         if self.scheme.prefetch == "none":
             return []
-        cands = {k: (r.deadline, self._pred_p.get(k, r.confidence)) for k, r in self.queue.pending.items()
+        cands = {k: (r.deadline, float(self._pred_LE[k])) for k, r in self.queue.pending.items()
                  if k not in self.cache}
         if self.scheme.recency_candidates:
             for j in range(m, min(self.L, m + 2)):
                 for e in self.stats.last[j]:
                     if (j, e) not in self.cache and (j, e) not in cands:
-                        cands[(j, e)] = (j, self.p_recent())
+                        cands[(j, e)] = (j, self.stats.p_use((j, e)))
         if self.scheme.frequency_candidates:
             cands.update({k: v for k, v in self._frequency_candidates(m + 1, 1).items() if k not in self.cache})
         ops: list[Op] = []
@@ -295,7 +206,7 @@ class Planner:
             if slot is None:
                 continue
             victim = self.cache.owner[slot]
-            if cost_rule and victim is not None and self._gain(deadline, p) <= (1 - p) * self._evict_cost(victim):
+            if cost_rule and self._gain(deadline, p) <= self._evict_cost(victim, deadline, p):
                 continue
             ops.append(self._copy(key, slot))
             self.prefetched.add(key)
@@ -314,19 +225,26 @@ class Planner:
         return out
 
     def _gain(self, deadline: int, p: float) -> float:
-        """P x stall avoided - link time taken from this layer's expected demand misses. The latter is
-        weighted by (1 - P): a right prediction is a copy the link carries anyway, only earlier."""
+        """Expected seconds a prefetch saves, before its eviction's cost. Right (P): it moves link
+        work into time the link would idle before the use (attention now; the layers before the
+        deadline beyond their expected demand copies), so it saves min(copy, idle). Wrong (1 - P):
+        the part of its copy outside idle time delays demand copies by as much."""
+        start = max(self.link_free, self.now)
         window_end = self.now + self.attn_s
-        t_need = window_end + (deadline - self.pos) * self.layer_s
-        t_land = max(self.link_free, self.now) + self.copy_s
-        avoided = self.copy_s - max(0.0, t_land - t_need)
-        taken = max(0.0, t_land - window_end) * self.demand_per_layer
-        return p * avoided - (1 - p) * taken
+        ahead = deadline - self.pos
+        idle = max(0.0, window_end - start) + max(0.0, ahead * (self.layer_s - self.copies_per_layer * self.copy_s))
+        used = min(self.copy_s, idle)
+        taken = (self.copy_s - used) * min(1.0, self.demand_per_layer)
+        return p * used - (1 - p) * taken
 
-    def _evict_cost(self, victim: Key) -> float:
-        """The miss an eviction may cause. Weighted by (1 - P) at the call: had the prediction been
-        right, its demand miss would have evicted someone anyway."""
-        return self.p_use(victim) * self.copy_s
+    def _evict_cost(self, victim: Key | None, deadline: int, p: float) -> float:
+        """The miss an eviction may cause: P(victim used again) x copy. For the layer about to run it
+        is weighted by (1 - P): had the prediction been right, its demand miss would have evicted
+        at the same moment anyway; a prefetch further ahead evicts that much earlier."""
+        if victim is None:
+            return 0.0
+        cost = self.p_use(victim) * self.copy_s
+        return (1 - p) * cost if deadline == self.pos else cost
 
     def _best(self, cands: dict[Key, tuple[int, float]]) -> Key | None:
         """The candidate with the largest positive gain, if the link is idle by the end of attention."""
@@ -343,14 +261,16 @@ class Planner:
     def serve(self, m: int, counts: Mapping[int, int]) -> LayerPlan:
         """Layer m routes counts[e] tokens to expert e (only e with counts > 0). Returns the ops in
         execution order and advances the modelled time by attention, waits and expert runs."""
-        self.pos = m
+        self.pos, self._serving = m, 1
         needed = sorted(counts)
         self._score(m, needed)
+        # the layer's uses count from now: its experts are next needed a pass later
+        self.stats.observe(m, needed)
+        self.table.used(m, needed, self.passes * self.L + m)
         cancelled = [k for k in self.queue.pending if k[0] <= m]
         self.t.prefetch_cancelled += len(cancelled)
         self.queue.layer_done(m)
         self.now += self.attn_s
-        t0 = self.now
         plan = LayerPlan()
         hits = [e for e in needed if (m, e) in self.cache]
         misses = [e for e in needed if (m, e) not in self.cache]
@@ -361,12 +281,20 @@ class Planner:
         plan.stream = len(needed) >= self.stream_fraction * self.E and len(needed) > 1 and (
             not self.cpu_experts or self.cost.prefers_copy(sum(counts.values()) // max(1, len(needed))))
         self._serve_hits(m, hits, counts, plan)
-        copy = self._decide_misses(m, misses, counts, plan)
-        self._fetch_and_run(m, copy, counts, plan)
-        self.stats.observe(m, needed)
-        self.pos = (m + 1) % self.L
-        self.layer_s = 0.9 * self.layer_s + 0.1 * (self.now - t0 + self.attn_s)
+        copy, host = self._decide_misses(m, misses, counts, plan)
+        self._fetch_and_run(m, copy, counts, plan, host)
+        for e in host:
+            self._admit_in_background((m, e), plan)
+        if self.shadows is not None:
+            self.shadows.observe(m, needed, self._here(), self.stats.p_use_LE())
+        self._pred_LE[: m + 1] = 0.0
+        self._serving = 0
+        self.pos = m + 1
+        # EMAs from the end of one MoE step to the end of the next: the link's load per layer
+        self.layer_s = 0.9 * self.layer_s + 0.1 * (self.now - self._mark[0])
         self.demand_per_layer = 0.9 * self.demand_per_layer + 0.1 * len(copy)
+        self.copies_per_layer = 0.9 * self.copies_per_layer + 0.1 * (self._copies - self._mark[1])
+        self._mark = (self.now, self._copies)
         return plan
 
     def _run(self, key: Key, n: int, plan: LayerPlan) -> None:
@@ -374,6 +302,7 @@ class Planner:
         self.stall_s += wait
         self.now += wait + self.cost.device_time(n)
         self.cache.access(key)
+        self.table.on_access(key)
         if key in self.prefetched:
             self.prefetched.discard(key)
             self.t.prefetch_used += 1
@@ -399,31 +328,34 @@ class Planner:
                 self.t.late_hits += 1
             self._run(key, n, plan)
 
-    def _decide_misses(self, m: int, misses: list[int], counts, plan: LayerPlan) -> list[int]:
+    def _decide_misses(self, m: int, misses: list[int], counts, plan: LayerPlan) -> tuple[list[int], list[int]]:
+        """Each miss: copy (behind the link's queue and the copies decided before it) or host
+        cores, which run while those copies fly. Returns (copy, host)."""
         if plan.stream:
             self.t.stream_steps += 1
             self.t.stream_copies += len(misses)
-            return misses
+            return misses, []
         self.t.cache_steps += 1
-        copy = []
+        copy, host, host_s = [], [], 0.0
         for e in misses:
-            queued = max(self.link_free, self.now) - self.now
-            dec = self.cost.decide(counts[e], None, self.cpu_experts, queued_s=queued)
+            queued = max(self.link_free, self.now) - self.now + len(copy) * self.copy_s
+            dec = self.cost.decide(counts[e], None, self.cpu_experts, queued_s=queued - host_s)
             self.decisions[dec] += 1
             if dec == "cpu":
-                self._host((m, e), counts[e], plan)
-                self._admit_in_background((m, e), plan)
+                host.append(e)
+                host_s += self.cost.host_time(counts[e])
             else:
                 copy.append(e)
         self.t.demand_copies += len(copy)
-        return copy
+        return copy, host
 
-    def _fetch_and_run(self, m: int, experts: list[int], counts, plan: LayerPlan) -> None:
+    def _fetch_and_run(self, m: int, experts: list[int], counts, plan: LayerPlan, host: list[int] = ()) -> None:
         """Misses, pipelined: up to `window` copies ahead (half the pool when streaming), each run
-        in order; a slot is reusable once its expert ran, so a single slot still progresses."""
+        in order; a slot is reusable once its expert ran, so a single slot still progresses.
+        Host-served experts run once the first copies are on the link, overlapping them."""
         window = max(1, self.cache.num_slots // 2) if plan.stream else self.cache.num_slots
-        todo, issued = deque(experts), deque()
-        while todo or issued:
+        todo, issued, host = deque(experts), deque(), list(host)
+        while todo or issued or host:
             while todo and len(issued) < window:
                 key = (m, todo[0])
                 slot = self.victim_slot(key, prefetch=False)
@@ -432,9 +364,16 @@ class Planner:
                 todo.popleft()
                 plan.ops.append(self._copy(key, slot))
                 self.cache.pin(slot)
+                self.table.pinned_S[slot] = True
                 issued.append((key, slot))
+            for e in host:
+                self._host((m, e), counts[e], plan)
+            host = []
+            if not issued:
+                continue
             key, slot = issued.popleft()
             self.cache.unpin(slot)
+            self.table.pinned_S[slot] = False
             self._run(key, counts[key[1]], plan)
 
     def _admit_in_background(self, key: Key, plan: LayerPlan) -> None:
@@ -457,15 +396,14 @@ class Planner:
             c = self.hit_dist.setdefault(d, [0, 0])
             c[0] += len(predicted & used)
             c[1] += len(predicted)
-        self.guard.observe(m, used, [p for _, p in scored])
 
     def end_pass(self) -> None:
         """A forward pass ended: predictions never go past it."""
         self.queue.reset()
         self.pending_eval.clear()
-        self._pred_p = {}
+        self._pred_LE[:] = 0.0
         self.passes += 1
         self.pos = 0
 
 
-__all__ = ["Planner", "Scheme", "SCHEMES", "Op", "LayerPlan", "Tally", "UsageStats"]
+__all__ = ["Planner", "Scheme", "SCHEMES", "Op", "LayerPlan", "Tally"]

@@ -7,11 +7,12 @@ Legend: B batch, S sequence, V vocab, L MoE layers, E experts, m MoE layer index
 
 The model's own math runs unchanged: each MoE layer's ExpertBank is swapped for a CachedExperts
 module with the same forward(x_sorted, counts) signature, and forward hooks do the rest:
-1. before block b runs (before its attention): the predictor names the experts of MoE layers
-   m .. m+depth and the runtime queues and issues their copies, nearest deadline first;
+1. before MoE block b runs (before its attention): the predictor names the experts of MoE layers
+   m .. m+depth and the planner (offload/decision.py) issues the copies that pay for their link time;
 2. a pre-attention router's output (exact mode) is queued the moment it exists, still before
    attention; every router's output also feeds the learned predictor's memory and the trace;
-3. the MoE step (runtime.run_experts) serves hits, waits, misses, host experts, or streams;
+3. the MoE step (runtime.run_experts) runs the planner's plan: hits, waits, misses, host experts,
+   streams; with every expert in a slot, the resident path (no per-layer hooks at all);
 4. at the end of a forward pass predictions lapse and stall timers are collected.
 Without CUDA the host is the "device" and every path above runs the same way.
 """
@@ -33,7 +34,7 @@ from offload.cache import ExpertCache, SlotPool
 from offload.config import PREDICTORS, OffloadConfig
 from offload.cpu_experts import Calibration, CostModel, calibrate
 from offload.predictor import ExactPredictor, LearnedPredictor, LookaheadPredictor, moe_block_index, to_predictions
-from offload.copy import make_copy_engine
+from offload.copy_engines import make_copy_engine
 from offload.runtime import CachedExperts, OffloadRuntime
 from offload.stats import CacheStats
 from offload.store import HostExpertStore
@@ -131,7 +132,8 @@ class ExpertCacheEngine:
             self.depth = min(depth, predictor.depth)
             return
         if predictor == "auto":
-            predictor = ("exact" if pre else "lookahead") if self.policy == "predictive" else "none"
+            predicts = self.policy in ("predictive", "mixtral-offloading")
+            predictor = ("exact" if pre else "lookahead") if predicts else "none"
         self.predictor_name, self.depth = predictor, depth
         if predictor == "exact":
             self.exact = ExactPredictor(self.model)
@@ -143,6 +145,8 @@ class ExpertCacheEngine:
     def _install_hooks(self) -> list:
         hooks = [self.model.register_forward_pre_hook(self._on_forward, with_kwargs=True),
                  self.model.register_forward_hook(self._on_forward_end)]
+        if self.runtime.all_resident and self.recorder is None:
+            return hooks  # every expert sits in its slot: nothing to predict or decide per layer
         for b, block in enumerate(self.model.blocks):
             hooks.append(block.register_forward_pre_hook(lambda _m, args, b=b: self._on_block(b, args[0])))
         for m, block in enumerate(self.moe_blocks):

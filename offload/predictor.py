@@ -22,7 +22,6 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-Key = tuple[int, int]
 Prediction = tuple[int, int, dict[int, float]]
 """(target MoE layer, distance, expert -> confidence)."""
 
@@ -59,50 +58,6 @@ class PredictionStats:
         """JSON-able: overall, per_layer and per_distance precision / recall (None where undefined)."""
         tot = [sum(c[i] for c in self.counts.values()) for i in range(3)]
         return {**self._pr(*tot), "per_layer": self._group(0), "per_distance": self._group(1)}
-
-
-class RecencyGuard:
-    """Calibration of the two guesses the cache planner uses. Checks the predictor online against "the experts this layer used in the previous pass".
-
-    When a model keeps choosing the same experts (a repetitive continuation, a long run of similar
-    tokens), the last pass predicts the next one better than lookahead gating does, and a wrong
-    prefetch would evict exactly the expert about to be reused. While recency's precision (EMA over
-    scored layers) beats the predictor's, prefetches may not evict an expert recency expects; they
-    still fill free slots and slots nobody expects. Precision = |guess & used| / |guess| for both.
-    """
-
-    def __init__(self, decay: float = 0.9, warmup: int = 8):
-        self.decay, self.warmup = decay, warmup
-        self.last: dict[int, set[int]] = {}
-        self.pred_ema = self.recency_ema = 0.0
-        self.scored = 0
-        self.active_passes = 0
-
-    def observe(self, layer: int, used: set[int], predicted: list[set[int]]) -> None:
-        prev = self.last.get(layer)
-        guesses = [p for p in predicted if p]
-        if prev and guesses and used:
-            pred = sum(len(p & used) / len(p) for p in guesses) / len(guesses)
-            rec = len(prev & used) / len(prev)
-            a = self.decay if self.scored else 0.0
-            self.pred_ema = a * self.pred_ema + (1 - a) * pred
-            self.recency_ema = a * self.recency_ema + (1 - a) * rec
-            self.scored += 1
-        self.last[layer] = set(used)
-
-    @property
-    def active(self) -> bool:
-        return self.scored >= self.warmup and self.recency_ema > self.pred_ema
-
-    def protect(self, predicted: dict[Key, int], capacity: int) -> dict[Key, int]:
-        """The protected set for a prefetch: the predicted experts, plus recency's when it predicts
-        better AND its experts fit in the cache (with large batches a layer uses most of its experts,
-        so recency's high precision comes from guessing everything, which no cache can hold)."""
-        if not self.active or sum(len(u) for u in self.last.values()) > capacity:
-            return predicted
-        merged = {(layer, e): layer for layer, used in self.last.items() for e in used}
-        merged.update(predicted)
-        return merged
 
 
 def moe_block_index(model) -> tuple[list, list[int | None]]:
@@ -226,12 +181,21 @@ class LearnedPredictor(nn.Module):
         return top.indices, top.values
 
     @classmethod
-    def fit(cls, trace, depth: int = 1, *, steps: int = 300, lr: float = 0.05, seed: int = 0) -> "LearnedPredictor":
-        """Train every head at once (full batch, Adam, BCE) on a RoutingTrace's token table."""
+    def fit(cls, trace, depth: int = 1, *, steps: int = 300, lr: float = 0.05, seed: int = 0,
+            max_tokens: int | None = None) -> "LearnedPredictor":
+        """Train every head at once (full batch, Adam, BCE) on a RoutingTrace's token table;
+        `max_tokens` trains on a seeded sample of that many tokens (large shapes: E = 128)."""
         choices_NLK, prev_N, _ = trace.token_table()
         if choices_NLK.shape[0] == 0:
             raise ValueError("the trace holds no complete token (every MoE layer recorded); record a longer trace")
         torch.manual_seed(seed)
+        if max_tokens is not None and choices_NLK.shape[0] > max_tokens:
+            keep = torch.randperm(choices_NLK.shape[0])[:max_tokens].sort().values
+            remap = torch.full((choices_NLK.shape[0],), -1, dtype=torch.long)
+            remap[keep] = torch.arange(keep.numel())
+            p = prev_N[keep]
+            prev_N = torch.where(p >= 0, remap[p.clamp_min(0)], p)  # a predecessor left out: no feature
+            choices_NLK = choices_NLK[keep]
         model = cls(trace.num_layers, trace.num_experts, trace.top_k, depth)
         X, Y = model._design(choices_NLK, prev_N)
         opt = torch.optim.Adam(model.parameters(), lr=lr)
@@ -260,5 +224,5 @@ class LearnedPredictor(nn.Module):
         return X, hot_NLE.permute(1, 0, 2).contiguous()
 
 
-__all__ = ["Prediction", "PredictionStats", "RecencyGuard", "LookaheadPredictor", "ExactPredictor", "LearnedPredictor",
+__all__ = ["Prediction", "PredictionStats", "LookaheadPredictor", "ExactPredictor", "LearnedPredictor",
            "to_predictions", "moe_block_index", "router_norm", "multihot"]

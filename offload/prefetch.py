@@ -2,7 +2,7 @@
 
 Legend: a key is (MoE layer index, expert id); a deadline is the MoE layer that needs it.
 Whether a queued request is worth its link time is decided in offload/decision.py; the copy itself
-is done by a copy engine (offload/copy.py). A request whose layer has run is cancelled.
+is done by a copy engine (offload/copy_engines.py). A request whose layer has run is cancelled.
 
 """
 from __future__ import annotations

@@ -23,7 +23,7 @@ import kernels
 
 from offload.cache import ExpertCache, Key, SlotPool, StaleSlotError
 from offload.cpu_experts import CostModel, expert_forward, host_expert_forward
-from offload.copy import Ticket
+from offload.copy_engines import Ticket
 from offload.decision import LayerPlan, Planner, Tally
 from offload.store import ExpertLayout, HostExpertStore
 
@@ -70,22 +70,33 @@ class OffloadRuntime:
         self.tickets: dict[Key, Ticket] = {}
         self.loaded: list[Key | None] = [None] * pool.num_slots
         """What each slot's last issued copy holds, as the ops run (the plan ran ahead of it)."""
-        self.resident = [False] * lay.num_layers
-        """Layer m's experts all sit in their home slots (only when every expert fits)."""
-        self._uses_L = torch.zeros(lay.num_layers, dtype=torch.long, device=pool.device)
-        self._resident_runs = 0
+        for op in self.planner.preload():  # every expert fits: load them all now, once
+            self._issue(op)
+        self.copies.synchronize()  # host sync: set-up only
+        self.tickets.clear()
+        self.resident = [self.planner.layer_resident(m) for m in range(lay.num_layers)]
+        """Layer m's experts all sit in their home slots (when every expert fits: all layers)."""
+        self._resident_counts: list[torch.Tensor] = []
         # Grow-only [0, 1, 2, ...] on the device and host: count_1 tensors are views, not allocations.
         self._counts_dev = torch.arange(1, device=pool.device)
         self._counts_host = torch.arange(1)
 
     # The engine and its report read these by their old names.
-    c = property(lambda self: self.planner.t, lambda self, v: setattr(self.planner, "t", v))
+    @property
+    def c(self) -> Tally:
+        self._fold_resident()
+        return self.planner.t
+
+    @c.setter
+    def c(self, value: Tally) -> None:
+        self._resident_counts.clear()
+        self.planner.t = value
+
     decisions = property(lambda self: self.planner.decisions, lambda self, v: setattr(self.planner, "decisions", v))
     queue = property(lambda self: self.planner.queue)
     pred_stats = property(lambda self: self.planner.pred_stats)
     prefetched = property(lambda self: self.planner.prefetched)
     pending_eval = property(lambda self: self.planner.pending_eval)
-    guard = property(lambda self: self.planner.guard)
 
     @property
     def all_resident(self) -> bool:
@@ -133,9 +144,7 @@ class OffloadRuntime:
         plan = self.planner.serve(m, {e: n for e, n in enumerate(counts) if n > 0})
         y_ND = torch.empty_like(x_ND, dtype=_out_dtype(x_ND))
         self.execute(plan, lambda e: (starts[e], starts[e] + counts[e]), x_ND, y_ND)
-        E = len(counts)
-        if self.cache.num_slots >= len(self.resident) * E and all((m, e) in self.cache for e in range(E)):
-            self.resident[m] = True
+        self.resident[m] = self.planner.layer_resident(m)
         return y_ND
 
     def _run_resident(self, m: int, x_ND: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
@@ -145,9 +154,21 @@ class OffloadRuntime:
         dtype = _out_dtype(x_ND)
         y = kernels.grouped_mlp(x_ND.to(dtype), self.pool.w13_SDF2[lo:lo + E].to(dtype),
                                 self.pool.w2_SFD[lo:lo + E].to(dtype), counts_E)
-        self._uses_L[m] += (counts_E > 0).sum()  # stays on the device: no host sync per layer
-        self._resident_runs += 1
+        self._resident_counts.append(counts_E)  # counted when the tally is read: no work per layer
+        if len(self._resident_counts) >= 4096:
+            self._fold_resident()
         return y
+
+    def _fold_resident(self) -> None:
+        """Add the resident path's uses (all hits) to the tally."""
+        if self._resident_counts:
+            # host sync: when the counters are read (a report) or every 4096 layers, never per layer
+            uses = int((torch.stack(self._resident_counts) > 0).sum())
+            t = self.planner.t
+            t.expert_uses += uses
+            t.hits += uses
+            t.cache_steps += len(self._resident_counts)
+            self._resident_counts.clear()
 
     def execute(self, plan: LayerPlan, rows, x_ND: torch.Tensor, y_ND: torch.Tensor) -> None:
         """Run a plan's ops in order: copies go to the copy engine, runs wait only on their own copy."""
@@ -177,16 +198,8 @@ class OffloadRuntime:
         self.copies.progress()  # host engine: one queued copy runs; CUDA: a non-blocking query
 
     def end_pass(self) -> None:
-        """A forward pass ended: predictions never go past it; resident uses are read (one host sync)."""
+        """A forward pass ended: predictions never go past it."""
         self.planner.end_pass()
-        if self._resident_runs:
-            uses = int(self._uses_L.sum())  # host sync: once per forward pass, only on the resident path
-            t = self.planner.t
-            t.expert_uses += uses
-            t.hits += uses
-            t.cache_steps += self._resident_runs
-            self._uses_L.zero_()
-            self._resident_runs = 0
         self.copies.settle()
         self.copies.collect_stall()
 

@@ -1,151 +1,166 @@
-"""Trace-driven cache simulator: replay a routing trace for every policy and capacity, on CPU.
+"""Trace-driven cache simulator: replay a routing trace through the engine's own Planner, on CPU.
 
-Legend: L MoE layers, E experts, K top-k, d lookahead distance.
+Legend: L MoE layers, E experts, K top-k, T tokens of a forward pass, d lookahead distance.
 
-The replay uses the engine's own ExpertCache and policies, and a two-resource timeline: one copy
-engine (a copy takes copy_s and starts when the previous copy ended and the request exists) and
-the compute stream. Per forward pass and MoE layer m:
-1. predictive policies name the experts of layers m .. m+depth; missing ones are copied in
-   deadline order into slots the policy may evict (never a predicted expert);
-2. attention runs for attn_s;
-3. each used expert is a hit (it may still be landing: the wait is stall) or a miss, copied on
-   demand after the queued copies (stall until it lands); then it runs for expert_s(tokens).
-Policies: lru, lfu (no prefetch: the engine's baselines), predictive (learned predictor from the
-trace itself, so in-sample), oracle (knows the coming layers exactly: the bound that exact
-pre-attention routing reaches at distance 0). Timing comes from the calibration recorded in the
-trace or from the caller; nothing is assumed about hardware.
+The replay calls exactly what the engine calls, in the same order: per forward pass and MoE layer
+m, `Planner.prefetch(m, predictions)` then `Planner.serve(m, {expert: tokens})`, then `end_pass`.
+So the hits, misses, copies and bytes are the engine's on the same routing and predictions, and
+the modelled time (offload/decision.py: calibrated attention, expert and copy times, the link a
+FIFO queue) is the engine's model of itself. Policies:
+- lru, lfu, predictive, mixtral-offloading, moe-infinity: the engine's own (predictive takes the
+  learned predictor fitted on the trace itself, so in-sample, with the features the engine uses;
+  mixtral-offloading's speculative next-layer gate is stood in for by that predictor at distance 1);
+- oracle: predictive with exact predictions of layers m .. m+depth;
+- belady: evicts the key used farthest in the future, no prefetch (the offline optimum of
+  demand paging); belady-prefetch: the same with exact predictions and the cost model's prefetch.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 
-from offload.cache import ExpertCache
-from offload.cpu_experts import Calibration, interpolate
-from offload.predictor import LearnedPredictor
+from offload.cache import ExpertCache, Key
+from offload.cpu_experts import Calibration, CostModel
+from offload.decision import SCHEMES, Planner
+from offload.predictor import LearnedPredictor, to_predictions
 from offload.trace import RoutingTrace
 
-SIM_POLICIES = ("lru", "lfu", "predictive", "oracle")
+SIM_POLICIES = ("lru", "lfu", "predictive", "oracle", "belady", "belady-prefetch", "mixtral-offloading",
+                "moe-infinity")
+_LEARNED = ("predictive", "mixtral-offloading")
 
 
-@dataclass(frozen=True)
-class SimTiming:
-    copy_s: float
-    """One expert host -> device."""
-    attn_s: float
-    """Non-expert compute per MoE layer (the window a prefetch hides in)."""
-    tokens: tuple[int, ...]
-    expert_s: tuple[float, ...]
-    """Device time of one expert per token count in `tokens`."""
+@dataclass
+class Step:
+    """One forward pass of a trace."""
 
-    @classmethod
-    def from_calibration(cls, cal: Calibration) -> "SimTiming":
-        return cls(cal.copy_s, cal.attn_s, cal.tokens, cal.device_s)
+    B: int
+    S: int
+    idx: list[torch.Tensor]
+    """Per MoE layer [T, K] chosen experts, rows b * S + s (the engine's order)."""
+    used: list[dict[int, int]]
+    """Per MoE layer expert -> tokens routed to it."""
 
-    def expert_time(self, n: int) -> float:
-        return interpolate(self.tokens, self.expert_s, n)
+
+def steps_of(trace: RoutingTrace) -> list[Step]:
+    """The trace as forward passes; every layer of a pass must be recorded."""
+    out = []
+    order = np.argsort(trace.step, kind="stable")
+    bounds = np.flatnonzero(np.diff(trace.step[order])) + 1
+    for rows in np.split(order, bounds):
+        if rows.size == 0:
+            continue
+        layer = trace.layer[rows]
+        B = len(np.unique(trace.seq[rows]))
+        idx, used = [], []
+        for m in range(trace.num_layers):
+            sel = rows[layer == m]
+            ids = torch.from_numpy(trace.experts[sel].astype(np.int64))
+            idx.append(ids)
+            e, n = np.unique(trace.experts[sel], return_counts=True)
+            used.append({int(a): int(b) for a, b in zip(e, n)})
+        T = idx[0].shape[0]
+        out.append(Step(B, T // max(B, 1), idx, used))
+    return out
 
 
 def trace_timing(trace: RoutingTrace, copy_ms: float | None = None, attn_ms: float | None = None,
-                 expert_ms: float | None = None) -> SimTiming:
+                 expert_ms: float | None = None) -> Calibration:
     """The trace's recorded calibration, with any value the caller gives overriding it."""
     cal = trace.meta.get("calibration")
     if cal is None and None in (copy_ms, attn_ms, expert_ms):
         raise ValueError("the trace carries no calibration (it was not recorded by the expert-cache engine); "
-                         "pass --copy-ms, --attn-ms and --expert-ms")
-    base = SimTiming.from_calibration(Calibration.from_dict(cal)) if cal else SimTiming(0.0, 0.0, (1,), (0.0,))
-    return SimTiming(copy_ms / 1e3 if copy_ms is not None else base.copy_s,
-                     attn_ms / 1e3 if attn_ms is not None else base.attn_s,
-                     (1,) if expert_ms is not None else base.tokens,
-                     (expert_ms / 1e3,) if expert_ms is not None else base.expert_s)
+                         "pass --copy-ms, --attn-ms and --expert-ms, or --model-shape and --link")
+    base = Calibration.from_dict(cal) if cal else Calibration(
+        device="given", expert_bytes=int(trace.meta.get("expert_bytes", 0)), copy_s=0.0, tokens=(1,),
+        host_s=(1.0,), device_s=(0.0,), act_s_per_token=0.0)
+    return Calibration(device=base.device, expert_bytes=base.expert_bytes,
+                       copy_s=copy_ms / 1e3 if copy_ms is not None else base.copy_s,
+                       tokens=(1,) if expert_ms is not None else base.tokens,
+                       host_s=(base.host_s[0],) if expert_ms is not None else base.host_s,
+                       device_s=(expert_ms / 1e3,) if expert_ms is not None else base.device_s,
+                       act_s_per_token=base.act_s_per_token,
+                       attn_s=attn_ms / 1e3 if attn_ms is not None else base.attn_s)
 
 
-def _step_views(trace: RoutingTrace) -> list[dict[str, Any]]:
-    """Per forward pass: per layer {expert: tokens}, and the complete tokens' choices."""
-    steps: dict[int, dict[str, Any]] = {}
-    for i in range(len(trace)):
-        st = steps.setdefault(int(trace.step[i]), {"used": [dict() for _ in range(trace.num_layers)]})
-        used = st["used"][int(trace.layer[i])]
-        for e in trace.experts[i].tolist():
-            used[e] = used.get(e, 0) + 1
-    choices, prev, step = trace.token_table()
-    for s, st in steps.items():
-        rows = (step == s).nonzero().flatten()
-        st["choices"] = choices[rows]
-        p = prev[rows]
-        st["prev"] = torch.where((p >= 0)[:, None, None], choices[p.clamp_min(0)], torch.full((), -1))
-    return [steps[s] for s in sorted(steps)]
-
-
-def _predict(policy: str, st: dict[str, Any], m: int, depth: int, L: int, learned) -> dict[tuple[int, int], int]:
-    out: dict[tuple[int, int], int] = {}
-    for d in range(depth + 1):
-        j = m + d
-        if j >= L:
-            break
-        if policy == "oracle":
-            experts = st["used"][j].keys()
-        else:
-            ch, pv = st["choices"], st["prev"]
-            if ch.shape[0] == 0:
-                continue
-            src = ch[:, j - d - 1] if j - d - 1 >= 0 else None
-            prev = pv[:, j]  # rows at a sequence start hold -1: no feature
-            experts = set(learned.predict_topk(j, d, src, prev, ch.shape[0])[0].flatten().tolist())
-        for e in experts:
-            out.setdefault((j, e), j)
+def _future(steps: list[Step], L: int) -> dict[Key, list[int]]:
+    out: dict[Key, list[int]] = {}
+    for p, st in enumerate(steps):
+        for m in range(L):
+            for e in st.used[m]:
+                out.setdefault((m, e), []).append(p * L + m)
     return out
 
 
-def simulate(trace: RoutingTrace, policy: str, capacity: int, timing: SimTiming, *, depth: int = 1,
-             learned: LearnedPredictor | None = None, steps: list | None = None) -> dict[str, Any]:
-    """Replay `trace` with `capacity` slots; hit rate, bytes moved, predicted stall and time."""
+def _learned_predictions(learned, st: Step, prev: Step | None, m: int, depth: int, L: int):
+    """What the engine's learned path submits before layer m (engine._on_block), from the trace."""
+    T = st.idx[0].shape[0]
+    raw = []
+    for d in range(min(depth, learned.depth) + 1):
+        j = m + d
+        if j >= L:
+            break
+        p = prev.idx[j].view(prev.B, prev.S, -1)[:, -1] if prev is not None and prev.B == T else None
+        raw.append((j, d, *learned.predict_topk(j, d, st.idx[m - 1] if m > 0 else None, p, T)))
+    return to_predictions(raw)
+
+
+def _predictions(policy: str, st: Step, prev: Step | None, m: int, depth: int, L: int, learned):
+    if policy in ("oracle", "belady-prefetch"):
+        return [(j, j - m, {e: 1.0 for e in st.used[j]}) for j in range(m, min(L, m + depth + 1))]
+    if policy == "predictive":
+        return _learned_predictions(learned, st, prev, m, depth, L)
+    if policy == "mixtral-offloading":  # the next layer only
+        return [p for p in _learned_predictions(learned, st, prev, m, 1, L) if p[1] == 1]
+    return []
+
+
+def simulate(trace: RoutingTrace, policy: str, capacity: int, cal: Calibration, *, depth: int = 1,
+             learned: LearnedPredictor | None = None, steps: list[Step] | None = None,
+             cpu_experts: bool = False, stream_fraction: float = 0.75, max_inflight: int | None = None
+             ) -> dict[str, Any]:
+    """Replay `trace` with `capacity` slots: hits, copies, bytes, modelled stall and time (decode
+    passes, one token per sequence, are also totalled apart: tokens/s and bytes/token)."""
     if policy not in SIM_POLICIES:
         raise ValueError(f"policy={policy!r} is not one of {', '.join(SIM_POLICIES)}")
     if capacity < 1:
         raise ValueError(f"capacity={capacity} must be >= 1 slot")
-    if policy == "predictive" and learned is None:
+    L, E = trace.num_layers, trace.num_experts
+    steps = steps if steps is not None else steps_of(trace)
+    if policy in _LEARNED and learned is None:
         learned = LearnedPredictor.fit(trace, depth)
-    steps = steps if steps is not None else _step_views(trace)
-    cache = ExpertCache(capacity, "predictive" if policy == "oracle" else policy)
-    L, expert_bytes = trace.num_layers, int(trace.meta.get("expert_bytes", 0))
-    t = copy_free = stall = 0.0
-    hits = misses = copies = 0
-    ready_at: dict[tuple[int, int], float] = {}
+    scheme = "predictive" if policy == "oracle" else policy
+    planner = Planner(ExpertCache(capacity, "lfu" if scheme == "lfu" else "lru"), CostModel(cal), L,
+                      scheme=SCHEMES[scheme], cpu_experts=cpu_experts, stream_fraction=stream_fraction,
+                      num_experts=E, max_prefetch_per_layer=max_inflight or 2 * trace.top_k,
+                      future=_future(steps, L) if scheme.startswith("belady") else None)
+    planner.preload()  # every expert fits: all resident from the start, like the engine
+    dec = {"time_s": 0.0, "stall_s": 0.0, "copies": 0, "tokens": 0, "passes": 0}
+    copies, prev = 0, None
     for st in steps:
+        t0, s0, c0 = planner.now, planner.stall_s, copies
         for m in range(L):
-            protected = _predict(policy, st, m, depth, L, learned) if policy in ("predictive", "oracle") else {}
-            for key in sorted(protected, key=protected.get):
-                if key in cache:
-                    continue
-                slot = cache.choose_slot(protected, force=False)
-                if slot is None:
-                    break
-                cache.assign(key, slot)
-                copy_free = ready_at[key] = max(copy_free, t) + timing.copy_s
-                copies += 1
-            t += timing.attn_s
-            protected = {k: v for k, v in protected.items() if v > m}
-            for e, n in sorted(st["used"][m].items()):
-                key = (m, e)
-                if key in cache:
-                    hits += 1
-                    wait = max(0.0, ready_at.get(key, 0.0) - t)
-                else:
-                    misses += 1
-                    cache.assign(key, cache.choose_slot(protected, force=True))
-                    copy_free = ready_at[key] = max(copy_free, t) + timing.copy_s
-                    copies += 1
-                    wait = copy_free - t
-                stall += wait
-                t += wait + timing.expert_time(n)
-                cache.access(key)
-    uses = hits + misses
-    return {"policy": policy, "capacity": capacity, "cache_fraction": capacity / (L * trace.num_experts),
-            "hits": hits, "misses": misses, "hit_rate": hits / uses if uses else None, "copies": copies,
-            "bytes_moved": copies * expert_bytes, "stall_s": stall, "time_s": t, "passes": len(steps)}
+            copies += len(planner.prefetch(m, _predictions(policy, st, prev, m, depth, L, learned)))
+            copies += sum(op.kind == "copy" for op in planner.serve(m, st.used[m]).ops)
+        planner.end_pass()
+        if st.S == 1:
+            dec["time_s"] += planner.now - t0
+            dec["stall_s"] += planner.stall_s - s0
+            dec["copies"] += copies - c0
+            dec["tokens"] += st.B
+            dec["passes"] += 1
+        prev = st
+    t = planner.t
+    uses = t.hits + t.misses
+    dec["bytes_moved"] = dec["copies"] * cal.expert_bytes
+    return {"policy": policy, "capacity": capacity, "cache_fraction": capacity / (L * E), "hits": t.hits,
+            "misses": t.misses, "hit_rate": t.hits / uses if uses else None, "copies": copies,
+            "bytes_moved": copies * cal.expert_bytes, "stall_s": planner.stall_s, "time_s": planner.now,
+            "passes": len(steps), "prefetch_issued": t.prefetch_issued, "prefetch_used": t.prefetch_used,
+            "prefetch_cancelled": t.prefetch_cancelled, "cpu_served": t.cpu_served, "decode": dec}
 
 
 def parse_capacities(spec: str, total: int) -> list[int]:
@@ -160,23 +175,23 @@ def parse_capacities(spec: str, total: int) -> list[int]:
     return out
 
 
-def simulate_grid(trace: RoutingTrace, policies: list[str], capacities: list[int], timing: SimTiming, *,
-                  depth: int = 1) -> list[dict[str, Any]]:
-    steps = _step_views(trace)
-    learned = LearnedPredictor.fit(trace, depth) if "predictive" in policies else None
-    return [simulate(trace, p, c, timing, depth=depth, learned=learned, steps=steps)
+def simulate_grid(trace: RoutingTrace, policies: list[str], capacities: list[int], cal: Calibration, *,
+                  depth: int = 1, **kw) -> list[dict[str, Any]]:
+    steps = steps_of(trace)
+    learned = LearnedPredictor.fit(trace, depth) if any(p in _LEARNED for p in policies) else None
+    return [simulate(trace, p, c, cal, depth=depth, learned=learned, steps=steps, **kw)
             for c in capacities for p in policies]
 
 
 def format_table(rows: list[dict[str, Any]]) -> str:
-    head = f"{'policy':>10} {'slots':>6} {'cache':>6} {'hit rate':>9} {'MiB moved':>10} {'stall ms':>9} {'time ms':>9}"
+    head = f"{'policy':>18} {'slots':>6} {'cache':>6} {'hit rate':>9} {'MiB moved':>10} {'stall ms':>9} {'time ms':>9}"
     lines = [head, "-" * len(head)]
     for r in rows:
         hr = "n/a" if r["hit_rate"] is None else f"{r['hit_rate']:.3f}"
-        lines.append(f"{r['policy']:>10} {r['capacity']:>6} {r['cache_fraction']:>6.0%} {hr:>9} "
+        lines.append(f"{r['policy']:>18} {r['capacity']:>6} {r['cache_fraction']:>6.0%} {hr:>9} "
                      f"{r['bytes_moved'] / 2**20:>10.2f} {r['stall_s'] * 1e3:>9.2f} {r['time_s'] * 1e3:>9.2f}")
     return "\n".join(lines)
 
 
-__all__ = ["SimTiming", "simulate", "simulate_grid", "trace_timing", "parse_capacities", "format_table",
+__all__ = ["Step", "steps_of", "simulate", "simulate_grid", "trace_timing", "parse_capacities", "format_table",
            "SIM_POLICIES"]

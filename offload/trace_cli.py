@@ -4,6 +4,7 @@ and compare routing predictors.
     moe trace record --checkpoint runs/tiny --out trace.msgpack --max-new-tokens 128
     moe trace record --checkpoint runs/tiny --out trace.msgpack --corpus-batches 8   # corpus text
     moe trace simulate trace.msgpack --capacities 25%,50%,75% --policies lru,lfu,predictive,oracle
+    moe trace simulate trace.msgpack --model-shape mixtral-8x7b --link h100-pcie5   # projected tokens/s
     moe trace predictors --checkpoint runs/tiny --trace trace.msgpack
 """
 from __future__ import annotations
@@ -14,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from offload.projection import LINKS, SHAPES
 from offload.simulate import SIM_POLICIES
 
 
@@ -41,6 +43,9 @@ def add_trace_args(p: argparse.ArgumentParser) -> None:
     s.add_argument("--copy-ms", type=float, default=None, help="override: ms per expert copy")
     s.add_argument("--attn-ms", type=float, default=None, help="override: ms of non-expert compute per layer")
     s.add_argument("--expert-ms", type=float, default=None, help="override: ms per expert run")
+    s.add_argument("--model-shape", default=None, help="project onto a real shape: " + ", ".join(SHAPES))
+    s.add_argument("--link", default=None, help="with --model-shape: the host link, one of " + ", ".join(LINKS))
+    s.add_argument("--cpu-experts", action="store_true", help="let the cost model run misses on host cores")
     s.add_argument("--json", default=None, metavar="PATH", help="write the rows as JSON")
     c = sub.add_parser("predictors", help="precision/recall of lookahead, exact and learned predictors")
     c.add_argument("--checkpoint", required=True)
@@ -85,6 +90,7 @@ def _record(args: argparse.Namespace) -> int:
 
 
 def _simulate(args: argparse.Namespace) -> int:
+    from offload.projection import constants, project, projection_calibration
     from offload.simulate import format_table, parse_capacities, simulate_grid, trace_timing
     from offload.trace import RoutingTrace
 
@@ -93,16 +99,49 @@ def _simulate(args: argparse.Namespace) -> int:
     bad = [p for p in policies if p not in SIM_POLICIES]
     if bad:
         raise ValueError(f"--policies {bad} not in {', '.join(SIM_POLICIES)}")
+    if (args.model_shape is None) != (args.link is None):
+        raise ValueError("give --model-shape and --link together (a projection needs both), or neither")
     caps = parse_capacities(args.capacities, trace.num_layers * trace.num_experts)
-    timing = trace_timing(trace, args.copy_ms, args.attn_ms, args.expert_ms)
-    rows = simulate_grid(trace, policies, caps, timing, depth=args.depth)
+    if args.model_shape:
+        cal = projection_calibration(args.model_shape, args.link)
+        if any(x is not None for x in (args.copy_ms, args.attn_ms, args.expert_ms)):
+            raise ValueError("--copy-ms/--attn-ms/--expert-ms override a recorded calibration; a projection "
+                             "takes its constants from --model-shape and --link")
+    else:
+        cal = trace_timing(trace, args.copy_ms, args.attn_ms, args.expert_ms)
+    rows = simulate_grid(trace, policies, caps, cal, depth=args.depth, cpu_experts=args.cpu_experts)
     print(f"trace {args.trace}: {len(trace)} records, {trace.num_layers} layers x {trace.num_experts} experts; "
-          f"copy {timing.copy_s * 1e3:.3f} ms/expert, attention {timing.attn_s * 1e3:.3f} ms/layer")
-    print(format_table(rows))
+          f"copy {cal.copy_s * 1e3:.3f} ms/expert, attention {cal.attn_s * 1e3:.3f} ms/layer")
+    consts = None
+    if args.model_shape:
+        consts = constants(args.model_shape, args.link)
+        for k, v in consts.items():
+            print(f"  {k}: {v}")
+        for r in rows:
+            r["projection"] = project(r, trace.num_layers, args.model_shape)
+        print(format_projection(rows))
+    else:
+        print(format_table(rows))
     if args.json:
-        Path(args.json).write_text(json.dumps({"trace": str(args.trace), "timing": vars(timing), "rows": rows},
-                                              indent=2, default=list))
+        Path(args.json).write_text(json.dumps({"trace": str(args.trace), "calibration": cal.to_dict(),
+                                               "constants": consts, "rows": rows}, indent=2, default=list))
     return 0
+
+
+def format_projection(rows) -> str:
+    """tokens/s and bytes/token lead; hit rate is a diagnostic."""
+    head = (f"{'policy':>18} {'slots':>6} {'tok/s':>8} {'MiB/token':>10} {'copies/tok':>10} {'stall ms/tok':>12} "
+            f"{'hit rate':>9}")
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        p = r["projection"]
+        if p["tokens_per_s"] is None:
+            lines.append(f"{r['policy']:>18} {r['capacity']:>6}  (no decode pass in the trace)")
+            continue
+        hr = "n/a" if r["hit_rate"] is None else f"{r['hit_rate']:.3f}"
+        lines.append(f"{r['policy']:>18} {r['capacity']:>6} {p['tokens_per_s']:>8.2f} {p['bytes_per_token'] / 2**20:>10.1f} "
+                     f"{p['copies_per_token']:>10.1f} {p['stall_ms_per_token']:>12.2f} {hr:>9}")
+    return "\n".join(lines)
 
 
 def _predictors(args: argparse.Namespace) -> int:

@@ -46,9 +46,9 @@ from moe.dispatch import LocalDispatcher
 from moe.train import resolve_device
 from offload.cache import ExpertCache, SlotPool
 from offload.config import OffloadConfig
-from offload.cpu_experts import CostModel, calibrate
+from offload.cpu_experts import Calibration, CostModel, calibrate
 from offload.predictor import to_predictions
-from offload.copy import make_copy_engine
+from offload.copy_engines import make_copy_engine
 from offload.runtime import OffloadRuntime
 from offload.stats import CacheStats
 from offload.store import ExpertLayout, HostExpertStore
@@ -111,7 +111,7 @@ class TransformersExpertCache:
     calibration, runtime, 5. link each experts module and switch the experts implementation,
     6. hooks for predictions and statistics."""
 
-    def __init__(self, model: nn.Module, config: OffloadConfig):
+    def __init__(self, model: nn.Module, config: OffloadConfig, calibration: Calibration | None = None):
         self.model, self.config = model, config
         self.layers, moe = moe_decoder_layers(model)
         self.device = resolve_device(config.device)
@@ -121,7 +121,8 @@ class TransformersExpertCache:
         model.to(self.device)
         self.pool = SlotPool(config.slots_for(self.store.layout), self.store.layout, self.device)
         self.copies = make_copy_engine(self.store, self.pool)
-        self.calibration = calibrate(self.store, self.pool, self.copies)
+        self.calibration = calibration or calibrate(self.store, self.pool, self.copies,
+                                                    attn_probe=self._attn_probe(moe[0]))
         self.copies.copy_s = self.calibration.copy_s
         top_k = getattr(model.config, "num_experts_per_tok", 2)
         self.runtime = OffloadRuntime(self.store, self.pool, ExpertCache(self.pool.num_slots, config.policy), self.copies,
@@ -151,6 +152,17 @@ class TransformersExpertCache:
         if pred == "auto":
             pred = "lookahead" if config.policy == "predictive" else "none"
         self.predictor_name, self.depth = pred, config.lookahead_depth
+
+    def _attn_probe(self, layer: nn.Module):
+        """One decode-shaped attention of a MoE decoder layer: the window a prefetch can hide in
+        (the planner weighs copies against it, as it does for our own model)."""
+        base = getattr(self.model, getattr(self.model, "base_model_prefix", "model"), self.model)
+        dense = next(p for p in layer.self_attn.parameters())
+        x = torch.zeros(1, 1, self.model.config.hidden_size, device=dense.device, dtype=dense.dtype)
+        rotary = getattr(base, "rotary_emb", None)
+        pos = rotary(x, torch.zeros(1, 1, dtype=torch.long, device=x.device)) if rotary is not None else None
+        return lambda: layer.self_attn(hidden_states=layer.input_layernorm(x), position_embeddings=pos,
+                                       attention_mask=None)
 
     @torch.no_grad()
     def _build_store(self, moe: list[nn.Module]) -> HostExpertStore:
@@ -244,9 +256,11 @@ class TransformersExpertCache:
         self.copies.synchronize()
 
 
-def enable_expert_cache(model: nn.Module, config: OffloadConfig) -> TransformersExpertCache:
+def enable_expert_cache(model: nn.Module, config: OffloadConfig, *,
+                        calibration: Calibration | None = None) -> TransformersExpertCache:
     """Hand a transformers MoE model's experts to the expert cache (see module docstring); also
-    available afterwards as `model.expert_cache`."""
+    available afterwards as `model.expert_cache`. `calibration` reuses a measured one (else the
+    copy, expert and attention times are measured now)."""
     if not isinstance(config, OffloadConfig):
         raise ValueError(f"config must be an OffloadConfig, got {type(config).__name__}")
     if getattr(model, "expert_cache", None) is not None:
@@ -254,7 +268,7 @@ def enable_expert_cache(model: nn.Module, config: OffloadConfig) -> Transformers
     if getattr(model, "hf_device_map", None):
         raise ValueError("this model was dispatched with a device_map (accelerate hooks place its experts); load it "
                          "without device_map, on the host, and let the cache place it (OffloadConfig.device)")
-    cache = TransformersExpertCache(model, config)
+    cache = TransformersExpertCache(model, config, calibration)
     model.expert_cache = cache
     return cache
 

@@ -11,9 +11,10 @@ import random
 import pytest
 import torch
 
-from offload.cache import ExpertCache, SlotPool, StaleSlotError
+from offload.cache import POLICIES, ExpertCache, SlotPool, StaleSlotError
 from offload.cpu_experts import Calibration, CostModel, expert_forward, interpolate
-from offload.prefetch import HostCopyEngine, PrefetchQueue
+from offload.copy_engines import HostCopyEngine
+from offload.prefetch import PrefetchQueue
 from offload.runtime import OffloadRuntime
 from offload.store import ExpertLayout, HostExpertStore
 from tests.test_offload_support import single_thread  # noqa: F401
@@ -29,10 +30,10 @@ def _store() -> HostExpertStore:
 
 def _cal(copy_s: float, host_s: float) -> Calibration:
     return Calibration(device="cpu", expert_bytes=LAYOUT.expert_bytes, copy_s=copy_s, tokens=(1, 8),
-                       host_s=(host_s, 8 * host_s), device_s=(1e-6, 8e-6), act_s_per_token=0.0)
+                       host_s=(host_s, 8 * host_s), device_s=(1e-6, 8e-6), act_s_per_token=0.0, attn_s=2e-5)
 
 
-@pytest.mark.parametrize("policy", ["lru", "lfu", "predictive"])
+@pytest.mark.parametrize("policy", POLICIES)
 @pytest.mark.parametrize("slots", [1, 2, 5, 18])
 @pytest.mark.parametrize("cpu", [False, True])
 def test_random_routing_never_reads_a_wrong_or_unfilled_slot(policy, slots, cpu):
@@ -48,9 +49,8 @@ def test_random_routing_never_reads_a_wrong_or_unfilled_slot(policy, slots, cpu)
     for step in range(150):
         m = step % LAYOUT.num_layers
         if rng.random() < 0.7:  # a predictor's guess for this layer and the next, right or wrong
-            rt.submit([(j, j - m, {e: rng.random() for e in rng.sample(range(E), rng.randint(1, 3))})
-                       for j in (m, m + 1) if j < LAYOUT.num_layers])
-            rt.pump()
+            rt.begin_layer(m, [(j, j - m, {e: rng.random() for e in rng.sample(range(E), rng.randint(1, 3))})
+                               for j in (m, m + 1) if j < LAYOUT.num_layers])
         counts_E = torch.tensor([rng.choice([0, 0, 1, 2, 3]) for _ in range(E)])
         if rng.random() < 0.15:
             counts_E = torch.randint(1, 4, (E,))  # nearly every expert: the stream regime
@@ -177,29 +177,3 @@ def test_cost_model_interpolates_measurements():
     assert cm.decide(4, 0.1, allow_cpu=True) == "wait"
     assert cm.decide(1, None, allow_cpu=False) == "copy"
     assert cm.prefers_copy(4) and not cm.prefers_copy(1)
-
-
-def test_recency_guard_protects_recent_experts_only_when_recency_predicts_better_and_fits():
-    from offload.prefetch import RecencyGuard
-    g = RecencyGuard(warmup=3)
-    predicted = {(1, 5): 1}
-    for _ in range(4):  # layers keep using the same experts; the predictor keeps guessing wrong
-        g.observe(0, {1, 2}, [{3, 4}])
-        g.observe(1, {0, 7}, [{5, 6}])
-    assert g.active and g.recency_ema == pytest.approx(1.0) and g.pred_ema == pytest.approx(0.0)
-    prot = g.protect(predicted, capacity=8)
-    assert set(prot) == {(0, 1), (0, 2), (1, 0), (1, 7), (1, 5)} and prot[(1, 5)] == 1
-    assert g.protect(predicted, capacity=3) is predicted  # recency's experts would not fit: predictor only
-    g2 = RecencyGuard(warmup=3)
-    for _ in range(4):  # the predictor is right, recency is not
-        g2.observe(0, {1, 2}, [{1, 2}])
-        g2.observe(0, {3, 4}, [{3, 4}])
-    assert not g2.active and g2.protect(predicted, capacity=8) is predicted
-
-
-def test_recency_guard_waits_for_evidence():
-    from offload.prefetch import RecencyGuard
-    g = RecencyGuard(warmup=8)
-    for _ in range(4):
-        g.observe(0, {1}, [{2}])
-    assert g.scored == 3 and not g.active  # the first pass of a layer has nothing to compare with

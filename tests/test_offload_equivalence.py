@@ -83,7 +83,9 @@ def test_exact_predictor_is_never_wrong():
                lookahead_depth=0)
     d0 = r["prediction"]["per_distance"]["0"]
     assert d0["precision"] == 1.0 and d0["recall"] == 1.0
-    assert r["hit_rate"] == 1.0, "exact prefetch before attention: every decode expert is at least in flight"
+    # A certain prediction is copied before attention only while the link has room (a copy behind a busy
+    # link lands no earlier than the demand miss would): most, not all, decode experts are in flight.
+    assert r["prefetch"]["issued"] > 0 and r["hit_rate"] > 0.5
 
 
 def test_learned_predictor_drives_prefetch_exactly():

@@ -138,7 +138,8 @@ def test_trace_record_default_length_fills_the_context(trained, tmp_path, capsys
 
 def test_predictive_is_never_worse_than_lru_on_repetitive_greedy_decoding(trained):
     """Greedy decoding of a briefly trained model repeats itself, so "the last token's experts" is the
-    best guess; the recency guard must keep wrong prefetches from evicting them."""
+    best guess; the calibrated recency boost (offload/eviction.py) must keep wrong prefetches from
+    evicting them."""
     _, run_dir, _, _ = trained["post_attention"]
     model = load_model(run_dir)[0]
     total = model.cfg.num_moe_layers * model.cfg.moe.num_experts

@@ -1,0 +1,89 @@
+"""What the Planner (offload/decision.py) decides with and what it hands out: the schemes (one
+per policy), the ops of a layer's plan in execution order, and the tally of what it did.
+
+Legend: a key is (MoE layer index, expert id).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+
+Key = tuple[int, int]
+
+
+@dataclass(frozen=True, kw_only=True)
+class Scheme:
+    """How a policy decides: its eviction rule and its prefetch rule."""
+
+    name: str
+    evict: str
+    """lru | lfu | next-use | belady | layer-lru | frequency."""
+    prefetch: str
+    """none | cost (the cost model decides) | always (every predicted expert, no cost check)."""
+    recency_candidates: bool = False
+    """Also consider the experts a layer used last pass as prefetch candidates."""
+    frequency_candidates: bool = False
+    """Also consider the next layer's most frequently activated experts (MoE-Infinity)."""
+    adaptive: bool = False
+    """Evict by whichever of lru / lfu / next-use its shadow cache says missed least lately."""
+    distances: tuple[int, ...] | None = None
+    """Prediction distances the scheme listens to (None: all)."""
+
+
+SCHEMES = {s.name: s for s in (
+    Scheme(name="lru", evict="lru", prefetch="none"),
+    Scheme(name="lfu", evict="lfu", prefetch="none"),
+    Scheme(name="predictive", evict="next-use", prefetch="cost", adaptive=True,
+           recency_candidates=bool(int(__import__("os").environ.get("RC", "1")))),
+    Scheme(name="belady", evict="belady", prefetch="none"),
+    Scheme(name="belady-prefetch", evict="belady", prefetch="cost"),
+    Scheme(name="mixtral-offloading", evict="layer-lru", prefetch="always", distances=(1,)),
+    Scheme(name="moe-infinity", evict="frequency", prefetch="always", frequency_candidates=True),
+)}
+
+
+@dataclass(frozen=True)
+class Op:
+    """One step of a layer's plan, in execution order: copy `key` into `slot` (evicting `evicted`),
+    run `key` from its slot (waiting for its copy), or run `key` on host cores."""
+
+    kind: str
+    key: Key
+    slot: int = -1
+    evicted: Key | None = None
+
+
+@dataclass
+class LayerPlan:
+    ops: list[Op] = field(default_factory=list)
+    stream: bool = False
+
+
+@dataclass
+class Tally:
+    """What the decisions did (the engine's counters are these)."""
+
+    expert_uses: int = 0
+    hits: int = 0
+    late_hits: int = 0
+    misses: int = 0
+    cpu_served: int = 0
+    demand_copies: int = 0
+    stream_copies: int = 0
+    prefetch_issued: int = 0
+    prefetch_used: int = 0
+    prefetch_wasted: int = 0
+    prefetch_cancelled: int = 0
+    background_copies: int = 0
+    cache_steps: int = 0
+    stream_steps: int = 0
+
+    def minus(self, other: "Tally") -> "Tally":
+        return Tally(**{f.name: getattr(self, f.name) - getattr(other, f.name) for f in fields(self)})
+
+    def as_dict(self) -> dict[str, int | float | None]:
+        d = {f.name: getattr(self, f.name) for f in fields(self)}
+        d["hit_rate"] = self.hits / self.expert_uses if self.expert_uses else None
+        return d
+
+
+__all__ = ["Scheme", "SCHEMES", "Op", "LayerPlan", "Tally"]

@@ -1,0 +1,174 @@
+"""The transfer decisions (offload/decision.py): the engine and the simulator make the same ones;
+prefetch only when it pays; stale prefetches are cancelled; eviction knows the layer cycle.
+Also the synthetic traces and the projection constants the benchmark relies on."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from offload.cache import ExpertCache
+from offload.cpu_experts import Calibration, CostModel
+from offload.decision import Planner
+from offload.engine import ExpertCacheEngine
+from offload.predictor import LearnedPredictor
+from offload.projection import constants, project, projection_calibration
+from offload.simulate import simulate, steps_of
+from offload.synthetic import synthetic_trace
+from tests.test_offload_support import single_thread, tiny_cfg, twin_models  # noqa: F401
+
+NEW = 24
+ENGINE_POLICIES = ("lru", "lfu", "predictive", "mixtral-offloading", "moe-infinity")
+
+
+def _cal(copy_s: float, attn_s: float, expert_bytes: int = 1) -> Calibration:
+    return Calibration(device="cpu", expert_bytes=expert_bytes, copy_s=copy_s, tokens=(1, 64), host_s=(1.0, 64.0),
+                       device_s=(1e-4, 1e-3), act_s_per_token=0.0, attn_s=attn_s)
+
+
+@pytest.fixture(scope="module")
+def recorded():
+    """One sampled generation recorded at full capacity, the model back, and a predictor fitted on it."""
+    _, model = twin_models(tiny_cfg())
+    expert_bytes = 3 * 32 * 24 * 4
+    cal = _cal(1e-3, 3e-4, expert_bytes)
+    prompt = torch.randint(0, 256, (1, 5), generator=torch.Generator().manual_seed(2))
+    engine = ExpertCacheEngine(model, gpu_expert_slots=24, policy="lru", device="cpu", record_trace=True,
+                               calibration=cal, keep_banks=True)
+    engine.generate(prompt, NEW, temperature=0.8, generator=torch.Generator().manual_seed(0))
+    trace = engine.trace()
+    return engine.close(), trace, LearnedPredictor.fit(trace, 1, steps=50), cal, prompt
+
+
+@pytest.mark.parametrize("policy", ENGINE_POLICIES)
+def test_engine_equals_simulator_on_a_recorded_trace(recorded, policy):
+    """Hits, misses, copies and bytes of the engine equal the simulator's, every capacity (1 slot,
+    fewer than a pass, all experts)."""
+    model, trace, learned, cal, prompt = recorded
+    steps = steps_of(trace)
+    predictor = learned if policy in ("predictive", "mixtral-offloading") else "auto"
+    for slots in (1, 3, 6, 12, 24):
+        engine = ExpertCacheEngine(model, gpu_expert_slots=slots, policy=policy, device="cpu", calibration=cal,
+                                   keep_banks=True, predictor=predictor)
+        engine.generate(prompt, NEW, temperature=0.8, generator=torch.Generator().manual_seed(0))
+        c = engine.runtime.c
+        sim = simulate(trace, policy, slots, cal, learned=learned, steps=steps)
+        got = {"hits": c.hits, "misses": c.misses, "bytes_moved": engine.copies.bytes_moved,
+               "prefetch_issued": c.prefetch_issued}
+        want = {k: sim[k] for k in got}
+        assert got == want, f"{policy} at {slots} slots: engine {got} != simulator {want}"
+        assert sim["bytes_moved"] == sim["copies"] * cal.expert_bytes
+        engine.close()
+
+
+@pytest.mark.parametrize("policy", ["lru", "predictive"])
+def test_engine_equals_simulator_with_host_experts(recorded, policy):
+    """Host cores at 1.5 copies per expert: a miss queued behind one copy runs on the host instead."""
+    model, trace, learned, cal, prompt = recorded
+    host = Calibration(device="cpu", expert_bytes=cal.expert_bytes, copy_s=1e-3, tokens=(1, 64),
+                       host_s=(1.5e-3, 96e-3), device_s=(1e-4, 1e-3), act_s_per_token=0.0, attn_s=3e-4)
+    for slots in (3, 12):
+        engine = ExpertCacheEngine(model, gpu_expert_slots=slots, policy=policy, device="cpu", calibration=host,
+                                   keep_banks=True, cpu_experts=True, predictor=learned if policy == "predictive" else "auto")
+        engine.generate(prompt, NEW, temperature=0.8, generator=torch.Generator().manual_seed(0))
+        c = engine.runtime.c
+        sim = simulate(trace, policy, slots, host, learned=learned, cpu_experts=True)
+        got = (c.hits, c.misses, c.cpu_served, engine.copies.bytes_moved)
+        assert got == (sim["hits"], sim["misses"], sim["cpu_served"], sim["bytes_moved"]), (policy, slots)
+        assert c.cpu_served > 0
+        engine.close()
+
+
+def _warm(planner: Planner, layers: int, k: int = 2) -> None:
+    """Serve `layers` layers, each routing one token to k random experts (no temporal locality)."""
+    rng = np.random.default_rng(0)
+    for i in range(layers):
+        m = i % planner.L
+        planner.prefetch(m)
+        planner.serve(m, {int(e): 1 for e in rng.choice(planner.E, k, replace=False)})
+        if m == planner.L - 1:
+            planner.end_pass()
+
+
+def test_demand_miss_is_preferred_to_a_speculative_prefetch_when_the_link_is_the_bottleneck():
+    def planner(copy_s: float) -> Planner:
+        p = Planner(ExpertCache(4, "lru"), CostModel(_cal(copy_s, 3e-4)), 4, scheme="predictive", num_experts=8)
+        _warm(p, 8)
+        return p
+
+    slow = planner(10e-3)  # a copy is 33 attention windows: every layer's link time is demand misses'
+    assert slow.copies_per_layer * slow.copy_s > 10 * slow.attn_s, "the link carries more than the compute hides"
+    ops = slow.prefetch(0, [(0, 0, {7: 0.9})])
+    assert (0, 7) not in [op.key for op in ops], "a 50%-calibrated guess would take link time from demand misses"
+    plan = slow.serve(0, {7: 1})
+    assert [op.kind for op in plan.ops] == ["copy", "run"], "the demand miss is copied at once"
+    fast = planner(1e-4)  # a copy hides in one attention window: the same guess pays
+    assert (0, 7) in [op.key for op in fast.prefetch(0, [(0, 0, {7: 0.9})])]
+
+
+def test_a_prefetch_past_its_deadline_is_cancelled():
+    p = Planner(ExpertCache(4, "lru"), CostModel(_cal(10e-3, 3e-4)), 4, scheme="predictive", num_experts=8)
+    _warm(p, 8)
+    assert (1, 7) not in [op.key for op in p.prefetch(0, [(1, 1, {7: 0.9})])] and (1, 7) in p.queue.pending
+    p.serve(0, {3: 1})
+    p.prefetch(1)
+    before = p.t.prefetch_cancelled
+    p.serve(1, {2: 1})
+    assert p.t.prefetch_cancelled == before + 1 and (1, 7) not in p.queue.pending
+    assert (1, 7) not in p.cache, "a request whose layer ran is never issued"
+
+
+@pytest.mark.parametrize("policy", ["predictive", "belady"])
+def test_layer_cycle_eviction_does_not_collapse_below_one_pass(policy):
+    """Every token uses the same 2 experts in each of 8 layers (16 keys a pass) with 12 slots: LRU
+    evicts each key just before its reuse (0 hits); evicting the layer just run keeps 11 of 16."""
+    trace = synthetic_trace(num_layers=8, num_experts=8, top_k=2, tokens=40, locality=1.0, seed=3)
+    cal = _cal(1e-3, 3e-4)
+    lru = simulate(trace, "lru", 12, cal)
+    got = simulate(trace, policy, 12, cal, learned=LearnedPredictor.fit(trace, 1, steps=20))
+    assert lru["hits"] == 0
+    assert got["hit_rate"] > 0.55, got
+    assert got["decode"]["time_s"] < lru["decode"]["time_s"]
+
+
+def test_synthetic_traces_are_seeded_and_have_the_asked_locality():
+    kw = dict(num_layers=4, num_experts=16, top_k=2, tokens=200, batch=2)
+    a, b = synthetic_trace(**kw, locality=0.9, seed=5), synthetic_trace(**kw, locality=0.9, seed=5)
+    assert np.array_equal(a.experts, b.experts) and len(a) == 200 * 4 * 2
+    assert all(len(set(row)) == 2 for row in a.experts.tolist()), "top-k experts are distinct"
+
+    def reuse(t) -> float:  # share of picks equal to the previous token's at the same layer
+        choices, prev, _ = t.token_table()
+        ok = prev >= 0
+        same = (choices[ok][:, :, :, None] == choices[prev[ok]][:, :, None, :]).any(-1)
+        return float(same.float().mean())
+
+    assert reuse(a) > 0.85 and reuse(synthetic_trace(**kw, locality=0.0, seed=5)) < 0.4
+    with pytest.raises(ValueError, match="must be >= 0 with a sum <= 1"):
+        synthetic_trace(**kw, locality=0.8, transition=0.5)
+
+
+def test_projection_constants_and_scaling():
+    c = constants("mixtral-8x7b", "h100-pcie5")
+    assert c["expert_mb"] == pytest.approx(352.3, abs=0.1) and c["copy_ms"] == pytest.approx(6.43, abs=0.01)
+    assert projection_calibration("qwen3-30b-a3b", "pcie4").expert_bytes == 3 * 2048 * 768 * 2
+    row = {"decode": {"tokens": 10, "time_s": 1.0, "bytes_moved": 100, "stall_s": 0.5, "copies": 4}}
+    p = project(row, trace_layers=8, shape="mixtral-8x7b")  # 32 layers: 4x the trace's 8
+    assert p["tokens_per_s"] == pytest.approx(2.5) and p["bytes_per_token"] == pytest.approx(40)
+    with pytest.raises(ValueError, match="--link 'pcie9' is not one of h100-pcie5, pcie4"):
+        projection_calibration("mixtral-8x7b", "pcie9")
+
+
+def test_recency_boost_is_calibrated_from_the_routing():
+    """The boost is ~1 when layers reuse last run's experts and ~0 when routing is independent."""
+    from offload.eviction import UsageStats
+    rng = np.random.default_rng(0)
+    repeat, iid = UsageStats(2, 8), UsageStats(2, 8)
+    for _ in range(300):
+        for m in range(2):
+            repeat.observe(m, [1, 2 + m])
+            iid.observe(m, sorted(int(e) for e in rng.choice(8, 2, replace=False)))
+    assert repeat.boost > 0.9 and abs(iid.boost) < 0.1
+    assert repeat.p_use((0, 1)) > 0.95 and repeat.p_use((0, 5)) < 0.05
+    cm = CostModel(_cal(0.5, 0.0))  # copy 0.5 s beats host 1.0 s, unless 5 s of copies are queued
+    assert cm.decide(1, None, True, queued_s=0.0) == "copy" and cm.decide(1, None, True, queued_s=5.0) == "cpu"
