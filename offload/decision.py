@@ -329,8 +329,9 @@ class Planner:
             self._run(key, n, plan)
 
     def _decide_misses(self, m: int, misses: list[int], counts, plan: LayerPlan) -> tuple[list[int], list[int]]:
-        """Each miss: copy (behind the link's queue and the copies decided before it) or host
-        cores, which run while those copies fly. Returns (copy, host)."""
+        """Each miss: copy (behind the link's queue and the copies decided before it; a copy also
+        keeps the expert for its next use) or host cores, which run while those copies fly.
+        Returns (copy, host)."""
         if plan.stream:
             self.t.stream_steps += 1
             self.t.stream_copies += len(misses)
@@ -339,7 +340,9 @@ class Planner:
         copy, host, host_s = [], [], 0.0
         for e in misses:
             queued = max(self.link_free, self.now) - self.now + len(copy) * self.copy_s
-            dec = self.cost.decide(counts[e], None, self.cpu_experts, queued_s=queued - host_s)
+            # a copy also leaves the expert cached: worth P(used again) x the next miss it avoids
+            keep = self.p_use((m, e)) * min(self.copy_s, self.cost.host_time(counts[e])) if self.cpu_experts else 0.0
+            dec = self.cost.decide(counts[e], None, self.cpu_experts, queued_s=queued - host_s - keep)
             self.decisions[dec] += 1
             if dec == "cpu":
                 host.append(e)

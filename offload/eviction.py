@@ -112,9 +112,6 @@ class SlotTable:
             self._ptr[(m, e)] = i
             self.next_pos_LE[m, e] = uses[i] if i < len(uses) else NEVER
 
-    def on_evict(self, slot: int) -> None:
-        self.layer_S[slot] = self.expert_S[slot] = -1
-
     def free_slot(self) -> int | None:
         free = np.flatnonzero((self.layer_S < 0) & ~self.pinned_S)
         return int(free[0]) if free.size else None

@@ -63,10 +63,6 @@ class PrefetchQueue:
         best = min(self.pending.values(), key=lambda r: (r.deadline, -r.confidence))
         return self.pending.pop(best.key)
 
-    def push_back(self, req: PrefetchRequest) -> None:
-        """Return a request that could not be issued yet (no evictable slot)."""
-        self.pending[req.key] = req
-
     def layer_done(self, layer: int) -> None:
         """Layer `layer` ran: its predictions no longer protect anything, its requests are moot."""
         for d in (self.pending, self.predicted):
