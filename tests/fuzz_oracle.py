@@ -51,7 +51,8 @@ _TRAIN = {**{k: _pos for k in ("max_steps", "batch_size", "seq_len", "grad_accum
           "grad_clip": _nonneg_num, "seed": lambda v: _int(v) and 0 <= v < 2**63,
           "ckpt_interval": lambda v: _int(v) and v >= 0, "keep_checkpoints": _pos,
           "device": lambda v: isinstance(v, str) and re.fullmatch(r"auto|cpu|mps|cuda(:\d{1,3})?", v) is not None,
-          "autocast_bf16": lambda v: isinstance(v, bool), "threads": lambda v: _int(v) and v >= 0}
+          "autocast_bf16": lambda v: isinstance(v, bool), "threads": lambda v: _int(v) and v >= 0,
+          "activation_checkpointing": lambda v: v in ("none", "full", "selective")}
 _REQUIRED = {"moe": ("num_experts", "top_k", "d_expert"), "model": ("d_model", "n_layers", "n_heads")}
 
 

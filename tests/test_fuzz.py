@@ -54,3 +54,15 @@ def test_the_classifier_catches_a_silent_wrong_load(seeds, tmp_path, monkeypatch
     outcomes = collections.Counter(run_case(seeds, "checkpoint", "header_edit", s, tmp_path)["outcome"]
                                    for s in range(12))
     assert outcomes["silent_wrong_load"] + outcomes["crash"] > 0, outcomes
+
+
+def test_oracle_knows_every_config_field():
+    # A config field added without its rule in the oracle makes every valid config look invalid to it.
+    import dataclasses
+
+    from moe.config import ModelConfig, MoEConfig, TrainConfig
+    from tests.fuzz_oracle import _MODEL, _MOE, _TRAIN
+    for cls, spec in ((TrainConfig, _TRAIN), (ModelConfig, _MODEL), (MoEConfig, _MOE)):
+        names = {f.name for f in dataclasses.fields(cls)} - {"moe"}
+        assert names == set(spec), f"{cls.__name__}: fields without an oracle rule {names - set(spec)}, " \
+                                   f"rules without a field {set(spec) - names}"
