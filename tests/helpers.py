@@ -1,6 +1,7 @@
 """Shared test helpers: small configs and dtype-aware comparison."""
 from __future__ import annotations
 
+import pytest
 import torch
 
 from moe.config import MoEConfig, ModelConfig, RunConfig, TrainConfig
@@ -36,3 +37,13 @@ def small_run(name: str = "t", moe: MoEConfig | None = None, model: dict | None 
               eval_batches=2, log_interval=1, ckpt_interval=3, device="cpu")
     tr.update(train)
     return RunConfig(name=name, model=small_model(moe, **(model or {})), train=TrainConfig(**tr))
+
+
+@pytest.fixture(autouse=True, scope="module")
+def single_thread():
+    """Import into a test module to run it on one torch thread: tiny matmuls lose more to thread
+    hand-offs than they gain on a shared 2-core machine."""
+    prev = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(prev)

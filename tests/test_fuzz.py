@@ -10,17 +10,9 @@ import pytest
 import torch
 
 from tests.fuzzing import FAILURES, KINDS, cases, make_seeds, run_case
+from tests.helpers import single_thread  # noqa: F401,E402  (autouse: one torch thread)
 
 N_CASES = 480
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # Tiny matmuls: thread hand-offs cost more than they save on a shared 2-core box.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")

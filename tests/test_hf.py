@@ -26,18 +26,10 @@ from moe.hf import (HFCheckpointError, export_hf, iter_hf_expert_tensors, load_h
                     trainer_from_hf)
 from moe.model import MoETransformer  # noqa: E402
 from tests.helpers import assert_close  # noqa: E402
+from tests.helpers import single_thread  # noqa: F401,E402  (autouse: one torch thread)
 
 V = 100
 FAMILIES = ("mixtral", "qwen2_moe", "olmoe", "qwen3_moe")
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # Tiny matmuls: thread hand-offs cost more than they save on a shared 2-core box.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def hf_model(family: str, **kw):

@@ -12,7 +12,7 @@ import torch
 import transformers
 
 from offload.config import OffloadConfig
-from tests.helpers import assert_close
+from tests.helpers import assert_close, single_thread  # noqa: F401  (single_thread: autouse, one torch thread)
 
 # offload.transformers_cache imports transformers.integrations.moe, which imports triton; imported at
 # collection time that would precede tests/test_kernels_triton.py setting TRITON_INTERPRET=1 and break
@@ -28,14 +28,6 @@ def enable_expert_cache(model, config):
     return _tc().enable_expert_cache(model, config)
 
 FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe")
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny matmuls: a second thread on a shared 2-core box only waits
-    yield
-    torch.set_num_threads(n)
 
 
 def hf_model(family: str, **kw):

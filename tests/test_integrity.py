@@ -22,15 +22,7 @@ from moe.serial import DecodeError, seal, unpack_limited, unseal
 from moe.train import Trainer, load_model
 from offload.trace import TRACE_FORMAT, TRACE_VERSION, RoutingTrace, TraceError
 from tests.fuzzing import SHARD, make_seeds, manifest_body, reseal_manifest
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # Tiny matmuls: thread hand-offs cost more than they save on a shared 2-core box.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+from tests.helpers import single_thread  # noqa: F401,E402  (autouse: one torch thread)
 
 
 @pytest.fixture(scope="module")

@@ -15,16 +15,9 @@ from moe.data import Corpus  # noqa: E402
 from moe.hf import export_hf, load_hf, trainer_from_hf  # noqa: E402
 from moe.router import balance_loss  # noqa: E402
 from moe.train import micro_batch_loss  # noqa: E402
+from tests.helpers import single_thread  # noqa: F401,E402  (autouse: one torch thread)
 
 V = 64
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def qwen2_moe(tmp_path, **kw):

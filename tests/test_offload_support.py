@@ -16,14 +16,7 @@ import torch
 from moe.config import ModelConfig, MoEConfig, RunConfig, TrainConfig
 from moe.data import Corpus
 from moe.model import KVCache, MoETransformer
-
-
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    prev = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(prev)
+from tests.helpers import single_thread  # noqa: F401,E402  (autouse: one torch thread)
 
 
 def tiny_cfg(router_position: str = "post_attention", **kw) -> ModelConfig:

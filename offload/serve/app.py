@@ -290,21 +290,34 @@ async def _guarded(ctx: ServeContext, sreq: Request, events: AsyncIterator[str])
         ctx.scheduler.cancel(sreq)
 
 
-async def _sse_completion(ctx, req, sreq, queue, rid, created, ids) -> AsyncIterator[str]:
-    n = 0
+async def _chunks(queue) -> AsyncIterator:
+    """One request's chunks from the scheduler, up to and including its last (finish set)."""
     while True:
         c = await queue.get()
-        if c.finish in ("error", "cancelled"):
-            yield _sse(P.OpenAIError(500 if c.finish == "error" else 503, c.error or "cancelled",
-                                     type="server_error").body())
+        yield c
+        if c.finish is not None:
+            return
+
+
+def _failed_event(c) -> str | None:
+    """The SSE error event that ends a stream whose request failed or was cancelled, else None."""
+    if c.finish not in ("error", "cancelled"):
+        return None
+    return _sse(P.OpenAIError(500 if c.finish == "error" else 503, c.error or "cancelled",
+                              type="server_error").body())
+
+
+async def _sse_completion(ctx, req, sreq, queue, rid, created, ids) -> AsyncIterator[str]:
+    n = 0
+    async for c in _chunks(queue):
+        if (failed := _failed_event(c)) is not None:
+            yield failed
             return
         n += len(c.token_ids)
         if c.text or c.finish or req.return_token_ids:
             body = P.completion_body(rid, ctx.model_name, c.text, c.finish, created=created,
                                      token_ids=c.token_ids if req.return_token_ids else None)
             yield _sse(body)
-        if c.finish is not None:
-            break
     if req.stream_options is not None and req.stream_options.include_usage:
         yield _sse(P.usage_chunk(rid, ctx.model_name, created, "text_completion", len(ids), n))
 
@@ -312,11 +325,9 @@ async def _sse_completion(ctx, req, sreq, queue, rid, created, ids) -> AsyncIter
 async def _sse_chat(ctx, req, sreq, queue, rid, created, ids) -> AsyncIterator[str]:
     yield _sse(P.chat_chunk(rid, ctx.model_name, created, {"role": "assistant", "content": ""}, None))
     n = 0
-    while True:
-        c = await queue.get()
-        if c.finish in ("error", "cancelled"):
-            yield _sse(P.OpenAIError(500 if c.finish == "error" else 503, c.error or "cancelled",
-                                     type="server_error").body())
+    async for c in _chunks(queue):
+        if (failed := _failed_event(c)) is not None:
+            yield failed
             return
         n += len(c.token_ids)
         tok_ids = c.token_ids if req.return_token_ids else None
@@ -324,7 +335,6 @@ async def _sse_chat(ctx, req, sreq, queue, rid, created, ids) -> AsyncIterator[s
             yield _sse(P.chat_chunk(rid, ctx.model_name, created, {"content": c.text}, None, tok_ids))
         if c.finish is not None:
             yield _sse(P.chat_chunk(rid, ctx.model_name, created, {}, c.finish))
-            break
     if req.stream_options is not None and req.stream_options.include_usage:
         yield _sse(P.usage_chunk(rid, ctx.model_name, created, "chat.completion.chunk", len(ids), n))
 
