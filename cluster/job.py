@@ -24,6 +24,7 @@ import argparse
 import dataclasses
 import json
 import os
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -210,7 +211,7 @@ class ClusterTrainer:
         return {"run": run, "ep": c.ep, "data": self.data, "run_uri": self.run_uri, "offload": c.offload_experts,
                 "overlap": c.overlap_grad_sync == "on" or (c.overlap_grad_sync == "auto" and use_gpu),
                 "progress": self.progress, "plots": self.plots and "://" not in self.run_uri, "resume": resume,
-                "threads": max(1, int(c.cpus_per_worker)), "board": board, "hf": self.hf,
+                "threads": max(1, int(c.cpus_per_worker)), "board": board, "hf": self.hf, "invocation": uuid.uuid4().hex,
                 "collective_timeout_s": c.collective_timeout_s, "fault": c.fault.to_dict() if c.fault else None}
 
 

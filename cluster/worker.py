@@ -82,7 +82,8 @@ def _train(config: dict[str, Any], rank: int, beat, resume: bool) -> dict[str, A
     local_dir = Path(run_uri) if not is_uri(run_uri) else Path(tempfile.mkdtemp(prefix="moe-run-"))
     sink = MetricsFile(run_uri) if rank == 0 else None
     plan = EPPlan(groups, RayStore(run_uri), offload=config["offload"], overlap_grad_sync=config["overlap"], fault=FaultPlan.from_dict(config["fault"]),
-                  heartbeat=beat, metrics_sink=sink.append if sink else None)
+                  heartbeat=beat, metrics_sink=sink.append if sink else None, invocation=config.get("invocation"),
+                  only_own_checkpoints=not config["resume"])
     trainer = Trainer(run, corpus=corpus, out_dir=local_dir, progress=False, plots=config["plots"], plan=plan)
     if config.get("hf"):  # fine-tuning: in place (the optimizer holds these parameters); a resume overwrites it
         from moe.hf import load_hf_weights, read_hf
