@@ -6,6 +6,7 @@ all-to-all volume of Mixtral-8x7B at 8-64 GPUs worked out on paper.
     python bench/cluster.py --memory        # ~4 min: per-worker memory at EP=1,2,4, experts ~1.2 GB (cluster_memory.*)
     python bench/cluster.py --overlap       # ~3 min: step time with the dense all-reduce overlapped or not
     python bench/cluster.py --largest       # ~10-15 min: largest model that trains, 1 process vs 4 workers (cluster_largest.*)
+    python bench/cluster.py --largest --modes one --rungs 64 --merge   # retry / extend one rung, keep the other rows
 
 Weak scaling: each worker trains the same per-worker batch, so tokens/s should grow with workers
 while cores last. Workers are Ray actors with one torch thread each on an embedded Ray cluster
@@ -283,15 +284,20 @@ def largest_markdown(rows: list[dict], mach: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def run_largest(rungs: dict[str, tuple[int, ...]] = LARGEST_RUNGS) -> int:
+def run_largest(rungs: dict[str, tuple[int, ...]] = LARGEST_RUNGS, merge: bool = False) -> int:
+    """merge: keep the rows of an earlier cluster_largest.json, replaced where this run retried a rung."""
     import psutil
-    rows = []
-    for mode in ("one", "ep4"):
-        for e in rungs[mode]:
-            rows.append(watch_attempt(mode, e))
-            print(json.dumps(rows[-1]), flush=True)
-            if not rows[-1]["ok"]:
+    new = []
+    for mode, ladder in rungs.items():
+        for e in ladder:
+            new.append(watch_attempt(mode, e))
+            print(json.dumps(new[-1]), flush=True)
+            if not new[-1]["ok"]:
                 break
+    old = json.loads((RESULTS / "cluster_largest.json").read_text())["runs"] if merge else []
+    done = {(r["mode"], r["num_experts"]) for r in new}
+    rows = sorted([r for r in old if (r["mode"], r["num_experts"]) not in done] + new,
+                  key=lambda r: (r["mode"] != "one", r["num_experts"]))
     mach = {**machine(), "mem_total_gib": psutil.virtual_memory().total / 2**30}
     (RESULTS / "cluster_largest.json").write_text(json.dumps({"machine": mach, "reserve_gib": LARGEST_RESERVE_GIB,
                                                               "runs": rows}, indent=2))
@@ -458,6 +464,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--overlap", action="store_true", help="step time, gradient-sync overlap on/off (cluster_overlap.*)")
     p.add_argument("--largest", action="store_true", help="largest model that trains, 1 process vs 4 workers")
     p.add_argument("--rungs", nargs="+", type=int, help="experts per layer to try in both modes (default: per mode)")
+    p.add_argument("--modes", nargs="+", choices=list(LARGEST_RUNGS), help="--largest: only these modes")
+    p.add_argument("--merge", action="store_true", help="--largest: merge into the existing cluster_largest.json")
     p.add_argument("--attempt", nargs=2, metavar=("MODE", "E"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.attempt:  # one --largest attempt, in the subprocess the parent watches
@@ -469,7 +477,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.overlap:
         return run_overlap()
     if args.largest:
-        return run_largest({m: tuple(args.rungs) for m in LARGEST_RUNGS} if args.rungs else LARGEST_RUNGS)
+        modes = args.modes or list(LARGEST_RUNGS)
+        return run_largest({m: tuple(args.rungs) if args.rungs else LARGEST_RUNGS[m] for m in modes},
+                           merge=args.merge)
     paper_rows, paper_md = alltoall_paper()
     (RESULTS / "cluster_alltoall_paper.md").write_text(paper_md)
     print(paper_md)
