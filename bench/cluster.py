@@ -5,6 +5,8 @@ all-to-all volume of Mixtral-8x7B at 8-64 GPUs worked out on paper.
     python bench/cluster.py --paper-only    # only bench/results/cluster_alltoall_paper.md (no Ray, instant)
     python bench/cluster.py --memory        # ~4 min: per-worker memory at EP=1,2,4, experts ~1.2 GB (cluster_memory.*)
     python bench/cluster.py --overlap       # ~3 min: step time with the dense all-reduce overlapped or not
+    python bench/cluster.py --largest       # ~10-15 min: largest model that trains, 1 process vs 4 workers (cluster_largest.*)
+    python bench/cluster.py --largest --modes one --rungs 64 --merge   # retry / extend one rung, keep the other rows
 
 Weak scaling: each worker trains the same per-worker batch, so tokens/s should grow with workers
 while cores last. Workers are Ray actors with one torch thread each on an embedded Ray cluster
@@ -148,6 +150,159 @@ def run_memory() -> int:
                                                             indent=2))
     md = memory_markdown(rows, full, mach)
     (RESULTS / "cluster_memory.md").write_text(md)
+    print(md)
+    return 0
+
+
+# ---------------------------------------------------------------------- --largest
+# experts per MoE layer (each expert adds 6 x 3 x 512 x 2048 fp32 = 75.5 MB), per mode, ascending; chosen around
+# the ceilings the E=8/16 runs predict (~4.3 x param bytes + 0.6 GB in one process; ~4.5x + ~5 GB of Ray and 4
+# runtimes with 4 workers) so the ladder fits ~15 minutes on 2 cores
+LARGEST_RUNGS = {"one": (48, 56, 64), "ep4": (32, 40, 48)}
+LARGEST_RESERVE_GIB = 2.0  # an attempt is killed when the machine's available memory drops under this
+LARGEST_TIMEOUT_S = 300
+
+
+def largest_model(num_experts: int):
+    """memory_model() with `num_experts` experts per layer: 2 steps of 1 x 32 tokens per worker,
+    no evaluation; the final checkpoint is written (a run that cannot save has not trained)."""
+    run = memory_model()
+    run.name = f"largest-e{num_experts}"
+    run.model.moe.num_experts = num_experts
+    t = run.train
+    t.max_steps, t.batch_size, t.seq_len, t.eval_interval = 2, 1, 32, 10_000
+    return run
+
+
+def largest_attempt(mode: str, num_experts: int) -> dict:
+    """One attempt, in this (child) process: 'one' = the single-process Trainer, 'ep4' = 4 Ray
+    Train workers at EP=4. Prints nothing; the parent watches memory and reads the JSON."""
+    import torch
+    torch.set_num_threads(1)
+    run = largest_model(num_experts)
+    with tempfile.TemporaryDirectory() as out:
+        if mode == "one":
+            from moe.train import Trainer
+            s = Trainer(run, out_dir=out, progress=False, plots=False).fit(resume=False)
+            return {"step": s["step"], "final_loss": s["final_loss"]}
+        import ray
+
+        from cluster.job import ClusterTrainer
+        from cluster.layout import ClusterConfig
+        run.train.batch_size = 4  # global: 1 per worker
+        ray.init(address="local", num_cpus=4, object_store_memory=256 * 2**20, include_dashboard=False,
+                 log_to_driver=False)
+        s = ClusterTrainer(run, ClusterConfig(workers=4, ep=4, cpus_per_worker=1, storage=out, max_failures=0),
+                           progress=False, plots=False).fit(resume=False)
+        ray.shutdown()
+        return {"step": s["step"], "final_loss": s["final_loss"],
+                "peak_rss_per_worker_bytes": [r["peak_rss_bytes"] for r in s["per_rank"]]}
+
+
+def _tree(proc) -> list:
+    try:
+        return [proc, *proc.children(recursive=True)]
+    except Exception:  # noqa: BLE001 - the process ended between the calls
+        return [proc]
+
+
+def watch_attempt(mode: str, num_experts: int) -> dict:
+    """Run one attempt in a subprocess; SIGKILL its whole process tree (by pid) when available
+    memory falls under the reserve or the time limit passes. Peak = the tree's summed RSS."""
+    import subprocess
+    import time
+
+    import psutil
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env["PYTHONPATH"] = str(Path(__file__).resolve().parent.parent)
+    t0, reserve = time.monotonic(), LARGEST_RESERVE_GIB * 2**30
+    avail0 = psutil.virtual_memory().available
+    child = subprocess.Popen([sys.executable, __file__, "--attempt", mode, str(num_experts)], env=env,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc, peak, min_avail, why = psutil.Process(child.pid), 0, avail0, None
+    while child.poll() is None:
+        tree = _tree(proc)
+        rss = 0
+        for p in tree:
+            try:
+                rss += p.memory_info().rss
+            except psutil.Error:
+                pass
+        peak, min_avail = max(peak, rss), min(min_avail, psutil.virtual_memory().available)
+        over = min_avail < reserve
+        if over or time.monotonic() - t0 > LARGEST_TIMEOUT_S:
+            why = (f"killed: available memory {min_avail / 2**30:.2f} GiB < {LARGEST_RESERVE_GIB} GiB reserve" if over
+                   else f"killed: over {LARGEST_TIMEOUT_S} s")
+            for p in reversed(tree):
+                try:
+                    p.kill()
+                except psutil.Error:
+                    pass
+            break
+        time.sleep(0.1)
+    stdout, stderr = child.communicate()
+    run = largest_model(num_experts)
+    from moe.config import param_count
+    pc = param_count(run.model)
+    res = {"mode": mode, "num_experts": num_experts, "params": pc["total"], "param_bytes_fp32": 4 * pc["total"],
+           "expert_param_bytes_fp32": 4 * pc["experts"], "seconds": round(time.monotonic() - t0, 1),
+           "available_at_start_bytes": avail0, "min_available_bytes": min_avail, "peak_tree_rss_bytes": peak,
+           "returncode": child.returncode}
+    lines = [l for l in stdout.splitlines() if l.startswith("{")]
+    if why is None and child.returncode == 0 and lines:
+        res |= {"ok": True, **json.loads(lines[-1])}
+    else:
+        tail = (stderr.strip().splitlines() or ["no output"])[-1]
+        res |= {"ok": False, "why": why or (f"exit {child.returncode}: {tail}"
+                                             if child.returncode != -9 else "SIGKILL from outside (kernel OOM killer?)")}
+    return res
+
+
+def largest_markdown(rows: list[dict], mach: dict) -> str:
+    lines = [f"# Largest model that trains: one process vs 4 Ray Train workers at EP=4 ({mach['cpu']}, "
+             f"{mach['cores']} cores, {mach['mem_total_gib']:.1f} GiB, {mach['date']})", "",
+             "Model: `bench/cluster.py:largest_model` = the `--memory` model (d_model 512, 6 MoE layers, d_expert 2048, "
+             "top-2) with E experts per layer; fp32 weights, AdamW; 2 optimizer steps of 1 x 32 tokens per worker and "
+             "the final checkpoint. Each attempt runs in a subprocess; the bench kills its process tree when the "
+             f"machine's available memory falls under {LARGEST_RESERVE_GIB} GiB (the machine is shared with other "
+             "work, so the ceiling is what was available at the time, in the table). A mode stops at its first failure.",
+             "", "| mode | E | params (M) | fp32 params (GB) | result | s | peak RSS, process tree (GB) "
+             "| available at start (GB) | min available (GB) |", "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {'1 process' if r['mode'] == 'one' else '4 workers, EP=4'} | {r['num_experts']} | "
+                     f"{r['params'] / 1e6:.0f} | {r['param_bytes_fp32'] / 1e9:.2f} | "
+                     f"{'trained' if r['ok'] else r['why']} | {r['seconds']} | {r['peak_tree_rss_bytes'] / 1e9:.1f} | "
+                     f"{r['available_at_start_bytes'] / 1e9:.1f} | {r['min_available_bytes'] / 1e9:.1f} |")
+    for mode, name in (("one", "one process"), ("ep4", "4 workers")):
+        ok = [r for r in rows if r["mode"] == mode and r["ok"]]
+        bad = [r for r in rows if r["mode"] == mode and not r["ok"]]
+        lines.append("")
+        lines.append(f"- {name}: largest trained E={ok[-1]['num_experts']} ({ok[-1]['params'] / 1e6:.0f}M params)"
+                     if ok else f"- {name}: no rung trained")
+        lines[-1] += (f"; first failure E={bad[0]['num_experts']} ({bad[0]['why']})" if bad
+                      else "; no rung failed (the ladder ended first)")
+    return "\n".join(lines) + "\n"
+
+
+def run_largest(rungs: dict[str, tuple[int, ...]] = LARGEST_RUNGS, merge: bool = False) -> int:
+    """merge: keep the rows of an earlier cluster_largest.json, replaced where this run retried a rung."""
+    import psutil
+    new = []
+    for mode, ladder in rungs.items():
+        for e in ladder:
+            new.append(watch_attempt(mode, e))
+            print(json.dumps(new[-1]), flush=True)
+            if not new[-1]["ok"]:
+                break
+    old = json.loads((RESULTS / "cluster_largest.json").read_text())["runs"] if merge else []
+    done = {(r["mode"], r["num_experts"]) for r in new}
+    rows = sorted([r for r in old if (r["mode"], r["num_experts"]) not in done] + new,
+                  key=lambda r: (r["mode"] != "one", r["num_experts"]))
+    mach = {**machine(), "mem_total_gib": psutil.virtual_memory().total / 2**30}
+    (RESULTS / "cluster_largest.json").write_text(json.dumps({"machine": mach, "reserve_gib": LARGEST_RESERVE_GIB,
+                                                              "runs": rows}, indent=2))
+    md = largest_markdown(rows, mach)
+    (RESULTS / "cluster_largest.md").write_text(md)
     print(md)
     return 0
 
@@ -307,12 +462,24 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--workers", nargs="+", type=int, default=[1, 2, 4])
     p.add_argument("--memory", action="store_true", help="per-worker memory at EP=1,2,4 (cluster_memory.*)")
     p.add_argument("--overlap", action="store_true", help="step time, gradient-sync overlap on/off (cluster_overlap.*)")
+    p.add_argument("--largest", action="store_true", help="largest model that trains, 1 process vs 4 workers")
+    p.add_argument("--rungs", nargs="+", type=int, help="experts per layer to try in both modes (default: per mode)")
+    p.add_argument("--modes", nargs="+", choices=list(LARGEST_RUNGS), help="--largest: only these modes")
+    p.add_argument("--merge", action="store_true", help="--largest: merge into the existing cluster_largest.json")
+    p.add_argument("--attempt", nargs=2, metavar=("MODE", "E"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    if args.attempt:  # one --largest attempt, in the subprocess the parent watches
+        print(json.dumps(largest_attempt(args.attempt[0], int(args.attempt[1]))), flush=True)
+        return 0
     RESULTS.mkdir(parents=True, exist_ok=True)
     if args.memory:
         return run_memory()
     if args.overlap:
         return run_overlap()
+    if args.largest:
+        modes = args.modes or list(LARGEST_RUNGS)
+        return run_largest({m: tuple(args.rungs) if args.rungs else LARGEST_RUNGS[m] for m in modes},
+                           merge=args.merge)
     paper_rows, paper_md = alltoall_paper()
     (RESULTS / "cluster_alltoall_paper.md").write_text(paper_md)
     print(paper_md)

@@ -32,7 +32,7 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from cluster.groups import ParallelGroups
-from moe.checkpoint import (Checkpoint, CheckpointError, FileRecord, Manifest, ShardRecord, latest_checkpoint, merge_records,
+from moe.checkpoint import (FORMAT, MANIFEST, MAX_MANIFEST_BYTES, VERSION, read_sealed, Checkpoint, CheckpointError, FileRecord, Manifest, ShardRecord, latest_checkpoint, merge_records,
                             prepare_tmp, prune, step_dir_name, tmp_dir_for, write_manifest, write_shard_file)
 from moe.modelio import (fetch_checkpoint, filesystem, is_uri, join_uri, load_model_state, load_optimizer_tensors,
                          newest_remote_checkpoint, optimizer_tensors, uri_basename)
@@ -108,7 +108,7 @@ class CheckpointStore(Protocol):
 
     def stage(self, step: int, groups: ParallelGroups) -> Path: ...
     def publish(self, step: int, staged: Path, groups: ParallelGroups, metrics: dict[str, Any]) -> str: ...
-    def newest(self) -> str | None: ...
+    def newest(self, accept: Callable[[dict[str, Any]], bool] | None = None) -> str | None: ...
     def open(self, location: str) -> Checkpoint: ...
 
 
@@ -136,8 +136,8 @@ class DirStore:
         dist.barrier(group=groups.world)  # collective: the checkpoint is in place for every rank
         return str(final)
 
-    def newest(self) -> str | None:
-        last = latest_checkpoint(self.root)
+    def newest(self, accept: Callable[[dict[str, Any]], bool] | None = None) -> str | None:
+        last = latest_checkpoint(self.root, check=_accepting(accept))
         return None if last is None else str(last)
 
     def open(self, location: str) -> Checkpoint:
@@ -171,13 +171,19 @@ class RayStore:
             shutil.rmtree(staged, ignore_errors=True)
         return join_uri(self.run_uri, step_dir_name(step))
 
-    def newest(self) -> str | None:
+    def newest(self, accept: Callable[[dict[str, Any]], bool] | None = None) -> str | None:
+        """The newest valid checkpoint of the run; with `accept`, the newest whose manifest's
+        train_state it accepts (older ones are tried in turn)."""
         if not is_uri(self.run_uri):
-            last = latest_checkpoint(self.run_uri)
+            last = latest_checkpoint(self.run_uri, check=_accepting(accept))
             return None if last is None else str(last)
         fs, root = filesystem(self.run_uri)
-        path = newest_remote_checkpoint(fs, root)
-        return None if path is None else join_uri(self.run_uri, path.rsplit("/", 1)[-1])
+        steps = None
+        while True:  # newest valid first; one refused by `accept` is hidden and the next tried
+            path = newest_remote_checkpoint(_Hiding(fs, steps), root)
+            if path is None or accept is None or accept(_remote_train_state(fs, path)):
+                return None if path is None else join_uri(self.run_uri, path.rsplit("/", 1)[-1])
+            steps = (steps or set()) | {path}
 
     def open(self, location: str) -> Checkpoint:
         if not is_uri(location):
@@ -188,6 +194,38 @@ class RayStore:
         # only this rank's tensors are then read into memory.
         fetch_checkpoint(location, dest)
         return Checkpoint(dest)
+
+
+def _accepting(accept: Callable[[dict[str, Any]], bool] | None) -> Callable[[Checkpoint], None] | None:
+    if accept is None:
+        return None
+
+    def check(ck: Checkpoint) -> None:
+        if not accept(ck.manifest.train_state):
+            raise CheckpointError("written by another invocation of this run (--no-resume ignores it)")
+    return check
+
+
+def _remote_train_state(fs, path: str) -> dict[str, Any]:
+    with tempfile.TemporaryDirectory() as d:
+        with fs.open_input_stream(f"{path}/{MANIFEST}") as fin, open(Path(d) / MANIFEST, "wb") as fout:
+            shutil.copyfileobj(fin, fout)
+        mf = Path(d) / MANIFEST
+        return Manifest.from_dict(read_sealed(mf, FORMAT, VERSION, MAX_MANIFEST_BYTES), str(mf)).train_state
+
+
+class _Hiding:
+    """A pyarrow filesystem view whose directory listings leave out `hidden` paths."""
+
+    def __init__(self, fs, hidden: set[str] | None):
+        self.fs, self.hidden = fs, hidden or set()
+
+    def get_file_info(self, sel):
+        infos = self.fs.get_file_info(sel)
+        return [i for i in infos if i.path not in self.hidden] if isinstance(infos, list) else infos
+
+    def __getattr__(self, name: str):
+        return getattr(self.fs, name)
 
 
 def owned_tensors(model: nn.Module, opt: torch.optim.Optimizer, expert_names: set[str], groups: ParallelGroups

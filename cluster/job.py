@@ -24,11 +24,13 @@ import argparse
 import dataclasses
 import json
 import os
+import uuid
 from pathlib import Path
 from typing import Any
 
 from cluster.layout import ClusterConfig, check_resources, validate_cluster
-from moe.config import RunConfig
+from moe.config import RunConfig, TrainConfig
+from moe.data import TOKEN_SUFFIXES
 from moe.modelio import join_uri
 
 try:
@@ -126,8 +128,12 @@ class ClusterTrainer:
     """Data x expert parallel training as a Ray Train TorchTrainer (see module docstring)."""
 
     def __init__(self, run: RunConfig, cluster: ClusterConfig, *, data: str | Path | None = None,
-                 progress: bool = True, plots: bool = True):
+                 progress: bool = True, plots: bool = True, hf: str | Path | None = None):
         self.cluster = validate_cluster(run, dataclasses.replace(cluster))  # refused before any worker starts
+        self.hf = str(Path(hf).resolve()) if hf is not None else None
+        if self.hf is not None and self.cluster.offload_experts:
+            raise ClusterFatalError("hf= with offload_experts: the host expert shards are built from the seeded "
+                                    "initialisation; fine-tune a Hugging Face checkpoint without --offload-experts")
         self.run = run
         self.storage, self.storage_note = resolve_storage(self.cluster.storage)
         self.data = str(Path(data).resolve()) if data is not None else None
@@ -135,6 +141,20 @@ class ClusterTrainer:
             raise ClusterFatalError(f"--data {data}: {self.data} does not exist; pass a text file, a directory of "
                                     f"text files or a .bin token file visible to every worker")
         self.progress, self.plots = progress, plots
+
+    @classmethod
+    def from_hf(cls, path: str | Path, train_config: TrainConfig | None = None, cluster: ClusterConfig | None = None,
+                *, moe_overrides: dict[str, Any] | None = None, **kw: Any) -> "ClusterTrainer":
+        """Fine-tune a local Hugging Face MoE checkpoint with expert parallelism: each rank builds its
+        model on the meta device and reads only the dense tensors and its own experts from the
+        safetensors shards (moe.hf.load_hf_weights(expert_rows=...)); no rank loads the whole model."""
+        from moe.hf import hf_run_config, load_tokenizer
+        ck, run = hf_run_config(path, train_config, moe_overrides=moe_overrides)
+        data = kw.get("data")
+        if load_tokenizer(ck.path) is not None and (data is None or Path(data).suffix not in TOKEN_SUFFIXES):
+            raise ClusterFatalError(f"{ck.path} has a tokenizer: with workers pass data= a token file "
+                                    f"({'/'.join(TOKEN_SUFFIXES)}) tokenized with it (every worker reads it)")
+        return cls(run, cluster or ClusterConfig(workers=1), hf=ck.path, **kw)
 
     @property
     def run_uri(self) -> str:
@@ -191,7 +211,7 @@ class ClusterTrainer:
         return {"run": run, "ep": c.ep, "data": self.data, "run_uri": self.run_uri, "offload": c.offload_experts,
                 "overlap": c.overlap_grad_sync == "on" or (c.overlap_grad_sync == "auto" and use_gpu),
                 "progress": self.progress, "plots": self.plots and "://" not in self.run_uri, "resume": resume,
-                "threads": max(1, int(c.cpus_per_worker)), "board": board,
+                "threads": max(1, int(c.cpus_per_worker)), "board": board, "hf": self.hf, "invocation": uuid.uuid4().hex,
                 "collective_timeout_s": c.collective_timeout_s, "fault": c.fault.to_dict() if c.fault else None}
 
 

@@ -45,11 +45,14 @@ class EPPlan:
                  overlap_grad_sync: bool = True,
                  timer: CommTimer | None = None, fault: FaultPlan | None = None,
                  heartbeat: Callable[[str, int], None] | None = None,
-                 metrics_sink: Callable[[dict[str, Any]], None] | None = None):
+                 metrics_sink: Callable[[dict[str, Any]], None] | None = None, invocation: str | None = None,
+                 only_own_checkpoints: bool = False):
         self.groups, self.lay, self.store = groups, groups.layout, store
         self.rank, self.world, self.is_root = self.lay.rank, self.lay.world, self.lay.rank == 0
         self.offload, self.timer, self.fault = offload, timer or CommTimer(), fault
         self.heartbeat, self.metrics_sink = heartbeat, metrics_sink
+        # --no-resume: a retry resumes only from checkpoints this invocation wrote (the manifest's train_state says)
+        self.invocation, self.only_own_checkpoints = invocation, only_own_checkpoints
         self.streamer = None
         self.expert_names: set[str] = set()
         self.overlap_grad_sync, self.overlap = overlap_grad_sync, None
@@ -138,7 +141,8 @@ class EPPlan:
         if self.heartbeat is not None:
             self.heartbeat("checkpoint", trainer.step)
         state = {"step": trainer.step, "tokens_seen": trainer.tokens_seen,
-                 "layout": {"world": self.world, "ep": self.lay.ep}}
+                 "layout": {"world": self.world, "ep": self.lay.ep},
+                 **({"invocation": self.invocation} if self.invocation else {})}
         return save_sharded(self.store, trainer.step, trainer.model, trainer.opt, self.expert_names, self.groups,
                             trainer.run.to_dict(), state, metrics={"step": trainer.step},
                             before_manifest=lambda: self.maybe_fault("before_manifest", trainer.step),
@@ -146,7 +150,8 @@ class EPPlan:
 
     def resume(self, trainer) -> str | None:
         """Every rank loads the newest valid checkpoint rank 0 finds on the storage, whoever wrote it."""
-        where = self.store.newest() if self.is_root else None
+        mine = (lambda st: st.get("invocation") == self.invocation) if self.only_own_checkpoints else None
+        where = self.store.newest(mine) if self.is_root else None
         where = _broadcast_str(where, self.groups)  # collective: the checkpoint every rank loads
         if where is None:
             return None

@@ -82,8 +82,12 @@ def _train(config: dict[str, Any], rank: int, beat, resume: bool) -> dict[str, A
     local_dir = Path(run_uri) if not is_uri(run_uri) else Path(tempfile.mkdtemp(prefix="moe-run-"))
     sink = MetricsFile(run_uri) if rank == 0 else None
     plan = EPPlan(groups, RayStore(run_uri), offload=config["offload"], overlap_grad_sync=config["overlap"], fault=FaultPlan.from_dict(config["fault"]),
-                  heartbeat=beat, metrics_sink=sink.append if sink else None)
+                  heartbeat=beat, metrics_sink=sink.append if sink else None, invocation=config.get("invocation"),
+                  only_own_checkpoints=not config["resume"])
     trainer = Trainer(run, corpus=corpus, out_dir=local_dir, progress=False, plots=config["plots"], plan=plan)
+    if config.get("hf"):  # fine-tuning: in place (the optimizer holds these parameters); a resume overwrites it
+        from moe.hf import load_hf_weights, read_hf
+        load_hf_weights(read_hf(config["hf"]), trainer.model, expert_rows=groups.layout.expert_rows)
     peak_after_init = _peak_rss_bytes()  # model + optimizer built: the full model must never have existed here
     if rank == 0 and config["progress"]:
         print(f"[cluster rank 0] data: {corpus.source}", flush=True)

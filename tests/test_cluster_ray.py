@@ -137,6 +137,25 @@ def test_sigkill_at_random_step_resumes_across_invocations(ray_local, tmp_path):
 
 
 @pytest.mark.slow
+def test_no_resume_retry_ignores_an_older_invocations_checkpoints(ray_local, tmp_path):
+    """Invocation 1 leaves step_2 and step_4; invocation 2 (--no-resume) writes its own step_2 and
+    loses a worker at step 3: the retry resumes from ITS step 2, not invocation 1's newer step 4."""
+    from cluster.job import ClusterTrainingError
+    data = write_text_corpus(tmp_path / "text.txt")
+    kw = dict(max_steps=6, ckpt_interval=2, keep_checkpoints=5)
+    cfg = dict(workers=2, ep=2, storage=str(tmp_path / "store"), collective_timeout_s=30)
+    with pytest.raises(ClusterTrainingError, match="max_failures=0"):
+        _cluster(tiny_run(**kw), ClusterConfig(**cfg, max_failures=0, fault=FaultPlan(
+            rank=0, step=5, point="step", marker=str(tmp_path / "kill1"))), data).fit()
+    s = _cluster(tiny_run(**kw), ClusterConfig(**cfg, max_failures=1, fault=FaultPlan(
+        rank=1, step=3, point="step", marker=str(tmp_path / "kill2"))), data).fit(resume=False)
+    assert s["step"] == 6 and (tmp_path / "kill2").exists()
+    recs = _records(tmp_path / "store" / "tiny-test" / "metrics.jsonl")
+    assert [r["step"] for r in recs if r.get("event") == "resumed"] == [2]
+    _assert_weights(Checkpoint(latest_checkpoint(tmp_path / "store" / "tiny-test")), _single(tmp_path, data, **kw))
+
+
+@pytest.mark.slow
 def test_s3_checkpoints_resume_at_other_ep_and_load_in_one_process(ray_local, s3_server, tmp_path):
     from moe.modelio import load_model
     endpoint, bucket = s3_server

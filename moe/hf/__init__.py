@@ -27,7 +27,7 @@ twice; `iter_hf_expert_tensors` streams experts one at a time for the expert-cac
 from moe.hf.config import HFCheckpointError, finetune_defaults, ARCHITECTURES, EXPERT_LAYOUTS, TRAIN_ONLY_MOE_FIELDS
 from moe.hf.plan import tensor_plan
 from moe.hf.disk import HFCheckpoint, read_hf
-from moe.hf.load import HFExpert, load_hf, load_hf_weights, iter_hf_expert_tensors, load_tokenizer, tokenized_corpus, trainer_from_hf
+from moe.hf.load import HFExpert, load_hf, load_hf_weights, iter_hf_expert_tensors, load_tokenizer, tokenized_corpus, trainer_from_hf, hf_run_config
 from moe.hf.export import export_hf, hf_config, infer_family
 
-__all__ = ['HFCheckpointError', 'HFCheckpoint', 'HFExpert', 'read_hf', 'load_hf', 'load_hf_weights', 'iter_hf_expert_tensors', 'load_tokenizer', 'tokenized_corpus', 'trainer_from_hf', 'finetune_defaults', 'export_hf', 'hf_config', 'infer_family', 'tensor_plan', 'ARCHITECTURES', 'EXPERT_LAYOUTS', 'TRAIN_ONLY_MOE_FIELDS']
+__all__ = ['HFCheckpointError', 'HFCheckpoint', 'HFExpert', 'read_hf', 'load_hf', 'load_hf_weights', 'iter_hf_expert_tensors', 'load_tokenizer', 'tokenized_corpus', 'trainer_from_hf', 'hf_run_config', 'finetune_defaults', 'export_hf', 'hf_config', 'infer_family', 'tensor_plan', 'ARCHITECTURES', 'EXPERT_LAYOUTS', 'TRAIN_ONLY_MOE_FIELDS']

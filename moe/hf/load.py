@@ -42,22 +42,46 @@ def _place(param: torch.Tensor, slot: _Slot, t: torch.Tensor) -> None:
 
 
 @torch.no_grad()
-def load_hf_weights(ck: HFCheckpoint, model: MoETransformer) -> None:
+def load_hf_weights(ck: HFCheckpoint, model: MoETransformer, *, expert_rows: slice | None = None
+                    ) -> list[tuple[str, tuple[int, int] | None]]:
     """Stream every tensor of `ck` into `model`'s parameters in place, one shard file at a time.
 
     Expert parameters on the meta device are skipped (their data goes to an expert store instead).
+    expert_rows: `model` is an expert-parallel rank's shard holding only these experts of every MoE
+    layer (moe.model.init_model(expert_rows=...)); other experts' tensors are never read, and a fused
+    [E, ...] stack is read as the [rows] slice only. Returns what was read: (HF name, rows or None).
     """
     params = dict(model.named_parameters())
+    expert_params = {s.param for s in ck.plan.values() if _is_expert(s.param)}
+    E = ck.run.model.moe.num_experts
+    share = 1.0 if expert_rows is None else (expert_rows.stop - expert_rows.start) / E
     for name, numel in _coverage(ck.plan).items():  # internal invariant: the plan fills every element
-        assert params[name].numel() == numel, f"tensor plan covers {numel} of {params[name].numel()} in {name}"
+        want = numel * share if name in expert_params else numel
+        assert params[name].numel() == want, f"tensor plan covers {want} of {params[name].numel()} in {name}"
     assert set(params) == set(_coverage(ck.plan)), "tensor plan and model parameters differ"
+    read: list[tuple[str, tuple[int, int] | None]] = []
     for fp in ck.files:
         with safe_open(str(fp), framework="pt") as h:
             for name in h.keys():
                 slot = ck.plan.get(name)
                 if slot is None or params[slot.param].is_meta:
                     continue
-                _place(params[slot.param], slot, h.get_tensor(name))
+                if expert_rows is None or slot.param not in expert_params:
+                    _place(params[slot.param], slot, h.get_tensor(name))
+                    read.append((name, None))
+                elif not slot.index:  # fused [E, ...] stack: only this rank's rows leave the file
+                    rows = h.get_slice(name)[expert_rows.start:expert_rows.stop]
+                    _place(params[slot.param], slot, rows)
+                    read.append((name, (expert_rows.start, expert_rows.stop)))
+                elif expert_rows.start <= slot.index[0] < expert_rows.stop:  # per-expert tensor of mine
+                    local = dataclasses.replace(slot, index=(slot.index[0] - expert_rows.start, *slot.index[1:]))
+                    _place(params[slot.param], local, h.get_tensor(name))
+                    read.append((name, (slot.index[0], slot.index[0] + 1)))
+    return read
+
+
+def _is_expert(param: str) -> bool:
+    return param.endswith(("experts.w13_EDF2", "experts.w2_EFD"))
 
 
 def _coverage(plan: dict[str, _Slot]) -> dict[str, int]:
@@ -175,6 +199,21 @@ def tokenized_corpus(tokenizer: Any, data: str | Path, vocab_size: int, val_frac
 
 
 # ---------------------------------------------------------------- fine-tuning
+def hf_run_config(path: str | Path, train_config: TrainConfig | None = None, *,
+                  moe_overrides: dict[str, Any] | None = None, max_seq_len: int | None = None,
+                  ignore_config_fields: tuple[str, ...] = ()) -> tuple[HFCheckpoint, RunConfig]:
+    """(the checkpoint, the RunConfig that fine-tunes it): the checkpoint's model with only the
+    balance-loss options of moe_overrides changed, and train_config (default finetune_defaults)."""
+    ck = read_hf(path, max_seq_len=max_seq_len, ignore_config_fields=ignore_config_fields)
+    bad = sorted(set(moe_overrides or {}) - set(TRAIN_ONLY_MOE_FIELDS))
+    if bad:
+        raise ValueError(f"moe_overrides {bad} would change the checkpoint's math; only {TRAIN_ONLY_MOE_FIELDS} "
+                         f"may be overridden when fine-tuning")
+    cfg = ck.run.model
+    cfg = dataclasses.replace(cfg, moe=dataclasses.replace(cfg.moe, **(moe_overrides or {})))
+    return ck, RunConfig(name=ck.run.name, model=cfg, train=train_config or ck.run.train)
+
+
 def trainer_from_hf(path: str | Path, train_config: TrainConfig | None = None, *,
                     moe_overrides: dict[str, Any] | None = None, max_seq_len: int | None = None,
                     ignore_config_fields: tuple[str, ...] = (), **trainer_kwargs: Any):
@@ -186,14 +225,9 @@ def trainer_from_hf(path: str | Path, train_config: TrainConfig | None = None, *
     """
     from moe.train import Trainer  # moe.train imports plotting; keep `import moe.hf` light
 
-    ck = read_hf(path, max_seq_len=max_seq_len, ignore_config_fields=ignore_config_fields)
-    bad = sorted(set(moe_overrides or {}) - set(TRAIN_ONLY_MOE_FIELDS))
-    if bad:
-        raise ValueError(f"moe_overrides {bad} would change the checkpoint's math; only {TRAIN_ONLY_MOE_FIELDS} "
-                         f"may be overridden when fine-tuning")
-    cfg = ck.run.model
-    cfg = dataclasses.replace(cfg, moe=dataclasses.replace(cfg.moe, **(moe_overrides or {})))
-    run = RunConfig(name=ck.run.name, model=cfg, train=train_config or ck.run.train)
+    ck, run = hf_run_config(path, train_config, moe_overrides=moe_overrides, max_seq_len=max_seq_len,
+                            ignore_config_fields=ignore_config_fields)
+    cfg = run.model
     tokenizer = load_tokenizer(ck.path)
     if tokenizer is not None and "corpus" not in trainer_kwargs:
         data = trainer_kwargs.pop("data", None)
