@@ -84,6 +84,7 @@ def test_readme_job_command_writes_checkpoints_to_storage(ray_head, tmp_path):
     out = r.stdout + r.stderr
     assert r.returncode == 0, out[-4000:]
     assert re.search(r"succeeded", out), out[-2000:]
-    ck = Checkpoint(latest_checkpoint(storage / "tiny"))
+    name = re.search(r"--name (\S+)", cmd).group(1)  # its own run dir: not the quick start's runs/tiny
+    ck = Checkpoint(latest_checkpoint(storage / name))
     assert ck.step == 20 and ck.manifest.layout == {"world": 2, "ep": 2}
-    assert (storage / "tiny" / "metrics.jsonl").is_file()
+    assert (storage / name / "metrics.jsonl").is_file()
