@@ -33,7 +33,7 @@ SCHEMES = {s.name: s for s in (
     Scheme(name="lru", evict="lru", prefetch="none"),
     Scheme(name="lfu", evict="lfu", prefetch="none"),
     Scheme(name="predictive", evict="next-use", prefetch="cost", adaptive=True,
-           recency_candidates=bool(int(__import__("os").environ.get("RC", "1")))),
+           recency_candidates=True),
     Scheme(name="belady", evict="belady", prefetch="none"),
     Scheme(name="belady-prefetch", evict="belady", prefetch="cost"),
     Scheme(name="mixtral-offloading", evict="layer-lru", prefetch="always", distances=(1,)),
