@@ -129,7 +129,11 @@ def _digest(fmt: str, version: int, body: bytes) -> bytes:
 
 def seal(body: Any, fmt: str, version: int) -> bytes:
     """The bytes of a sealed file: body encoded, with a digest over format, version and body."""
-    payload = msgpack.packb(body, use_bin_type=True)
+    return seal_packed(msgpack.packb(body, use_bin_type=True), fmt, version)
+
+
+def seal_packed(payload: bytes, fmt: str, version: int) -> bytes:
+    """seal() for a body already encoded as msgpack bytes (tests seal hand-made bodies with it)."""
     return msgpack.packb({"format": fmt, "version": version, DIGEST: _digest(fmt, version, payload),
                           "body": payload}, use_bin_type=True)
 

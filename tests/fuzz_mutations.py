@@ -3,7 +3,6 @@ checkpoints and traces written back with a VALID digest (what a buggy writer or 
 would produce), so that only the structural checks behind the digest can catch them."""
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import random
@@ -16,7 +15,7 @@ import numpy as np
 
 from moe.checkpoint import MANIFEST, read_sealed, write_sealed
 from moe.manifest import FORMAT, VERSION
-from moe.serial import file_digest, seal
+from moe.serial import file_digest, seal, seal_packed
 from offload.trace import TRACE_FORMAT
 from tests.fuzz_oracle import _OTHER_VALUES, _int, oracle_valid
 
@@ -69,8 +68,7 @@ def bomb_file(rng: random.Random, max_mb: float, fmt: str, version: int) -> byte
     bomb = msgpack_bomb(rng, max_mb)
     if rng.random() < 0.5:
         return bomb
-    digest = hashlib.sha256(msgpack.packb([fmt, version], use_bin_type=True) + bomb).digest()
-    return msgpack.packb({"format": fmt, "version": version, "sha256": digest, "body": bomb}, use_bin_type=True)
+    return seal_packed(bomb, fmt, version)
 
 
 # ---------------------------------------------------------------- structural mutations (resealed)

@@ -18,7 +18,7 @@ from moe.checkpoint import (MANIFEST, Checkpoint, CheckpointError, latest_checkp
                             write_sealed)
 from moe.config import ConfigError
 from moe.manifest import FORMAT, VERSION
-from moe.serial import DecodeError, seal, unpack_limited, unseal
+from moe.serial import DecodeError, seal, seal_packed, unpack_limited, unseal
 from moe.train import Trainer, load_model
 from offload.trace import TRACE_FORMAT, TRACE_VERSION, RoutingTrace, TraceError
 from tests.fuzzing import SHARD, make_seeds, manifest_body, reseal_manifest
@@ -159,9 +159,7 @@ BOMB = b"\xdd" + struct.pack(">I", 8 << 20) + b"\x90" * (8 << 20)  # 8 MiB of em
 @pytest.mark.parametrize("sealed", [False, True])
 def test_msgpack_bombs_are_refused_fast_in_bounded_memory(run_dir, tmp_path, sealed):
     def sealed_bomb(fmt, version):  # a valid digest over the bomb: the body decoder must stop it
-        import hashlib
-        digest = hashlib.sha256(msgpack.packb([fmt, version], use_bin_type=True) + BOMB).digest()
-        return msgpack.packb({"format": fmt, "version": version, "body": BOMB, "sha256": digest}, use_bin_type=True)
+        return seal_packed(BOMB, fmt, version)
     mf = newest(run_dir) / MANIFEST
     mf.write_bytes(sealed_bomb(FORMAT, VERSION) if sealed else BOMB)
     tp = tmp_path / "bomb.msgpack"
