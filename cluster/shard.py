@@ -18,28 +18,12 @@ import torch.distributed as dist
 import torch.nn as nn
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
-from cluster.dispatch import AllToAllDispatcher, CommTimer
+from cluster.dispatch import CommTimer
 from cluster.groups import ParallelGroups
 from cluster.offload import HostExpertBank
 from moe.experts import ExpertBank
-from moe.model import MoETransformer
 
 BUCKET_BYTES = 32 * 1024 * 1024
-
-
-def shard_experts(model: MoETransformer, groups: ParallelGroups, timer: CommTimer | None = None) -> None:
-    """Keep only this rank's El experts of every MoE layer (rows sliced from the full, seeded
-    initialisation, so the sharded model equals the single-process one) and dispatch by all-to-all."""
-    lay = groups.layout
-    rows = lay.expert_rows
-    for layer in model.moe_layers():
-        full = layer.experts
-        bank = ExpertBank(lay.experts_per_rank, full.d_model, full.d_expert, expert_offset=rows.start)
-        with torch.no_grad():
-            bank.w13_EDF2.copy_(full.w13_EDF2[rows])
-            bank.w2_EFD.copy_(full.w2_EFD[rows])
-        layer.experts = bank.to(full.w13_EDF2.device)
-        layer.dispatcher = AllToAllDispatcher(lay.num_experts, groups.ep, timer)
 
 
 def expert_param_names(model: nn.Module) -> set[str]:

@@ -16,10 +16,6 @@ class TokenizerAdapter:
                              f"text in and out: serve a checkpoint directory that ships tokenizer.json")
         self.vocab_size, self.tokenizer = vocab_size, tokenizer
 
-    @property
-    def byte_level(self) -> bool:
-        return self.tokenizer is None
-
     def encode(self, text: str) -> list[int]:
         if self.tokenizer is None:
             return list(text.encode("utf-8"))
