@@ -21,7 +21,10 @@ Per MoE layer:
    and never over a victim expected back sooner than it. Requests whose layer has run are cancelled.
 2. `serve(m, counts)`, the MoE step: the layer's uses are recorded first, hits run first, then each
    miss is copied or run on host cores, whichever the calibrated cost model says finishes first
-   (a copy waits behind the queued ones); its slot comes from the eviction rule.
+   (a copy waits behind the queued ones; a host run also frees the link for as long as it runs,
+   worth the best prefetch the link could carry meanwhile); its slot comes from the eviction rule.
+   While host cores run, the idle link takes the next layers' candidates by the same rule,
+   queued behind the step's demand copies.
 Eviction rules (offload/eviction.py): lru, lfu, next-use (expected distance to the next use from
 calibrated usage probabilities: aware of the layer cycle), belady (the simulator's future),
 layer-lru (mixtral-offloading), frequency (MoE-Infinity). The predictive policy evicts by whichever
@@ -113,10 +116,9 @@ class Planner:
         if free is not None:
             return free
         rule = self.scheme.evict if self.shadows is None else self.shadows.best
-        needs_p = rule in ("next-use", "frequency")
         # victims are judged by usage statistics; predictions only bring experts in (protecting
         # predicted experts from demand misses cost more misses than it saved on every trace tried)
-        p_LE = self.stats.p_use_LE() if needs_p else None
+        p_LE = self.stats.p_use_LE() if rule in ("next-use", "frequency") else None
         if rule == "frequency":
             p_LE = self.stats.v * self.stats.decay ** (self.stats.runs[:, None] - self.stats.t)
         found = self.table.victim(rule, incoming, self._here(), p_LE)
@@ -194,10 +196,14 @@ class Planner:
                         cands[(j, e)] = (j, self.stats.p_use((j, e)))
         if self.scheme.frequency_candidates:
             cands.update({k: v for k, v in self._frequency_candidates(m + 1, 1).items() if k not in self.cache})
+        return self._prefetch_round(cands, self.now + self.attn_s, self.scheme.prefetch == "cost")
+
+    def _prefetch_round(self, cands: dict[Key, tuple[int, float]], window_end: float, cost_rule: bool) -> list[Op]:
+        """Issue the candidates that pay (cost rule) or all of them in deadline order, while the link
+        is free by `window_end` (the end of the compute it overlaps)."""
         ops: list[Op] = []
-        cost_rule = self.scheme.prefetch == "cost"
         while cands and len(ops) < self.max_prefetch:
-            key = self._best(cands) if cost_rule else min(cands, key=lambda k: (cands[k][0], -cands[k][1]))
+            key = self._best(cands, window_end) if cost_rule else min(cands, key=lambda k: (cands[k][0], -cands[k][1]))
             if key is None:
                 break
             deadline, p = cands.pop(key)
@@ -206,12 +212,23 @@ class Planner:
             if slot is None:
                 continue
             victim = self.cache.owner[slot]
-            if cost_rule and self._gain(deadline, p) <= self._evict_cost(victim, deadline, p):
+            if cost_rule and self._gain(deadline, p, window_end) <= self._evict_cost(victim, deadline, p):
                 continue
             ops.append(self._copy(key, slot))
             self.prefetched.add(key)
             self.t.prefetch_issued += 1
         return ops
+
+    def _candidates_after(self, m: int) -> dict[Key, tuple[int, float]]:
+        """Prefetch candidates of the layers after m: standing predictions and (predictive) the
+        experts the next layer used last pass."""
+        cands = {k: (r.deadline, float(self._pred_LE[k])) for k, r in self.queue.pending.items()
+                 if k[0] > m and k not in self.cache}
+        if self.scheme.recency_candidates and m + 1 < self.L:
+            for e in self.stats.last[m + 1]:
+                if (m + 1, e) not in self.cache and (m + 1, e) not in cands:
+                    cands[(m + 1, e)] = (m + 1, self.stats.p_use((m + 1, e)))
+        return cands
 
     def _frequency_candidates(self, m: int, depth: int) -> dict[Key, tuple[int, float]]:
         """MoE-Infinity: per coming layer, its most frequently activated experts (as many as the
@@ -224,13 +241,12 @@ class Planner:
                 out[(j, e)] = (j, self.stats.frequency((j, e)))
         return out
 
-    def _gain(self, deadline: int, p: float) -> float:
+    def _gain(self, deadline: int, p: float, window_end: float) -> float:
         """Expected seconds a prefetch saves, before its eviction's cost. Right (P): it moves link
         work into time the link would idle before the use (attention now; the layers before the
         deadline beyond their expected demand copies), so it saves min(copy, idle). Wrong (1 - P):
         the part of its copy outside idle time delays demand copies by as much."""
         start = max(self.link_free, self.now)
-        window_end = self.now + self.attn_s
         ahead = deadline - self.pos
         idle = max(0.0, window_end - start) + max(0.0, ahead * (self.layer_s - self.copies_per_layer * self.copy_s))
         used = min(self.copy_s, idle)
@@ -246,13 +262,13 @@ class Planner:
         cost = self.p_use(victim) * self.copy_s
         return (1 - p) * cost if deadline == self.pos else cost
 
-    def _best(self, cands: dict[Key, tuple[int, float]]) -> Key | None:
-        """The candidate with the largest positive gain, if the link is idle by the end of attention."""
-        if self.link_free > self.now + self.attn_s:
+    def _best(self, cands: dict[Key, tuple[int, float]], window_end: float) -> Key | None:
+        """The candidate with the largest positive gain, if the link is idle by `window_end`."""
+        if self.link_free > window_end:
             return None
         best, best_gain = None, 0.0
         for k, (deadline, p) in cands.items():
-            g = self._gain(deadline, p)
+            g = self._gain(deadline, p, window_end)
             if g > best_gain:
                 best, best_gain = k, g
         return best
@@ -342,7 +358,9 @@ class Planner:
             queued = max(self.link_free, self.now) - self.now + len(copy) * self.copy_s
             # a copy also leaves the expert cached: worth P(used again) x the next miss it avoids
             keep = self.p_use((m, e)) * min(self.copy_s, self.cost.host_time(counts[e])) if self.cpu_experts else 0.0
-            dec = self.cost.decide(counts[e], None, self.cpu_experts, queued_s=queued - host_s - keep)
+            # host cores free the link for as long as they run: what a prefetch would save in that time
+            spare = self._prefetch_value(m, host_s + self.cost.host_time(counts[e])) if self.cpu_experts else 0.0
+            dec = self.cost.decide(counts[e], None, self.cpu_experts, queued_s=queued - host_s - keep + spare)
             self.decisions[dec] += 1
             if dec == "cpu":
                 host.append(e)
@@ -369,6 +387,10 @@ class Planner:
                 self.cache.pin(slot)
                 self.table.pinned_S[slot] = True
                 issued.append((key, slot))
+            if host and self.scheme.prefetch == "cost":
+                # the link idles while host cores run: prefetch the next layers behind the demand copies
+                host_s = sum(self.cost.host_time(counts[e]) for e in host)
+                plan.ops += self._prefetch_round(self._candidates_after(m), self.now + host_s, True)
             for e in host:
                 self._host((m, e), counts[e], plan)
             host = []
@@ -378,6 +400,20 @@ class Planner:
             self.cache.unpin(slot)
             self.table.pinned_S[slot] = False
             self._run(key, counts[key[1]], plan)
+
+    def _prefetch_value(self, m: int, host_s: float) -> float:
+        """Expected seconds saved by the best prefetch for the layers after m that the link could
+        carry while host cores run for host_s (its gain less its eviction's cost; 0 if none pays)."""
+        if self.scheme.prefetch != "cost":
+            return 0.0
+        best = 0.0
+        for key, (deadline, p) in self._candidates_after(m).items():
+            slot = self.victim_slot(key, prefetch=True)
+            if slot is None:
+                continue
+            best = max(best, self._gain(deadline, p, self.now + host_s)
+                       - self._evict_cost(self.cache.owner[slot], deadline, p))
+        return best
 
     def _admit_in_background(self, key: Key, plan: LayerPlan) -> None:
         """A host-served expert takes a slot only when the link is idle and nothing queued waits,

@@ -172,3 +172,31 @@ def test_recency_boost_is_calibrated_from_the_routing():
     assert repeat.p_use((0, 1)) > 0.95 and repeat.p_use((0, 5)) < 0.05
     cm = CostModel(_cal(0.5, 0.0))  # copy 0.5 s beats host 1.0 s, unless 5 s of copies are queued
     assert cm.decide(1, None, True, queued_s=0.0) == "copy" and cm.decide(1, None, True, queued_s=5.0) == "cpu"
+
+
+def test_the_link_prefetches_the_next_layer_while_host_cores_run_a_miss():
+    """Host cores at half a copy: layer 0's new expert runs on the host, and during that run the
+    otherwise idle link brings the expert layer 1 used every pass (it is then a hit); without host
+    cores the step copies its miss and prefetches nothing."""
+    def planner(cpu: bool) -> Planner:
+        cal = Calibration(device="cpu", expert_bytes=1, copy_s=10e-3, tokens=(1, 64), host_s=(5e-3, 320e-3),
+                          device_s=(1e-4, 1e-3), act_s_per_token=0.0, attn_s=3e-4)
+        p = Planner(ExpertCache(3, "lru"), CostModel(cal), 4, scheme="predictive", num_experts=8, cpu_experts=cpu)
+        for _ in range(6):  # every pass, layer m uses expert m: 4 keys, 3 slots
+            for m in range(4):
+                p.prefetch(m)
+                p.serve(m, {m: 1})
+            p.end_pass()
+        p.prefetch(0)
+        return p
+
+    p = planner(True)
+    assert (1, 1) not in p.cache, "the layer-cycle rule evicted the key needed soonest after this pass's end"
+    issued = p.t.prefetch_issued
+    plan = p.serve(0, {5: 1})
+    assert [(op.kind, op.key) for op in plan.ops] == [("copy", (1, 1)), ("cpu", (0, 5))]
+    assert p.t.prefetch_issued == issued + 1
+    p.prefetch(1)
+    assert [op.kind for op in p.serve(1, {1: 1}).ops] == ["run"], "the prefetched expert is a hit"
+    q = planner(False)
+    assert all(op.key[0] == 0 for op in q.serve(0, {5: 1}).ops), "no host run: no idle link to fill"
