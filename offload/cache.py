@@ -118,7 +118,7 @@ def make_policy(name: str) -> Policy:
     """The bookkeeping policy of a named scheme: LFU counts uses; every other scheme tracks recency
     here and decides its victims in offload/decision.py (the name says which scheme)."""
     table = {"lfu": LFUPolicy, "predictive": PredictivePolicy}
-    if name not in POLICIES + ("belady", "belady-prefetch"):
+    if name not in POLICIES + ("belady", "belady-prefetch", "this-token-lru", "this-token-lfu"):
         raise ValueError(f"policy={name!r} is not one of {', '.join(POLICIES)}; pick one of those")
     policy = table.get(name, LRUPolicy)()
     policy.name = name

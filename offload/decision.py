@@ -55,7 +55,7 @@ class Planner:
                  cpu_experts: bool = False, stream_fraction: float = 0.75, num_experts: int,
                  max_prefetch_per_layer: int | None = None, future: Mapping[Key, list[int]] | None = None):
         self.scheme = SCHEMES[scheme] if isinstance(scheme, str) else scheme
-        if self.scheme.evict == "belady" and future is None:
+        if self.scheme.needs_future and future is None:
             raise ValueError(f"policy {self.scheme.name!r} needs the future routing: only the simulator has it")
         self.cache, self.cost, self.L, self.E = cache, cost, num_layers, num_experts
         self.cpu_experts, self.stream_fraction = cpu_experts, stream_fraction
@@ -121,7 +121,7 @@ class Planner:
         p_LE = self.stats.p_use_LE() if rule in ("next-use", "frequency") else None
         if rule == "frequency":
             p_LE = self.stats.v * self.stats.decay ** (self.stats.runs[:, None] - self.stats.t)
-        found = self.table.victim(rule, incoming, self._here(), p_LE)
+        found = self.table.victim(rule, incoming, self._here(), p_LE, (self.passes + 1) * self.L)
         if found is None:
             return None
         slot, dist = found

@@ -11,6 +11,10 @@ Rules (offload/decision.py picks one per policy):
   layer runs again + L x (1/P - 1): Belady's rule with calibrated probabilities, and aware of the
   layer cycle (a key of the layer just run is next needed a pass later);
 - belady: the largest true distance to the next use (the simulator passes the future);
+- this-token-lru / this-token-lfu (bounds, simulator only): Belady that sees only the rest of the
+  current forward pass; keys not used again in it give way first, by LRU / LFU. What a perfect
+  predictor of the current token's routing could know: the part of Belady's lead it cannot
+  reach is knowledge of later tokens;
 - layer-lru (mixtral-offloading): LRU inside equal per-layer budgets (AdapMoE-style sizing);
 - frequency (MoE-Infinity): the lowest activation frequency, the farthest layer first.
 Each call looks at every slot once with numpy, so a 1536-slot cache costs microseconds, not a
@@ -132,11 +136,20 @@ class SlotTable:
         with np.errstate(divide="ignore"):
             return np.where(p > 0, ahead + self.L * (1.0 / p - 1.0), np.inf)
 
-    def victim(self, rule: str, incoming: Key, here: int, p_LE: np.ndarray | None) -> tuple[int, float] | None:
-        """(slot, its distance) of the victim among unpinned occupied slots, or None."""
-        slots = self.candidates()
+    def victim(self, rule: str, incoming: Key, here: int, p_LE: np.ndarray | None,
+               pass_end: int = NEVER, slots: np.ndarray | None = None) -> tuple[int, float] | None:
+        """(slot, its distance) of the victim among `slots` (default: the unpinned occupied ones),
+        or None. `pass_end`: the first position of the next forward pass (this-token rules)."""
+        slots = self.candidates() if slots is None else slots
         if slots.size == 0:
             return None
+        if rule in ("this-token-lru", "this-token-lfu"):
+            l, e = self.layer_S[slots], self.expert_S[slots]
+            unseen = slots[self.next_pos_LE[l, e] >= pass_end]
+            if unseen.size:
+                return self.victim(rule.removeprefix("this-token-"), incoming, here, p_LE, slots=unseen)[0], 0.0
+            d = self.distance(slots, here, p_LE)
+            return int(slots[np.argmax(d)]), float(d.max())
         if rule == "lru":
             return self._lru(slots), 0.0
         if rule == "lfu":

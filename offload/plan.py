@@ -16,7 +16,7 @@ class Scheme:
 
     name: str
     evict: str
-    """lru | lfu | next-use | belady | layer-lru | frequency."""
+    """lru | lfu | next-use | belady | this-token-lru | this-token-lfu | layer-lru | frequency."""
     prefetch: str
     """none | cost (the cost model decides) | always (every predicted expert, no cost check)."""
     recency_candidates: bool = False
@@ -28,6 +28,11 @@ class Scheme:
     distances: tuple[int, ...] | None = None
     """Prediction distances the scheme listens to (None: all)."""
 
+    @property
+    def needs_future(self) -> bool:
+        """Offline rules: only the simulator, which has the whole trace, can run them."""
+        return self.evict in ("belady", "this-token-lru", "this-token-lfu")
+
 
 SCHEMES = {s.name: s for s in (
     Scheme(name="lru", evict="lru", prefetch="none"),
@@ -36,6 +41,8 @@ SCHEMES = {s.name: s for s in (
            recency_candidates=True),
     Scheme(name="belady", evict="belady", prefetch="none"),
     Scheme(name="belady-prefetch", evict="belady", prefetch="cost"),
+    Scheme(name="this-token-lru", evict="this-token-lru", prefetch="none"),
+    Scheme(name="this-token-lfu", evict="this-token-lfu", prefetch="none"),
     Scheme(name="mixtral-offloading", evict="layer-lru", prefetch="always", distances=(1,)),
     Scheme(name="moe-infinity", evict="frequency", prefetch="always", frequency_candidates=True),
 )}

@@ -12,7 +12,9 @@ FIFO queue) is the engine's model of itself. Policies:
   mixtral-offloading's speculative next-layer gate is stood in for by that predictor at distance 1);
 - oracle: predictive with exact predictions of layers m .. m+depth;
 - belady: evicts the key used farthest in the future, no prefetch (the offline optimum of
-  demand paging); belady-prefetch: the same with exact predictions and the cost model's prefetch.
+  demand paging); belady-prefetch: the same with exact predictions and the cost model's prefetch;
+- this-token-lru / this-token-lfu: Belady that sees only the rest of the current forward pass
+  (LRU / LFU beyond it): how much of Belady's lead knowing the current token's routing explains.
 """
 from __future__ import annotations
 
@@ -28,8 +30,8 @@ from offload.decision import SCHEMES, Planner
 from offload.predictor import LearnedPredictor, to_predictions
 from offload.trace import RoutingTrace
 
-SIM_POLICIES = ("lru", "lfu", "predictive", "oracle", "belady", "belady-prefetch", "mixtral-offloading",
-                "moe-infinity")
+SIM_POLICIES = ("lru", "lfu", "predictive", "oracle", "belady", "belady-prefetch", "this-token-lru",
+                "this-token-lfu", "mixtral-offloading", "moe-infinity")
 _LEARNED = ("predictive", "mixtral-offloading")
 
 
@@ -136,7 +138,7 @@ def simulate(trace: RoutingTrace, policy: str, capacity: int, cal: Calibration, 
     planner = Planner(ExpertCache(capacity, "lfu" if scheme == "lfu" else "lru"), CostModel(cal), L,
                       scheme=SCHEMES[scheme], cpu_experts=cpu_experts, stream_fraction=stream_fraction,
                       num_experts=E, max_prefetch_per_layer=max_inflight or 2 * trace.top_k,
-                      future=_future(steps, L) if scheme.startswith("belady") else None)
+                      future=_future(steps, L) if SCHEMES[scheme].needs_future else None)
     planner.preload()  # every expert fits: all resident from the start, like the engine
     dec = {"time_s": 0.0, "stall_s": 0.0, "copies": 0, "tokens": 0, "passes": 0}
     copies, prev = 0, None

@@ -200,3 +200,19 @@ def test_the_link_prefetches_the_next_layer_while_host_cores_run_a_miss():
     assert [op.kind for op in p.serve(1, {1: 1}).ops] == ["run"], "the prefetched expert is a hit"
     q = planner(False)
     assert all(op.key[0] == 0 for op in q.serve(0, {5: 1}).ops), "no host run: no idle link to fill"
+
+
+def test_this_token_bounds_see_only_the_current_pass():
+    """Belady limited to the rest of the current pass: on routing that repeats every pass, LRU
+    evicts each key just before its reuse; seeing this pass keeps the keys still due in it
+    (hits > 0), seeing later passes (Belady) keeps more; with no reuse inside a pass (one layer)
+    the bound is exactly its fallback."""
+    cal = _cal(1e-3, 3e-4)
+    cycle = synthetic_trace(num_layers=8, num_experts=8, top_k=2, tokens=40, locality=1.0, seed=3)
+    hits = {p: simulate(cycle, p, 12, cal)["hits"] for p in ("lru", "this-token-lru", "belady")}
+    assert hits["lru"] == 0 < hits["this-token-lru"] < hits["belady"], hits
+    one = synthetic_trace(num_layers=1, num_experts=16, top_k=2, tokens=60, zipf=1.2, seed=4)
+    for fallback in ("lru", "lfu"):
+        assert simulate(one, f"this-token-{fallback}", 5, cal)["hits"] == simulate(one, fallback, 5, cal)["hits"]
+    with pytest.raises(ValueError, match="needs the future"):
+        Planner(ExpertCache(4, "lru"), CostModel(cal), 2, scheme="this-token-lru", num_experts=4)
