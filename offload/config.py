@@ -28,8 +28,10 @@ class OffloadConfig:
     """Slots as a fraction of all routed experts of the model (0.25: a quarter of them)."""
     policy: str = "lru"
     """Slot replacement: lru | lfu | predictive (predictive also prefetches)."""
-    cpu_experts: bool = False
-    """Let the calibrated cost model run cold experts on host cores instead of copying them."""
+    cpu_experts: bool | str = "auto"
+    """Let the calibrated cost model run cold experts (or, in a split run, part of one) on host
+    cores instead of copying them: True | False | auto (on when the slots are on a CUDA device,
+    where the host cores are a second resource beside the link; off when the host is the device)."""
     device: str | torch.device | None = None
     """auto (None) | cpu | cuda | cuda:N: where the dense weights and the slots live."""
     predictor: Any = "auto"
@@ -66,6 +68,12 @@ class OffloadConfig:
             raise ValueError(f"stream_fraction={self.stream_fraction} must be in (0, 1]")
         if self.max_inflight is not None and self.max_inflight < 1:
             raise ValueError(f"max_inflight={self.max_inflight} must be >= 1")
+        if not isinstance(self.cpu_experts, bool) and self.cpu_experts != "auto":
+            raise ValueError(f"cpu_experts={self.cpu_experts!r} must be True, False or 'auto'")
+
+    def host_experts(self, device: torch.device) -> bool:
+        """Whether the cost model may use host cores on this device (cpu_experts resolved)."""
+        return device.type == "cuda" if self.cpu_experts == "auto" else bool(self.cpu_experts)
 
     def slots_for(self, layout: ExpertLayout) -> int:
         """Device slots for this model (never more than its experts)."""
@@ -78,4 +86,14 @@ class OffloadConfig:
         return min(slots, layout.total_experts)
 
 
-__all__ = ["OffloadConfig", "PREDICTORS"]
+CPU_EXPERTS_CHOICES = {"auto": "auto", "on": True, "off": False}
+
+
+def add_cpu_experts_arg(p) -> None:
+    """--cpu-experts [auto|on|off] for the CLIs (bare flag: on)."""
+    p.add_argument("--cpu-experts", nargs="?", const="on", default="auto", choices=list(CPU_EXPERTS_CHOICES),
+                   help="let the calibrated cost model run cold experts, or part of one while the rest is "
+                        "copied, on host cores (auto: on with a CUDA device; a bare --cpu-experts is on)")
+
+
+__all__ = ["OffloadConfig", "PREDICTORS", "CPU_EXPERTS_CHOICES", "add_cpu_experts_arg"]

@@ -32,6 +32,13 @@ class Ticket:
     eta: float
     """perf_counter time the copy is expected to finish (queue-aware estimate)."""
     done: bool = False
+    rows: tuple[int, int, bool] = (0, 0, True)
+    """W13 rows [first, end) and whether W2 is copied."""
+
+
+def split_row(host_share: float, d_model: int) -> int:
+    """The first W13 row a split run copies: host cores take rows [0, d) of the D input rows."""
+    return min(d_model, max(0, round(host_share * d_model)))
 
 
 class _CopyEngineBase:
@@ -46,13 +53,24 @@ class _CopyEngineBase:
         self.stall_s = 0.0
         self.inflight: deque[Ticket] = deque()
 
-    def _ticket(self, key: Key, slot: int) -> Ticket:
+    def _ticket(self, key: Key, slot: int, rows: tuple[int, int, bool]) -> Ticket:
+        lo, hi, w2 = rows
+        lay = self.store.layout
+        numel = (hi - lo) * 2 * lay.d_expert + (lay.w2_numel if w2 else 0)
+        nbytes = numel * lay.expert_bytes // lay.expert_numel
         now = time.perf_counter()
-        self.last_eta = max(now, self.last_eta) + self.copy_s
+        self.last_eta = max(now, self.last_eta) + self.copy_s * nbytes / lay.expert_bytes
         self.seq += 1
-        self.copies += 1
-        self.bytes_moved += self.store.layout.expert_bytes
-        return Ticket(key, slot, self.seq, self.last_eta)
+        self.copies += w2  # a split run's fill (W13 rows only) completes the same expert's copy
+        self.bytes_moved += nbytes
+        return Ticket(key, slot, self.seq, self.last_eta, rows=rows)
+
+    def _rows(self, host_share: float, fill: bool) -> tuple[int, int, bool]:
+        """(first, end) of W13's rows to copy and whether W2 goes too: all (host_share 0), a split
+        run's device part (rows d.. and W2) or its fill (rows ..d), d = split_row(host_share)."""
+        D = self.store.layout.d_model
+        d = split_row(host_share, D)
+        return (0, d, False) if fill else (d, D, True)
 
     def remaining(self, t: Ticket) -> float:
         """Estimated seconds until t's copy lands (0 when known done)."""
@@ -68,16 +86,19 @@ class _CopyEngineBase:
 class HostCopyEngine(_CopyEngineBase):
     """Synchronous engine for the host-as-device mode; same semantics as a stream, in order."""
 
-    def issue(self, key: Key, slot: int) -> Ticket:
-        t = self._ticket(key, slot)
+    def issue(self, key: Key, slot: int, host_share: float = 0.0, fill: bool = False) -> Ticket:
+        """Queue a copy of key into slot: the whole expert, or a split run's part (see _rows)."""
+        t = self._ticket(key, slot, self._rows(host_share, fill))
         self.inflight.append(t)
         return t
 
     def _run_oldest(self) -> None:
         t = self.inflight.popleft()
         layer, expert = t.key
-        self.pool.w13_SDF2[t.slot].copy_(self.store.w13(layer, expert))
-        self.pool.w2_SFD[t.slot].copy_(self.store.w2(layer, expert))
+        lo, hi, w2 = t.rows
+        self.pool.w13_SDF2[t.slot, lo:hi].copy_(self.store.w13(layer, expert)[lo:hi])
+        if w2:
+            self.pool.w2_SFD[t.slot].copy_(self.store.w2(layer, expert))
         t.done = True
 
     def ready(self, t: Ticket) -> bool:
@@ -129,14 +150,19 @@ class CudaCopyEngine(_CopyEngineBase):
                         for _ in range(4 * S)]
         self._timer_used = 0
 
-    def issue(self, key: Key, slot: int) -> Ticket:
-        t = self._ticket(key, slot)
+    def issue(self, key: Key, slot: int, host_share: float = 0.0, fill: bool = False) -> Ticket:
+        """Queue a copy of key into slot: the whole expert, or a split run's part (contiguous W13
+        rows; see _rows). A split run's compute waits on the event its device part recorded: the
+        fill is issued after that wait is queued, so it re-records the event for the next use."""
+        t = self._ticket(key, slot, self._rows(host_share, fill))
         layer, expert = key
+        lo, hi, w2 = t.rows
         with torch.cuda.stream(self.stream):
             # GPU-side wait, no host sync: the last kernel reading this slot must finish first.
             self.stream.wait_event(self.slot_free[slot])
-            self.pool.w13_SDF2[slot].copy_(self.store.w13(layer, expert), non_blocking=True)
-            self.pool.w2_SFD[slot].copy_(self.store.w2(layer, expert), non_blocking=True)
+            self.pool.w13_SDF2[slot, lo:hi].copy_(self.store.w13(layer, expert)[lo:hi], non_blocking=True)
+            if w2:
+                self.pool.w2_SFD[slot].copy_(self.store.w2(layer, expert), non_blocking=True)
             self.copy_done[slot].record(self.stream)
         self.inflight.append(t)
         return t
@@ -190,4 +216,4 @@ def make_copy_engine(store: HostExpertStore, pool: SlotPool) -> HostCopyEngine |
     return HostCopyEngine(store, pool)
 
 
-__all__ = ["Ticket", "HostCopyEngine", "CudaCopyEngine", "make_copy_engine"]
+__all__ = ["Ticket", "HostCopyEngine", "CudaCopyEngine", "make_copy_engine", "split_row"]

@@ -24,7 +24,11 @@ Per MoE layer:
    (a copy waits behind the queued ones; a host run also frees the link for as long as it runs,
    worth the best prefetch the link could carry meanwhile); its slot comes from the eviction rule.
    While host cores run, the idle link takes the next layers' candidates by the same rule,
-   queued behind the step's demand copies.
+   queued behind the step's demand copies. With host cores, the step's first copied miss runs
+   split: host cores take the first r of W13's rows from the host store while the link copies the
+   rest of the expert, r chosen so both finish together (r W H = queue + (1 - r W) C), so the miss
+   costs about C H / (C + H) instead of C; a fill then copies W13's first rows behind it, so the
+   slot ends holding the whole expert and the link carries exactly one expert's bytes.
 Eviction rules (offload/eviction.py): lru, lfu, next-use (expected distance to the next use from
 calibrated usage probabilities: aware of the layer cycle), belady (the simulator's future),
 layer-lru (mixtral-offloading), frequency (MoE-Infinity). The predictive policy evicts by whichever
@@ -45,6 +49,13 @@ from offload.predictor import PredictionStats
 from offload.prefetch import PrefetchQueue
 
 INF = float("inf")
+W13_SHARE = 2 / 3
+"""W13 ([D, 2F], gate | up) is two thirds of a SwiGLU expert's bytes; W2 ([F, D]) the rest."""
+
+
+def r_w13(host_share: float) -> float:
+    """The fraction of the expert's bytes that a host share of W13's rows is."""
+    return host_share * W13_SHARE
 
 
 class Planner:
@@ -143,12 +154,13 @@ class Planner:
                 self.t.prefetch_wasted += 1
         return old
 
-    def _copy(self, key: Key, slot: int) -> Op:
-        """Assign and queue the copy on the modelled link (FIFO)."""
+    def _copy(self, key: Key, slot: int, host_share: float = 0.0) -> Op:
+        """Assign and queue the copy on the modelled link (FIFO); with host_share r > 0 only the
+        part a split run needs on the device (all but r of W13)."""
         old = self._assign(key, slot)
         self._copies += 1
-        self.link_free = self.ready_at[key] = max(self.link_free, self.now) + self.copy_s
-        return Op("copy", key, slot, old)
+        self.link_free = self.ready_at[key] = max(self.link_free, self.now) + (1 - r_w13(host_share)) * self.copy_s
+        return Op("copy", key, slot, old, host_share)
 
     # ---------------------------------------------------------------- 1. prefetch
     def submit(self, predictions) -> None:
@@ -313,7 +325,12 @@ class Planner:
         self._mark = (self.now, self._copies)
         return plan
 
-    def _run(self, key: Key, n: int, plan: LayerPlan) -> None:
+    def _run(self, key: Key, n: int, plan: LayerPlan, host_share: float = 0.0) -> None:
+        """Run key from its slot, waiting for its copy; a split run (host_share > 0) first runs
+        its share of W13 on host cores (while the device part lands), then fills the slot."""
+        if host_share:
+            self.now += r_w13(host_share) * self.cost.host_time(n)
+            self.t.split_runs += 1
         wait = max(0.0, self.ready_at.pop(key, 0.0) - self.now)
         self.stall_s += wait
         self.now += wait + self.cost.device_time(n)
@@ -322,7 +339,21 @@ class Planner:
         if key in self.prefetched:
             self.prefetched.discard(key)
             self.t.prefetch_used += 1
-        plan.ops.append(Op("run", key, self.cache.slot_of[key]))
+        slot = self.cache.slot_of[key]
+        plan.ops.append(Op("split" if host_share else "run", key, slot, host_share=host_share))
+        if host_share:  # the rest of W13, behind whatever is queued; the next use waits for it
+            self.link_free = self.ready_at[key] = max(self.link_free, self.now) + r_w13(host_share) * self.copy_s
+            plan.ops.append(Op("fill", key, slot, host_share=host_share))
+
+    def _split_share(self, n: int, host_busy: float) -> float:
+        """The share r of W13's rows host cores take so that they finish when the rest of the
+        expert lands: busy + r W H = queue + (1 - r W) C, with W = W13's share of the expert's
+        bytes, H the host time, C the copy time and busy the host work queued before it. The
+        split then lands r W C sooner than the whole copy: 0 (no split) when that is under 5%."""
+        C, H = self.copy_s, self.cost.host_time(n)
+        queued = max(self.link_free, self.now) - self.now
+        r = min(1.0, (queued + C - host_busy) / (W13_SHARE * (H + C)))
+        return r if r_w13(r) >= 0.05 else 0.0
 
     def _host(self, key: Key, n: int, plan: LayerPlan) -> None:
         self.now += self.cost.host_time(n)
@@ -376,6 +407,9 @@ class Planner:
         Host-served experts run once the first copies are on the link, overlapping them."""
         window = max(1, self.cache.num_slots // 2) if plan.stream else self.cache.num_slots
         todo, issued, host = deque(experts), deque(), list(host)
+        # the first copied miss runs split (part on host cores after their other runs, part copied)
+        split = self.cpu_experts and not plan.stream
+        host_busy = sum(self.cost.host_time(counts[e]) for e in host)
         while todo or issued or host:
             while todo and len(issued) < window:
                 key = (m, todo[0])
@@ -383,10 +417,12 @@ class Planner:
                 if slot is None:
                     break  # every slot holds a miss of this step that has not run yet
                 todo.popleft()
-                plan.ops.append(self._copy(key, slot))
+                r = self._split_share(counts[key[1]], host_busy) if split else 0.0
+                split = False
+                plan.ops.append(self._copy(key, slot, r))
                 self.cache.pin(slot)
                 self.table.pinned_S[slot] = True
-                issued.append((key, slot))
+                issued.append((key, slot, r))
             if host and self.scheme.prefetch == "cost":
                 # the link idles while host cores run: prefetch the next layers behind the demand copies
                 host_s = sum(self.cost.host_time(counts[e]) for e in host)
@@ -396,10 +432,10 @@ class Planner:
             host = []
             if not issued:
                 continue
-            key, slot = issued.popleft()
+            key, slot, r = issued.popleft()
             self.cache.unpin(slot)
             self.table.pinned_S[slot] = False
-            self._run(key, counts[key[1]], plan)
+            self._run(key, counts[key[1]], plan, r)
 
     def _prefetch_value(self, m: int, host_s: float) -> float:
         """Expected seconds saved by the best prefetch for the layers after m that the link could

@@ -71,8 +71,9 @@ class ExpertCacheEngine:
         elif settings:
             raise ValueError(f"give settings in the OffloadConfig or as keywords, not both (got {sorted(settings)})")
         self.config = config
-        self.model, self.policy, self.cpu_experts = model.eval(), config.policy, config.cpu_experts
+        self.model, self.policy = model.eval(), config.policy
         self.device = resolve_device(config.device)
+        self.cpu_experts = config.host_experts(self.device)
         self.moe_blocks, self.first_moe = moe_block_index(model)
         self._setup_predictor(config.predictor, config.lookahead_depth)  # validate before touching the model
         layers = [b.ffn for b in self.moe_blocks]
@@ -95,7 +96,7 @@ class ExpertCacheEngine:
         self.calibration = calibration or calibrate(store, self.pool, self.copies, attn_probe=self._attn_probe())
         self.copies.copy_s = self.calibration.copy_s
         self.runtime = OffloadRuntime(store, self.pool, ExpertCache(self.pool.num_slots, config.policy), self.copies,
-                                      CostModel(self.calibration), cpu_experts=config.cpu_experts,
+                                      CostModel(self.calibration), cpu_experts=self.cpu_experts,
                                       stream_fraction=config.stream_fraction,
                                       max_inflight=config.max_inflight or 2 * model.cfg.moe.top_k)
         for layer in layers:

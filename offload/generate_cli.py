@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 
 from offload.cache import POLICIES
+from offload.config import CPU_EXPERTS_CHOICES, OffloadConfig, add_cpu_experts_arg
 
 
 def add_generate_args(p: argparse.ArgumentParser) -> None:
@@ -40,8 +41,7 @@ def add_generate_args(p: argparse.ArgumentParser) -> None:
     cap.add_argument("--gpu-expert-slots", type=int, help="device expert slots (experts held at once)")
     cap.add_argument("--gpu-expert-gib", type=float, help="device memory for expert slots, in GiB")
     p.add_argument("--policy", choices=POLICIES, default="predictive", help="slot replacement policy")
-    p.add_argument("--cpu-experts", action="store_true",
-                   help="let the calibrated cost model run cold experts on host cores")
+    add_cpu_experts_arg(p)
     p.add_argument("--predictor", default="auto", choices=["auto", "none", "lookahead", "exact"],
                    help="auto: exact for pre-attention-routed models, else lookahead (predictive policy only)")
     p.add_argument("--learned-from", default=None, metavar="TRACE",
@@ -128,7 +128,6 @@ def run_generate(args: argparse.Namespace) -> int:
     """1. load (dense part + host expert store), 2. prompts and sampling settings, 3. the engine,
     4. generate (or stream), 5. print the text and the report."""
     from moe.train import load_model
-    from offload.config import OffloadConfig
     from offload.engine import ExpertCacheEngine
     from offload.predictor import LearnedPredictor
     from offload.report import summary_lines
@@ -157,7 +156,7 @@ def run_generate(args: argparse.Namespace) -> int:
     if args.learned_from:
         predictor = LearnedPredictor.fit(RoutingTrace.load(args.learned_from), args.lookahead_depth)
     config = OffloadConfig(gpu_expert_slots=args.gpu_expert_slots, gpu_expert_gib=args.gpu_expert_gib,
-                           policy=args.policy, cpu_experts=args.cpu_experts, device=args.device, predictor=predictor,
+                           policy=args.policy, cpu_experts=CPU_EXPERTS_CHOICES[args.cpu_experts], device=args.device, predictor=predictor,
                            lookahead_depth=args.lookahead_depth, record_trace=args.trace_out is not None)
     engine = ExpertCacheEngine(model, config, store=store)
     text_of = lambda ids: decode(ids, V, tokenizer)  # noqa: E731

@@ -51,12 +51,19 @@ SCHEMES = {s.name: s for s in (
 @dataclass(frozen=True)
 class Op:
     """One step of a layer's plan, in execution order: copy `key` into `slot` (evicting `evicted`),
-    run `key` from its slot (waiting for its copy), or run `key` on host cores."""
+    run `key` from its slot (waiting for its copy), or run `key` on host cores; and a split run:
+    `copy` with host_share r > 0 moves all but the first r of W13's rows (the gate/up weights,
+    [D, 2F]) and all of W2, `split` runs x[:, :rD] W13[:rD] on host cores from the store while that
+    copy flies and the rest on the device (the partial sums meet before the activation), and
+    `fill` then copies the first r of W13's rows, so the slot ends holding the whole expert."""
 
     kind: str
+    """copy | run | cpu | split | fill."""
     key: Key
     slot: int = -1
     evicted: Key | None = None
+    host_share: float = 0.0
+    """Fraction of W13's rows left to host cores (copy / split / fill of a split run; 0 otherwise)."""
 
 
 @dataclass
@@ -74,6 +81,8 @@ class Tally:
     late_hits: int = 0
     misses: int = 0
     cpu_served: int = 0
+    split_runs: int = 0
+    """Misses run split: host cores on part of the expert while the link copies the rest."""
     demand_copies: int = 0
     stream_copies: int = 0
     prefetch_issued: int = 0

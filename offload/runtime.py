@@ -20,10 +20,11 @@ import torch
 import torch.nn as nn
 
 import kernels
+from kernels.reference import swiglu
 
 from offload.cache import ExpertCache, Key, SlotPool, StaleSlotError
 from offload.cpu_experts import CostModel, expert_forward, host_expert_forward
-from offload.copy_engines import Ticket
+from offload.copy_engines import Ticket, split_row
 from offload.decision import LayerPlan, Planner, Tally
 from offload.store import ExpertLayout, HostExpertStore
 
@@ -125,6 +126,25 @@ class OffloadRuntime:
         out_ND.copy_(expert_forward(x_ND, self.pool.w13_SDF2[slot], self.pool.w2_SFD[slot], self._count(x_ND.shape[0])))
         self.copies.mark_read(slot)
 
+    def _run_split(self, key: Key, slot: int, host_share: float, x_ND: torch.Tensor, out_ND: torch.Tensor) -> None:
+        """A split run: host cores compute x[:, :d] W13[:d] from the store while the device part
+        (W13 rows d.. and W2) lands; the device adds x[:, d:] W13[d:], then SwiGLU and W2."""
+        m, e = key
+        if self.loaded[slot] != key:
+            raise StaleSlotError(f"plan runs {key} split from slot {slot}, whose last copy was {self.loaded[slot]}")
+        d = split_row(host_share, self.store.layout.d_model)
+        dtype = _out_dtype(x_ND)
+        x = x_ND.to(dtype)
+        # host sync (CUDA): the N activation rows' first d columns go to the host, like a host run
+        h_host = x[:, :d].to("cpu") @ self.store.w13(m, e)[:d].to(dtype)
+        h = h_host.to(x.device, non_blocking=True)
+        t = self.tickets.pop(key, None)
+        if t is not None:
+            self.copies.wait(t)  # CUDA: the compute stream waits on the device part's event only
+        h = torch.addmm(h, x[:, d:], self.pool.w13_SDF2[slot, d:].to(dtype))
+        out_ND.copy_(swiglu(h) @ self.pool.w2_SFD[slot].to(dtype))
+        self.copies.mark_read(slot)
+
     def _run_host(self, key: Key, x_ND: torch.Tensor, out_ND: torch.Tensor) -> None:
         m, e = key
         y = host_expert_forward(x_ND, self.store.w13(m, e), self.store.w2(m, e), self._count(x_ND.shape[0], True))
@@ -173,20 +193,25 @@ class OffloadRuntime:
     def execute(self, plan: LayerPlan, rows, x_ND: torch.Tensor, y_ND: torch.Tensor) -> None:
         """Run a plan's ops in order: copies go to the copy engine, runs wait only on their own copy."""
         for op in plan.ops:
-            if op.kind == "copy":
+            if op.kind in ("copy", "fill"):
                 self._issue(op)
-            elif op.kind == "run":
-                a, b = rows(op.key[1])
+                continue
+            a, b = rows(op.key[1])
+            if op.kind == "run":
                 self._run_slot(op.key, op.slot, x_ND[a:b], y_ND[a:b])
+            elif op.kind == "split":
+                self._run_split(op.key, op.slot, op.host_share, x_ND[a:b], y_ND[a:b])
             else:
-                a, b = rows(op.key[1])
                 self._run_host(op.key, x_ND[a:b], y_ND[a:b])
 
     def _issue(self, op) -> None:
+        """A copy (whole, or a split run's device part) or a split run's fill; the key's next run
+        waits on the newest."""
         if op.evicted is not None:
             self.tickets.pop(op.evicted, None)
-        self.loaded[op.slot] = op.key
-        self.tickets[op.key] = self.copies.issue(op.key, op.slot)
+        if op.kind == "copy":
+            self.loaded[op.slot] = op.key
+        self.tickets[op.key] = self.copies.issue(op.key, op.slot, op.host_share, op.kind == "fill")
 
     # ---------------------------------------------------------------- prefetch
     def begin_layer(self, m: int, predictions=()) -> None:

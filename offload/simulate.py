@@ -162,7 +162,7 @@ def simulate(trace: RoutingTrace, policy: str, capacity: int, cal: Calibration, 
             "misses": t.misses, "hit_rate": t.hits / uses if uses else None, "copies": copies,
             "bytes_moved": copies * cal.expert_bytes, "stall_s": planner.stall_s, "time_s": planner.now,
             "passes": len(steps), "prefetch_issued": t.prefetch_issued, "prefetch_used": t.prefetch_used,
-            "prefetch_cancelled": t.prefetch_cancelled, "cpu_served": t.cpu_served, "decode": dec}
+            "prefetch_cancelled": t.prefetch_cancelled, "cpu_served": t.cpu_served, "split_runs": t.split_runs, "decode": dec}
 
 
 def parse_capacities(spec: str, total: int) -> list[int]:

@@ -115,7 +115,7 @@ class TransformersExpertCache:
         self.model, self.config = model, config
         self.layers, moe = moe_decoder_layers(model)
         self.device = resolve_device(config.device)
-        self.policy, self.cpu_experts = config.policy, config.cpu_experts
+        self.policy, self.cpu_experts = config.policy, config.host_experts(self.device)
         self._setup_predictor(config)
         self.store = self._build_store(moe)
         model.to(self.device)
@@ -126,7 +126,7 @@ class TransformersExpertCache:
         self.copies.copy_s = self.calibration.copy_s
         top_k = getattr(model.config, "num_experts_per_tok", 2)
         self.runtime = OffloadRuntime(self.store, self.pool, ExpertCache(self.pool.num_slots, config.policy), self.copies,
-                                      CostModel(self.calibration), cpu_experts=config.cpu_experts,
+                                      CostModel(self.calibration), cpu_experts=self.cpu_experts,
                                       stream_fraction=config.stream_fraction,
                                       max_inflight=config.max_inflight or 2 * top_k)
         self.dispatcher = LocalDispatcher(self.store.layout.num_experts)

@@ -73,9 +73,10 @@ def test_engine_equals_simulator_with_host_experts(recorded, policy):
         engine.generate(prompt, NEW, temperature=0.8, generator=torch.Generator().manual_seed(0))
         c = engine.runtime.c
         sim = simulate(trace, policy, slots, host, learned=learned, cpu_experts=True)
-        got = (c.hits, c.misses, c.cpu_served, engine.copies.bytes_moved)
-        assert got == (sim["hits"], sim["misses"], sim["cpu_served"], sim["bytes_moved"]), (policy, slots)
-        assert c.cpu_served > 0
+        got = (c.hits, c.misses, c.cpu_served, c.split_runs, engine.copies.bytes_moved, engine.copies.copies)
+        want = (sim["hits"], sim["misses"], sim["cpu_served"], sim["split_runs"], sim["bytes_moved"], sim["copies"])
+        assert got == want, (policy, slots)
+        assert c.cpu_served > 0 and c.split_runs > 0
         engine.close()
 
 
@@ -216,3 +217,43 @@ def test_this_token_bounds_see_only_the_current_pass():
         assert simulate(one, f"this-token-{fallback}", 5, cal)["hits"] == simulate(one, fallback, 5, cal)["hits"]
     with pytest.raises(ValueError, match="needs the future"):
         Planner(ExpertCache(4, "lru"), CostModel(cal), 2, scheme="this-token-lru", num_experts=4)
+
+
+def test_a_split_run_lands_when_its_host_share_is_done():
+    """One miss, host cores idle: host cores take r of W13's rows so that they finish when the
+    rest of the expert lands (r W H = (1 - r W) C), which is sooner than copying it whole; the
+    fill then moves W13's first rows behind it, and the next use is a hit that waits for it."""
+    C, H = 6e-3, 8e-3
+    cal = Calibration(device="cpu", expert_bytes=1, copy_s=C, tokens=(1, 64), host_s=(H, 64 * H),
+                      device_s=(1e-4, 64e-4), act_s_per_token=0.0, attn_s=3e-4)
+    p = Planner(ExpertCache(4, "lru"), CostModel(cal), 2, scheme="lru", num_experts=4, cpu_experts=True)
+    p.prefetch(0)
+    plan = p.serve(0, {1: 1})
+    kinds = [(op.kind, op.key) for op in plan.ops]
+    assert kinds == [("copy", (0, 1)), ("split", (0, 1)), ("fill", (0, 1))], kinds
+    r = plan.ops[0].host_share
+    w = 2 / 3  # W13's share of a SwiGLU expert's bytes
+    assert r == pytest.approx(C / (w * (H + C)))
+    end = p.now
+    assert end == pytest.approx(3e-4 + r * w * H + 1e-4), "attention, the host share, then the device part"
+    assert end < 3e-4 + C + 1e-4, "sooner than the whole copy"
+    assert p.link_free == pytest.approx(3e-4 + C + 1e-4), "the link carried the whole expert once"
+    assert p.t.split_runs == 1 and p.t.demand_copies == 1
+    p.end_pass()
+    p.prefetch(0)
+    assert [op.kind for op in p.serve(0, {1: 1}).ops] == ["run"]
+    q = Planner(ExpertCache(4, "lru"), CostModel(cal), 2, scheme="lru", num_experts=4, cpu_experts=False)
+    q.prefetch(0)
+    assert [op.kind for op in q.serve(0, {1: 1}).ops] == ["copy", "run"], "no host cores: no split"
+
+
+def test_host_cores_are_on_by_default_only_beside_a_cuda_device():
+    from offload.config import CPU_EXPERTS_CHOICES, OffloadConfig
+    auto = OffloadConfig(gpu_expert_slots=2)
+    assert auto.cpu_experts == "auto"
+    assert auto.host_experts(torch.device("cuda")) and not auto.host_experts(torch.device("cpu"))
+    assert OffloadConfig(gpu_expert_slots=2, cpu_experts=True).host_experts(torch.device("cpu"))
+    assert not OffloadConfig(gpu_expert_slots=2, cpu_experts=False).host_experts(torch.device("cuda"))
+    assert CPU_EXPERTS_CHOICES == {"auto": "auto", "on": True, "off": False}
+    with pytest.raises(ValueError, match="cpu_experts='yes' must be True, False or 'auto'"):
+        OffloadConfig(gpu_expert_slots=2, cpu_experts="yes")

@@ -30,7 +30,7 @@ from offload.serve.text import TokenizerAdapter
 def build_context(args: argparse.Namespace) -> ServeContext:
     """Model -> expert-cache engine -> decode batch -> scheduler; tokenizer, chat template, EOS ids."""
     from moe.train import load_model
-    from offload.config import OffloadConfig
+    from offload.config import CPU_EXPERTS_CHOICES, OffloadConfig
     from offload.engine import ExpertCacheEngine
 
     _check_args(args)
@@ -44,7 +44,7 @@ def build_context(args: argparse.Namespace) -> ServeContext:
         source = Path(args.checkpoint)
     tok = TokenizerAdapter(model.cfg.vocab_size, tokenizer)
     config = OffloadConfig(gpu_expert_slots=args.gpu_expert_slots, gpu_expert_gib=args.gpu_expert_gib,
-                           policy=args.policy, cpu_experts=args.cpu_experts, device=args.device,
+                           policy=args.policy, cpu_experts=CPU_EXPERTS_CHOICES[args.cpu_experts], device=args.device,
                            predictor=args.predictor)
     engine = ExpertCacheEngine(model, config, store=store)
     engine.reset_stats()  # /metrics counts from here: cumulative over the server's life
