@@ -75,7 +75,8 @@ def summary_lines(r: dict[str, Any]) -> list[str]:
         f"prefetch precision {_fmt(p['precision'], '.3f')}, recall {_fmt(p['recall'], '.3f')}; issued "
         f"{r['prefetch']['issued']}, used {r['prefetch']['used']}, wasted {r['prefetch']['wasted']}, "
         f"pre-empted {r['prefetch']['preempted']}",
-        f"misses served: copy {r['decisions']['copy']}, wait {r['decisions']['wait']}, cpu {r['decisions']['cpu']}; "
+        f"misses served: copy {r['decisions']['copy']}, wait {r['decisions']['wait']}, cpu {r['decisions']['cpu']}, "
+        f"split {r['decode']['split_runs'] + r['prefill']['split_runs']}; "
         f"regimes: cache {r['decode']['cache_steps'] + r['prefill']['cache_steps']}, "
         f"stream {r['decode']['stream_steps'] + r['prefill']['stream_steps']}; copy "
         f"{r['calibration']['copy_gbps']:.2f} GB/s measured",

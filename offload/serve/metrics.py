@@ -114,6 +114,8 @@ CACHE_METRICS = (
     ("expert_bytes_moved_total", "counter", "Host-to-device expert bytes copied."),
     ("expert_stall_seconds_total", "counter", "Time the device waited for expert copies."),
     ("expert_copies_total", "counter", "Host-to-device expert copies."),
+    ("expert_host_runs_total", "counter", "Expert uses run on host cores instead of copied."),
+    ("expert_split_runs_total", "counter", "Expert uses run split: host cores on part of W13 while the rest was copied."),
     ("stream_steps_total", "counter", "MoE layer steps in the streaming regime (whole layers copied)."),
     ("cache_steps_total", "counter", "MoE layer steps in the cache regime."),
 )
@@ -125,7 +127,8 @@ def engine_cache_stats(engine: Any) -> dict[str, float]:
     c, pred = snap.counters, engine.stats.prediction()
     out = {"expert_uses_total": c.expert_uses, "expert_cache_hits_total": c.hits,
            "expert_bytes_moved_total": snap.bytes_moved, "expert_stall_seconds_total": float(snap.stall_s),
-           "expert_copies_total": snap.copies, "stream_steps_total": c.stream_steps,
+           "expert_copies_total": snap.copies, "expert_host_runs_total": c.cpu_served,
+           "expert_split_runs_total": c.split_runs, "stream_steps_total": c.stream_steps,
            "cache_steps_total": c.cache_steps}
     if c.expert_uses:
         out["expert_cache_hit_rate"] = c.hits / c.expert_uses
