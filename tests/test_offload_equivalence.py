@@ -211,3 +211,27 @@ def test_split_runs_match_resident_on_gpu():
         if key is not None:
             assert torch.equal(rt.pool.w13_SDF2[slot].cpu(), rt.store.w13(*key))
             assert torch.equal(rt.pool.w2_SFD[slot].cpu(), rt.store.w2(*key))
+
+
+@pytest.mark.parametrize("host_share", [0.0, 0.3, 1.0])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_split_run_computes_the_expert(host_share, dtype):
+    """Host rows [0, d) + device rows [d, D) of W13, then SwiGLU and W2: the expert's output for any
+    share, the whole of W13 on either side included (d = 0 and d = D)."""
+    from offload.cpu_experts import expert_forward
+    from offload.plan import Op
+    _, model = twin_models(tiny_cfg("post_attention"))
+    engine = ExpertCacheEngine(model.to(dtype), device="cpu", gpu_expert_slots=2, policy="lru",
+                               calibration=_forced(1e-3, 1e-3, 1e-6))
+    rt, key = engine.runtime, (0, 3)
+    rt._issue(Op("copy", key, 1, None, host_share))
+    x = torch.randn(5, rt.store.layout.d_model, generator=torch.Generator().manual_seed(0)).to(dtype)
+    y = torch.empty_like(x)
+    rt._run_split(key, 1, host_share, x, y)
+    want = expert_forward(x, rt.store.w13(*key), rt.store.w2(*key), torch.tensor([5]))
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    assert torch.allclose(y.float(), want.float(), atol=tol, rtol=tol), float((y.float() - want.float()).abs().max())
+    d = round(host_share * rt.store.layout.d_model)
+    rt.copies.synchronize()
+    assert torch.equal(rt.pool.w13_SDF2[1, d:], rt.store.w13(*key)[d:]), "the device part landed"
+    assert torch.equal(rt.pool.w2_SFD[1], rt.store.w2(*key))
