@@ -45,7 +45,9 @@ def add_trace_args(p: argparse.ArgumentParser) -> None:
     s.add_argument("--expert-ms", type=float, default=None, help="override: ms per expert run")
     s.add_argument("--model-shape", default=None, help="project onto a real shape: " + ", ".join(SHAPES))
     s.add_argument("--link", default=None, help="with --model-shape: the host link, one of " + ", ".join(LINKS))
-    s.add_argument("--cpu-experts", action="store_true", help="let the cost model run misses on host cores")
+    s.add_argument("--cpu-experts", action="store_true",
+                   help="let the cost model run misses, or part of one while the rest is copied, on host cores "
+                        "(the engine's default beside a GPU)")
     s.add_argument("--json", default=None, metavar="PATH", help="write the rows as JSON")
     c = sub.add_parser("predictors", help="precision/recall of lookahead, exact and learned predictors")
     c.add_argument("--checkpoint", required=True)
