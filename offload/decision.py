@@ -199,13 +199,7 @@ class Planner:
             self.submit(predictions)
         if self.scheme.prefetch == "none":
             return []
-        cands = {k: (r.deadline, float(self._pred_LE[k])) for k, r in self.queue.pending.items()
-                 if k not in self.cache}
-        if self.scheme.recency_candidates:
-            for j in range(m, min(self.L, m + 2)):
-                for e in self.stats.last[j]:
-                    if (j, e) not in self.cache and (j, e) not in cands:
-                        cands[(j, e)] = (j, self.stats.p_use((j, e)))
+        cands = self._candidates(m, m + 1)
         if self.scheme.frequency_candidates:
             cands.update({k: v for k, v in self._frequency_candidates(m + 1, 1).items() if k not in self.cache})
         return self._prefetch_round(cands, self.now + self.attn_s, self.scheme.prefetch == "cost")
@@ -231,15 +225,16 @@ class Planner:
             self.t.prefetch_issued += 1
         return ops
 
-    def _candidates_after(self, m: int) -> dict[Key, tuple[int, float]]:
-        """Prefetch candidates of the layers after m: standing predictions and (predictive) the
-        experts the next layer used last pass."""
+    def _candidates(self, first: int, last: int) -> dict[Key, tuple[int, float]]:
+        """Prefetch candidates not in a slot, key -> (deadline, P): standing predictions for layers
+        from `first` on and (predictive) the experts layers first..last used last pass."""
         cands = {k: (r.deadline, float(self._pred_LE[k])) for k, r in self.queue.pending.items()
-                 if k[0] > m and k not in self.cache}
-        if self.scheme.recency_candidates and m + 1 < self.L:
-            for e in self.stats.last[m + 1]:
-                if (m + 1, e) not in self.cache and (m + 1, e) not in cands:
-                    cands[(m + 1, e)] = (m + 1, self.stats.p_use((m + 1, e)))
+                 if k[0] >= first and k not in self.cache}
+        if self.scheme.recency_candidates:
+            for j in range(first, min(self.L, last + 1)):
+                for e in self.stats.last[j]:
+                    if (j, e) not in self.cache and (j, e) not in cands:
+                        cands[(j, e)] = (j, self.stats.p_use((j, e)))
         return cands
 
     def _frequency_candidates(self, m: int, depth: int) -> dict[Key, tuple[int, float]]:
@@ -385,12 +380,13 @@ class Planner:
             return misses, []
         self.t.cache_steps += 1
         copy, host, host_s = [], [], 0.0
+        options = self._prefetch_options(m) if self.cpu_experts and misses else []  # the same for every miss
         for e in misses:
             queued = max(self.link_free, self.now) - self.now + len(copy) * self.copy_s
             # a copy also leaves the expert cached: worth P(used again) x the next miss it avoids
             keep = self.p_use((m, e)) * min(self.copy_s, self.cost.host_time(counts[e])) if self.cpu_experts else 0.0
             # host cores free the link for as long as they run: what a prefetch would save in that time
-            spare = self._prefetch_value(m, host_s + self.cost.host_time(counts[e])) if self.cpu_experts else 0.0
+            spare = self._prefetch_value(options, host_s + self.cost.host_time(counts[e]))
             dec = self.cost.decide(counts[e], None, self.cpu_experts, queued_s=queued - host_s - keep + spare)
             self.decisions[dec] += 1
             if dec == "cpu":
@@ -425,8 +421,7 @@ class Planner:
                 issued.append((key, slot, r))
             if host and self.scheme.prefetch == "cost":
                 # the link idles while host cores run: prefetch the next layers behind the demand copies
-                host_s = sum(self.cost.host_time(counts[e]) for e in host)
-                plan.ops += self._prefetch_round(self._candidates_after(m), self.now + host_s, True)
+                plan.ops += self._prefetch_round(self._candidates(m + 1, m + 1), self.now + host_busy, True)
             for e in host:
                 self._host((m, e), counts[e], plan)
             host = []
@@ -437,19 +432,22 @@ class Planner:
             self.table.pinned_S[slot] = False
             self._run(key, counts[key[1]], plan, r)
 
-    def _prefetch_value(self, m: int, host_s: float) -> float:
-        """Expected seconds saved by the best prefetch for the layers after m that the link could
-        carry while host cores run for host_s (its gain less its eviction's cost; 0 if none pays)."""
+    def _prefetch_options(self, m: int) -> list[tuple[int, float, float]]:
+        """(deadline, P, eviction cost) of each prefetch candidate for the layers after m that has
+        a victim slot (none unless the scheme prefetches by the cost rule)."""
         if self.scheme.prefetch != "cost":
-            return 0.0
-        best = 0.0
-        for key, (deadline, p) in self._candidates_after(m).items():
+            return []
+        out = []
+        for key, (deadline, p) in self._candidates(m + 1, m + 1).items():
             slot = self.victim_slot(key, prefetch=True)
-            if slot is None:
-                continue
-            best = max(best, self._gain(deadline, p, self.now + host_s)
-                       - self._evict_cost(self.cache.owner[slot], deadline, p))
-        return best
+            if slot is not None:
+                out.append((deadline, p, self._evict_cost(self.cache.owner[slot], deadline, p)))
+        return out
+
+    def _prefetch_value(self, options: list[tuple[int, float, float]], host_s: float) -> float:
+        """Expected seconds saved by the best of `options` that the link could carry while host
+        cores run for host_s (its gain less its eviction's cost; 0 if none pays)."""
+        return max([0.0] + [self._gain(d, p, self.now + host_s) - cost for d, p, cost in options])
 
     def _admit_in_background(self, key: Key, plan: LayerPlan) -> None:
         """A host-served expert takes a slot only when the link is idle and nothing queued waits,

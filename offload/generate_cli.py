@@ -156,8 +156,8 @@ def run_generate(args: argparse.Namespace) -> int:
     if args.learned_from:
         predictor = LearnedPredictor.fit(RoutingTrace.load(args.learned_from), args.lookahead_depth)
     config = OffloadConfig(gpu_expert_slots=args.gpu_expert_slots, gpu_expert_gib=args.gpu_expert_gib,
-                           policy=args.policy, cpu_experts=CPU_EXPERTS_CHOICES[args.cpu_experts], device=args.device, predictor=predictor,
-                           lookahead_depth=args.lookahead_depth, record_trace=args.trace_out is not None)
+                           policy=args.policy, cpu_experts=CPU_EXPERTS_CHOICES[args.cpu_experts], device=args.device,
+                           predictor=predictor, lookahead_depth=args.lookahead_depth, record_trace=args.trace_out is not None)
     engine = ExpertCacheEngine(model, config, store=store)
     text_of = lambda ids: decode(ids, V, tokenizer)  # noqa: E731
     if args.stream:

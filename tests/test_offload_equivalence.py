@@ -180,13 +180,17 @@ def test_split_runs_match_resident(slots):
     engine = ExpertCacheEngine(offloaded, device="cpu", gpu_expert_slots=slots, policy="predictive", cpu_experts=True,
                                calibration=cal)
     engine.generate(_prompt(), NEW)
-    rt = engine.runtime
-    assert rt.c.split_runs > 0
+    assert engine.runtime.c.split_runs > 0
+    _assert_slots_whole(engine.runtime)
+
+
+def _assert_slots_whole(rt) -> None:
+    """After the fills land, each slot holds its whole expert."""
     rt.copies.synchronize()
-    for slot, key in enumerate(rt.loaded):  # fills landed: each slot holds its whole expert
+    for slot, key in enumerate(rt.loaded):
         if key is not None:
-            assert torch.equal(rt.pool.w13_SDF2[slot], rt.store.w13(*key))
-            assert torch.equal(rt.pool.w2_SFD[slot], rt.store.w2(*key))
+            assert torch.equal(rt.pool.w13_SDF2[slot].cpu(), rt.store.w13(*key))
+            assert torch.equal(rt.pool.w2_SFD[slot].cpu(), rt.store.w2(*key))
 
 
 @pytest.mark.gpu
@@ -204,13 +208,8 @@ def test_split_runs_match_resident_on_gpu():
     res = engine.generate(prompt, NEW, return_logits=True)
     assert torch.equal(res.tokens, want_tokens.cpu())
     assert_close(res.logits, want_logits.cpu(), what="split runs on CUDA")
-    rt = engine.runtime
-    assert rt.c.split_runs > 0
-    rt.copies.synchronize()
-    for slot, key in enumerate(rt.loaded):
-        if key is not None:
-            assert torch.equal(rt.pool.w13_SDF2[slot].cpu(), rt.store.w13(*key))
-            assert torch.equal(rt.pool.w2_SFD[slot].cpu(), rt.store.w2(*key))
+    assert engine.runtime.c.split_runs > 0
+    _assert_slots_whole(engine.runtime)
 
 
 @pytest.mark.parametrize("host_share", [0.0, 0.3, 1.0])
