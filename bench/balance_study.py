@@ -20,12 +20,12 @@ Every run trains the same model from the same seed on the same batches for the s
 the balancing differs:
     (a) none      no balance loss, no bias
     (b) micro     LBL = N_E * sum_i f_i p_i with f_i from each micro-batch
-    (c) global    the same loss with f_i over the whole global batch (moe/router.py, global_sync="exact")
+    (c) global    the same loss with f_i over the whole global batch (core/router.py, global_sync="exact")
     (d) aux_free  DeepSeek-V3 aux-loss-free per-expert bias, no balance loss
-The corpus is moe.domains' python / C-header / English-prose corpus with one domain per micro-batch
+The corpus is core.domains' python / C-header / English-prose corpus with one domain per micro-batch
 (the paper's point is that a micro-batch holds few domains while a global batch holds them all);
 the global batch is grad_accum = 8 micro-batches. Outputs (bench/results/): balance_study.json,
-balance_study.md and balance_study_heatmaps.png. Metrics are defined in moe/stats.py.
+balance_study.md and balance_study_heatmaps.png. Metrics are defined in core/stats.py.
 """
 from __future__ import annotations
 
@@ -46,12 +46,12 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from a checkout
 
-from moe.config import RunConfig, get_preset, param_count  # noqa: E402
-from moe.domains import DomainCorpus, build_domain_corpus  # noqa: E402
-from moe.router import BalanceTracker, RouterOutput  # noqa: E402
-from moe.stats import (balance_by_granularity, domain_expert_counts, domain_specialisation, layer_agreement,
+from moe_runtime.core.config import RunConfig, get_preset, param_count  # noqa: E402
+from moe_runtime.core.domains import DomainCorpus, build_domain_corpus  # noqa: E402
+from moe_runtime.core.router import BalanceTracker, RouterOutput  # noqa: E402
+from moe_runtime.core.stats import (balance_by_granularity, domain_expert_counts, domain_specialisation, layer_agreement,
                        plot_domain_expert_heatmaps, starved_experts, top_experts_per_domain)  # noqa: E402
-from moe.train import Trainer, autocast_ctx  # noqa: E402
+from moe_runtime.core.train import Trainer, autocast_ctx  # noqa: E402
 
 MODES: dict[str, tuple[str, dict[str, Any]]] = {
     "none": ("(a) no balance loss", dict(balance_coef=0.0, aux_free_bias=False)),
@@ -301,7 +301,7 @@ def markdown(report: dict[str, Any]) -> str:
                          f"{_pm_signed(p['nmi'], 3)} | {lower} of {len(p['val_loss']['values'])} |")
     lines += ["", "Train balance is over the micro-batches of the last "
               f"{st['record_fraction']:.0%} of steps; starved = below 10% of the fair share; NMI = I(domain; expert) / "
-              "H(domain) per layer, averaged over layers (moe/stats.py). Hit rates: predicting layer l+1's "
+              "H(domain) per layer, averaged over layers (core/stats.py). Hit rates: predicting layer l+1's "
               "top-k from layer l's with a transition table vs always the most popular experts.", ""]
     if report.get("figure"):
         lines.append(f"![expert-by-domain heatmaps]({Path(report['figure']).name})")

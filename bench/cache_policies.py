@@ -34,14 +34,15 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from moe.config import get_preset  # noqa: E402
-from moe.train import Trainer  # noqa: E402
-from offload.engine import ExpertCacheEngine, utc_now  # noqa: E402
-from offload.predictor import LearnedPredictor  # noqa: E402
-from offload.projection import SHAPES, constants, project, projection_calibration  # noqa: E402
-from offload.simulate import simulate, steps_of  # noqa: E402
-from offload.synthetic import synthetic_trace  # noqa: E402
-from offload.trace import RoutingTrace, TraceRecorder  # noqa: E402
+from moe_runtime.core.config import get_preset  # noqa: E402
+from moe_runtime.core.train import Trainer  # noqa: E402
+from moe_runtime.offload.engine import ExpertCacheEngine  # noqa: E402
+from moe_runtime.offload.report import utc_now  # noqa: E402
+from moe_runtime.offload.predictor import LearnedPredictor  # noqa: E402
+from moe_runtime.offload.projection import SHAPES, constants, project, projection_calibration  # noqa: E402
+from moe_runtime.offload.simulate import simulate, steps_of  # noqa: E402
+from moe_runtime.offload.synthetic import synthetic_trace  # noqa: E402
+from moe_runtime.offload.trace import RoutingTrace, TraceRecorder  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 POLICIES = ("lru", "lfu", "predictive", "predictive-gpu-only", "belady", "belady-prefetch", "this-token-lru",
@@ -160,7 +161,7 @@ def host_overhead(model, args) -> list[dict]:
     """Decode step time resident vs the engine with every expert in a slot (a twin model with the
     same weights), alternating one step of each, median of each: this machine is shared, and
     step-by-step alternation exposes both to the same interference."""
-    from moe.model import KVCache
+    from moe_runtime.core.model import KVCache
     cfg, rows = model.cfg, []
     total, N = cfg.num_moe_layers * cfg.moe.num_experts, args.overhead_tokens
     for B in (1, 8):

@@ -29,7 +29,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from moe.config import get_preset, param_count  # noqa: E402
+from moe_runtime.core.config import get_preset, param_count  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 # preset -> (per-worker batch, seq_len, measured steps); shrunk from the presets to fit minutes on a CPU
@@ -53,8 +53,8 @@ def machine() -> dict:
 def measure(preset: str, workers: int, *, offload: bool = False, steps: int | None = None, ep: int | None = None,
             overlap: bool = False) -> dict:
     """One ClusterTrainer run; per-step metrics of rank 0, medians over the measured steps."""
-    from cluster.job import ClusterTrainer
-    from cluster.layout import ClusterConfig
+    from moe_runtime.cluster.job import ClusterTrainer
+    from moe_runtime.cluster.layout import ClusterConfig
 
     B, S, default_steps = SHAPES[preset]
     steps = steps or default_steps
@@ -88,7 +88,7 @@ def measure(preset: str, workers: int, *, offload: bool = False, steps: int | No
 def memory_model():
     """Experts dominate: 6 MoE layers x 16 experts x (512 x 2048 x 3) = 302M expert parameters
     (1.21 GB fp32) next to a ~7M-parameter dense part."""
-    from moe.config import ModelConfig, MoEConfig, RunConfig, TrainConfig
+    from moe_runtime.core.config import ModelConfig, MoEConfig, RunConfig, TrainConfig
     moe = MoEConfig(num_experts=16, top_k=2, d_expert=2048, balance_coef=0.01)
     model = ModelConfig(d_model=512, n_layers=6, n_heads=8, max_seq_len=64, moe=moe)
     train = TrainConfig(max_steps=1, batch_size=4, seq_len=32, grad_accum=1, eval_interval=1, eval_batches=1,
@@ -98,8 +98,8 @@ def memory_model():
 
 def measure_memory(ep: int) -> dict:
     """One optimizer step on `ep` workers at EP=ep (so AdamW state exists); per-worker numbers."""
-    from cluster.job import ClusterTrainer
-    from cluster.layout import ClusterConfig
+    from moe_runtime.cluster.job import ClusterTrainer
+    from moe_runtime.cluster.layout import ClusterConfig
     run = memory_model()
     with tempfile.TemporaryDirectory() as out:
         s = ClusterTrainer(run, ClusterConfig(workers=ep, ep=ep, cpus_per_worker=0.5, storage=out),
@@ -133,7 +133,7 @@ def run_memory() -> int:
     import ray
     import torch
 
-    from moe.model import MoETransformer
+    from moe_runtime.core.model import MoETransformer
     if not ray.is_initialized():
         ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     with torch.device("meta"):  # sizes only: nothing is allocated
@@ -182,13 +182,13 @@ def largest_attempt(mode: str, num_experts: int) -> dict:
     run = largest_model(num_experts)
     with tempfile.TemporaryDirectory() as out:
         if mode == "one":
-            from moe.train import Trainer
+            from moe_runtime.core.train import Trainer
             s = Trainer(run, out_dir=out, progress=False, plots=False).fit(resume=False)
             return {"step": s["step"], "final_loss": s["final_loss"]}
         import ray
 
-        from cluster.job import ClusterTrainer
-        from cluster.layout import ClusterConfig
+        from moe_runtime.cluster.job import ClusterTrainer
+        from moe_runtime.cluster.layout import ClusterConfig
         run.train.batch_size = 4  # global: 1 per worker
         ray.init(address="local", num_cpus=4, object_store_memory=256 * 2**20, include_dashboard=False,
                  log_to_driver=False)
@@ -242,7 +242,7 @@ def watch_attempt(mode: str, num_experts: int) -> dict:
         time.sleep(0.1)
     stdout, stderr = child.communicate()
     run = largest_model(num_experts)
-    from moe.config import param_count
+    from moe_runtime.core.config import param_count
     pc = param_count(run.model)
     res = {"mode": mode, "num_experts": num_experts, "params": pc["total"], "param_bytes_fp32": 4 * pc["total"],
            "expert_param_bytes_fp32": 4 * pc["experts"], "seconds": round(time.monotonic() - t0, 1),

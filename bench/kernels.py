@@ -69,12 +69,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 # ---------------------------------------------------------------- the implementations
 
 def swiglu(h: torch.Tensor) -> torch.Tensor:
-    from kernels.reference import swiglu as _swiglu
+    from moe_runtime.kernels.reference import swiglu as _swiglu
     return _swiglu(h)
 
 
 def mlp_triton(x, w13, w2, counts, offs):
-    from kernels.grouped_gemm import grouped_mlp_triton
+    from moe_runtime.kernels.grouped_gemm import grouped_mlp_triton
     return grouped_mlp_triton(x, w13, w2, counts)
 
 
@@ -97,7 +97,7 @@ IMPL_FNS = {"triton": mlp_triton, "grouped_mm": mlp_grouped_mm, "loop": mlp_loop
 
 def grouped_mm_available(device: torch.device) -> str | None:
     """None if torch._grouped_mm runs forward and backward here, else why not."""
-    from kernels.reference import grouped_mm_supported
+    from moe_runtime.kernels.reference import grouped_mm_supported
     if grouped_mm_supported(device.type, torch.bfloat16):
         return None
     return f"torch._grouped_mm has no working bf16 forward+backward on {device.type} in torch {torch.__version__}"
@@ -107,7 +107,7 @@ def grouped_mm_available(device: torch.device) -> str | None:
 
 def make_inputs(E: int, K: int, D: int, F: int, T: int, device, dtype, seed: int) -> dict:
     """Rows sorted by expert for T tokens routed to K distinct experts, weights, and dense twins."""
-    import kernels
+    from moe_runtime import kernels
     g = torch.Generator(device="cpu").manual_seed(seed)
     topk_idx = torch.randn(T, E, generator=g).topk(K, dim=-1).indices
     _, counts = kernels.sort_by_expert(topk_idx, E)

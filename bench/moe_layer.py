@@ -26,8 +26,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from moe.config import MoEConfig  # noqa: E402
-from moe.layer import MoELayer  # noqa: E402
+from moe_runtime.core.config import MoEConfig  # noqa: E402
+from moe_runtime.core.layer import MoELayer  # noqa: E402
 
 # name -> (E, K, D, F)
 GPU_SHAPES = {"mixtral-8x7b": (8, 2, 4096, 14336), "qwen3-30b-a3b": (128, 8, 2048, 768),

@@ -32,10 +32,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from moe.config import ModelConfig, MoEConfig, get_preset  # noqa: E402
-from moe.model import KVCache, MoETransformer, rotary_tables, sample_next  # noqa: E402
-from offload.engine import ExpertCacheEngine, device_name, utc_now  # noqa: E402
-from offload.store import HostExpertStore  # noqa: E402
+from moe_runtime.core.config import ModelConfig, MoEConfig, get_preset  # noqa: E402
+from moe_runtime.core.model import KVCache, MoETransformer, rotary_tables, sample_next  # noqa: E402
+from moe_runtime.offload.engine import ExpertCacheEngine  # noqa: E402
+from moe_runtime.offload.report import device_name, utc_now  # noqa: E402
+from moe_runtime.offload.store import HostExpertStore  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 MODES = {"lru": ("lru", False), "lfu": ("lfu", False), "predictive": ("predictive", False),
@@ -67,7 +68,7 @@ def build_random(cfg: ModelConfig, dev: torch.device, dtype: torch.dtype) -> MoE
 
 
 def build_trained(args, dev: torch.device) -> MoETransformer:
-    from moe.train import Trainer, load_model
+    from moe_runtime.core.train import Trainer, load_model
     if args.trained_checkpoint:
         return load_model(args.trained_checkpoint, device=dev)[0]
     run = get_preset("tiny")
@@ -129,7 +130,7 @@ def projected(model, store, cal, prompt, new: int, mode: str, slots: int, dev) -
     engine (recording syncs the host, so never in the timed run), replayed with the measured
     calibration through the engine's own Planner (offload/simulate.py). Decode passes of the
     warm-up and the timed generation together; the learned predictor stands in for lookahead."""
-    from offload.simulate import simulate
+    from moe_runtime.offload.simulate import simulate
     total = store.layout.total_experts
     rec = ExpertCacheEngine(model, gpu_expert_slots=total, policy="lru", device=dev, store=store, calibration=cal,
                             record_trace=True)
@@ -182,7 +183,7 @@ def export_for_hf(model: MoETransformer, args) -> str | None:
     aux-free bias has no transformers twin."""
     if not (args.cpu_smoke or args.hf_same_weights) or model.cfg.moe.aux_free_bias:
         return None
-    from moe.hf import export_hf
+    from moe_runtime.core.hf import export_hf
     with torch.no_grad():  # to_empty left the unused (aux_free_bias=False) bias buffers unset
         for layer in model.moe_layers():
             layer.router.bias_E.zero_()
@@ -230,8 +231,8 @@ def hf_rows(cfg: ModelConfig, args, dev: torch.device, dtype: torch.dtype, sourc
     try:
         from transformers import MixtralConfig
         import accelerate
-        from offload.config import OffloadConfig
-        from offload.transformers_cache import enable_expert_cache
+        from moe_runtime.offload.config import OffloadConfig
+        from moe_runtime.offload.transformers_cache import enable_expert_cache
     except ImportError as e:
         return [{"mode": "hf", "skipped": f"transformers/accelerate not importable: {e}"}]
     mc = MixtralConfig(vocab_size=cfg.vocab_size, hidden_size=cfg.d_model, intermediate_size=cfg.moe.d_expert,

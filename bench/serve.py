@@ -33,11 +33,11 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from moe.checkpoint import save_checkpoint  # noqa: E402
-from moe.config import get_preset  # noqa: E402
-from moe.model import MoETransformer  # noqa: E402
-from offload.engine import device_name, utc_now  # noqa: E402
-from offload.serve.metrics import parse_prometheus  # noqa: E402
+from moe_runtime.core.checkpoint import save_checkpoint  # noqa: E402
+from moe_runtime.core.config import get_preset  # noqa: E402
+from moe_runtime.core.model import MoETransformer  # noqa: E402
+from moe_runtime.offload.report import device_name, utc_now  # noqa: E402
+from moe_runtime.offload.serve.metrics import parse_prometheus  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results"
 WORDS = "def class return import for while if else with yield lambda self value index".split()
@@ -71,7 +71,7 @@ class ServerProcess:
 
     def __init__(self, ckpt: Path, *, slots: int, max_batch: int, device: str, timeout: float):
         env = {**os.environ, "PYTHONPATH": str(ROOT)}
-        cmd = [sys.executable, "-m", "moe", "serve", "--checkpoint", str(ckpt), "--gpu-expert-slots", str(slots),
+        cmd = [sys.executable, "-m", "moe_runtime", "serve", "--checkpoint", str(ckpt), "--gpu-expert-slots", str(slots),
                "--device", device, "--port", "0", "--max-batch", str(max_batch), "--shutdown-timeout", "5"]
         self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, env=env)
         box: list[str] = []

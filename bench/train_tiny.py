@@ -23,8 +23,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from moe.config import get_preset, param_count  # noqa: E402
-from moe.train import Trainer  # noqa: E402
+from moe_runtime.core.config import get_preset, param_count  # noqa: E402
+from moe_runtime.core.train import Trainer  # noqa: E402
 
 
 def main(argv=None) -> int:

@@ -24,9 +24,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from cluster.job import ClusterTrainer  # noqa: E402
-from cluster.layout import ClusterConfig  # noqa: E402
-from moe import get_preset, load_model  # noqa: E402
+from moe_runtime.cluster.job import ClusterTrainer  # noqa: E402
+from moe_runtime.cluster.layout import ClusterConfig  # noqa: E402
+from moe_runtime import get_preset, load_model  # noqa: E402
 
 run = get_preset("tiny")
 run.name = "cluster-demo"

@@ -4,7 +4,7 @@
 """
 import torch
 
-from moe import Trainer, get_preset, load_model
+from moe_runtime import Trainer, get_preset, load_model
 
 run = get_preset("tiny")                           # or load_config("examples/configs/tiny.toml")
 run.train.max_steps, run.train.eval_interval = 60, 30

@@ -13,10 +13,10 @@ from typing import Any, Callable
 import msgpack
 import numpy as np
 
-from moe.checkpoint import MANIFEST, read_sealed, write_sealed
-from moe.manifest import FORMAT, VERSION
-from moe.serial import file_digest, seal, seal_packed
-from offload.trace import TRACE_FORMAT
+from moe_runtime.core.checkpoint import MANIFEST, read_sealed, write_sealed
+from moe_runtime.core.manifest import FORMAT, VERSION
+from moe_runtime.core.serial import file_digest, seal, seal_packed
+from moe_runtime.offload.trace import TRACE_FORMAT
 from tests.fuzz_oracle import _OTHER_VALUES, _int, oracle_valid
 
 SHARD = "model-rank00000.safetensors"

@@ -1,4 +1,4 @@
-"""An independent restatement of the documented config rules (not moe/config.py's code), the
+"""An independent restatement of the documented config rules (not core/config.py's code), the
 fuzz tier's oracle for configs, which carry no digest: a mutated config the loader accepts must be
 valid by this oracle, and one the oracle calls valid must load."""
 from __future__ import annotations
@@ -57,7 +57,7 @@ _REQUIRED = {"moe": ("num_experts", "top_k", "d_expert"), "model": ("d_model", "
 
 
 def oracle_valid(d: Any) -> bool:
-    """The documented config rules, restated independently of moe/config.py."""
+    """The documented config rules, restated independently of core/config.py."""
     if not isinstance(d, dict) or set(d) - {"name", "model", "train"} or not isinstance(d.get("name", ""), str):
         return False
     model, train = d.get("model"), d.get("train") or {}

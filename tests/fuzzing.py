@@ -30,13 +30,13 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from moe.checkpoint import MANIFEST, Checkpoint, CheckpointError, ResumeMismatch, resume_check
-from moe.config import ConfigError, RunConfig, load_config
-from moe.data import Corpus  # noqa: F401  (tests build their corpora from here)
-from moe.hf.config import HFCheckpointError
-from moe.manifest import FORMAT, VERSION
-from moe.serial import DecodeError, seal, unseal
-from offload.trace import TRACE_FORMAT, TRACE_VERSION, RoutingTrace, TraceError, recorder_for
+from moe_runtime.core.checkpoint import MANIFEST, Checkpoint, CheckpointError, ResumeMismatch, resume_check
+from moe_runtime.core.config import ConfigError, RunConfig, load_config
+from moe_runtime.core.data import Corpus  # noqa: F401  (tests build their corpora from here)
+from moe_runtime.core.hf.config import HFCheckpointError
+from moe_runtime.core.manifest import FORMAT, VERSION
+from moe_runtime.core.serial import DecodeError, seal, unseal
+from moe_runtime.offload.trace import TRACE_FORMAT, TRACE_VERSION, RoutingTrace, TraceError, recorder_for
 from tests.fuzz_mutations import (SHARD, bit_flip, bomb_file, header_edit, manifest_body, path_escape,  # noqa: F401
                                   random_bytes, reseal_manifest, structural_checkpoint, structural_trace,
                                   trailing_data, truncation)
@@ -74,9 +74,9 @@ class Seeds:
 
 def make_seeds(workdir: Path) -> Seeds:
     """Train a small model for 6 steps (checkpoints at 3 and 6), record a trace, write configs."""
-    from moe.config import MoEConfig, ModelConfig, TrainConfig
-    from moe.model import MoETransformer
-    from moe.train import Trainer
+    from moe_runtime.core.config import MoEConfig, ModelConfig, TrainConfig
+    from moe_runtime.core.model import MoETransformer
+    from moe_runtime.core.train import Trainer
 
     workdir.mkdir(parents=True, exist_ok=True)
     run = RunConfig(name="fuzz", model=ModelConfig(d_model=32, n_layers=2, n_heads=4, max_seq_len=32,

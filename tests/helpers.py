@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from moe.config import MoEConfig, ModelConfig, RunConfig, TrainConfig
+from moe_runtime.core.config import MoEConfig, ModelConfig, RunConfig, TrainConfig
 
 TOL = {torch.float64: (1e-10, 1e-10), torch.float32: (1e-5, 1e-5), torch.bfloat16: (2e-2, 2e-2),
        torch.float16: (2e-3, 2e-3)}

@@ -15,12 +15,12 @@ httpx = pytest.importorskip("httpx")
 pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
 
-from moe.checkpoint import save_checkpoint  # noqa: E402
-from moe.cli import build_parser, main as moe_main  # noqa: E402
-from moe.config import MoEConfig, ModelConfig, RunConfig, TrainConfig  # noqa: E402
-from moe.model import MoETransformer  # noqa: E402
-from offload.serve.metrics import parse_prometheus  # noqa: E402
-from offload.serve.server import build_context, make_server  # noqa: E402
+from moe_runtime.core.checkpoint import save_checkpoint  # noqa: E402
+from moe_runtime.core.cli import build_parser, main as moe_main  # noqa: E402
+from moe_runtime.core.config import MoEConfig, ModelConfig, RunConfig, TrainConfig  # noqa: E402
+from moe_runtime.core.model import MoETransformer  # noqa: E402
+from moe_runtime.offload.serve.metrics import parse_prometheus  # noqa: E402
+from moe_runtime.offload.serve.server import build_context, make_server  # noqa: E402
 
 KEY = "test-key"
 NAME = "tiny-serve"

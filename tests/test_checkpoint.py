@@ -4,7 +4,7 @@ import msgpack
 import pytest
 import torch
 
-from moe.checkpoint import (Checkpoint, CheckpointError, latest_checkpoint, merge_records, prepare_tmp,
+from moe_runtime.core.checkpoint import (Checkpoint, CheckpointError, latest_checkpoint, merge_records, prepare_tmp,
                             save_checkpoint, write_shard_file)
 
 
@@ -30,7 +30,7 @@ def test_row_sharded_tensor_reassembles_and_reslices(tmp_path):
     tmp = prepare_tmp(tmp_path, 5)
     recs = [write_shard_file(tmp, f"r{r}.safetensors", {"w": full[r * 2:(r + 1) * 2]}, {"w": r * 2}) for r in range(3)]
     records = merge_records(recs, {"w": (6, 4)}, {"w": "float32"})
-    from moe.checkpoint import Manifest, commit
+    from moe_runtime.core.checkpoint import Manifest, commit
     commit(tmp_path, Manifest(step=5, config={}, train_state={}, tensors=records, files={}))
     ck = Checkpoint(tmp_path / "step_00000005")
     assert torch.equal(ck.tensor("w"), full)

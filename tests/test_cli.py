@@ -4,7 +4,7 @@ import sys
 
 import pytest
 
-from moe.cli import main
+from moe_runtime.core.cli import main
 
 
 def test_help_on_every_command(capsys):
@@ -40,17 +40,18 @@ def test_bad_arguments_give_clear_errors(tmp_path, capsys):
 
 
 def test_python_dash_m_runs():
-    r = subprocess.run([sys.executable, "-m", "moe", "presets"], capture_output=True, text=True, timeout=120)
+    r = subprocess.run([sys.executable, "-m", "moe_runtime", "presets"], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0 and "mixtral-8x7b" in r.stdout
 
 
 def test_import_moe_without_optional_extras():
     code = ("import sys\n"
             "for m in ('ray', 'triton', 'transformers'): sys.modules[m] = None\n"
-            "import moe, kernels, torch\n"
+            "import torch, moe_runtime.core\n"
+            "from moe_runtime import kernels\n"
             "print(kernels.backend_for(torch.device('cpu')))\n"
             "try:\n"
-            "    import cluster.job\n"
+            "    import moe_runtime.cluster.job\n"
             "except ImportError as e:\n"
             "    print('ERR', e)\n")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)

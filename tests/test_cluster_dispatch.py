@@ -11,10 +11,10 @@ import zlib
 import pytest
 import torch
 
-from cluster.dispatch import AllToAllDispatcher
-from cluster.groups import build_groups, spawn_gloo
-from moe.dispatch import LocalDispatcher
-from moe.experts import ExpertBank
+from moe_runtime.cluster.dispatch import AllToAllDispatcher
+from moe_runtime.cluster.groups import build_groups, spawn_gloo
+from moe_runtime.core.dispatch import LocalDispatcher
+from moe_runtime.core.experts import ExpertBank
 
 E, D, F = 8, 16, 8
 # (name, tokens per rank for world 4 (first 2 used for world 2), top_k, routing)

@@ -13,12 +13,12 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
-from cluster.job import ClusterTrainer  # noqa: E402
-from cluster.layout import ClusterConfig  # noqa: E402
-from moe.config import TrainConfig  # noqa: E402
-from moe.hf import load_hf, load_hf_weights, read_hf  # noqa: E402
-from moe.model import init_model  # noqa: E402
-from moe.train import Trainer  # noqa: E402
+from moe_runtime.cluster.job import ClusterTrainer  # noqa: E402
+from moe_runtime.cluster.layout import ClusterConfig  # noqa: E402
+from moe_runtime.core.config import TrainConfig  # noqa: E402
+from moe_runtime.core.hf import load_hf, load_hf_weights, read_hf  # noqa: E402
+from moe_runtime.core.model import init_model  # noqa: E402
+from moe_runtime.core.train import Trainer  # noqa: E402
 
 E = 4
 

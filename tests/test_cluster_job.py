@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from moe.checkpoint import Checkpoint, latest_checkpoint
+from moe_runtime.core.checkpoint import Checkpoint, latest_checkpoint
 
 REPO = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.slow

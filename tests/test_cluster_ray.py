@@ -19,16 +19,16 @@ import time
 import pytest
 import torch
 
-from cluster.layout import ClusterConfig, FaultPlan
-from moe.checkpoint import Checkpoint, latest_checkpoint
-from moe.train import Trainer
+from moe_runtime.cluster.layout import ClusterConfig, FaultPlan
+from moe_runtime.core.checkpoint import Checkpoint, latest_checkpoint
+from moe_runtime.core.train import Trainer
 from tests.test_cluster_training import GLOBAL_BATCH, tiny_run, write_text_corpus
 
 pytestmark = pytest.mark.ray
 
 
 def _cluster(run, cfg, data):
-    from cluster.job import ClusterTrainer
+    from moe_runtime.cluster.job import ClusterTrainer
     return ClusterTrainer(run, cfg, data=data, progress=False, plots=False)
 
 
@@ -56,7 +56,7 @@ def _assert_weights(ck: Checkpoint, ref: Trainer) -> None:
 def test_refused_before_any_worker_starts(ray_local, tmp_path):
     from ray.util import placement_group_table
 
-    from cluster.job import ClusterFatalError
+    from moe_runtime.cluster.job import ClusterFatalError
     n_pg = len(placement_group_table())
     run = tiny_run()
     with pytest.raises(ValueError, match=r"num_experts=8 is not divisible by expert_parallel=3; .*--ep"):
@@ -79,7 +79,7 @@ def test_refused_before_any_worker_starts(ray_local, tmp_path):
 
 
 def test_relative_storage_resolved_or_refused(monkeypatch, tmp_path):
-    from cluster.job import ClusterFatalError, resolve_storage
+    from moe_runtime.cluster.job import ClusterFatalError, resolve_storage
     monkeypatch.chdir(tmp_path)
     path, note = resolve_storage("runs")
     assert path == str(tmp_path / "runs") and f"resolved against {tmp_path}" in note
@@ -113,7 +113,7 @@ def test_sigkill_at_random_step_resumes_across_invocations(ray_local, tmp_path):
     """Invocation 1 dies (no retries left) after its step-2 checkpoint; invocation 2 resumes from
     it, loses a worker to SIGKILL at a random later step, is restarted by Ray Train from the newest
     checkpoint, and ends with the weights of one uninterrupted single process."""
-    from cluster.job import ClusterTrainingError
+    from moe_runtime.cluster.job import ClusterTrainingError
     data = write_text_corpus(tmp_path / "text.txt")
     kw = dict(max_steps=6, ckpt_interval=2, keep_checkpoints=2)
     store = str(tmp_path / "store")
@@ -140,7 +140,7 @@ def test_sigkill_at_random_step_resumes_across_invocations(ray_local, tmp_path):
 def test_no_resume_retry_ignores_an_older_invocations_checkpoints(ray_local, tmp_path):
     """Invocation 1 leaves step_2 and step_4; invocation 2 (--no-resume) writes its own step_2 and
     loses a worker at step 3: the retry resumes from ITS step 2, not invocation 1's newer step 4."""
-    from cluster.job import ClusterTrainingError
+    from moe_runtime.cluster.job import ClusterTrainingError
     data = write_text_corpus(tmp_path / "text.txt")
     kw = dict(max_steps=6, ckpt_interval=2, keep_checkpoints=5)
     cfg = dict(workers=2, ep=2, storage=str(tmp_path / "store"), collective_timeout_s=30)
@@ -157,7 +157,7 @@ def test_no_resume_retry_ignores_an_older_invocations_checkpoints(ray_local, tmp
 
 @pytest.mark.slow
 def test_s3_checkpoints_resume_at_other_ep_and_load_in_one_process(ray_local, s3_server, tmp_path):
-    from moe.modelio import load_model
+    from moe_runtime.core.modelio import load_model
     endpoint, bucket = s3_server
     storage = f"s3://{bucket}/runs?endpoint_override={endpoint}&scheme=http"
     data = write_text_corpus(tmp_path / "text.txt")
@@ -176,7 +176,7 @@ def test_s3_checkpoints_resume_at_other_ep_and_load_in_one_process(ray_local, s3
 @pytest.mark.slow
 @pytest.mark.parametrize("point,step", [("setup", 0), ("step", 2)])
 def test_hang_detected_within_bound_naming_the_rank(ray_local, tmp_path, point, step):
-    from cluster.job import ClusterTrainingError
+    from moe_runtime.cluster.job import ClusterTrainingError
     data = write_text_corpus(tmp_path / "text.txt")
     cfg = ClusterConfig(workers=2, ep=2, storage=str(tmp_path / "store"), max_failures=0, collective_timeout_s=5,
                         fault=FaultPlan(rank=1, step=step, point=point, action="hang", marker=str(tmp_path / "m")))
@@ -190,7 +190,7 @@ def test_hang_detected_within_bound_naming_the_rank(ray_local, tmp_path, point, 
 
 
 def test_disk_full_ends_the_run_at_once_naming_the_path(ray_local, tmp_path):
-    from cluster.job import ClusterFatalError
+    from moe_runtime.cluster.job import ClusterFatalError
     data = write_text_corpus(tmp_path / "text.txt")
     cfg = ClusterConfig(workers=2, ep=2, storage=str(tmp_path / "store"), max_failures=3,
                         fault=FaultPlan(rank=1, step=2, point="checkpoint_write", action="disk_full",

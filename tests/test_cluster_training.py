@@ -13,14 +13,14 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from cluster.ckpt import DirStore, save_sharded
-from cluster.groups import build_groups, spawn_gloo
-from cluster.plan import EPPlan
-from moe.checkpoint import Checkpoint, CheckpointError, latest_checkpoint, tmp_dir_for
-from moe.config import ModelConfig, MoEConfig, RunConfig, TrainConfig
-from moe.data import load_corpus
-from moe.model import init_model
-from moe.train import Trainer, load_model
+from moe_runtime.cluster.ckpt import DirStore, save_sharded
+from moe_runtime.cluster.groups import build_groups, spawn_gloo
+from moe_runtime.cluster.plan import EPPlan
+from moe_runtime.core.checkpoint import Checkpoint, CheckpointError, latest_checkpoint, tmp_dir_for
+from moe_runtime.core.config import ModelConfig, MoEConfig, RunConfig, TrainConfig
+from moe_runtime.core.data import load_corpus
+from moe_runtime.core.model import init_model
+from moe_runtime.core.train import Trainer, load_model
 
 GLOBAL_BATCH = 4
 
@@ -278,7 +278,7 @@ def test_one_micro_batch_forward_is_its_own_exact_prepass(tmp_path):
 
 
 def test_our_code_opens_no_listening_socket():
-    """The rendezvous, liveness and retry machinery is Ray Train's now: nothing in moe/ or cluster/
+    """The rendezvous, liveness and retry machinery is Ray Train's now: nothing in core/ or cluster/
     creates a TCPStore or a server socket (a static check: it fails if one comes back)."""
     root = Path(__file__).resolve().parent.parent
     for pkg in ("moe", "cluster"):

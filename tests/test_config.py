@@ -2,7 +2,7 @@ import json
 
 import pytest
 
-from moe.config import ConfigError, MoEConfig, ModelConfig, PRESETS, RunConfig, TrainConfig, get_preset, load_config, param_count
+from moe_runtime.core.config import ConfigError, MoEConfig, ModelConfig, PRESETS, RunConfig, TrainConfig, get_preset, load_config, param_count
 
 
 def test_presets_build_and_roundtrip():
@@ -91,7 +91,7 @@ def test_load_config_errors(tmp_path):
                                                                    num_shared_experts=1, d_shared_expert=16,
                                                                    shared_expert_gate=True))])
 def test_param_count_matches_the_built_model(kw):
-    from moe.model import MoETransformer
+    from moe_runtime.core.model import MoETransformer
     from tests.helpers import small_model, small_moe
     if "moe" in kw:
         kw = {**kw, "moe": small_moe(**kw["moe"])}
@@ -152,7 +152,7 @@ def test_float_fields_take_ints_and_stay_floats():
 
 
 def test_hf_config_import_shares_the_validation(tmp_path):
-    from moe.hf import HFCheckpointError, read_hf
+    from moe_runtime.core.hf import HFCheckpointError, read_hf
     d = {"architectures": ["MixtralForCausalLM"], "model_type": "mixtral", "vocab_size": 64, "hidden_size": 16,
          "intermediate_size": 24, "num_hidden_layers": 1, "num_attention_heads": 2, "num_key_value_heads": 1,
          "num_local_experts": 2, "num_experts_per_tok": 1, "max_position_embeddings": 64, "rms_norm_eps": -1e-6}

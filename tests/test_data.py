@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 import torch
 
-from moe.data import load_corpus
+from moe_runtime.core.data import load_corpus
 
 
 def test_default_corpus_is_stdlib_and_deterministic():

@@ -6,8 +6,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from moe.domains import DomainCorpus, DomainSource, build_domain_corpus, default_sources
-from moe.train import Trainer
+from moe_runtime.core.domains import DomainCorpus, DomainSource, build_domain_corpus, default_sources
+from moe_runtime.core.train import Trainer
 from tests.helpers import small_run
 
 # Each domain writes with its own alphabet, so any window's bytes tell which domain it came from.

@@ -36,7 +36,7 @@ def test_the_classifier_catches_a_silent_wrong_load(seeds, tmp_path, monkeypatch
     count as failures, so this tier can fail."""
     from safetensors.torch import safe_open
 
-    from moe.checkpoint import Checkpoint
+    from moe_runtime.core.checkpoint import Checkpoint
 
     def unchecked_read(self, s, name, dtype):
         with safe_open(str(self.path / s.file), framework="pt") as fh:
@@ -52,7 +52,7 @@ def test_oracle_knows_every_config_field():
     # A config field added without its rule in the oracle makes every valid config look invalid to it.
     import dataclasses
 
-    from moe.config import ModelConfig, MoEConfig, TrainConfig
+    from moe_runtime.core.config import ModelConfig, MoEConfig, TrainConfig
     from tests.fuzz_oracle import _MODEL, _MOE, _TRAIN
     for cls, spec in ((TrainConfig, _TRAIN), (ModelConfig, _MODEL), (MoEConfig, _MOE)):
         names = {f.name for f in dataclasses.fields(cls)} - {"moe"}

@@ -1,4 +1,4 @@
-"""Hugging Face checkpoints (moe/hf.py) against transformers' own model classes. No download.
+"""Hugging Face checkpoints (core/hf.py) against transformers' own model classes. No download.
 
 Legend: B batch, S sequence, V vocab, E experts.
 
@@ -20,11 +20,11 @@ import torch.nn.functional as F
 transformers = pytest.importorskip("transformers")
 safetensors_torch = pytest.importorskip("safetensors.torch")
 
-from moe.config import MoEConfig, ModelConfig, RunConfig, TrainConfig  # noqa: E402
-from moe.data import Corpus  # noqa: E402
-from moe.hf import (HFCheckpointError, export_hf, iter_hf_expert_tensors, load_hf, read_hf,  # noqa: E402
-                    trainer_from_hf)
-from moe.model import MoETransformer  # noqa: E402
+from moe_runtime.core.config import MoEConfig, ModelConfig, RunConfig, TrainConfig  # noqa: E402
+from moe_runtime.core.data import Corpus  # noqa: E402
+from moe_runtime.core.hf import HFCheckpointError, export_hf, iter_hf_expert_tensors, load_hf, read_hf  # noqa: E402
+from moe_runtime.core.model import MoETransformer  # noqa: E402
+from moe_runtime.core.train import Trainer  # noqa: E402
 from tests.helpers import assert_close  # noqa: E402
 from tests.helpers import single_thread  # noqa: F401,E402  (autouse: one torch thread)
 
@@ -172,8 +172,8 @@ def test_expert_cache_engine_at_25_percent_generates_the_same(saved, family, str
     """Greedy tokens through offload.ExpertCacheEngine with slots for 25% of the experts equal
     transformers' own. streamed: experts go straight from the shards into the host store
     (load_experts=False + iter_hf_expert_tensors), never into ExpertBanks."""
-    engine_mod = pytest.importorskip("offload.engine")
-    from offload.store import ExpertLayout, HostExpertStore
+    engine_mod = pytest.importorskip("moe_runtime.offload.engine")
+    from moe_runtime.offload.store import ExpertLayout, HostExpertStore
     hf, path = saved(family)
     model, run, _ = load_hf(path, load_experts=not streamed)
     m = run.model
@@ -298,7 +298,7 @@ def test_load_without_experts_leaves_them_on_meta(saved):
 
 # ---------------------------------------------------------------- fine-tuning
 def test_finetune_losses_match_transformers(tmp_path):
-    """trainer_from_hf with a constant lr, no clipping, no decay, balance loss off == a plain AdamW loop
+    """Trainer.from_hf with a constant lr, no clipping, no decay, balance loss off == a plain AdamW loop
     over transformers' model on the same batches (aux loss off: output_router_logits=False)."""
     hf = hf_model("mixtral", router_aux_loss_coef=0.0, output_router_logits=False)
     hf.save_pretrained(tmp_path / "ckpt")
@@ -307,7 +307,7 @@ def test_finetune_losses_match_transformers(tmp_path):
     tc = TrainConfig(max_steps=5, batch_size=2, seq_len=16, lr=1e-2, min_lr_ratio=1.0, warmup_steps=0,
                      weight_decay=0.0, beta1=0.9, beta2=0.95, grad_clip=0.0, device="cpu", eval_interval=100,
                      log_interval=100, ckpt_interval=0)
-    trainer = trainer_from_hf(tmp_path / "ckpt", tc, corpus=corpus, out_dir=tmp_path / "run", progress=False,
+    trainer = Trainer.from_hf(tmp_path / "ckpt", tc, corpus=corpus, out_dir=tmp_path / "run", progress=False,
                               plots=False)
     assert trainer.mcfg.moe.balance_coef == 0 and trainer.mcfg.moe.z_loss_coef == 0
     opt = torch.optim.AdamW(hf.parameters(), lr=1e-2, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.0)
@@ -325,17 +325,17 @@ def test_finetune_losses_match_transformers(tmp_path):
     assert ours[-1] < ours[0] - 0.1, f"fine-tuning did not learn: {ours}"
 
 
-def test_trainer_from_hf_overrides_only_training_fields(saved, tmp_path):
+def test_from_hf_overrides_only_training_fields(saved, tmp_path):
     _, path = saved("olmoe")
     corpus = Corpus(torch.arange(500) % V, torch.arange(100) % V, "ramp", V)
     tc = TrainConfig(max_steps=1, batch_size=2, seq_len=16, device="cpu", eval_interval=10, log_interval=10)
-    t = trainer_from_hf(path, tc, corpus=corpus, out_dir=tmp_path, progress=False, plots=False,
+    t = Trainer.from_hf(path, tc, corpus=corpus, out_dir=tmp_path, progress=False, plots=False,
                         moe_overrides={"balance_coef": 0.02, "balance_scope": "micro_batch"})
     assert (t.mcfg.moe.balance_coef, t.mcfg.moe.balance_scope, t.mcfg.qk_norm) == (0.02, "micro_batch", "full")
     ref, _, _ = load_hf(path)
     assert torch.equal(t.model.blocks[1].ffn.experts.w2_EFD, ref.blocks[1].ffn.experts.w2_EFD)
     with pytest.raises(ValueError, match=r"moe_overrides \['top_k'\] would change the checkpoint's math"):
-        trainer_from_hf(path, tc, corpus=corpus, out_dir=tmp_path, moe_overrides={"top_k": 1})
+        Trainer.from_hf(path, tc, corpus=corpus, out_dir=tmp_path, moe_overrides={"top_k": 1})
 
 
 # ---------------------------------------------------------------- tokenizer
@@ -359,7 +359,7 @@ def test_tokenizer_json_is_used(saved, tmp_path):
     assert isinstance(tok.decode(out), str)
     text = tmp_path / "story.txt"
     text.write_text("the cat sat on the mat a dog ran " * 20)
-    trainer = trainer_from_hf(ck, TrainConfig(max_steps=1, batch_size=1, seq_len=8, device="cpu"),
+    trainer = Trainer.from_hf(ck, TrainConfig(max_steps=1, batch_size=1, seq_len=8, device="cpu"),
                               data=text, out_dir=tmp_path / "run", progress=False, plots=False)
     assert "tokenizer.json" in trainer.corpus.source
     assert trainer.corpus.train[:9].tolist() == [1, 2, 3, 4, 1, 5, 6, 7, 8]
@@ -470,7 +470,7 @@ def test_family_specific_refusals(saved, tmp_path, family, changes, pattern):
 
 def test_moe_generate_hf_cli_matches_transformers(saved, tmp_path, capsys):
     """`moe generate --hf DIR`: experts streamed into the host store, 25% slots, same greedy tokens."""
-    from moe.cli import main
+    from moe_runtime.core.cli import main
     hf, path = saved("mixtral")
     out = tmp_path / "report.json"
     assert main(["generate", "--hf", str(path), "--gpu-expert-slots", "2", "--prompt-ids", "5,17,42,8",
@@ -484,7 +484,7 @@ def test_moe_generate_hf_cli_matches_transformers(saved, tmp_path, capsys):
 
 
 def test_moe_generate_hf_cli_uses_tokenizer_json(saved, tmp_path, capsys):
-    from moe.cli import main
+    from moe_runtime.core.cli import main
     hf, path = saved("mixtral")
     ck = tmp_path / "ck"
     shutil.copytree(path, ck)

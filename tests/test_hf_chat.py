@@ -1,4 +1,4 @@
-"""Chat templates (moe/hf/chat.py) render exactly what transformers' apply_chat_template renders
+"""Chat templates (core/hf/chat.py) render exactly what transformers' apply_chat_template renders
 for the same checkpoint files and messages, and `moe generate --hf DIR --chat` feeds those ids to
 the expert cache and stops at the checkpoint's EOS like transformers' generate()."""
 from __future__ import annotations
@@ -9,7 +9,7 @@ import pytest
 import torch
 import transformers
 
-from moe.hf.chat import load_chat
+from moe_runtime.core.hf.chat import load_chat
 
 tokenizers = pytest.importorskip("tokenizers")
 
@@ -96,7 +96,7 @@ def test_template_errors_and_missing_template(tmp_path):
 
 def test_moe_generate_chat_stops_at_the_checkpoints_eos(tmp_path, capsys):
     """The CLI: template -> ids (no extra BOS) -> expert cache at 25% -> stop at generation_config's EOS."""
-    from moe.cli import main
+    from moe_runtime.core.cli import main
     torch.manual_seed(0)
     cfg = transformers.MixtralConfig(vocab_size=len(WORDS), hidden_size=32, intermediate_size=24, num_hidden_layers=2,
                                      num_attention_heads=4, num_key_value_heads=2, num_local_experts=4,

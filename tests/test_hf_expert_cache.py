@@ -11,7 +11,7 @@ import pytest
 import torch
 import transformers
 
-from offload.config import OffloadConfig
+from moe_runtime.offload.config import OffloadConfig
 from tests.helpers import assert_close, single_thread  # noqa: F401  (single_thread: autouse, one torch thread)
 
 # offload.transformers_cache imports transformers.integrations.moe, which imports triton; imported at
@@ -20,7 +20,7 @@ from tests.helpers import assert_close, single_thread  # noqa: F401  (single_thr
 
 
 def _tc():
-    from offload import transformers_cache
+    from moe_runtime.offload import transformers_cache
     return transformers_cache
 
 
@@ -199,10 +199,10 @@ def test_same_weights_same_decisions_as_our_engine(tmp_path, policy, cpu_experts
     """Our MoETransformer exported as a Mixtral checkpoint: through the transformers integration the
     cache sees the same routing, gets the same lookahead predictions and, with the same
     calibration, makes the same decisions as ExpertCacheEngine: equal tokens and statistics."""
-    from moe.config import ModelConfig, MoEConfig
-    from moe.hf import export_hf
-    from moe.model import MoETransformer
-    from offload.engine import ExpertCacheEngine
+    from moe_runtime.core.config import ModelConfig, MoEConfig
+    from moe_runtime.core.hf import export_hf
+    from moe_runtime.core.model import MoETransformer
+    from moe_runtime.offload.engine import ExpertCacheEngine
     cfg = ModelConfig(d_model=32, n_layers=3, n_heads=4, max_seq_len=64, moe=MoEConfig(num_experts=8, top_k=2,
                                                                                       d_expert=24))
     torch.manual_seed(0)

@@ -14,13 +14,13 @@ import msgpack
 import pytest
 import torch
 
-from moe.checkpoint import (MANIFEST, Checkpoint, CheckpointError, latest_checkpoint, resume_check,
+from moe_runtime.core.checkpoint import (MANIFEST, Checkpoint, CheckpointError, latest_checkpoint, resume_check,
                             write_sealed)
-from moe.config import ConfigError
-from moe.manifest import FORMAT, VERSION
-from moe.serial import DecodeError, seal, seal_packed, unpack_limited, unseal
-from moe.train import Trainer, load_model
-from offload.trace import TRACE_FORMAT, TRACE_VERSION, RoutingTrace, TraceError
+from moe_runtime.core.config import ConfigError
+from moe_runtime.core.manifest import FORMAT, VERSION
+from moe_runtime.core.serial import DecodeError, seal, seal_packed, unpack_limited, unseal
+from moe_runtime.core.train import Trainer, load_model
+from moe_runtime.offload.trace import TRACE_FORMAT, TRACE_VERSION, RoutingTrace, TraceError
 from tests.fuzzing import SHARD, make_seeds, manifest_body, reseal_manifest
 from tests.helpers import single_thread  # noqa: F401,E402  (autouse: one torch thread)
 
@@ -212,7 +212,7 @@ def test_hand_edited_traces_are_refused(seeds, tmp_path, edit, pattern):
 
 
 def test_moe_trace_simulate_on_a_corrupted_trace_exits_2_with_one_line(seeds, tmp_path, capsys):
-    from moe.cli import main
+    from moe_runtime.core.cli import main
     b = bytearray(seeds.trace.read_bytes())
     b[len(b) // 2] ^= 0x10
     p = tmp_path / "t.msgpack"

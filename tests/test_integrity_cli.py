@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from moe.cli import build_parser, main
+from moe_runtime.core.cli import build_parser, main
 
 TINY = ["--config", "examples/configs/tiny.toml", "--batch-size", "2", "--seq-len", "16", "--device", "cpu",
         "--no-progress", "--threads", "1"]
@@ -61,11 +61,11 @@ def test_io_errors_name_the_path(tmp_path, capsys, monkeypatch):
     assert main(["train", *TINY, "--out", str(blocker / "run"), "--max-steps", "1"]) == 2
     assert str(blocker) in one_line(capsys)
 
-    import moe.checkpoint
+    import moe_runtime.core.checkpoint as checkpoint_mod
 
     def full(*a, **k):
         raise OSError(errno.ENOSPC, "No space left on device")
-    monkeypatch.setattr(moe.checkpoint, "save_file", full)
+    monkeypatch.setattr(checkpoint_mod, "save_file", full)
     out = tmp_path / "run"
     assert main(["train", *TINY, "--out", str(out), "--max-steps", "1", "--eval-interval", "1"]) == 2
     err = one_line(capsys)
@@ -89,7 +89,7 @@ def test_resuming_with_another_model_suggests_no_resume_or_a_new_out(finished, c
 
 
 def test_ctrl_c_prints_the_step_and_the_checkpoint_a_rerun_resumes_from(tmp_path, capsys, monkeypatch):
-    from moe.train import Trainer
+    from moe_runtime.core.train import Trainer
     real = Trainer.train_step
 
     def interrupted_at_3(self):
@@ -106,7 +106,7 @@ def test_ctrl_c_prints_the_step_and_the_checkpoint_a_rerun_resumes_from(tmp_path
 def test_sigterm_during_moe_train_ends_with_one_line(tmp_path):
     out = tmp_path / "run"
     env = {**os.environ, "PYTHONPATH": str(Path.cwd())}
-    proc = subprocess.Popen([sys.executable, "-m", "moe", "train", *TINY, "--out", str(out), "--max-steps", "100000",
+    proc = subprocess.Popen([sys.executable, "-m", "moe_runtime", "train", *TINY, "--out", str(out), "--max-steps", "100000",
                              "--ckpt-interval", "1", "--eval-interval", "100000"], env=env, stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 120

@@ -10,11 +10,12 @@ import torch.nn.functional as F
 
 transformers = pytest.importorskip("transformers")
 
-from moe.config import TrainConfig  # noqa: E402
-from moe.data import Corpus  # noqa: E402
-from moe.hf import export_hf, load_hf, trainer_from_hf  # noqa: E402
-from moe.router import balance_loss  # noqa: E402
-from moe.train import micro_batch_loss  # noqa: E402
+from moe_runtime.core.config import TrainConfig  # noqa: E402
+from moe_runtime.core.data import Corpus  # noqa: E402
+from moe_runtime.core.hf import export_hf, load_hf  # noqa: E402
+from moe_runtime.core.train import Trainer  # noqa: E402
+from moe_runtime.core.router import balance_loss  # noqa: E402
+from moe_runtime.core.train import micro_batch_loss  # noqa: E402
 from tests.helpers import single_thread  # noqa: F401,E402  (autouse: one torch thread)
 
 V = 64
@@ -37,7 +38,7 @@ def test_finetuning_balance_loss_equals_transformers_pooled_aux_loss(tmp_path):
     hf = qwen2_moe(tmp_path / "ckpt", output_router_logits=True, router_aux_loss_coef=coef)
     seq = torch.arange(2000) * 7 % V
     tc = TrainConfig(max_steps=2, batch_size=2, seq_len=16, device="cpu", eval_interval=100, ckpt_interval=0)
-    trainer = trainer_from_hf(tmp_path / "ckpt", tc, corpus=Corpus(seq[:1800], seq[1800:], "arith", V),
+    trainer = Trainer.from_hf(tmp_path / "ckpt", tc, corpus=Corpus(seq[:1800], seq[1800:], "arith", V),
                               out_dir=tmp_path / "run", progress=False, plots=False)
     m = trainer.mcfg.moe
     assert (m.balance_pooling, m.balance_scope, m.balance_coef) == ("pooled", "micro_batch", pytest.approx(coef * 2))
@@ -85,7 +86,7 @@ def test_export_writes_back_token_ids_and_aux_coef_and_generate_stops_alike(tmp_
 
 
 def test_hf_index_paths_outside_the_directory_are_refused(tmp_path):
-    from moe.hf import HFCheckpointError, read_hf
+    from moe_runtime.core.hf import HFCheckpointError, read_hf
     qwen2_moe(tmp_path / "ckpt")
     index = {"metadata": {}, "weight_map": {"model.embed_tokens.weight": "../elsewhere/model.safetensors"}}
     (tmp_path / "ckpt" / "model.safetensors.index.json").write_text(json.dumps(index))

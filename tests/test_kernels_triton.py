@@ -28,9 +28,9 @@ if not CUDA:
 pytest.importorskip("triton", reason="Triton is not installed (pip install 'moe-runtime[triton]'); "
                                      "the reference kernels are used and tested without it")
 
-import kernels  # noqa: E402
-from kernels import _common, grouped_gemm as gg, permutation as perm  # noqa: E402
-from kernels.reference import (grouped_matmul_reference, grouped_mlp_reference, per_token_moe_reference,  # noqa: E402
+from moe_runtime import kernels  # noqa: E402
+from moe_runtime.kernels import _common, grouped_gemm as gg, permutation as perm  # noqa: E402
+from moe_runtime.kernels.reference import (grouped_matmul_reference, grouped_mlp_reference, per_token_moe_reference,  # noqa: E402
                                permute_reference, unpermute_reference)
 
 INTERPRETED = gg.INTERPRETED
@@ -68,7 +68,7 @@ def _poisoned_output(shape, like, dtype=None):
 @pytest.fixture(autouse=True)
 def kernel_env(request, monkeypatch):
     if STALE and request.node.originalname != "test_file_in_fresh_process":
-        pytest.skip("kernels.grouped_gemm was imported without TRITON_INTERPRET=1 before this module; "
+        pytest.skip("moe_runtime.kernels.grouped_gemm was imported without TRITON_INTERPRET=1 before this module; "
                     "test_file_in_fresh_process runs these tests in a new process")
     monkeypatch.setattr(_common, "empty_output", _poisoned_output)
     kernels.set_backend(None)

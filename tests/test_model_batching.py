@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from moe.model import KVCache, MoETransformer
+from moe_runtime.core.model import KVCache, MoETransformer
 from tests.helpers import assert_close, small_model
 
 PROMPTS = [[5, 9, 2, 7, 1, 3, 8], [4, 4, 6], [11, 2, 9, 9, 30]]

@@ -1,13 +1,13 @@
 import pytest
 import torch
 
-import kernels
-from kernels.reference import grouped_mlp_reference, per_token_moe_reference
-from moe.dispatch import LocalDispatcher
-from moe.experts import ExpertBank, dense_from_single_expert
-from moe.layer import MoELayer
-from moe.model import MoETransformer
-from moe.router import RouterOutput
+from moe_runtime import kernels
+from moe_runtime.kernels.reference import grouped_mlp_reference, per_token_moe_reference
+from moe_runtime.core.dispatch import LocalDispatcher
+from moe_runtime.core.experts import ExpertBank, dense_from_single_expert
+from moe_runtime.core.layer import MoELayer
+from moe_runtime.core.model import MoETransformer
+from moe_runtime.core.router import RouterOutput
 from tests.helpers import assert_close, small_model, small_moe
 
 
@@ -116,7 +116,7 @@ def test_kv_cache_decode_matches_full_forward():
     model = MoETransformer(small_model(n_kv_heads=2))
     tokens = torch.randint(0, 256, (2, 10))
     full = model(tokens).logits
-    from moe.model import KVCache
+    from moe_runtime.core.model import KVCache
     cache = KVCache.empty(model.cfg, 2, 10, "cpu", torch.float32)
     parts = [model(tokens[:, :6], cache).logits] + [model(tokens[:, i:i + 1], cache).logits for i in range(6, 10)]
     assert_close(torch.cat(parts, 1), full, torch.float32, "cached decode")
@@ -138,7 +138,7 @@ def test_backend_env_is_validated(monkeypatch):
 
 
 def test_auto_backend_falls_back_once_when_triton_fails(monkeypatch):
-    import kernels.grouped_gemm as gg
+    import moe_runtime.kernels.grouped_gemm as gg
 
     def broken(*a, **k):
         raise RuntimeError("out of resources: shared memory")

@@ -8,15 +8,17 @@ from __future__ import annotations
 
 import random
 
+import numpy as np
 import pytest
 import torch
 
-from offload.cache import POLICIES, ExpertCache, SlotPool, StaleSlotError
-from offload.cpu_experts import Calibration, CostModel, expert_forward, interpolate
-from offload.copy_engines import HostCopyEngine
-from offload.prefetch import PrefetchQueue
-from offload.runtime import OffloadRuntime
-from offload.store import ExpertLayout, HostExpertStore
+from moe_runtime.offload.cache import POLICIES, ExpertCache, SlotPool, StaleSlotError
+from moe_runtime.offload.cpu_experts import Calibration, CostModel, expert_forward, interpolate
+from moe_runtime.offload.copy_engines import HostCopyEngine
+from moe_runtime.offload.eviction import SlotTable
+from moe_runtime.offload.prefetch import PrefetchQueue
+from moe_runtime.offload.runtime import OffloadRuntime
+from moe_runtime.offload.store import ExpertLayout, HostExpertStore
 from tests.test_offload_support import single_thread  # noqa: F401
 
 LAYOUT = ExpertLayout(num_layers=3, num_experts=6, d_model=8, d_expert=4, dtype=torch.float32)
@@ -71,21 +73,16 @@ def test_random_routing_never_reads_a_wrong_or_unfilled_slot(policy, slots, cpu)
     assert copies.bytes_moved == copies.copies * LAYOUT.expert_bytes
 
 
-@pytest.mark.parametrize("policy", ["lru", "lfu", "predictive"])
-def test_cache_table_invariants_and_stale_handles(policy):
+def test_cache_table_invariants_and_stale_handles():
     rng = random.Random(7)
-    cache = ExpertCache(4, policy)
+    cache = ExpertCache(4, "lru")
     handles = []
     for _ in range(400):
         key = (rng.randrange(3), rng.randrange(6))
-        protected = {(rng.randrange(3), rng.randrange(6)): rng.randrange(3) for _ in range(rng.randint(0, 3))}
-        if key in cache:
-            cache.access(key)
-        else:
-            slot = cache.choose_slot(protected, force=rng.random() < 0.5)
-            if slot is not None:
-                assert cache.pins[slot] == 0, "a pinned slot was offered for eviction"
-                cache.assign(key, slot)
+        if key not in cache:  # the Planner decides victims; any unpinned slot exercises the table
+            free = [s for s in range(4) if cache.pins[s] == 0]
+            if free:
+                cache.assign(key, rng.choice(free))
         if key in cache and rng.random() < 0.3:
             handles.append(cache.handle(key))
         if key in cache and rng.random() < 0.2:
@@ -101,31 +98,32 @@ def test_cache_table_invariants_and_stale_handles(policy):
         else:
             with pytest.raises(StaleSlotError, match=f"slot {h.slot} was reassigned from"):
                 cache.check_handle(h)
+    with pytest.raises(ValueError, match="policy='fifo' is not one of"):
+        ExpertCache(4, "fifo")
 
 
-def test_policies_choose_the_expected_victim():
-    lru = ExpertCache(3, "lru")
-    for e in range(3):
-        lru.assign((0, e), lru.choose_slot())
-    lru.access((0, 0))
-    assert lru.owner[lru.choose_slot()] == (0, 1)
-    lfu = ExpertCache(3, "lfu")
-    for e in range(3):
-        lfu.assign((0, e), lfu.choose_slot())
-    for key, uses in (((0, 0), 3), ((0, 1), 1), ((0, 2), 2)):
-        for _ in range(uses):
-            lfu.access(key)
-    assert lfu.owner[lfu.choose_slot()] == (0, 1)
-    pred = ExpertCache(2, "predictive")
-    pred.assign((0, 0), 0)
-    pred.assign((1, 0), 1)
-    both = {(0, 0): 0, (1, 0): 1}
-    assert pred.choose_slot(both, force=False) is None, "a prefetch must not evict a predicted expert"
-    assert pred.owner[pred.choose_slot(both, force=True)] == (1, 0), "a demand miss evicts the one needed last"
-    assert pred.owner[pred.choose_slot({(1, 0): 1}, force=False)] == (0, 0)
-    pred.pin(0)
-    pred.pin(1)
-    assert pred.choose_slot(force=True) is None
+def test_eviction_rules_choose_the_expected_victim():
+    """One eviction system (offload/eviction.py): LRU, LFU (ties: least recent) and next-use."""
+    def table(rule_uses):
+        t = SlotTable(3, 2, 4, None)
+        for s in range(3):
+            t.on_insert(s, (0, s))
+        for key, uses in rule_uses:
+            for _ in range(uses):
+                t.on_access(key)
+        return t
+    lru = table([((0, 1), 1), ((0, 0), 1), ((0, 2), 1)])
+    assert lru.victim("lru", (1, 0), 0, None)[0] == 1
+    lfu = table([((0, 0), 3), ((0, 1), 1), ((0, 2), 2)])
+    assert lfu.victim("lfu", (1, 0), 0, None)[0] == 1
+    lfu.pinned_S[1] = True
+    assert lfu.victim("lfu", (1, 0), 0, None)[0] == 2, "a pinned slot is never a victim"
+    p_LE = np.full((2, 4), 0.5)
+    p_LE[0, 0] = 0.9  # used again soon
+    p_LE[0, 2] = 0.1  # expected back last
+    assert table([]).victim("next-use", (1, 0), 0, p_LE)[0] == 2
+    lfu.pinned_S[:] = True
+    assert lfu.victim("lfu", (1, 0), 0, None) is None
 
 
 def test_prefetch_queue_deadlines_and_preemption():

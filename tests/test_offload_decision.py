@@ -7,14 +7,14 @@ import numpy as np
 import pytest
 import torch
 
-from offload.cache import ExpertCache
-from offload.cpu_experts import Calibration, CostModel
-from offload.decision import Planner
-from offload.engine import ExpertCacheEngine
-from offload.predictor import LearnedPredictor
-from offload.projection import constants, project, projection_calibration
-from offload.simulate import simulate, steps_of
-from offload.synthetic import synthetic_trace
+from moe_runtime.offload.cache import ExpertCache
+from moe_runtime.offload.cpu_experts import Calibration, CostModel
+from moe_runtime.offload.decision import Planner
+from moe_runtime.offload.engine import ExpertCacheEngine
+from moe_runtime.offload.predictor import LearnedPredictor
+from moe_runtime.offload.projection import constants, project, projection_calibration
+from moe_runtime.offload.simulate import simulate, steps_of
+from moe_runtime.offload.synthetic import synthetic_trace
 from tests.test_offload_support import single_thread, tiny_cfg, twin_models  # noqa: F401
 
 NEW = 24
@@ -162,7 +162,7 @@ def test_projection_constants_and_scaling():
 
 def test_recency_boost_is_calibrated_from_the_routing():
     """The boost is ~1 when layers reuse last run's experts and ~0 when routing is independent."""
-    from offload.eviction import UsageStats
+    from moe_runtime.offload.eviction import UsageStats
     rng = np.random.default_rng(0)
     repeat, iid = UsageStats(2, 8), UsageStats(2, 8)
     for _ in range(300):
@@ -248,7 +248,7 @@ def test_a_split_run_lands_when_its_host_share_is_done():
 
 
 def test_host_cores_are_on_by_default_only_beside_a_cuda_device():
-    from offload.config import CPU_EXPERTS_CHOICES, OffloadConfig
+    from moe_runtime.offload.config import CPU_EXPERTS_CHOICES, OffloadConfig
     auto = OffloadConfig(gpu_expert_slots=2)
     assert auto.cpu_experts == "auto"
     assert auto.host_experts(torch.device("cuda")) and not auto.host_experts(torch.device("cpu"))

@@ -1,23 +1,28 @@
-"""Offloaded generation equals resident generation: same tokens, same logits, bit for bit.
+"""Offloaded generation equals resident generation: the same tokens, and logits equal up to fp32
+summation order.
 
-The engine swaps each ExpertBank for a slot-cache expert source and runs the model's own math, and
-each expert runs through the same kernel call over the same rows, so on CPU nothing may differ:
-every policy, every capacity (including fewer slots than one layer's experts at batch 2 = 4
-experts), with and without host experts, exact / lookahead / learned prediction, both router
-positions, a leading dense block, streaming prefill, sampling, bf16. One exception: a split run
-(host cores take the first rows of W13 while the rest is copied) adds two partial sums over the
-model dim, a different summation order; where the planner splits, logits agree to fp32 rounding.
+The engine swaps each ExpertBank for a slot-cache expert source and runs the model's own math, each
+expert through the same kernel call over the same rows: every policy, every capacity (including
+fewer slots than one layer's experts at batch 2 = 4 experts), with and without host experts, exact /
+lookahead / learned prediction, both router positions, a leading dense block, streaming prefill,
+sampling, bf16. Tokens must be equal. Logits are bit-equal on some CPUs, but the BLAS behind a GEMM
+may sum in another order for weights read from a slot than from the resident bank (oneDNN promises
+nothing across buffers; on an AVX-512 AMD EPYC the difference is 1 ulp, 5.96e-08), and a split run
+(host cores take the first rows of W13 while the rest is copied) adds two partial sums over the model
+dim: so logits are held to the fp32 reordering bound of tests/test_offload_support.py, which is
+~1e-4 of what a wrong expert does.
 """
 from __future__ import annotations
 
 import pytest
 import torch
 
-from offload.cpu_experts import Calibration
-from offload.engine import ExpertCacheEngine
-from offload.predictor import LearnedPredictor
-from offload.trace import TraceRecorder
-from tests.test_offload_support import resident_generate, single_thread, tiny_cfg, twin_models  # noqa: F401
+from moe_runtime.offload.cpu_experts import Calibration
+from moe_runtime.offload.engine import ExpertCacheEngine
+from moe_runtime.offload.predictor import LearnedPredictor
+from moe_runtime.offload.trace import TraceRecorder
+from tests.test_offload_support import (assert_logits_match, resident_generate, single_thread,  # noqa: F401
+                                        tiny_cfg, twin_models)
 
 NEW = 10
 
@@ -32,9 +37,7 @@ def _check(cfg, prompt, **engine_kw):
     engine = ExpertCacheEngine(offloaded, device="cpu", **engine_kw)
     res = engine.generate(prompt, NEW, return_logits=True)
     assert torch.equal(res.tokens, want_tokens), f"tokens differ for {engine_kw}"
-    err = float((res.logits - want_logits).abs().max())
-    exact = engine.runtime.c.split_runs == 0
-    assert err == 0 if exact else err < 1e-5, f"logits differ for {engine_kw}: max err {err:.3e}"
+    assert_logits_match(res.logits, want_logits, cfg, str(engine_kw))
     engine.runtime.cache.check_invariants()
     return res.report
 
@@ -217,8 +220,8 @@ def test_split_runs_match_resident_on_gpu():
 def test_a_split_run_computes_the_expert(host_share, dtype):
     """Host rows [0, d) + device rows [d, D) of W13, then SwiGLU and W2: the expert's output for any
     share, the whole of W13 on either side included (d = 0 and d = D)."""
-    from offload.cpu_experts import expert_forward
-    from offload.plan import Op
+    from moe_runtime.offload.cpu_experts import expert_forward
+    from moe_runtime.offload.plan import Op
     _, model = twin_models(tiny_cfg("post_attention"))
     engine = ExpertCacheEngine(model.to(dtype), device="cpu", gpu_expert_slots=2, policy="lru",
                                calibration=_forced(1e-3, 1e-3, 1e-6))

@@ -1,4 +1,4 @@
-"""Generation controls (moe/generation.py) through the expert cache, each against a plain reference
+"""Generation controls (core/generation.py) through the expert cache, each against a plain reference
 loop: one prompt at a time, no padding, the model's plain forward, transformers' own logits
 processors, a per-sequence torch.Generator, stop conditions checked by hand.
 
@@ -13,9 +13,9 @@ import torch
 from transformers.generation.logits_process import (RepetitionPenaltyLogitsProcessor, TemperatureLogitsWarper,
                                                     TopKLogitsWarper, TopPLogitsWarper)
 
-from moe.generation import DecodeBatch, SamplingParams, generate, stream
-from moe.model import KVCache
-from offload.engine import ExpertCacheEngine
+from moe_runtime.core.generation import DecodeBatch, SamplingParams, generate, stream
+from moe_runtime.core.model import KVCache
+from moe_runtime.offload.engine import ExpertCacheEngine
 from tests.test_offload_support import single_thread, tiny_cfg, twin_models  # noqa: F401
 
 PROMPTS = [list(b"def f(x):"), list(b"ab"), list(b"import os\n")]
@@ -147,7 +147,7 @@ def test_streaming_spells_the_output(models):
 
 
 def test_streamed_text_holds_back_a_possible_stop_string():
-    from moe.generation import Sequence
+    from moe_runtime.core.generation import Sequence
     batch = DecodeBatch.__new__(DecodeBatch)
     s = Sequence(0, [1], SamplingParams(stop=("END",)), 0, None, text="abcEN")
     assert batch._safe_len(s) == 3

@@ -8,12 +8,12 @@ import numpy as np
 import pytest
 import torch
 
-from moe.cli import main
-from offload.engine import ExpertCacheEngine
-from moe.serial import seal
-from offload.cpu_experts import Calibration
-from offload.simulate import parse_capacities, simulate, simulate_grid, trace_timing
-from offload.trace import TRACE_FORMAT, TRACE_VERSION, RoutingTrace, TraceError, TraceRecorder
+from moe_runtime.core.cli import main
+from moe_runtime.offload.engine import ExpertCacheEngine
+from moe_runtime.core.serial import seal
+from moe_runtime.offload.cpu_experts import Calibration
+from moe_runtime.offload.simulate import parse_capacities, simulate, simulate_grid, trace_timing
+from moe_runtime.offload.trace import TRACE_FORMAT, TRACE_VERSION, RoutingTrace, TraceError, TraceRecorder
 from tests.test_offload_support import single_thread, tiny_cfg, twin_models  # noqa: F401
 
 

@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from moe.router import BalanceTracker, TopKRouter, balance_loss
+from moe_runtime.core.router import BalanceTracker, TopKRouter, balance_loss
 from tests.helpers import assert_close, small_moe
 
 

@@ -12,8 +12,8 @@ import httpx
 import openai
 import pytest
 
-from moe.cli import main as moe_main
-from offload.serve.metrics import parse_prometheus
+from moe_runtime.core.cli import main as moe_main
+from moe_runtime.offload.serve.metrics import parse_prometheus
 from tests.serve_support import (CTX, NAME, assert_error, ckpt, client, completion, generate_tokens,  # noqa: F401
                                  post, srv)
 

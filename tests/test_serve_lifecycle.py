@@ -19,8 +19,8 @@ import openai
 import pytest
 import torch
 
-from moe.cli import build_parser, main as moe_main
-from offload.serve.server import build_context, make_server
+from moe_runtime.core.cli import build_parser, main as moe_main
+from moe_runtime.offload.serve.server import build_context, make_server
 from tests.serve_support import (CTX, KEY, NAME, ThreadServer, assert_error, ckpt, client, completion,  # noqa: F401
                                  slow_steps, srv, wait_for)
 
@@ -83,7 +83,7 @@ def test_shutdown_cancels_running_requests_within_the_bound(ckpt):
 
 def test_cli_serve_and_sigterm_finishes_running_stream(ckpt):
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
-    proc = subprocess.Popen([sys.executable, "-m", "moe", "serve", "--checkpoint", str(ckpt), "--gpu-expert-slots",
+    proc = subprocess.Popen([sys.executable, "-m", "moe_runtime", "serve", "--checkpoint", str(ckpt), "--gpu-expert-slots",
                              "4", "--device", "cpu", "--port", "0", "--shutdown-timeout", "20"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     try:
@@ -187,9 +187,10 @@ def test_hf_checkpoint_chat_template_and_tokenizer(tmp_path):
 
 
 def test_cli_registration_defaults_and_argument_errors(ckpt, capsys, monkeypatch):
-    import moe.cli
-    # `serve` comes from the plugin table / entry points; a plugin whose package is absent is skipped
-    monkeypatch.setattr(moe.cli, "COMMAND_PLUGINS", {**moe.cli.COMMAND_PLUGINS, "ghost": "no_such_pkg.cli:register"})
+    from moe_runtime.core import cli
+    # `serve` comes from the entry points; one whose package is absent (a stale entry point) is skipped
+    declared = cli.declared_entry_points
+    monkeypatch.setattr(cli, "declared_entry_points", lambda group: {**declared(group), "ghost": "no_such_pkg.cli:register"})
     help_text = build_parser().format_help()
     assert "serve" in help_text and "ghost" not in help_text
     args = build_parser().parse_args(["serve", "--checkpoint", str(ckpt), "--gpu-expert-slots", "4"])

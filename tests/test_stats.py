@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from moe.stats import (balance_by_granularity, balance_metrics, domain_expert_counts, domain_specialisation,
+from moe_runtime.core.stats import (balance_by_granularity, balance_metrics, domain_expert_counts, domain_specialisation,
                        layer_agreement, mutual_information_bits, plot_domain_expert_heatmaps, starved_experts,
                        top_experts_per_domain)
 

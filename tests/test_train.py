@@ -3,9 +3,9 @@ import json
 import pytest
 import torch
 
-from moe.checkpoint import latest_checkpoint
-from moe.data import load_corpus
-from moe.train import Trainer, lr_at, load_model
+from moe_runtime.core.checkpoint import latest_checkpoint
+from moe_runtime.core.data import load_corpus
+from moe_runtime.core.train import Trainer, lr_at, load_model
 from tests.helpers import small_moe, small_run
 
 CORPUS = None
@@ -73,7 +73,7 @@ def test_training_beats_unigram_baseline(tmp_path):
 
 
 def test_lr_schedule_shape():
-    from moe.config import TrainConfig
+    from moe_runtime.core.config import TrainConfig
     c = TrainConfig(max_steps=100, warmup_steps=10, lr=1.0, min_lr_ratio=0.1)
     assert lr_at(0, c) == pytest.approx(0.1) and lr_at(9, c) == pytest.approx(1.0)
     assert lr_at(100, c) == pytest.approx(0.1) and lr_at(55, c) == pytest.approx(0.55)
@@ -87,7 +87,7 @@ def test_seq_len_over_max_refused(tmp_path):
 
 def test_default_tiny_budget_beats_unigram_by_a_wide_margin(tmp_path):
     """The acceptance run of `moe train` with no arguments (tiny preset, its full default budget)."""
-    from moe.config import get_preset
+    from moe_runtime.core.config import get_preset
     run = get_preset("tiny")
     run.train.device = "cpu"
     t = Trainer(run, out_dir=tmp_path, corpus=corpus(), progress=False, plots=False)
@@ -126,7 +126,7 @@ def test_activation_checkpointing_keeps_losses_grads_and_counts(tmp_path, mode):
 def test_exact_prepass_skipped_with_one_micro_batch_on_one_rank(tmp_path):
     """One micro-batch on one rank: the exact global batch is the micro-batch, so the routing pre-pass
     is skipped, and training is bit for bit what the pre-pass path gives."""
-    from moe.router import BalanceTracker
+    from moe_runtime.core.router import BalanceTracker
     run = small_run(grad_accum=1, max_steps=2, moe=small_moe(balance_scope="global_batch", global_sync="exact"))
     a = Trainer(run, out_dir=tmp_path / "a", corpus=corpus(), progress=False, plots=False)
     assert not a.tracker.needs_prepass

@@ -1,3 +1,0 @@
-from moe.cli import main
-
-raise SystemExit(main())

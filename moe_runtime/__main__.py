@@ -1,0 +1,3 @@
+from moe_runtime.core.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,346 @@
+"""Generation controls and a step-wise decode batch that sequences join and leave (continuous batching).
+
+Legend: B rows of the decode batch (= KV cache rows), S sequence, V vocab, n sequences stepped.
+
+    from moe_runtime.core.generation import DecodeBatch, SamplingParams, generate, stream
+    params = SamplingParams(max_new_tokens=64, temperature=0.7, top_p=0.9, seed=1,
+                            eos_token_ids=(2,), stop=("\\n\\n",))
+    outs = generate(model, [[1, 2, 3], [4, 5]], params, decode=tok_decode)   # list[SequenceOutput]
+    for ev in stream(model, [[1, 2, 3]], params, decode=tok_decode): ...     # TokenEvent per token
+
+The step-wise object, for a server (one decode forward per step over every running sequence):
+
+    batch = DecodeBatch(model, max_batch=8, max_len=2048, decode=tok_decode)
+    seqs, events = batch.add([prompt_ids, ...], [params, ...])  # prefill (left-padded together)
+    while batch.running:                                        # running: list[Sequence]
+        events = batch.step()             # one token per running sequence -> list[TokenEvent]
+        ...                               # add() more between steps; batch.cancel(seq_id) to drop one
+    batch.free_rows                       # how many more sequences fit now
+
+- `add` takes free cache rows, left-pads the prompts, runs one prefill forward for just those
+  rows (others keep their state) and samples each new sequence's first token (its first event).
+- `step` feeds each running sequence its last token, at its own position, and samples the next.
+- A sequence finishes on an EOS id (`eos_token_ids`, the checkpoint's), a stop token id, a stop
+  string in its decoded text, or `max_new_tokens`; its row is freed at once. Each sequence has
+  its own SamplingParams, torch.Generator (from `seed`) and stop state.
+- TokenEvent.text is the new text safe to show: text that could still become a stop string, or an
+  incomplete UTF-8 character, is held back; a stop string and what follows it are never shown.
+  Sequence.tokens includes the token that stopped it (as transformers' generate does).
+- Logits processing order is transformers': repetition penalty (over prompt + generated tokens),
+  temperature, top-k, top-p; temperature 0 is greedy. Sampling draws each row from its own
+  generator, so a sequence samples the same tokens alone or in any batch. A batch-wide
+  `generator=` (old API) draws all sampled rows with one torch.multinomial call instead.
+`model` is a MoETransformer, or anything with its forward(tokens_BS, cache, attention_mask_BS=,
+cache_rows=) -> .logits, `.cfg` and `.embed` (ExpertCacheEngine's model, with its hooks, is one).
+"""
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass, field
+from typing import Callable, Iterator, Sequence as Seq
+
+import torch
+
+from moe_runtime.core.model import KVCache
+
+FINISH_REASONS = ("stop", "length", "cancelled")
+
+
+@dataclass(kw_only=True, frozen=True)
+class SamplingParams:
+    max_new_tokens: int = 64
+    """Tokens generated at most (the stopping token included)."""
+    temperature: float = 0.0
+    """0: greedy (argmax); > 0: sample from softmax(logits / temperature)."""
+    top_k: int | None = None
+    """Sample only from the k most likely tokens."""
+    top_p: float | None = None
+    """Nucleus sampling: the smallest set of tokens whose probability reaches top_p."""
+    repetition_penalty: float = 1.0
+    """> 1 discourages tokens already in the prompt or output (CTRL / transformers rule)."""
+    seed: int | None = None
+    """This sequence's own torch.Generator seed (None: the batch generator, or torch's global one)."""
+    eos_token_ids: tuple[int, ...] = ()
+    """End-of-sequence ids (the checkpoint's); ignored when ignore_eos."""
+    stop_token_ids: tuple[int, ...] = ()
+    """More ids that end the sequence."""
+    stop: tuple[str, ...] = ()
+    """Strings that end the sequence when they appear in the decoded output (needs `decode`)."""
+    ignore_eos: bool = False
+
+    def __post_init__(self) -> None:
+        checks = [(self.max_new_tokens >= 1, f"max_new_tokens={self.max_new_tokens} must be >= 1"),
+                  (self.temperature >= 0, f"temperature={self.temperature} must be >= 0 (0 is greedy)"),
+                  (self.top_k is None or self.top_k >= 1, f"top_k={self.top_k} must be >= 1 or None"),
+                  (self.top_p is None or 0 < self.top_p <= 1, f"top_p={self.top_p} must be in (0, 1] or None"),
+                  (self.repetition_penalty > 0, f"repetition_penalty={self.repetition_penalty} must be > 0"),
+                  (all(s for s in self.stop), "stop strings must not be empty")]
+        for ok, msg in checks:
+            if not ok:
+                raise ValueError(msg)
+        for name in ("eos_token_ids", "stop_token_ids", "stop"):  # lists are accepted, stored as tuples
+            object.__setattr__(self, name, tuple(getattr(self, name)))
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+    def end_ids(self) -> frozenset[int]:
+        return frozenset(self.stop_token_ids) | (frozenset() if self.ignore_eos else frozenset(self.eos_token_ids))
+
+
+def process_logits(logits_V: torch.Tensor, params: SamplingParams, history: Seq[int]) -> torch.Tensor:
+    """transformers' order: repetition penalty, temperature, top-k, top-p. Returns float logits
+    with removed tokens at -inf (temperature 0: only the penalty is applied)."""
+    logits_V = logits_V.float()
+    if params.repetition_penalty != 1.0 and len(history):
+        ids = torch.tensor(sorted(set(history)), device=logits_V.device)
+        score = logits_V[ids]
+        logits_V = logits_V.clone()
+        logits_V[ids] = torch.where(score < 0, score * params.repetition_penalty, score / params.repetition_penalty)
+    if params.greedy:
+        return logits_V
+    logits_V = logits_V / params.temperature
+    if params.top_k is not None:
+        kth = logits_V.topk(min(params.top_k, logits_V.shape[-1])).values[-1]
+        logits_V = logits_V.masked_fill(logits_V < kth, float("-inf"))
+    if params.top_p is not None and params.top_p < 1:
+        sorted_V, order_V = logits_V.sort(descending=False)
+        cum_V = sorted_V.softmax(-1).cumsum(-1)
+        drop_V = cum_V <= 1 - params.top_p
+        drop_V[-1] = False  # keep at least the most likely token
+        logits_V = logits_V.masked_fill(drop_V.scatter(0, order_V, drop_V), float("-inf"))
+    return logits_V
+
+
+@dataclass
+class TokenEvent:
+    seq_id: int
+    token: int
+    text: str
+    """New text safe to show (may be empty while a possible stop string is held back)."""
+    finished: bool
+    finish_reason: str | None
+    """'stop' (EOS, stop token or stop string), 'length' or 'cancelled'; None while running."""
+
+
+@dataclass
+class Sequence:
+    """One request's state in a DecodeBatch."""
+
+    seq_id: int
+    prompt: list[int]
+    params: SamplingParams
+    row: int
+    generator: torch.Generator | None
+    tokens: list[int] = field(default_factory=list)
+    finish_reason: str | None = None
+    stop_reason: int | str | None = None
+    """The token id or stop string that ended the sequence."""
+    text: str = ""
+    """Decoded output up to (not including) a stop string or EOS; complete once finished."""
+    _shown: int = 0
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+
+@dataclass
+class SequenceOutput:
+    tokens: list[int]
+    text: str
+    finish_reason: str
+    stop_reason: int | str | None
+
+
+class DecodeBatch:
+    """See the module docstring. `decode(ids) -> str` is needed for stop strings and event text."""
+
+    def __init__(self, model, *, max_batch: int, max_len: int, decode: Callable[[list[int]], str] | None = None,
+                 generator: torch.Generator | None = None, pad_id: int = 0):
+        if max_batch < 1 or max_len < 2:
+            raise ValueError(f"max_batch={max_batch} must be >= 1 and max_len={max_len} >= 2")
+        self.model, self.decode, self.generator, self.pad_id = model, decode, generator, pad_id
+        self.device = model.embed.weight.device
+        self.max_len = min(max_len, model.cfg.max_seq_len)
+        self.cache = KVCache.empty(model.cfg, max_batch, max_len, self.device, model.embed.weight.dtype)
+        self.slots: list[Sequence | None] = [None] * max_batch
+        self._ids = itertools.count()
+        self.forward_passes = 0
+        self.last_logits: tuple[list[int], torch.Tensor] | None = None
+        """(seq ids, [n, V] logits) of the last tokens drawn, before any processing."""
+
+    @property
+    def running(self) -> list[Sequence]:
+        return [s for s in self.slots if s is not None]
+
+    @property
+    def free_rows(self) -> int:
+        return sum(s is None for s in self.slots)
+
+    # ---------------------------------------------------------------- joining
+    def check(self, prompt: Seq[int], params: SamplingParams) -> None:
+        """ValueError when this prompt and budget cannot run here (a server's 400)."""
+        V = self.model.cfg.vocab_size
+        if not prompt:
+            raise ValueError("the prompt is empty; give at least one token")
+        if not all(0 <= t < V for t in prompt):
+            raise ValueError(f"prompt token ids must be in [0, {V})")
+        if len(prompt) + params.max_new_tokens > self.max_len:
+            raise ValueError(f"prompt ({len(prompt)} tokens) + max_new_tokens ({params.max_new_tokens}) exceeds the "
+                             f"context of {self.max_len} tokens; shorten the prompt or lower max_new_tokens")
+        if params.stop and self.decode is None:
+            raise ValueError("stop strings need a decode function (token ids -> text); pass decode=")
+
+    @torch.no_grad()
+    def add(self, prompts: Seq[Seq[int]], params: SamplingParams | Seq[SamplingParams]
+            ) -> tuple[list[Sequence], list[TokenEvent]]:
+        """Prefill new sequences into free rows (one forward, left-padded) and sample their first tokens."""
+        params_list = [params] * len(prompts) if isinstance(params, SamplingParams) else list(params)
+        if len(params_list) != len(prompts) or not prompts:
+            raise ValueError(f"{len(prompts)} prompts need as many SamplingParams (got {len(params_list)})")
+        if len(prompts) > self.free_rows:
+            raise ValueError(f"{len(prompts)} sequences do not fit the {self.free_rows} free rows; step until some finish")
+        width = max(len(p) for p in prompts)
+        for p, sp in zip(prompts, params_list):
+            self.check(p, sp)
+            if width + sp.max_new_tokens > self.cache.max_len:
+                raise ValueError(f"left-padded to {width} tokens, a sequence with max_new_tokens={sp.max_new_tokens} "
+                                 f"does not fit the {self.cache.max_len} cache slots; add it on its own")
+        rows = [r for r, s in enumerate(self.slots) if s is None][:len(prompts)]
+        seqs = []
+        for r, p, sp in zip(rows, prompts, params_list):
+            gen = torch.Generator(device=self.device).manual_seed(sp.seed) if sp.seed is not None else None
+            seqs.append(Sequence(next(self._ids), list(p), sp, r, gen))
+            if self.cache.lengths[r]:  # a fresh cache stays on the dense path while every row runs
+                self.cache.reset_row(r)
+            self.slots[r] = seqs[-1]
+        ids_BS = torch.tensor([[self.pad_id] * (width - len(p)) + list(p) for p in prompts], device=self.device)
+        mask_BS = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=self.device)
+        logits = self._forward(ids_BS, mask_BS if any(len(p) < width for p in prompts) else None, rows)
+        return seqs, self._advance(seqs, logits[:, -1])
+
+    # ---------------------------------------------------------------- stepping
+    @torch.no_grad()
+    def step(self) -> list[TokenEvent]:
+        """One decode forward over every running sequence; one event each."""
+        seqs = self.running
+        if not seqs:
+            return []
+        last = torch.tensor([[s.tokens[-1]] for s in seqs], device=self.device)
+        logits = self._forward(last, None, [s.row for s in seqs])
+        return self._advance(seqs, logits[:, -1])
+
+    def cancel(self, seq_id: int) -> Sequence | None:
+        """Drop a running sequence (a client went away); its row is free for the next add()."""
+        for s in self.running:
+            if s.seq_id == seq_id:
+                self._finish(s, "cancelled", None)
+                return s
+        return None
+
+    def _forward(self, ids_BS: torch.Tensor, mask_BS: torch.Tensor | None, rows: list[int]) -> torch.Tensor:
+        self.forward_passes += 1
+        all_rows = rows == list(range(self.cache.batch))
+        return self.model(ids_BS, self.cache, attention_mask_BS=mask_BS, cache_rows=None if all_rows else rows,
+                          last_logits_only=True).logits
+
+    def _advance(self, seqs: list[Sequence], logits_nV: torch.Tensor) -> list[TokenEvent]:
+        self.last_logits = ([s.seq_id for s in seqs], logits_nV)
+        tokens = self._sample(seqs, logits_nV).tolist()  # host sync: stop checks and streaming need the ids
+        return [self._append(s, t) for s, t in zip(seqs, tokens)]
+
+    def _sample(self, seqs: list[Sequence], logits_nV: torch.Tensor) -> torch.Tensor:
+        out_n = logits_nV.argmax(dim=-1)
+        plain = all(s.params.repetition_penalty == 1.0 for s in seqs)
+        if plain and all(s.params.greedy for s in seqs):
+            return out_n
+        shared: list[tuple[int, torch.Tensor]] = []
+        for i, s in enumerate(seqs):
+            x_V = process_logits(logits_nV[i], s.params, s.prompt + s.tokens)
+            if s.params.greedy:
+                out_n[i] = x_V.argmax()
+            elif s.generator is None and self.generator is not None:
+                shared.append((i, x_V.softmax(-1)))
+            else:
+                out_n[i] = torch.multinomial(x_V.softmax(-1), 1, generator=s.generator)[0]
+        if shared:  # the batch-wide generator: one draw over all its rows, like MoETransformer.generate
+            drawn = torch.multinomial(torch.stack([p for _, p in shared]), 1, generator=self.generator)[:, 0]
+            out_n[torch.tensor([i for i, _ in shared], device=out_n.device)] = drawn
+        return out_n
+
+    # ---------------------------------------------------------------- stopping
+    def _append(self, s: Sequence, token: int) -> TokenEvent:
+        s.tokens.append(token)
+        p = s.params
+        text = self.decode(s.tokens) if self.decode is not None else ""
+        hit = min(((text.find(x), x) for x in p.stop if x in text), default=None)
+        if token in p.end_ids():
+            self._finish(s, "stop", token)
+        elif hit is not None:  # the first stop string; the text ends before it
+            self._finish(s, "stop", hit[1], text=text[:hit[0]])
+        elif len(s.tokens) >= p.max_new_tokens:
+            self._finish(s, "length", None, text=text)
+        else:
+            s.text = text
+        shown = len(s.text) if s.finished else self._safe_len(s)
+        delta, s._shown = s.text[s._shown:shown], max(s._shown, shown)
+        return TokenEvent(s.seq_id, token, delta, s.finished, s.finish_reason)
+
+    def _safe_len(self, s: Sequence) -> int:
+        """Text that cannot still turn into a stop string or an incomplete character."""
+        text, n = s.text, len(s.text)
+        for x in s.params.stop:
+            for k in range(min(len(x) - 1, len(text)), 0, -1):
+                if text.endswith(x[:k]):
+                    n = min(n, len(text) - k)
+                    break
+        while n > 0 and text[n - 1] == "\ufffd":  # a byte-level character still being spelled
+            n -= 1
+        return n
+
+    def _finish(self, s: Sequence, reason: str, stop_reason, text: str | None = None) -> None:
+        s.finish_reason, s.stop_reason = reason, stop_reason
+        if text is not None:
+            s.text = text
+        elif self.decode is not None:  # EOS / stop token / cancel: the text without the stopping token
+            s.text = self.decode(s.tokens[:-1] if reason == "stop" else s.tokens)
+        self.slots[s.row] = None
+        self.cache.reset_row(s.row)
+
+
+def _batch_for(model, prompts, params, decode, generator, max_len) -> tuple[DecodeBatch, list[SamplingParams]]:
+    params_list = [params] * len(prompts) if isinstance(params, SamplingParams) else list(params)
+    if max_len is None:
+        width = max((len(p) for p in prompts), default=0)
+        max_len = width + max((sp.max_new_tokens for sp in params_list), default=1)
+    return DecodeBatch(model, max_batch=max(1, len(prompts)), max_len=max_len, decode=decode,
+                       generator=generator), params_list
+
+
+def stream(model, prompts: Seq[Seq[int]], params: SamplingParams | Seq[SamplingParams], *,
+           decode: Callable[[list[int]], str] | None = None, generator: torch.Generator | None = None,
+           max_len: int | None = None) -> Iterator[TokenEvent]:
+    """Prompts of any lengths as one left-padded batch; yields every token as it is drawn
+    (TokenEvent.seq_id is the prompt's index)."""
+    batch, params_list = _batch_for(model, prompts, params, decode, generator, max_len)
+    _, events = batch.add(prompts, params_list)
+    yield from events
+    while batch.running:
+        yield from batch.step()
+
+
+def generate(model, prompts: Seq[Seq[int]], params: SamplingParams | Seq[SamplingParams], *,
+             decode: Callable[[list[int]], str] | None = None, generator: torch.Generator | None = None,
+             max_len: int | None = None) -> list[SequenceOutput]:
+    """Every sequence to its stop; one SequenceOutput per prompt, in order."""
+    batch, params_list = _batch_for(model, prompts, params, decode, generator, max_len)
+    seqs, _ = batch.add(prompts, params_list)
+    while batch.running:
+        batch.step()
+    return [SequenceOutput(s.tokens, s.text, s.finish_reason, s.stop_reason) for s in seqs]
+
+
+__all__ = ["SamplingParams", "DecodeBatch", "Sequence", "SequenceOutput", "TokenEvent", "process_logits",
+           "generate", "stream", "FINISH_REASONS"]

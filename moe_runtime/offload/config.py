@@ -1,0 +1,99 @@
+"""OffloadConfig: every setting of the expert cache, validated once, shared by our engine
+(ExpertCacheEngine) and the transformers integration (offload/transformers_cache.py).
+
+    OffloadConfig(expert_fraction=0.25, policy="predictive", cpu_experts=True)
+    OffloadConfig(gpu_expert_gib=20, device="cuda:0")
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from moe_runtime.offload.cache import POLICIES, SlotPool
+from moe_runtime.offload.store import ExpertLayout
+
+PREDICTORS = ("auto", "none", "lookahead", "exact", "learned")
+
+
+@dataclass(kw_only=True)
+class OffloadConfig:
+    gpu_expert_slots: int | None = None
+    """Device expert slots (experts held at once). Give exactly one of the three capacities."""
+    gpu_expert_gib: float | None = None
+    """Device memory for expert slots, in GiB."""
+    expert_fraction: float | None = None
+    """Slots as a fraction of all routed experts of the model (0.25: a quarter of them)."""
+    policy: str = "lru"
+    """Slot replacement: lru | lfu | predictive (predictive also prefetches)."""
+    cpu_experts: bool | str = "auto"
+    """Let the calibrated cost model run cold experts (or, in a split run, part of one) on host
+    cores instead of copying them: True | False | auto (on when the slots are on a CUDA device,
+    where the host cores are a second resource beside the link; off when the host is the device)."""
+    device: str | torch.device | None = None
+    """auto (None) | cpu | cuda | cuda:N: where the dense weights and the slots live."""
+    predictor: Any = "auto"
+    """auto | none | lookahead | exact, or a fitted offload.predictor.LearnedPredictor."""
+    lookahead_depth: int = 1
+    """Predict this many MoE layers past the next one."""
+    stream_fraction: float = 0.75
+    """Stream a whole layer when at least this fraction of its experts is used in one step."""
+    max_inflight: int | None = None
+    """Prefetch copies in flight at once (default 2 x top-k)."""
+    record_trace: bool = False
+    """Record routing (our engine only) for `moe trace` / the learned predictor."""
+
+    def __post_init__(self) -> None:
+        given = [n for n in ("gpu_expert_slots", "gpu_expert_gib", "expert_fraction") if getattr(self, n) is not None]
+        if len(given) != 1:
+            raise ValueError(f"give exactly one of gpu_expert_slots (a number of experts), gpu_expert_gib (GiB) or "
+                             f"expert_fraction (of all experts); got {', '.join(given) or 'none'}")
+        if self.gpu_expert_slots is not None and self.gpu_expert_slots < 1:
+            raise ValueError(f"gpu_expert_slots={self.gpu_expert_slots} must be >= 1")
+        if self.gpu_expert_gib is not None and not self.gpu_expert_gib > 0:
+            raise ValueError(f"gpu_expert_gib={self.gpu_expert_gib} must be > 0")
+        if self.expert_fraction is not None and not 0 < self.expert_fraction <= 1:
+            raise ValueError(f"expert_fraction={self.expert_fraction} must be in (0, 1]")
+        if self.policy not in POLICIES:
+            raise ValueError(f"policy={self.policy!r} is not one of {', '.join(POLICIES)}; pick one of those")
+        if isinstance(self.predictor, str) and self.predictor not in PREDICTORS:
+            raise ValueError(f"predictor={self.predictor!r} is not one of {', '.join(PREDICTORS)} or a LearnedPredictor")
+        if self.predictor == "learned":
+            raise ValueError("predictor='learned' needs a trained model: pass LearnedPredictor.fit(trace) instead")
+        if self.lookahead_depth < 0:
+            raise ValueError(f"lookahead_depth={self.lookahead_depth} must be >= 0 (0: predict only the next MoE layer)")
+        if not 0 < self.stream_fraction <= 1:
+            raise ValueError(f"stream_fraction={self.stream_fraction} must be in (0, 1]")
+        if self.max_inflight is not None and self.max_inflight < 1:
+            raise ValueError(f"max_inflight={self.max_inflight} must be >= 1")
+        if not isinstance(self.cpu_experts, bool) and self.cpu_experts != "auto":
+            raise ValueError(f"cpu_experts={self.cpu_experts!r} must be True, False or 'auto'")
+
+    def host_experts(self, device: torch.device) -> bool:
+        """Whether the cost model may use host cores on this device (cpu_experts resolved)."""
+        return device.type == "cuda" if self.cpu_experts == "auto" else bool(self.cpu_experts)
+
+    def slots_for(self, layout: ExpertLayout) -> int:
+        """Device slots for this model (never more than its experts)."""
+        if self.gpu_expert_slots is not None:
+            slots = self.gpu_expert_slots
+        elif self.gpu_expert_gib is not None:
+            slots = SlotPool.slots_for_gib(self.gpu_expert_gib, layout)
+        else:
+            slots = max(1, math.floor(self.expert_fraction * layout.total_experts))
+        return min(slots, layout.total_experts)
+
+
+CPU_EXPERTS_CHOICES = {"auto": "auto", "on": True, "off": False}
+
+
+def add_cpu_experts_arg(p) -> None:
+    """--cpu-experts [auto|on|off] for the CLIs (bare flag: on)."""
+    p.add_argument("--cpu-experts", nargs="?", const="on", default="auto", choices=list(CPU_EXPERTS_CHOICES),
+                   help="let the calibrated cost model run cold experts, or part of one while the rest is "
+                        "copied, on host cores (auto: on with a CUDA device; a bare --cpu-experts is on)")
+
+
+__all__ = ["OffloadConfig", "PREDICTORS", "CPU_EXPERTS_CHOICES", "add_cpu_experts_arg"]

@@ -1,0 +1,317 @@
+"""ExpertCacheEngine: generation with every routed expert in host memory and a device slot cache.
+
+Legend: B batch, S sequence, V vocab, L MoE layers, E experts, m MoE layer index.
+
+    engine = ExpertCacheEngine(model, OffloadConfig(gpu_expert_slots=16, policy="predictive", cpu_experts=True))
+    result = engine.generate(prompt_BS, max_new_tokens=64)     # tokens, report (JSON-able)
+
+The model's own math runs unchanged: each MoE layer's ExpertBank is swapped for a CachedExperts
+module with the same forward(x_sorted, counts) signature, and forward hooks do the rest:
+1. before MoE block b runs (before its attention): the predictor names the experts of MoE layers
+   m .. m+depth and the planner (offload/decision.py) issues the copies that pay for their link time;
+2. a pre-attention router's output (exact mode) is queued the moment it exists, still before
+   attention; every router's output also feeds the learned predictor's memory and the trace;
+3. the MoE step (runtime.run_experts) runs the planner's plan: hits, waits, misses, host experts,
+   streams; with every expert in a slot, the resident path (no per-layer hooks at all);
+4. at the end of a forward pass predictions lapse and stall timers are collected.
+Without CUDA the host is the "device" and every path above runs the same way.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any, Iterator, Sequence
+
+import torch
+
+from moe_runtime.core.generation import DecodeBatch, SamplingParams, SequenceOutput, TokenEvent
+from moe_runtime.core.model import KVCache, MoETransformer
+from moe_runtime.core.train import resolve_device
+from moe_runtime.offload.cache import ExpertCache, SlotPool
+from moe_runtime.offload.config import PREDICTORS, OffloadConfig
+from moe_runtime.offload.cpu_experts import Calibration, CostModel, calibrate
+from moe_runtime.offload.predictor import ExactPredictor, LearnedPredictor, LookaheadPredictor, moe_block_index, to_predictions
+from moe_runtime.offload.copy_engines import make_copy_engine
+from moe_runtime.offload.runtime import CachedExperts, OffloadRuntime
+from moe_runtime.offload.stats import CacheStats
+from moe_runtime.offload.store import HostExpertStore
+from moe_runtime.offload.report import engine_report
+from moe_runtime.offload.trace import RoutingTrace, recorder_for
+
+
+@dataclass
+class GenerationResult:
+    tokens: torch.Tensor
+    """[B, new] generated token ids (host); -1 after a sequence stopped."""
+    logits: torch.Tensor | None
+    """[new, B, V] float32 logits each token was drawn from (return_logits=True), host; NaN rows
+    for sequences already stopped."""
+    report: dict[str, Any]
+    sequences: list[SequenceOutput] = field(default_factory=list)
+    """Per prompt: tokens, text (with decode=), finish_reason ('stop' | 'length'), stop_reason."""
+
+
+class ExpertCacheEngine:
+    """See module docstring. Settings come in an OffloadConfig (or, as before, as its keyword
+    arguments: gpu_expert_slots=..., policy=...). `store` reuses an existing HostExpertStore of this model's experts;
+    `keep_banks=True` keeps the original ExpertBanks so `close()` can put them back.
+
+    Set-up: 1. validate arguments and the predictor, 2. copy experts into the host store (or
+    reuse one), 3. allocate the slot pool and copy engine, 4. swap each ExpertBank for a
+    CachedExperts and move the dense weights to the device, 5. calibrate the cost model,
+    6. build the runtime, 7. install the hooks."""
+
+    def __init__(self, model: MoETransformer, config: OffloadConfig | None = None, *,
+                 calibration: Calibration | None = None, store: HostExpertStore | None = None,
+                 keep_banks: bool = False, **settings):
+        if config is None:
+            config = OffloadConfig(**settings)  # the old keyword form: gpu_expert_slots=..., policy=...
+        elif settings:
+            raise ValueError(f"give settings in the OffloadConfig or as keywords, not both (got {sorted(settings)})")
+        self.config = config
+        self.model, self.policy = model.eval(), config.policy
+        self.device = resolve_device(config.device)
+        self.cpu_experts = config.host_experts(self.device)
+        self.moe_blocks, self.first_moe = moe_block_index(model)
+        self._setup_predictor(config.predictor, config.lookahead_depth)  # validate before touching the model
+        layers = [b.ffn for b in self.moe_blocks]
+        self._banks = [l.experts for l in layers] if keep_banks else None
+        if store is None:
+            store = HostExpertStore.from_banks([l.experts for l in layers], pin=self.device.type == "cuda")
+        self.store = store
+        lay, cfg = store.layout, model.cfg
+        have = (lay.num_layers, lay.num_experts, lay.d_model, lay.d_expert)
+        want = (len(layers), cfg.moe.num_experts, cfg.d_model, cfg.moe.d_expert)
+        if have != want:
+            raise ValueError(f"store holds (layers, experts, d_model, d_expert)={have} but the model has {want}; "
+                             f"pass the store built from this model's experts, or none")
+        slots = config.slots_for(lay)
+        self.pool = SlotPool(slots, lay, self.device)
+        self.copies = make_copy_engine(store, self.pool)
+        for m, layer in enumerate(layers):  # experts stay in the store; only dense weights move
+            layer.experts = CachedExperts(lay, m)
+        model.to(self.device)
+        self.calibration = calibration or calibrate(store, self.pool, self.copies, attn_probe=self._attn_probe())
+        self.copies.copy_s = self.calibration.copy_s
+        self.runtime = OffloadRuntime(store, self.pool, ExpertCache(self.pool.num_slots, config.policy), self.copies,
+                                      CostModel(self.calibration), cpu_experts=self.cpu_experts,
+                                      stream_fraction=config.stream_fraction,
+                                      max_inflight=config.max_inflight or 2 * model.cfg.moe.top_k)
+        for layer in layers:
+            layer.experts.bind(self.runtime)
+        if self.learned is not None:
+            self.learned.to(self.device)
+        self.recorder = recorder_for(model, meta={"source": "generate", "expert_bytes": lay.expert_bytes,
+                                                  "calibration": self.calibration.to_dict()}) if config.record_trace else None
+        self._cur: dict[int, torch.Tensor] = {}
+        self._prev: dict[int, torch.Tensor] = {}
+        self._BS = (0, 0)
+        self._moe_of_block = {blk.layer: m for m, blk in enumerate(self.moe_blocks)}
+        self._hooks = self._install_hooks()
+        self.stats = CacheStats(self.runtime, self.copies)
+        self.reset_stats()
+
+    # ---------------------------------------------------------------- set-up
+    def _attn_probe(self):
+        """Times one decode-shaped attention block (the window a prefetch can hide in)."""
+        blk, D = self.moe_blocks[0], self.model.cfg.d_model
+        x = torch.zeros(1, 1, D, device=self.device, dtype=self.model.embed.weight.dtype)
+        cos, sin = self.model.rope_cos[:1], self.model.rope_sin[:1]
+        return lambda: blk.attn(blk.attn_norm(x), cos, sin)
+
+    def _setup_predictor(self, predictor, depth: int) -> None:
+        self.lookahead = self.exact = self.learned = None
+        pre = self.model.cfg.moe.router_position == "pre_attention"
+        if isinstance(predictor, LearnedPredictor):
+            L, E = len(self.moe_blocks), self.model.cfg.moe.num_experts
+            if predictor.L != L or predictor.E != E:
+                raise ValueError(f"learned predictor is for L={predictor.L}, E={predictor.E}; this model has "
+                                 f"L={L}, E={E}; fit it on a trace of this model")
+            self.learned, self.predictor_name = predictor, "learned"
+            self.depth = min(depth, predictor.depth)
+            return
+        if predictor == "auto":
+            predicts = self.policy in ("predictive", "mixtral-offloading")
+            predictor = ("exact" if pre else "lookahead") if predicts else "none"
+        self.predictor_name, self.depth = predictor, depth
+        if predictor == "exact":
+            self.exact = ExactPredictor(self.model)
+            if depth > 0:
+                self.lookahead = LookaheadPredictor(self.model, depth, skip_distance0=True)
+        elif predictor == "lookahead":
+            self.lookahead = LookaheadPredictor(self.model, depth)
+
+    def _install_hooks(self) -> list:
+        hooks = [self.model.register_forward_pre_hook(self._on_forward, with_kwargs=True),
+                 self.model.register_forward_hook(self._on_forward_end)]
+        if self.runtime.all_resident and self.recorder is None:
+            return hooks  # every expert sits in its slot: nothing to predict or decide per layer
+        for b, block in enumerate(self.model.blocks):
+            hooks.append(block.register_forward_pre_hook(lambda _m, args, b=b: self._on_block(b, args[0])))
+        for m, block in enumerate(self.moe_blocks):
+            hooks.append(block.ffn.router.register_forward_hook(lambda _m, _i, out, m=m: self._on_routing(m, out)))
+        return hooks
+
+    # ---------------------------------------------------------------- hooks
+    def _on_forward(self, _mod, args, kwargs) -> None:
+        tokens = args[0] if args else kwargs["tokens_BS"]
+        cache = args[1] if len(args) > 1 else kwargs.get("cache")
+        self._BS = (tokens.shape[0], tokens.shape[1])
+        if self.recorder is not None:
+            self.recorder.begin_forward(*self._BS, cache.length if cache is not None else 0)
+
+    def _on_block(self, b: int, h_BSD: torch.Tensor) -> None:
+        """Before MoE block b's attention: predictions for layers m .. m+depth, one decision pass."""
+        m = self._moe_of_block.get(b)
+        if m is None or self.runtime.resident[m]:
+            return  # a dense block, or a layer whose experts all sit in slots: nothing to decide
+        preds = self.lookahead.predict(b, h_BSD) if self.lookahead is not None else []
+        if self.learned is not None:
+            T, raw = h_BSD.shape[0] * h_BSD.shape[1], []
+            for d in range(self.depth + 1):
+                j = m + d
+                if j >= len(self.moe_blocks):
+                    break
+                prev = self._prev.get(j)
+                prev = prev if prev is not None and prev.shape[0] == T else None
+                raw.append((j, d, *self.learned.predict_topk(j, d, self._cur.get(m - 1), prev, T)))
+            preds += to_predictions(raw)
+        self.runtime.begin_layer(m, preds)
+
+    def _on_routing(self, m: int, r) -> None:
+        if self.recorder is not None:
+            self.recorder.add(m, r.topk_idx_TK, r.topk_w_TK)
+        if self.learned is not None:
+            self._cur[m] = r.topk_idx_TK
+        if self.exact is not None and not self.runtime.resident[m]:
+            self.runtime.begin_layer(m, [self.exact.from_routing(m, r.topk_idx_TK)])
+
+    def _on_forward_end(self, _mod, _args, _out) -> None:
+        B, S = self._BS
+        for m, idx in self._cur.items():
+            self._prev[m] = idx.view(B, S, -1)[:, -1]
+        self._cur = {}
+        self.runtime.end_pass()
+
+    # ---------------------------------------------------------------- generation
+    def _sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)  # host sync: timing boundaries only
+
+    @torch.no_grad()
+    def forward(self, tokens_BS: torch.Tensor, cache: KVCache | None = None):
+        return self.model(tokens_BS.to(self.device), cache)
+
+    def decode_batch(self, *, max_batch: int, max_len: int, decode=None,
+                     generator: torch.Generator | None = None) -> DecodeBatch:
+        """A step-wise DecodeBatch over this engine's model (sequences join and leave between
+        steps; see core/generation.py). Statistics accumulate until reset_stats()."""
+        return DecodeBatch(self.model, max_batch=max_batch, max_len=max_len, decode=decode, generator=generator)
+
+    def stream(self, prompts, params: SamplingParams | Sequence[SamplingParams], *, decode=None,
+               generator: torch.Generator | None = None) -> Iterator[TokenEvent]:
+        """Prompts of any lengths (left-padded into one batch); a TokenEvent per token as it is
+        drawn. The report afterwards covers this generation (its times include the consumer's)."""
+        for _, events in self._generation(prompts, params, decode, generator, None):
+            yield from events
+
+    @torch.no_grad()
+    def generate(self, prompts, max_new_tokens: int | None = None, *,
+                 params: SamplingParams | Sequence[SamplingParams] | None = None,
+                 temperature: float = 0.0, top_k: int | None = None, generator: torch.Generator | None = None,
+                 return_logits: bool = False, decode=None, **sampling) -> GenerationResult:
+        """Generate with the cache and report on it.
+
+        prompts: a [B, S] tensor, or a list of token-id lists of any lengths (left-padded).
+        params: SamplingParams (one, or one per prompt), or built from max_new_tokens, temperature,
+        top_k and **sampling (top_p, repetition_penalty, seed, eos_token_ids, stop_token_ids, stop,
+        ignore_eos). generator: one batch-wide generator (MoETransformer.generate's sampling, draw
+        for draw). With no stop condition and equal-length prompts the tokens are
+        MoETransformer.generate's."""
+        if params is None:
+            if max_new_tokens is None:
+                raise ValueError("give max_new_tokens or params=SamplingParams(...)")
+            params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, **sampling)
+        seen: list[torch.Tensor] | None = [] if return_logits else None
+        seqs = []
+        for seqs, _ in self._generation(prompts, params, decode, generator, seen):
+            pass
+        tokens = torch.full((len(seqs), max(len(s.tokens) for s in seqs)), -1, dtype=torch.long)
+        for b, s in enumerate(seqs):
+            tokens[b, :len(s.tokens)] = torch.tensor(s.tokens)
+        outputs = [SequenceOutput(s.tokens, s.text, s.finish_reason, s.stop_reason) for s in seqs]
+        return GenerationResult(tokens, torch.stack(seen) if seen else None, self.report(), outputs)
+
+    def _generation(self, prompts, params, decode, generator, seen: list | None):
+        """Yields (sequences, events) per forward pass: 1. prefill (timed, statistics snapshot),
+        2. decode steps until every sequence stops, 3. timing into the statistics."""
+        prompts = _prompt_lists(prompts)
+        params_list = [params] * len(prompts) if isinstance(params, SamplingParams) else list(params)
+        width, B, new = max(len(p) for p in prompts), len(prompts), max(sp.max_new_tokens for sp in params_list)
+        batch = self.decode_batch(max_batch=B, max_len=width + new, decode=decode, generator=generator)
+        self.reset_stats()
+        t0 = time.perf_counter()
+        seqs, events = batch.add(prompts, params_list)
+        if seen is not None:
+            seen.append(self._logits_row(batch, seqs))
+        self._sync()
+        t1 = time.perf_counter()
+        self.stats.mark_prefill(t1 - t0)
+        yield seqs, events
+        while batch.running:
+            events = batch.step()
+            if seen is not None:
+                seen.append(self._logits_row(batch, seqs))
+            yield seqs, events
+        self._sync()
+        produced = sum(len(s.tokens) for s in seqs)
+        self.stats.mark_done(batch=B, prompt_tokens=width, new_tokens=new, generated_tokens=produced,
+                             decode_tokens=produced - B, decode_s=time.perf_counter() - t1,
+                             forward_passes=batch.forward_passes)
+
+    @staticmethod
+    def _logits_row(batch: DecodeBatch, seqs) -> torch.Tensor:
+        """[B, V] logits the last tokens were drawn from; NaN for sequences already finished."""
+        ids, logits_nV = batch.last_logits
+        out = torch.full((len(seqs), logits_nV.shape[-1]), float("nan"))
+        index = {s.seq_id: b for b, s in enumerate(seqs)}
+        out[[index[i] for i in ids]] = logits_nV.float().cpu()  # host sync: only when the caller asks for logits
+        return out
+
+    def reset_stats(self) -> None:
+        self.stats.reset()
+
+    def report(self) -> dict[str, Any]:
+        """Everything a user asks of an expert cache, JSON-able (metrics defined in offload/report.py)."""
+        return engine_report(self)
+
+    def trace(self) -> RoutingTrace:
+        if self.recorder is None:
+            raise ValueError("this engine does not record routing; construct it with record_trace=True")
+        return self.recorder.to_trace()
+
+    def close(self) -> MoETransformer:
+        """Remove hooks, drain copies; with keep_banks, put the ExpertBanks back (model on the host)."""
+        for h in self._hooks:
+            h.remove()
+        self._hooks = []
+        self.copies.synchronize()
+        if self._banks is not None:
+            for block, bank in zip(self.moe_blocks, self._banks):
+                block.ffn.experts = bank
+            self.model.to("cpu")
+        return self.model
+
+
+def _prompt_lists(prompts) -> list[list[int]]:
+    if isinstance(prompts, torch.Tensor):
+        if prompts.dim() != 2:
+            raise ValueError(f"prompt tensor has shape {tuple(prompts.shape)}; expected [batch, tokens]")
+        return prompts.tolist()
+    prompts = [list(map(int, p)) for p in prompts]
+    if not prompts:
+        raise ValueError("no prompts given")
+    return prompts
+
+
+__all__ = ["ExpertCacheEngine", "GenerationResult", "PREDICTORS"]

@@ -1,0 +1,40 @@
+"""Hugging Face MoE checkpoints into the expert cache, without materialising the experts.
+
+The dense part is built by core.hf.load_hf(load_experts=False) (routed experts stay on the meta
+device); the routed experts stream shard by shard, one expert at a time, straight into the host
+expert store (core.hf.iter_hf_expert_tensors). So a model whose experts do not fit in device
+memory, or twice in host memory, still loads.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from moe_runtime.core.config import RunConfig
+from moe_runtime.core.hf import iter_hf_expert_tensors, load_hf
+from moe_runtime.core.model import MoETransformer
+from moe_runtime.offload.store import ExpertLayout, HostExpertStore
+
+
+def load_hf_for_cache(path: str | Path, *, dtype: torch.dtype | str | None = None, pin: bool | None = None,
+                      max_seq_len: int | None = None, ignore_config_fields: tuple[str, ...] = ()
+                      ) -> tuple[MoETransformer, RunConfig, Any, HostExpertStore]:
+    """(model with dense weights only, run config, tokenizer or None, filled host expert store).
+    max_seq_len / ignore_config_fields: as in core.hf.load_hf (`moe generate --max-seq-len / --ignore-config-field`)."""
+    model, run, tokenizer = load_hf(path, dtype=dtype, load_experts=False, max_seq_len=max_seq_len,
+                                    ignore_config_fields=ignore_config_fields)
+    m = run.model
+    layout = ExpertLayout(num_layers=m.num_moe_layers, num_experts=m.moe.num_experts, d_model=m.d_model,
+                          d_expert=m.moe.d_expert, dtype=model.embed.weight.dtype)
+    store = HostExpertStore(layout, pin=pin)
+    seen = 0
+    for layer, expert, w13_DF2, w2_FD in iter_hf_expert_tensors(path, dtype=layout.dtype, max_seq_len=max_seq_len,
+                                                                    ignore_config_fields=ignore_config_fields):
+        store.w13(layer, expert).copy_(w13_DF2)
+        store.w2(layer, expert).copy_(w2_FD)
+        seen += 1
+    if seen != layout.total_experts:
+        raise ValueError(f"{path}: streamed {seen} experts, the config declares {layout.total_experts}")
+    return model, run, tokenizer, store

@@ -1,0 +1,117 @@
+"""Projection of a routing trace onto a real model shape and host link: tokens/s, bytes/token, stall.
+
+Legend: L MoE layers, E experts, K top-k, D model dim, F expert hidden dim, n tokens per expert.
+
+A projection is the simulator (offload/simulate.py, the engine's own Planner) run with a
+Calibration built from the constants below instead of one measured on this machine. Every
+constant names its source; none is a measurement made by this code. The trace supplies routing
+only; its layer count may differ from the shape's, so per-token figures scale by L_shape / L_trace
+(each layer of the shape is assumed to behave like an average layer of the trace). Time per token
+counts attention + router (attn_s per MoE layer), expert compute and stall; embedding, LM head and
+sampling are left out (a few % at batch 1).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from moe_runtime.offload.cpu_experts import Calibration
+
+HBM_BYTES_PER_S = 2.6e12
+"""Device memory bandwidth achieved by an expert GEMV: H100 SXM HBM3 spec 3.35 TB/s, assumed 78% achieved
+(assumption; the project has not measured it)."""
+DEVICE_FLOPS = 660e12
+"""Dense bf16 GEMM on the H100, measured by this project (/work/shared/PAPERS.md: 660-680 TFLOP/s)."""
+HOST_S_PER_TOKEN_PER_BYTE = 8.3e-3 / 352e6
+"""16 host cores run one Mixtral expert (352 MB bf16) for one token in 8.3 ms (PAPERS.md, measured);
+scaled by expert bytes and linearly in tokens (an assumption; used only with cpu_experts)."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class ModelShape:
+    name: str
+    num_layers: int
+    num_experts: int
+    top_k: int
+    d_model: int
+    d_expert: int
+    bytes_per_param: int = 2
+    """bf16 weights."""
+    attn_s: float = 0.3e-3
+    """Attention + router per MoE layer at decode."""
+    attn_source: str = ""
+
+    @property
+    def expert_bytes(self) -> int:
+        return 3 * self.d_model * self.d_expert * self.bytes_per_param  # w1, w3 [D, F] and w2 [F, D]
+
+
+@dataclass(frozen=True, kw_only=True)
+class Link:
+    name: str
+    bytes_per_s: float
+    source: str
+
+
+_ATTN = ("0.3 ms per layer: the H100 figure of issue 14 (Mixtral-8x7B decode, attention + router); for the "
+         "smaller shapes assumed equal, since batch-1 attention is launch-bound, not size-bound")
+SHAPES = {s.name: s for s in (
+    ModelShape(name="mixtral-8x7b", num_layers=32, num_experts=8, top_k=2, d_model=4096, d_expert=14336,
+               attn_source=_ATTN),
+    ModelShape(name="qwen3-30b-a3b", num_layers=48, num_experts=128, top_k=8, d_model=2048, d_expert=768,
+               attn_source=_ATTN),
+    ModelShape(name="olmoe-1b-7b", num_layers=16, num_experts=64, top_k=8, d_model=2048, d_expert=1024,
+               attn_source=_ATTN),
+)}
+LINKS = {l.name: l for l in (
+    Link(name="h100-pcie5", bytes_per_s=54.8e9,
+         source="pinned host->device on an H100, PCIe Gen5 x16, measured by this project (PAPERS.md)"),
+    Link(name="pcie4", bytes_per_s=25e9,
+         source="assumption: PCIe 4.0 x16 is 31.5 GB/s raw; ~25 GB/s is the usual pinned host->device figure"),
+)}
+
+
+def _lookup(table: dict, name: str, what: str):
+    if name not in table:
+        raise ValueError(f"--{what} {name!r} is not one of {', '.join(table)}")
+    return table[name]
+
+
+def projection_calibration(shape: str | ModelShape, link: str | Link) -> Calibration:
+    """The Calibration a device with this shape and link would measure, from the constants above."""
+    s = _lookup(SHAPES, shape, "model-shape") if isinstance(shape, str) else shape
+    k = _lookup(LINKS, link, "link") if isinstance(link, str) else link
+    grid = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+    flops = [6 * s.d_model * s.d_expert * n for n in grid]
+    return Calibration(
+        device=f"projection: {s.name} on {k.name}", expert_bytes=s.expert_bytes,
+        copy_s=s.expert_bytes / k.bytes_per_s, tokens=grid,
+        host_s=tuple(HOST_S_PER_TOKEN_PER_BYTE * s.expert_bytes * n for n in grid),
+        device_s=tuple(s.expert_bytes / HBM_BYTES_PER_S + f / DEVICE_FLOPS for f in flops),
+        act_s_per_token=0.0, attn_s=s.attn_s)
+
+
+def constants(shape: str, link: str) -> dict[str, Any]:
+    """Every constant of a projection, with its source (printed by `moe trace simulate`)."""
+    s, k = SHAPES[shape], LINKS[link]
+    cal = projection_calibration(s, k)
+    return {"shape": shape, "link": link, "layers": s.num_layers, "experts": s.num_experts, "top_k": s.top_k,
+            "expert_mb": s.expert_bytes / 1e6, "link_gb_s": k.bytes_per_s / 1e9, "link_source": k.source,
+            "copy_ms": cal.copy_s * 1e3, "attn_ms": s.attn_s * 1e3, "attn_source": s.attn_source,
+            "expert_ms_1_token": cal.device_s[0] * 1e3,
+            "expert_source": f"bytes / {HBM_BYTES_PER_S / 1e12:.1f} TB/s (H100 HBM3 spec 3.35, 78% assumed) + "
+                             f"FLOPs / {DEVICE_FLOPS / 1e12:.0f} TFLOP/s (measured)"}
+
+
+def project(row: dict[str, Any], trace_layers: int, shape: str) -> dict[str, Any]:
+    """Per-token figures of a simulated row's decode passes, scaled to the shape's layer count."""
+    d, scale = row["decode"], SHAPES[shape].num_layers / trace_layers
+    tok = d["tokens"]
+    if not tok:
+        return {"tokens_per_s": None, "bytes_per_token": None, "stall_ms_per_token": None, "copies_per_token": None}
+    return {"tokens_per_s": tok / (d["time_s"] * scale) if d["time_s"] else None,
+            "bytes_per_token": d["bytes_moved"] / tok * scale, "stall_ms_per_token": d["stall_s"] / tok * scale * 1e3,
+            "copies_per_token": d["copies"] / tok * scale}
+
+
+__all__ = ["ModelShape", "Link", "SHAPES", "LINKS", "projection_calibration", "constants", "project"]

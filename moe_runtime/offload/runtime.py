@@ -1,0 +1,237 @@
+"""The MoE step with offloaded experts: a drop-in `experts` module and the runtime behind it.
+
+Legend: N routed token rows sorted by expert, D model dim, E experts, S slots, m MoE layer index.
+
+`CachedExperts` has ExpertBank's signature, forward(x_sorted_ND, counts_E) -> y_sorted_ND, so the
+model's MoELayer (router, dispatcher, combine, shared experts) runs unchanged. The runtime decides
+nothing itself: the Planner (offload/decision.py, shared with the simulator) turns a layer's
+routed counts into a LayerPlan (copy / run-from-slot / run-on-host ops in execution order) and
+the runtime executes it with the copy engine. Two paths per layer:
+- resident: every expert of the layer holds its home slot (capacity >= all experts, after the
+  first use of each): the layer's slots are contiguous, so it runs like ExpertBank, one kernel
+  call, no host sync; its uses are counted on the device and read once per forward pass.
+- planned: counts_E goes to the host once (host sync), the planner decides, the ops run.
+Each expert runs as a group of one through kernels.grouped_mlp, the same kernel the resident
+ExpertBank calls, over the same rows: on CPU the outputs match the resident model bit for bit.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from moe_runtime import kernels
+from moe_runtime.kernels.reference import swiglu
+
+from moe_runtime.offload.cache import ExpertCache, Key, SlotPool, StaleSlotError
+from moe_runtime.offload.cpu_experts import CostModel, expert_forward, host_expert_forward
+from moe_runtime.offload.copy_engines import Ticket, split_row
+from moe_runtime.offload.decision import LayerPlan, Planner, Tally
+from moe_runtime.offload.store import ExpertLayout, HostExpertStore
+
+Counters = Tally
+"""The engine's counters are the planner's tally (kept under the engine's old name)."""
+
+
+class CachedExperts(nn.Module):
+    """Stands in for one MoE layer's ExpertBank; its weights live in the store and the slot pool."""
+
+    def __init__(self, layout: ExpertLayout, moe_layer: int):
+        super().__init__()
+        self.moe_layer = moe_layer
+        self.num_experts, self.d_model, self.d_expert = layout.num_experts, layout.d_model, layout.d_expert
+        self._runtime: list[OffloadRuntime] = []  # a list, so nn.Module does not adopt it as a submodule
+
+    def bind(self, runtime: "OffloadRuntime") -> None:
+        self._runtime[:] = [runtime]
+
+    def forward(self, x_sorted_ND: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
+        if not self._runtime:
+            raise RuntimeError("CachedExperts used before ExpertCacheEngine finished setting up (bind not called)")
+        return self._runtime[0].run_experts(self.moe_layer, x_sorted_ND, counts_E)
+
+    def extra_repr(self) -> str:
+        return f"moe_layer={self.moe_layer}, num_experts={self.num_experts} (offloaded)"
+
+
+class OffloadRuntime:
+    """Store + slot pool + copy engine, executing the Planner's decisions for each MoE layer."""
+
+    def __init__(self, store: HostExpertStore, pool: SlotPool, cache: ExpertCache, copy_engine, cost: CostModel,
+                 *, cpu_experts: bool, stream_fraction: float, max_inflight: int):
+        if not 0 < stream_fraction <= 1:
+            raise ValueError(f"stream_fraction={stream_fraction} must be in (0, 1]")
+        if max_inflight < 1:
+            raise ValueError(f"max_inflight={max_inflight} must be >= 1")
+        lay = store.layout
+        self.store, self.pool, self.cache, self.copies, self.cost = store, pool, cache, copy_engine, cost
+        self.cpu_experts = cpu_experts
+        self.planner = Planner(cache, cost, lay.num_layers, scheme=cache.policy, cpu_experts=cpu_experts,
+                               stream_fraction=stream_fraction, num_experts=lay.num_experts,
+                               max_prefetch_per_layer=max_inflight)
+        self.tickets: dict[Key, Ticket] = {}
+        self.loaded: list[Key | None] = [None] * pool.num_slots
+        """What each slot's last issued copy holds, as the ops run (the plan ran ahead of it)."""
+        for op in self.planner.preload():  # every expert fits: load them all now, once
+            self._issue(op)
+        self.copies.synchronize()  # host sync: set-up only
+        self.tickets.clear()
+        self.resident = [self.planner.layer_resident(m) for m in range(lay.num_layers)]
+        """Layer m's experts all sit in their home slots (when every expert fits: all layers)."""
+        self._resident_counts: list[torch.Tensor] = []
+        # Grow-only [0, 1, 2, ...] on the device and host: count_1 tensors are views, not allocations.
+        self._counts_dev = torch.arange(1, device=pool.device)
+        self._counts_host = torch.arange(1)
+
+    # The engine and its report read these by their old names.
+    @property
+    def c(self) -> Tally:
+        self._fold_resident()
+        return self.planner.t
+
+    @c.setter
+    def c(self, value: Tally) -> None:
+        self._resident_counts.clear()
+        self.planner.t = value
+
+    decisions = property(lambda self: self.planner.decisions, lambda self, v: setattr(self.planner, "decisions", v))
+    queue = property(lambda self: self.planner.queue)
+    pred_stats = property(lambda self: self.planner.pred_stats)
+    prefetched = property(lambda self: self.planner.prefetched)
+    pending_eval = property(lambda self: self.planner.pending_eval)
+
+    @property
+    def all_resident(self) -> bool:
+        """Every expert of every layer is in its home slot: nothing left to predict or copy."""
+        return all(self.resident)
+
+    # ---------------------------------------------------------------- helpers
+    def _count(self, n: int, host: bool = False) -> torch.Tensor:
+        buf = self._counts_host if host else self._counts_dev
+        if n >= buf.numel():
+            size = 1 << n.bit_length()
+            buf = torch.arange(size, device="cpu" if host else self.pool.device)
+            if host:
+                self._counts_host = buf
+            else:
+                self._counts_dev = buf
+        return buf[n:n + 1]
+
+    def _run_slot(self, key: Key, slot: int, x_ND: torch.Tensor, out_ND: torch.Tensor) -> None:
+        if self.loaded[slot] != key:
+            raise StaleSlotError(f"plan runs {key} from slot {slot}, whose last copy was {self.loaded[slot]}; "
+                                 f"reading it would use the wrong expert's weights")
+        t = self.tickets.pop(key, None)
+        if t is not None:
+            self.copies.wait(t)  # CUDA: the compute stream waits on this copy's event only
+        out_ND.copy_(expert_forward(x_ND, self.pool.w13_SDF2[slot], self.pool.w2_SFD[slot], self._count(x_ND.shape[0])))
+        self.copies.mark_read(slot)
+
+    def _run_split(self, key: Key, slot: int, host_share: float, x_ND: torch.Tensor, out_ND: torch.Tensor) -> None:
+        """A split run: host cores compute x[:, :d] W13[:d] from the store while the device part
+        (W13 rows d.. and W2) lands; the device adds x[:, d:] W13[d:], then SwiGLU and W2."""
+        m, e = key
+        if self.loaded[slot] != key:
+            raise StaleSlotError(f"plan runs {key} split from slot {slot}, whose last copy was {self.loaded[slot]}")
+        d = split_row(host_share, self.store.layout.d_model)
+        dtype = _out_dtype(x_ND)
+        x = x_ND.to(dtype)
+        # host sync (CUDA): the N activation rows' first d columns go to the host, like a host run
+        h_host = x[:, :d].to("cpu") @ self.store.w13(m, e)[:d].to(dtype)
+        h = h_host.to(x.device, non_blocking=True)
+        t = self.tickets.pop(key, None)
+        if t is not None:
+            self.copies.wait(t)  # CUDA: the compute stream waits on the device part's event only
+        h = torch.addmm(h, x[:, d:], self.pool.w13_SDF2[slot, d:].to(dtype))
+        out_ND.copy_(swiglu(h) @ self.pool.w2_SFD[slot].to(dtype))
+        self.copies.mark_read(slot)
+
+    def _run_host(self, key: Key, x_ND: torch.Tensor, out_ND: torch.Tensor) -> None:
+        m, e = key
+        y = host_expert_forward(x_ND, self.store.w13(m, e), self.store.w2(m, e), self._count(x_ND.shape[0], True))
+        out_ND.copy_(y)
+
+    # ---------------------------------------------------------------- the MoE step
+    def run_experts(self, m: int, x_ND: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
+        """y_sorted_ND for MoE layer m: the resident path, or 1. which experts (host sync), 2. the
+        planner's plan, 3. its ops in order."""
+        if self.resident[m]:
+            return self._run_resident(m, x_ND, counts_E)
+        counts = counts_E.tolist()  # host sync: the planner must know the layer's experts
+        starts, at = [], 0
+        for n in counts:
+            starts.append(at)
+            at += n
+        plan = self.planner.serve(m, {e: n for e, n in enumerate(counts) if n > 0})
+        y_ND = torch.empty_like(x_ND, dtype=_out_dtype(x_ND))
+        self.execute(plan, lambda e: (starts[e], starts[e] + counts[e]), x_ND, y_ND)
+        self.resident[m] = self.planner.layer_resident(m)
+        return y_ND
+
+    def _run_resident(self, m: int, x_ND: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
+        """Layer m's experts are slots m*E .. m*E+E-1: one grouped call, exactly ExpertBank's."""
+        E = counts_E.shape[0]
+        lo = m * E
+        dtype = _out_dtype(x_ND)
+        y = kernels.grouped_mlp(x_ND.to(dtype), self.pool.w13_SDF2[lo:lo + E].to(dtype),
+                                self.pool.w2_SFD[lo:lo + E].to(dtype), counts_E)
+        self._resident_counts.append(counts_E)  # counted when the tally is read: no work per layer
+        if len(self._resident_counts) >= 4096:
+            self._fold_resident()
+        return y
+
+    def _fold_resident(self) -> None:
+        """Add the resident path's uses (all hits) to the tally."""
+        if self._resident_counts:
+            # host sync: when the counters are read (a report) or every 4096 layers, never per layer
+            uses = int((torch.stack(self._resident_counts) > 0).sum())
+            t = self.planner.t
+            t.expert_uses += uses
+            t.hits += uses
+            t.cache_steps += len(self._resident_counts)
+            self._resident_counts.clear()
+
+    def execute(self, plan: LayerPlan, rows, x_ND: torch.Tensor, y_ND: torch.Tensor) -> None:
+        """Run a plan's ops in order: copies go to the copy engine, runs wait only on their own copy."""
+        for op in plan.ops:
+            if op.kind in ("copy", "fill"):
+                self._issue(op)
+                continue
+            a, b = rows(op.key[1])
+            if op.kind == "run":
+                self._run_slot(op.key, op.slot, x_ND[a:b], y_ND[a:b])
+            elif op.kind == "split":
+                self._run_split(op.key, op.slot, op.host_share, x_ND[a:b], y_ND[a:b])
+            else:
+                self._run_host(op.key, x_ND[a:b], y_ND[a:b])
+
+    def _issue(self, op) -> None:
+        """A copy (whole, or a split run's device part) or a split run's fill; the key's next run
+        waits on the newest."""
+        if op.evicted is not None:
+            self.tickets.pop(op.evicted, None)
+        if op.kind == "copy":
+            self.loaded[op.slot] = op.key
+        self.tickets[op.key] = self.copies.issue(op.key, op.slot, op.host_share, op.kind == "fill")
+
+    # ---------------------------------------------------------------- prefetch
+    def begin_layer(self, m: int, predictions=()) -> None:
+        """Before layer m's attention: the planner takes the predictions and issues what pays."""
+        if self.resident[m]:
+            return
+        for op in self.planner.prefetch(m, predictions):
+            self._issue(op)
+        self.copies.progress()  # host engine: one queued copy runs; CUDA: a non-blocking query
+
+    def end_pass(self) -> None:
+        """A forward pass ended: predictions never go past it."""
+        self.planner.end_pass()
+        self.copies.settle()
+        self.copies.collect_stall()
+
+
+def _out_dtype(x: torch.Tensor) -> torch.dtype:
+    from moe_runtime.core.experts import compute_dtype
+    return compute_dtype(x)
+
+
+__all__ = ["CachedExperts", "OffloadRuntime", "Counters"]

@@ -1,0 +1,131 @@
+"""`moe serve`: load a model into the expert cache and serve it over HTTP with uvicorn.
+
+    moe serve --checkpoint runs/tiny --gpu-expert-slots 8
+    moe serve --hf path/to/qwen3-moe --gpu-expert-gib 20 --max-batch 16 --api-key "$KEY" --port 8000
+
+Shutdown (SIGTERM or Ctrl-C): the listener closes, /health turns 503 and new requests get 503,
+running requests may finish for --shutdown-timeout seconds, then whatever still runs is cancelled
+(streams end with an error event) and the process exits.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import uvicorn
+
+from moe_runtime.offload.serve.app import ServeContext, create_app
+from moe_runtime.offload.serve.chat import load_server_chat
+from moe_runtime.offload.serve.metrics import ServerMetrics, engine_cache_stats
+from moe_runtime.offload.serve.scheduler import Scheduler
+from moe_runtime.offload.serve.text import TokenizerAdapter
+
+
+def build_context(args: argparse.Namespace) -> ServeContext:
+    """Model -> expert-cache engine -> decode batch -> scheduler; tokenizer, chat template, EOS ids."""
+    from moe_runtime.core.train import load_model
+    from moe_runtime.offload.config import CPU_EXPERTS_CHOICES, OffloadConfig
+    from moe_runtime.offload.engine import ExpertCacheEngine
+
+    _check_args(args)
+    store = tokenizer = None
+    if args.hf:
+        from moe_runtime.offload.hf import load_hf_for_cache
+        model, run, tokenizer, store = load_hf_for_cache(args.hf)
+        source = Path(args.hf)
+    else:
+        model, run, _ = load_model(args.checkpoint, device="cpu")
+        source = Path(args.checkpoint)
+    tok = TokenizerAdapter(model.cfg.vocab_size, tokenizer)
+    config = OffloadConfig(gpu_expert_slots=args.gpu_expert_slots, gpu_expert_gib=args.gpu_expert_gib,
+                           policy=args.policy, cpu_experts=CPU_EXPERTS_CHOICES[args.cpu_experts], device=args.device,
+                           predictor=args.predictor)
+    engine = ExpertCacheEngine(model, config, store=store)
+    engine.reset_stats()  # /metrics counts from here: cumulative over the server's life
+    metrics = ServerMetrics(cache_source=lambda: engine_cache_stats(engine))
+    context = min(args.max_model_len or model.cfg.max_seq_len, model.cfg.max_seq_len)
+    batch = engine.decode_batch(max_batch=args.max_batch, max_len=context, decode=tok.decode)
+    scheduler = Scheduler(batch, max_queue=args.max_queue, metrics=metrics)
+    render_chat, eos_ids = load_server_chat(source, tokenizer)
+    return ServeContext(model_name=args.model_name or run.name, scheduler=scheduler, tokenizer=tok,
+                        render_chat=render_chat, max_seq_len=batch.max_len, eos_token_ids=eos_ids,
+                        metrics=metrics, api_key=args.api_key, created=int(time.time()))
+
+
+def _check_args(args: argparse.Namespace) -> None:
+    for name in ("max_batch", "max_queue"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')}={getattr(args, name)} must be >= 1")
+    if not 0 <= args.port <= 65535:
+        raise ValueError(f"--port={args.port} is not a TCP port (0-65535)")
+    if args.max_model_len is not None and args.max_model_len < 2:
+        raise ValueError(f"--max-model-len={args.max_model_len} must be >= 2 (a prompt token and an answer token)")
+    if args.shutdown_timeout < 0:
+        raise ValueError(f"--shutdown-timeout={args.shutdown_timeout} must be >= 0")
+
+
+def make_server(ctx: ServeContext, *, host: str, port: int, shutdown_timeout: float, log_level: str = "warning"):
+    """A uvicorn.Server for `ctx`; run it with .run() (main thread, signals) or serve() in a thread."""
+    @contextlib.asynccontextmanager
+    async def lifespan(_app):
+        ctx.scheduler.start()
+        yield
+        ctx.closing = True
+        await asyncio.to_thread(ctx.scheduler.close, 0.5)
+
+    app = create_app(ctx)
+    app.router.lifespan_context = lifespan
+    config = uvicorn.Config(app, host=host, port=port, log_level=log_level, access_log=False,
+                            timeout_graceful_shutdown=shutdown_timeout + 2.0, lifespan="on")
+    return _Server(config, ctx, shutdown_timeout)
+
+
+class _Server(uvicorn.Server):
+    """uvicorn.Server with the shutdown of the module docstring. On the first SIGTERM/SIGINT:
+    /health and new requests answer 503, the scheduler drains for `shutdown_timeout` s in a helper
+    thread and then cancels what still runs (streams end with an error event and [DONE]);
+    uvicorn's own connection timeout is 2 s later, a backstop. The signal is not re-raised after
+    the graceful shutdown (uvicorn's default), so the process exits 0 and prints its summary."""
+
+    def __init__(self, config: uvicorn.Config, ctx: ServeContext, shutdown_timeout: float):
+        super().__init__(config)
+        self.ctx, self.shutdown_timeout = ctx, shutdown_timeout
+
+    async def startup(self, sockets=None) -> None:
+        await super().startup(sockets)
+        if self.started:  # bound: say where (the real port, also with --port 0)
+            host, port = self.servers[0].sockets[0].getsockname()[:2]
+            print(json.dumps({"event": "serving", "url": f"http://{host}:{port}/v1", "model": self.ctx.model_name,
+                              "max_batch": self.ctx.scheduler.max_batch, "max_seq_len": self.ctx.max_seq_len}),
+                  flush=True)
+
+    def handle_exit(self, sig, frame) -> None:
+        if not self.ctx.closing:
+            self.ctx.closing = True
+            self.ctx.scheduler.stop_accepting()
+            threading.Thread(target=self.ctx.scheduler.close, args=(self.shutdown_timeout,), daemon=True).start()
+        super().handle_exit(sig, frame)
+        self._captured_signals.clear()
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    ctx = build_context(args)
+    server = make_server(ctx, host=args.host, port=args.port, shutdown_timeout=args.shutdown_timeout,
+                         log_level=args.log_level)
+    server.run()
+    print(json.dumps({"event": "stopped", "metrics": _final(ctx)}), flush=True)
+    return 0
+
+
+def _final(ctx: ServeContext) -> dict[str, Any]:
+    s = ctx.metrics.snapshot()
+    return {k: s[k] for k in ("prompt_tokens", "completion_tokens", "finish")}
+
+
+__all__ = ["build_context", "make_server", "run_serve"]

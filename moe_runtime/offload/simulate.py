@@ -1,0 +1,199 @@
+"""Trace-driven cache simulator: replay a routing trace through the engine's own Planner, on CPU.
+
+Legend: L MoE layers, E experts, K top-k, T tokens of a forward pass, d lookahead distance.
+
+The replay calls exactly what the engine calls, in the same order: per forward pass and MoE layer
+m, `Planner.prefetch(m, predictions)` then `Planner.serve(m, {expert: tokens})`, then `end_pass`.
+So the hits, misses, copies and bytes are the engine's on the same routing and predictions, and
+the modelled time (offload/decision.py: calibrated attention, expert and copy times, the link a
+FIFO queue) is the engine's model of itself. Policies:
+- lru, lfu, predictive, mixtral-offloading, moe-infinity: the engine's own (predictive takes the
+  learned predictor fitted on the trace itself, so in-sample, with the features the engine uses;
+  mixtral-offloading's speculative next-layer gate is stood in for by that predictor at distance 1);
+- oracle: predictive with exact predictions of layers m .. m+depth;
+- belady: evicts the key used farthest in the future, no prefetch (the offline optimum of
+  demand paging); belady-prefetch: the same with exact predictions and the cost model's prefetch;
+- this-token-lru / this-token-lfu: Belady that sees only the rest of the current forward pass
+  (LRU / LFU beyond it): how much of Belady's lead knowing the current token's routing explains.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from moe_runtime.offload.cache import ExpertCache, Key
+from moe_runtime.offload.cpu_experts import Calibration, CostModel
+from moe_runtime.offload.decision import SCHEMES, Planner
+from moe_runtime.offload.predictor import LearnedPredictor, to_predictions
+from moe_runtime.offload.trace import RoutingTrace
+
+SIM_POLICIES = ("lru", "lfu", "predictive", "oracle", "belady", "belady-prefetch", "this-token-lru",
+                "this-token-lfu", "mixtral-offloading", "moe-infinity")
+_LEARNED = ("predictive", "mixtral-offloading")
+
+
+@dataclass
+class Step:
+    """One forward pass of a trace."""
+
+    B: int
+    S: int
+    idx: list[torch.Tensor]
+    """Per MoE layer [T, K] chosen experts, rows b * S + s (the engine's order)."""
+    used: list[dict[int, int]]
+    """Per MoE layer expert -> tokens routed to it."""
+
+
+def steps_of(trace: RoutingTrace) -> list[Step]:
+    """The trace as forward passes; every layer of a pass must be recorded."""
+    out = []
+    order = np.argsort(trace.step, kind="stable")
+    bounds = np.flatnonzero(np.diff(trace.step[order])) + 1
+    for rows in np.split(order, bounds):
+        if rows.size == 0:
+            continue
+        layer = trace.layer[rows]
+        B = len(np.unique(trace.seq[rows]))
+        idx, used = [], []
+        for m in range(trace.num_layers):
+            sel = rows[layer == m]
+            ids = torch.from_numpy(trace.experts[sel].astype(np.int64))
+            idx.append(ids)
+            e, n = np.unique(trace.experts[sel], return_counts=True)
+            used.append({int(a): int(b) for a, b in zip(e, n)})
+        T = idx[0].shape[0]
+        out.append(Step(B, T // max(B, 1), idx, used))
+    return out
+
+
+def trace_timing(trace: RoutingTrace, copy_ms: float | None = None, attn_ms: float | None = None,
+                 expert_ms: float | None = None) -> Calibration:
+    """The trace's recorded calibration, with any value the caller gives overriding it."""
+    cal = trace.meta.get("calibration")
+    if cal is None and None in (copy_ms, attn_ms, expert_ms):
+        raise ValueError("the trace carries no calibration (it was not recorded by the expert-cache engine); "
+                         "pass --copy-ms, --attn-ms and --expert-ms, or --model-shape and --link")
+    base = Calibration.from_dict(cal) if cal else Calibration(
+        device="given", expert_bytes=int(trace.meta.get("expert_bytes", 0)), copy_s=0.0, tokens=(1,),
+        host_s=(1.0,), device_s=(0.0,), act_s_per_token=0.0)
+    return Calibration(device=base.device, expert_bytes=base.expert_bytes,
+                       copy_s=copy_ms / 1e3 if copy_ms is not None else base.copy_s,
+                       tokens=(1,) if expert_ms is not None else base.tokens,
+                       host_s=(base.host_s[0],) if expert_ms is not None else base.host_s,
+                       device_s=(expert_ms / 1e3,) if expert_ms is not None else base.device_s,
+                       act_s_per_token=base.act_s_per_token,
+                       attn_s=attn_ms / 1e3 if attn_ms is not None else base.attn_s)
+
+
+def _future(steps: list[Step], L: int) -> dict[Key, list[int]]:
+    out: dict[Key, list[int]] = {}
+    for p, st in enumerate(steps):
+        for m in range(L):
+            for e in st.used[m]:
+                out.setdefault((m, e), []).append(p * L + m)
+    return out
+
+
+def _learned_predictions(learned, st: Step, prev: Step | None, m: int, depth: int, L: int):
+    """What the engine's learned path submits before layer m (engine._on_block), from the trace."""
+    T = st.idx[0].shape[0]
+    raw = []
+    for d in range(min(depth, learned.depth) + 1):
+        j = m + d
+        if j >= L:
+            break
+        p = prev.idx[j].view(prev.B, prev.S, -1)[:, -1] if prev is not None and prev.B == T else None
+        raw.append((j, d, *learned.predict_topk(j, d, st.idx[m - 1] if m > 0 else None, p, T)))
+    return to_predictions(raw)
+
+
+def _predictions(policy: str, st: Step, prev: Step | None, m: int, depth: int, L: int, learned):
+    if policy in ("oracle", "belady-prefetch"):
+        return [(j, j - m, {e: 1.0 for e in st.used[j]}) for j in range(m, min(L, m + depth + 1))]
+    if policy == "predictive":
+        return _learned_predictions(learned, st, prev, m, depth, L)
+    if policy == "mixtral-offloading":  # the next layer only
+        return [p for p in _learned_predictions(learned, st, prev, m, 1, L) if p[1] == 1]
+    return []
+
+
+def simulate(trace: RoutingTrace, policy: str, capacity: int, cal: Calibration, *, depth: int = 1,
+             learned: LearnedPredictor | None = None, steps: list[Step] | None = None,
+             cpu_experts: bool = False, stream_fraction: float = 0.75, max_inflight: int | None = None
+             ) -> dict[str, Any]:
+    """Replay `trace` with `capacity` slots: hits, copies, bytes, modelled stall and time (decode
+    passes, one token per sequence, are also totalled apart: tokens/s and bytes/token)."""
+    if policy not in SIM_POLICIES:
+        raise ValueError(f"policy={policy!r} is not one of {', '.join(SIM_POLICIES)}")
+    if capacity < 1:
+        raise ValueError(f"capacity={capacity} must be >= 1 slot")
+    L, E = trace.num_layers, trace.num_experts
+    steps = steps if steps is not None else steps_of(trace)
+    if policy in _LEARNED and learned is None:
+        learned = LearnedPredictor.fit(trace, depth)
+    scheme = "predictive" if policy == "oracle" else policy
+    planner = Planner(ExpertCache(capacity, scheme), CostModel(cal), L,
+                      scheme=SCHEMES[scheme], cpu_experts=cpu_experts, stream_fraction=stream_fraction,
+                      num_experts=E, max_prefetch_per_layer=max_inflight or 2 * trace.top_k,
+                      future=_future(steps, L) if SCHEMES[scheme].needs_future else None)
+    planner.preload()  # every expert fits: all resident from the start, like the engine
+    dec = {"time_s": 0.0, "stall_s": 0.0, "copies": 0, "tokens": 0, "passes": 0}
+    copies, prev = 0, None
+    for st in steps:
+        t0, s0, c0 = planner.now, planner.stall_s, copies
+        for m in range(L):
+            copies += len(planner.prefetch(m, _predictions(policy, st, prev, m, depth, L, learned)))
+            copies += sum(op.kind == "copy" for op in planner.serve(m, st.used[m]).ops)
+        planner.end_pass()
+        if st.S == 1:
+            dec["time_s"] += planner.now - t0
+            dec["stall_s"] += planner.stall_s - s0
+            dec["copies"] += copies - c0
+            dec["tokens"] += st.B
+            dec["passes"] += 1
+        prev = st
+    t = planner.t
+    uses = t.hits + t.misses
+    dec["bytes_moved"] = dec["copies"] * cal.expert_bytes
+    return {"policy": policy, "capacity": capacity, "cache_fraction": capacity / (L * E), "hits": t.hits,
+            "misses": t.misses, "hit_rate": t.hits / uses if uses else None, "copies": copies,
+            "bytes_moved": copies * cal.expert_bytes, "stall_s": planner.stall_s, "time_s": planner.now,
+            "passes": len(steps), "prefetch_issued": t.prefetch_issued, "prefetch_used": t.prefetch_used,
+            "prefetch_cancelled": t.prefetch_cancelled, "cpu_served": t.cpu_served, "split_runs": t.split_runs, "decode": dec}
+
+
+def parse_capacities(spec: str, total: int) -> list[int]:
+    """'25%,50%,12' -> slots; percentages are of all experts of all layers."""
+    out = []
+    for part in (p.strip() for p in spec.split(",") if p.strip()):
+        try:
+            slots = round(float(part[:-1]) / 100 * total) if part.endswith("%") else int(part)
+        except ValueError:
+            raise ValueError(f"capacity {part!r} is neither a slot count nor a percentage like 25%") from None
+        out.append(max(1, min(total, slots)))
+    return out
+
+
+def simulate_grid(trace: RoutingTrace, policies: list[str], capacities: list[int], cal: Calibration, *,
+                  depth: int = 1, **kw) -> list[dict[str, Any]]:
+    steps = steps_of(trace)
+    learned = LearnedPredictor.fit(trace, depth) if any(p in _LEARNED for p in policies) else None
+    return [simulate(trace, p, c, cal, depth=depth, learned=learned, steps=steps, **kw)
+            for c in capacities for p in policies]
+
+
+def format_table(rows: list[dict[str, Any]]) -> str:
+    head = f"{'policy':>18} {'slots':>6} {'cache':>6} {'hit rate':>9} {'MiB moved':>10} {'stall ms':>9} {'time ms':>9}"
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        hr = "n/a" if r["hit_rate"] is None else f"{r['hit_rate']:.3f}"
+        lines.append(f"{r['policy']:>18} {r['capacity']:>6} {r['cache_fraction']:>6.0%} {hr:>9} "
+                     f"{r['bytes_moved'] / 2**20:>10.2f} {r['stall_s'] * 1e3:>9.2f} {r['time_s'] * 1e3:>9.2f}")
+    return "\n".join(lines)
+
+
+__all__ = ["Step", "steps_of", "simulate", "simulate_grid", "trace_timing", "parse_capacities", "format_table",
+           "SIM_POLICIES"]

@@ -1,0 +1,181 @@
+"""`moe trace`: record routing traces from a checkpoint, replay them through the cache simulator,
+and compare routing predictors.
+
+    moe trace record --checkpoint runs/tiny --out trace.msgpack --max-new-tokens 128
+    moe trace record --checkpoint runs/tiny --out trace.msgpack --corpus-batches 8   # corpus text
+    moe trace simulate trace.msgpack --capacities 25%,50%,75% --policies lru,lfu,predictive,oracle
+    moe trace simulate trace.msgpack --model-shape mixtral-8x7b --link h100-pcie5   # projected tokens/s
+    moe trace predictors --checkpoint runs/tiny --trace trace.msgpack
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+
+from moe_runtime.offload.projection import LINKS, SHAPES
+from moe_runtime.offload.simulate import SIM_POLICIES
+
+
+def register(sub) -> None:
+    """`moe trace` (entry point in the `moe_runtime.commands` group, see core/cli.py)."""
+    p = sub.add_parser("trace", help="record routing traces and replay them through the cache simulator",
+                       description="Routing traces: record from a checkpoint, simulate cache policies.")
+    add_trace_args(p)
+    p.set_defaults(func=run_trace)
+
+
+def add_trace_args(p: argparse.ArgumentParser) -> None:
+    sub = p.add_subparsers(dest="trace_command", metavar="ACTION", required=True)
+    r = sub.add_parser("record", help="record a routing trace from a checkpoint (generation or corpus text)")
+    r.add_argument("--checkpoint", required=True, help="run directory or checkpoint directory")
+    r.add_argument("--out", required=True, help="trace file to write (msgpack)")
+    r.add_argument("--prompt", default="def ", help="prompt for generation (byte-level models)")
+    r.add_argument("--max-new-tokens", type=int, default=None,
+                   help="tokens to generate (default: up to the model's max_seq_len)")
+    r.add_argument("--batch", type=int, default=1)
+    r.add_argument("--temperature", type=float, default=0.8, help="sampling temperature (0 = greedy)")
+    r.add_argument("--corpus-batches", type=int, default=0,
+                   help="record N teacher-forced corpus batches instead of generating")
+    r.add_argument("--seq-len", type=int, default=64, help="sequence length of corpus batches")
+    r.add_argument("--data", default=None, help="corpus for --corpus-batches (default: the standard library)")
+    r.add_argument("--device", default="auto")
+    r.add_argument("--seed", type=int, default=0)
+    s = sub.add_parser("simulate", help="replay a trace for every policy and capacity")
+    s.add_argument("trace", help="trace file")
+    s.add_argument("--capacities", default="25%,50%,75%", help="slots or percentages of all experts, comma-separated")
+    s.add_argument("--policies", default=",".join(SIM_POLICIES), help=f"comma-separated from {', '.join(SIM_POLICIES)}")
+    s.add_argument("--depth", type=int, default=1, help="lookahead depth of the predictive policies")
+    s.add_argument("--copy-ms", type=float, default=None, help="override: ms per expert copy")
+    s.add_argument("--attn-ms", type=float, default=None, help="override: ms of non-expert compute per layer")
+    s.add_argument("--expert-ms", type=float, default=None, help="override: ms per expert run")
+    s.add_argument("--model-shape", default=None, help="project onto a real shape: " + ", ".join(SHAPES))
+    s.add_argument("--link", default=None, help="with --model-shape: the host link, one of " + ", ".join(LINKS))
+    s.add_argument("--cpu-experts", action="store_true",
+                   help="let the cost model run misses, or part of one while the rest is copied, on host cores "
+                        "(the engine's default beside a GPU)")
+    s.add_argument("--json", default=None, metavar="PATH", help="write the rows as JSON")
+    c = sub.add_parser("predictors", help="precision/recall of lookahead, exact and learned predictors")
+    c.add_argument("--checkpoint", required=True)
+    c.add_argument("--trace", default=None, help="trace to train the learned predictor on")
+    c.add_argument("--depth", type=int, default=1)
+    c.add_argument("--batches", type=int, default=2, help="held-out corpus batches to evaluate on")
+    c.add_argument("--seq-len", type=int, default=64)
+    c.add_argument("--data", default=None)
+    c.add_argument("--json", default=None, metavar="PATH")
+
+
+def _record(args: argparse.Namespace) -> int:
+    from moe_runtime.core.data import load_corpus
+    from moe_runtime.core.train import load_model
+    from moe_runtime.offload.engine import ExpertCacheEngine
+    from moe_runtime.offload.generate_cli import prompt_tensor
+
+    model, run, _ = load_model(args.checkpoint, device="cpu")
+    total = model.cfg.num_moe_layers * model.cfg.moe.num_experts
+    engine = ExpertCacheEngine(model, gpu_expert_slots=total, policy="lru", device=args.device, record_trace=True)
+    if args.corpus_batches > 0:
+        corpus = load_corpus(args.data, vocab_size=model.cfg.vocab_size)
+        for i in range(args.corpus_batches):
+            x, _ = corpus.batch("val", i, args.batch, min(args.seq_len, model.cfg.max_seq_len), seed=args.seed)
+            engine.forward(x)
+    else:
+        args.prompt_ids = None
+        prompt = prompt_tensor(args, model.cfg.vocab_size)
+        room = model.cfg.max_seq_len - prompt.shape[1]
+        new = room if args.max_new_tokens is None else args.max_new_tokens
+        if not 1 <= new <= room:
+            raise ValueError(f"--max-new-tokens={new}: the prompt ({prompt.shape[1]} tokens) leaves room for 1 to "
+                             f"{room} new tokens within max_seq_len={model.cfg.max_seq_len}")
+        gen = torch.Generator(device=engine.device).manual_seed(args.seed)
+        engine.generate(prompt, new, temperature=args.temperature, generator=gen)
+    trace = engine.trace()
+    trace.meta["run"] = run.name
+    path = trace.save(args.out)
+    print(f"routing trace: {path} ({len(trace)} records, {trace.num_layers} MoE layers x {trace.num_experts} "
+          f"experts, top-{trace.top_k}, {path.stat().st_size} bytes)")
+    return 0
+
+
+def _simulate(args: argparse.Namespace) -> int:
+    from moe_runtime.offload.projection import constants, project, projection_calibration
+    from moe_runtime.offload.simulate import format_table, parse_capacities, simulate_grid, trace_timing
+    from moe_runtime.offload.trace import RoutingTrace
+
+    trace = RoutingTrace.load(args.trace)
+    policies = [p.strip() for p in args.policies.split(",") if p.strip()]
+    bad = [p for p in policies if p not in SIM_POLICIES]
+    if bad:
+        raise ValueError(f"--policies {bad} not in {', '.join(SIM_POLICIES)}")
+    if (args.model_shape is None) != (args.link is None):
+        raise ValueError("give --model-shape and --link together (a projection needs both), or neither")
+    caps = parse_capacities(args.capacities, trace.num_layers * trace.num_experts)
+    if args.model_shape:
+        cal = projection_calibration(args.model_shape, args.link)
+        if any(x is not None for x in (args.copy_ms, args.attn_ms, args.expert_ms)):
+            raise ValueError("--copy-ms/--attn-ms/--expert-ms override a recorded calibration; a projection "
+                             "takes its constants from --model-shape and --link")
+    else:
+        cal = trace_timing(trace, args.copy_ms, args.attn_ms, args.expert_ms)
+    rows = simulate_grid(trace, policies, caps, cal, depth=args.depth, cpu_experts=args.cpu_experts)
+    print(f"trace {args.trace}: {len(trace)} records, {trace.num_layers} layers x {trace.num_experts} experts; "
+          f"copy {cal.copy_s * 1e3:.3f} ms/expert, attention {cal.attn_s * 1e3:.3f} ms/layer")
+    consts = None
+    if args.model_shape:
+        consts = constants(args.model_shape, args.link)
+        for k, v in consts.items():
+            print(f"  {k}: {v}")
+        for r in rows:
+            r["projection"] = project(r, trace.num_layers, args.model_shape)
+        print(format_projection(rows))
+    else:
+        print(format_table(rows))
+    if args.json:
+        Path(args.json).write_text(json.dumps({"trace": str(args.trace), "calibration": cal.to_dict(),
+                                               "constants": consts, "rows": rows}, indent=2, default=list))
+    return 0
+
+
+def format_projection(rows) -> str:
+    """tokens/s and bytes/token lead; hit rate is a diagnostic."""
+    head = (f"{'policy':>18} {'slots':>6} {'tok/s':>8} {'MiB/token':>10} {'copies/tok':>10} {'stall ms/tok':>12} "
+            f"{'hit rate':>9}")
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        p = r["projection"]
+        if p["tokens_per_s"] is None:
+            lines.append(f"{r['policy']:>18} {r['capacity']:>6}  (no decode pass in the trace)")
+            continue
+        hr = "n/a" if r["hit_rate"] is None else f"{r['hit_rate']:.3f}"
+        lines.append(f"{r['policy']:>18} {r['capacity']:>6} {p['tokens_per_s']:>8.2f} {p['bytes_per_token'] / 2**20:>10.1f} "
+                     f"{p['copies_per_token']:>10.1f} {p['stall_ms_per_token']:>12.2f} {hr:>9}")
+    return "\n".join(lines)
+
+
+def _predictors(args: argparse.Namespace) -> int:
+    from moe_runtime.core.data import load_corpus
+    from moe_runtime.core.train import load_model
+    from moe_runtime.offload.evaluate import evaluate_predictors, format_comparison
+    from moe_runtime.offload.predictor import LearnedPredictor
+    from moe_runtime.offload.trace import RoutingTrace
+
+    model, _, _ = load_model(args.checkpoint, device="cpu")
+    learned = LearnedPredictor.fit(RoutingTrace.load(args.trace), args.depth) if args.trace else None
+    corpus = load_corpus(args.data, vocab_size=model.cfg.vocab_size)
+    seq = min(args.seq_len, model.cfg.max_seq_len)
+    x = torch.cat([corpus.batch("val", 10_000 + i, 4, seq)[0] for i in range(args.batches)])
+    res = evaluate_predictors(model, x, depth=args.depth, learned=learned)
+    print(format_comparison(res))
+    if args.json:
+        Path(args.json).write_text(json.dumps(res, indent=2))
+    return 0
+
+
+def run_trace(args: argparse.Namespace) -> int:
+    actions = {"record": _record, "simulate": _simulate, "predictors": _predictors}
+    return actions[args.trace_command](args)
+
+
+__all__ = ["register", "add_trace_args", "run_trace"]

@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# Find the next upstream break before users do: install the NEWEST release of every dependency
+# (no lock) into a throwaway venv and run the default test tier there.
+#     bash scripts/check-latest.sh              # newest releases; torch at the lock's version (see below)
+#     bash scripts/check-latest.sh -x -k hf     # extra arguments go to pytest
+# Torch: the newest torch on PyPI is the multi-GB CUDA build, so torch stays at the lock's CPU build
+# unless TORCH_SPEC (e.g. "torch==2.15.0") and, for its CPU build, TORCH_INDEX_URL say otherwise.
+# Prints the versions it tested. If it passes and you want them, `bash scripts/lock.sh` re-resolves
+# the lock to the same releases.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+TMP=$(mktemp -d)
+trap 'rm -rf "$TMP"' EXIT
+export VENV=$TMP/venv MOE_LOCK=0
+if [ -n "${TORCH_SPEC:-}" ]; then
+  python3 -m venv "$VENV"
+  "$VENV/bin/python" -m pip install -q ${TORCH_INDEX_URL:+--index-url "$TORCH_INDEX_URL"} "$TORCH_SPEC"
+else
+  python3 -m venv "$VENV"
+  "$VENV/bin/python" -m pip install -q "$(sed -n 's/^torch==\([^ ;]*\).*/torch==\1/p' requirements-lock.txt | head -n 1)"
+fi
+bash scripts/install.sh dev
+echo "== newest releases under test (differences from requirements-lock.txt marked *)"
+"$VENV/bin/python" -m pip list --format=freeze --exclude-editable 2>/dev/null | while IFS= read -r pin; do
+  name=${pin%%==*}
+  if grep -qiE "^${name//[-_.]/[-_.]}==${pin#*==}( |$)" requirements-lock.txt; then echo "  $pin"; else echo "* $pin"; fi
+done
+"$VENV/bin/python" -m pytest -q -p no:cacheprovider "$@"
