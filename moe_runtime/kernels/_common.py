@@ -108,7 +108,7 @@ def check_counts(counts_E: torch.Tensor, num_experts: int, num_rows: int) -> Non
     # one combined check keeps it to a single async assert on CUDA
     check_value((counts_E.sum() == num_rows) & (counts_E.min() >= 0),
                 f"counts_E must be non-negative and sum to the number of rows N={num_rows} (rows sorted by "
-                "expert, no padding); compute them with kernels.sort_by_expert")
+                "expert, no padding); compute them with moe_runtime.kernels.sort_by_expert")
 
 
 def check_indices_in_range(name: str, idx_N: torch.Tensor, upper: int) -> None:

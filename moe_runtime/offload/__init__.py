@@ -23,7 +23,7 @@ def __getattr__(name: str):
     if name in ("enable_expert_cache", "load_with_expert_cache", "TransformersExpertCache"):
         from moe_runtime.offload import transformers_cache
         return getattr(transformers_cache, name)
-    raise AttributeError(f"module 'offload' has no attribute {name!r}")
+    raise AttributeError(f"module 'moe_runtime.offload' has no attribute {name!r}")
 
 
 __all__ = ["ExpertCacheEngine", "OffloadConfig", "enable_expert_cache", "load_with_expert_cache", "GenerationResult",

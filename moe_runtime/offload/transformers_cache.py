@@ -63,7 +63,7 @@ def expert_cache_forward(self: nn.Module, hidden_states: torch.Tensor, top_k_ind
     link = getattr(self, "_expert_cache_link", None)
     if not link:
         raise RuntimeError(f"experts_implementation={EXPERTS_IMPLEMENTATION!r} is set but this model's experts were "
-                           f"never handed to the cache; call offload.enable_expert_cache(model, OffloadConfig(...)) "
+                           f"never handed to the cache; call moe_runtime.offload.enable_expert_cache(model, OffloadConfig(...)) "
                            f"after from_pretrained")
     cache, m = link[0]
     x_sorted_ND, counts_E, meta = cache.dispatcher.dispatch(hidden_states, top_k_index, top_k_weights)
