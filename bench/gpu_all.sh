@@ -41,7 +41,7 @@ step offload 190 python bench/offload.py --models mixtral4 --batches 1,8 --cache
      --modes lru,predictive,predictive+cpu --hf-cache-modes predictive --new-tokens 16
 if [ -z "${QUICK:-}" ]; then
 # 3. kernels: Triton vs torch._grouped_mm vs per-expert loop vs dense GEMM
-step kernels 80 python bench/kernels.py --tokens 512 8192 --warmup-ms 20 --rep-ms 60
+step kernels 80 python bench/kernel_bench.py --tokens 512 8192 --warmup-ms 20 --rep-ms 60
 # 4. MoE layer vs transformers' Mixtral block, real shapes, bf16
 step moe_layer 45 python bench/moe_layer.py --device cuda --quick
 # 5. end-to-end training tokens/s, small preset, Triton vs reference kernels

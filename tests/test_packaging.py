@@ -221,3 +221,12 @@ def test_moe_command_runs_from_any_directory(where, tmp_path):
     assert "lru" in moe_cmd("trace", "simulate", str(trace), "--capacities", "25%")
     assert "policy predictive" in moe_cmd("generate", "--checkpoint", str(run_dir), "--gpu-expert-slots", "4", "--prompt", "def ",
                               "--max-new-tokens", "4", "--device", "cpu")
+
+
+def test_scripts_do_not_shadow_installed_modules():
+    """bench/ and examples/ run as scripts, so their folder is sys.path[0]: a file there named like an
+    installed top-level module (bench/kernels.py vs Hugging Face's `kernels`) would replace it."""
+    installed = set(packages_distributions()) | set(getattr(sys, "stdlib_module_names", ()))
+    clashes = sorted(str(f.relative_to(REPO)) for folder in ("bench", "examples") for f in (REPO / folder).glob("*.py")
+                     if f.stem in installed)
+    assert not clashes, f"these scripts shadow installed modules when run: {clashes}"

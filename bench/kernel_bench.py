@@ -1,8 +1,8 @@
 """Expert-MLP kernels on the GPU: Triton fused MLP vs torch._grouped_mm vs a per-expert loop vs dense GEMM.
 
-    python bench/kernels.py                                   # H100: all layers, T = 16 512 8192 32768, fwd and fwd+bwd
-    python bench/kernels.py --layers olmoe-1b-7b --tokens 8192 --modes fwd      # one cell
-    TRITON_INTERPRET=1 python bench/kernels.py --dry-run      # CPU: checks the benchmarked calls agree; no timings
+    python bench/kernel_bench.py                                   # H100: all layers, T = 16 512 8192 32768, fwd and fwd+bwd
+    python bench/kernel_bench.py --layers olmoe-1b-7b --tokens 8192 --modes fwd      # one cell
+    TRITON_INTERPRET=1 python bench/kernel_bench.py --dry-run      # CPU: checks the benchmarked calls agree; no timings
 
 Legend: T tokens, K top-k, N = T*K routed rows, D model dim, F expert hidden dim, E experts.
 
@@ -30,7 +30,7 @@ from pathlib import Path
 
 import torch
 
-# as a script, bench/ is sys.path[0] and this file would shadow the `kernels` package: repo root first
+# run as a script from a checkout: the repo root on the path for moe_runtime
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
@@ -246,9 +246,9 @@ def main(argv: list[str] | None = None) -> None:
         dry_run(args)
         return
     if not torch.cuda.is_available():
-        raise SystemExit("bench/kernels.py times GPU kernels and needs CUDA, which this machine lacks "
+        raise SystemExit("bench/kernel_bench.py times GPU kernels and needs CUDA, which this machine lacks "
                          f"(torch {torch.__version__}). Run it on the H100; for a CPU correctness check of the "
-                         "same calls use: TRITON_INTERPRET=1 python bench/kernels.py --dry-run")
+                         "same calls use: TRITON_INTERPRET=1 python bench/kernel_bench.py --dry-run")
     report = benchmark(args)
     slug = re.sub(r"[^a-z0-9]+", "_", report["device"].lower()).strip("_")
     args.out_dir.mkdir(parents=True, exist_ok=True)
