@@ -12,17 +12,21 @@ cd "$(dirname "$0")/.."
 TMP=$(mktemp -d)
 trap 'rm -rf "$TMP"' EXIT
 export VENV=$TMP/venv MOE_LOCK=0
-if [ -n "${TORCH_SPEC:-}" ]; then
-  python3 -m venv "$VENV"
-  "$VENV/bin/python" -m pip install -q ${TORCH_INDEX_URL:+--index-url "$TORCH_INDEX_URL"} "$TORCH_SPEC"
-else
-  python3 -m venv "$VENV"
-  "$VENV/bin/python" -m pip install -q "$(sed -n 's/^torch==\([^ ;]*\).*/torch==\1/p' requirements-lock.txt | head -n 1)"
-fi
+python3 -m venv "$VENV"
+TORCH_SPEC=${TORCH_SPEC:-$(sed -n 's/^torch==\([^ ;]*\).*/torch==\1/p' requirements-lock.txt | head -n 1)}
+"$VENV/bin/python" -m pip install -q ${TORCH_INDEX_URL:+--index-url "$TORCH_INDEX_URL"} "$TORCH_SPEC"
 bash scripts/install.sh dev
-echo "== newest releases under test (differences from requirements-lock.txt marked *)"
-"$VENV/bin/python" -m pip list --format=freeze --exclude-editable 2>/dev/null | while IFS= read -r pin; do
-  name=${pin%%==*}
-  if grep -qiE "^${name//[-_.]/[-_.]}==${pin#*==}( |$)" requirements-lock.txt; then echo "  $pin"; else echo "* $pin"; fi
-done
+echo "== newest releases under test that differ from requirements-lock.txt:"
+same=0
+while IFS= read -r pin; do
+  name=${pin%%==*} version=${pin#*==}
+  case "$name" in pip|uv|setuptools|wheel) continue ;; esac
+  if grep -qiE "^${name//[-_.]/[-_.]}==${version%%+*}( |$)" requirements-lock.txt; then
+    same=$((same + 1))
+  else
+    locked=$(grep -iE "^${name//[-_.]/[-_.]}==" requirements-lock.txt | cut -d' ' -f1 | tr '\n' ' ')
+    echo "  $pin (lock: ${locked:-not in the lock})"
+  fi
+done < <("$VENV/bin/python" -m pip list --format=freeze --exclude-editable 2>/dev/null)
+echo "== $same others as locked"
 "$VENV/bin/python" -m pytest -q -p no:cacheprovider "$@"
