@@ -12,10 +12,7 @@ cd "$(dirname "$0")/.."
 TMP=$(mktemp -d)
 trap 'rm -rf "$TMP"' EXIT
 export VENV=$TMP/venv MOE_LOCK=0
-python3 -m venv "$VENV"
-TORCH_SPEC=${TORCH_SPEC:-$(sed -n 's/^torch==\([^ ;]*\).*/torch==\1/p' requirements-lock.txt | head -n 1)}
-"$VENV/bin/python" -m pip install -q ${TORCH_INDEX_URL:+--index-url "$TORCH_INDEX_URL"} "$TORCH_SPEC"
-bash scripts/install.sh dev
+bash scripts/install.sh dev  # torch: TORCH_SPEC / TORCH_INDEX_URL as install.sh reads them
 echo "== newest releases under test that differ from requirements-lock.txt:"
 same=0
 while IFS= read -r pin; do

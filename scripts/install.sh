@@ -6,8 +6,9 @@
 # your pip configuration, e.g. a local wheel or TORCH_INDEX_URL=<a CPU wheel index>), so nothing pulls the
 # multi-GB CUDA build. Then the rest with uv (about 6x faster than pip on a fresh machine; installed
 # into the venv from PyPI), or pip if uv cannot be had (MOE_INSTALLER=pip forces pip).
-# Environment: VENV (default .venv), PYTHON (default python3), MOE_LOCK=0 to resolve the newest
-# releases instead of the lock (what scripts/check-latest.sh does). Re-running is cheap.
+# Environment: VENV (default .venv), PYTHON (default python3), TORCH_SPEC (default the lock's torch
+# pin), MOE_LOCK=0 to resolve the newest releases of everything but torch instead of the lock (what
+# scripts/check-latest.sh does). Re-running is cheap.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -23,12 +24,9 @@ if [ ! -x "$VENV/bin/python" ]; then
 fi
 pip_() { "$VENV/bin/python" -m pip install --disable-pip-version-check -q "$@"; }
 constraints=()
-TORCH_SPEC="torch>=2.6"
-if [ "${MOE_LOCK:-1}" != 0 ]; then
-  constraints=(-c "$LOCK")
-  TORCH_SPEC=$(sed -n 's/^torch==\([^ ;]*\).*/torch==\1/p' "$LOCK" | head -n 1)
-  [ -n "$TORCH_SPEC" ] || { echo "install.sh: no torch pin in $LOCK" >&2; exit 2; }
-fi
+[ "${MOE_LOCK:-1}" != 0 ] && constraints=(-c "$LOCK")
+TORCH_SPEC=${TORCH_SPEC:-$(sed -n 's/^torch==\([^ ;]*\).*/torch==\1/p' "$LOCK" | head -n 1)}
+[ -n "$TORCH_SPEC" ] || { echo "install.sh: no torch pin in $LOCK; set TORCH_SPEC" >&2; exit 2; }
 if ! "$VENV/bin/python" -c "import torch" 2>/dev/null; then
   index=()
   [ -n "${TORCH_INDEX_URL:-}" ] && index=(--index-url "$TORCH_INDEX_URL")

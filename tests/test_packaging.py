@@ -55,10 +55,7 @@ def test_the_checkout_has_one_package_root():
 
 
 def _pyproject_table(group: str) -> dict[str, str]:
-    try:
-        import tomllib
-    except ModuleNotFoundError:  # Python 3.10
-        import tomli as tomllib
+    from moe_runtime.core.config import tomllib  # tomli on Python 3.10
     with open(REPO / "pyproject.toml", "rb") as f:
         return dict(tomllib.load(f)["project"]["entry-points"][group])
 

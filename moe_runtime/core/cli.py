@@ -18,7 +18,7 @@ import signal
 import sys
 from pathlib import Path
 
-from moe_runtime.core.config import PRESETS, ConfigError, RunConfig, get_preset, load_config, param_count
+from moe_runtime.core.config import PRESETS, ConfigError, RunConfig, get_preset, load_config, param_count, tomllib
 
 
 def register_train(sub) -> None:
@@ -188,10 +188,6 @@ def declared_entry_points(group: str) -> dict[str, str]:
     pyproject = Path(__file__).resolve().parents[2] / "pyproject.toml"
     if not pyproject.is_file():
         return {}
-    try:
-        import tomllib
-    except ModuleNotFoundError:  # Python 3.10
-        import tomli as tomllib
     with open(pyproject, "rb") as f:
         table = tomllib.load(f).get("project", {}).get("entry-points", {}).get(group, {})
     return dict(table)

@@ -1,6 +1,6 @@
 """Trainer: the Python training API, and the one training loop every layout runs.
 
-    from moe_runtime.core import Trainer, get_preset
+    from moe_runtime import Trainer, get_preset
     trainer = Trainer(get_preset("tiny"), out_dir="runs/tiny")
     summary = trainer.fit()
 

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
+from moe_runtime.offload.plan import SCHEMES
 from moe_runtime.offload.store import ExpertLayout, split_views
 
 Key = tuple[int, int]
@@ -51,10 +52,6 @@ class SlotPool:
         return self.buffer.numel() * self.buffer.element_size()
 
 
-ALL_SCHEMES = POLICIES + ("belady", "belady-prefetch", "this-token-lru", "this-token-lfu")
-"""Every scheme a Planner runs: the online ones and the simulator's offline bounds."""
-
-
 @dataclass(frozen=True)
 class SlotHandle:
     """A key's slot as of one assignment; stale once the slot is reassigned."""
@@ -75,7 +72,7 @@ class ExpertCache:
     def __init__(self, num_slots: int, policy: str):
         if num_slots < 1:
             raise ValueError(f"num_slots={num_slots} must be >= 1")
-        if policy not in ALL_SCHEMES:
+        if policy not in SCHEMES:  # every scheme a Planner runs, the simulator's offline bounds included
             raise ValueError(f"policy={policy!r} is not one of {', '.join(POLICIES)}; pick one of those")
         self.num_slots = num_slots
         self.policy = policy
@@ -144,4 +141,4 @@ class ExpertCache:
         assert len(self.slot_of) <= self.num_slots
 
 
-__all__ = ["SlotPool", "ExpertCache", "SlotHandle", "StaleSlotError", "POLICIES", "ALL_SCHEMES", "Key"]
+__all__ = ["SlotPool", "ExpertCache", "SlotHandle", "StaleSlotError", "POLICIES", "Key"]
