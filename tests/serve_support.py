@@ -3,6 +3,7 @@ loopback port, the `openai` client fixtures, and small waiting / checking helper
 from __future__ import annotations
 
 import json
+import socket
 import threading
 import time
 from pathlib import Path
@@ -127,3 +128,53 @@ def wait_for(pred, what: str, timeout: float = 20.0) -> None:
     while not pred():
         assert time.monotonic() < deadline, what
         time.sleep(0.05)
+
+
+class RawHTTP:
+    """One HTTP/1.1 keep-alive connection over a plain socket, for what clients do not send: a
+    Content-Length with no body behind it, chunked bodies cut short, escapes httpx would not write;
+    and to see that the same connection serves the next request."""
+
+    def __init__(self, port: int, timeout: float = 30.0):
+        self.sock = socket.create_connection(("127.0.0.1", port), timeout=timeout)
+        self.buf = b""
+
+    def close(self) -> None:
+        self.sock.close()
+
+    def head(self, path: str, *, length: int | None = None, chunked: bool = False) -> None:
+        lines = [f"POST {path} HTTP/1.1", "Host: 127.0.0.1", f"Authorization: Bearer {KEY}",
+                 "Content-Type: application/json"]
+        lines.append("Transfer-Encoding: chunked" if chunked else f"Content-Length: {length}")
+        self.sock.sendall(("\r\n".join(lines) + "\r\n\r\n").encode())
+
+    def post(self, path: str, body: bytes) -> tuple[int, dict[str, str], bytes]:
+        self.head(path, length=len(body))
+        self.sock.sendall(body)
+        return self.response()
+
+    def response(self) -> tuple[int, dict[str, str], bytes]:
+        """(status, headers with lower-case names, body) of the next response (Content-Length framed)."""
+        while b"\r\n\r\n" not in self.buf:
+            self._fill()
+        head, self.buf = self.buf.split(b"\r\n\r\n", 1)
+        status_line, *lines = head.decode("latin-1").split("\r\n")
+        headers = {k.strip().lower(): v.strip() for k, v in (line.split(":", 1) for line in lines)}
+        n = int(headers["content-length"])
+        while len(self.buf) < n:
+            self._fill()
+        body, self.buf = self.buf[:n], self.buf[n:]
+        return int(status_line.split()[1]), headers, body
+
+    def at_eof(self) -> bool:
+        """True when the server has closed the connection (within the socket's timeout)."""
+        try:
+            return self.sock.recv(1) == b""
+        except ConnectionResetError:
+            return True
+
+    def _fill(self) -> None:
+        data = self.sock.recv(65536)
+        if not data:
+            raise ConnectionError("the server closed the connection")
+        self.buf += data

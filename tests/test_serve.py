@@ -14,8 +14,9 @@ import pytest
 
 from moe_runtime.core.cli import main as moe_main
 from moe_runtime.offload.serve.metrics import parse_prometheus
-from tests.serve_support import (CTX, NAME, assert_error, ckpt, client, completion, generate_tokens,  # noqa: F401
-                                 post, srv)
+from moe_runtime.offload.serve.app import MAX_BODY_BYTES
+from tests.serve_support import (CTX, NAME, RawHTTP, assert_error, ckpt, client, completion,  # noqa: F401
+                                 generate_tokens, post, srv)
 
 
 # ---------------------------------------------------------------- happy paths
@@ -107,6 +108,16 @@ ERRORS = [
     ("temperature out of range", {"prompt": "a", "temperature": 9}, 400, None),
     ("missing prompt", {}, 400, None),
     ("empty prompt", {"prompt": ""}, 400, None),
+    # types are strict, as the OpenAI API's are: no coercion from strings, bools or floats
+    ("max_tokens as a string", {"prompt": "a", "max_tokens": "5"}, 400, None),
+    ("max_tokens as a bool", {"prompt": "a", "max_tokens": True}, 400, None),
+    ("max_tokens as a float", {"prompt": "a", "max_tokens": 2.0}, 400, None),
+    ("stream as a string", {"prompt": "a", "stream": "yes"}, 400, None),
+    ("prompt of bools", {"prompt": [True, False]}, 400, None),
+    ("seed as a string", {"prompt": "a", "seed": "7"}, 400, None),
+    ("temperature as a bool", {"prompt": "a", "temperature": True}, 400, None),
+    ("repetition_penalty Infinity", {"prompt": "a", "repetition_penalty": float("inf")}, 400, None),
+    ("top_p NaN", {"prompt": "a", "top_p": float("nan")}, 400, None),
 ]
 CHAT_ERRORS = [
     ("tools", {"tools": [{"type": "function", "function": {"name": "f"}}]}, 400, "unsupported_parameter"),
@@ -114,6 +125,8 @@ CHAT_ERRORS = [
     ("image content", {"messages": [{"role": "user", "content": [{"type": "image_url"}]}]}, 400,
      "unsupported_parameter"),
     ("unknown role", {"messages": [{"role": "wizard", "content": "a"}]}, 400, None),
+    ("content as a number", {"messages": [{"role": "user", "content": 5}]}, 400, None),
+    ("max_completion_tokens as a string", {"max_completion_tokens": "5"}, 400, None),
     ("chat max_tokens past the context", {"max_tokens": CTX}, 400, "context_length_exceeded"),
 ]
 
@@ -138,6 +151,86 @@ def test_malformed_bodies(srv, client, raw):
     assert completion(client, "ok", 2).usage.completion_tokens == 2
 
 
+def test_strict_types_name_the_field_and_what_it_takes(srv):
+    r = post(srv, "completions", json.dumps({"model": NAME, "prompt": "a", "max_tokens": "5"}).encode())
+    assert_error(r, 400, None, "max_tokens as a string")
+    assert r.json()["error"]["param"] == "max_tokens" and 'got "5"' in r.json()["error"]["message"]
+    r = post(srv, "completions", json.dumps({"model": NAME, "prompt": [True, False]}).encode())
+    assert r.json()["error"]["param"] == "prompt" and "expected str or list[int]" in r.json()["error"]["message"]
+    # 1e999 is valid JSON that Python reads as inf; NaN / Infinity are not JSON at all
+    for raw in (b'"repetition_penalty": 1e999', b'"repetition_penalty": Infinity', b'"top_p": NaN'):
+        body = b'{"model": "%s", "prompt": "a", %s}' % (NAME.encode(), raw)
+        assert_error(post(srv, "completions", body), 400, None, raw.decode())
+
+
+# ---------------------------------------------------------------- bodies a client would not send
+LONE_SURROGATE = [
+    ("completions", b'{"model": "%s", "prompt": "ab\\ud800cd", "max_tokens": 2}', "prompt"),
+    ("chat/completions", b'{"model": "%s", "messages": [{"role": "user", "content": "ab\\udc00"}]}',
+     "messages.0.content"),
+    ("chat/completions", b'{"model": "%s", "messages": [{"role": "user", "content": [{"type": "text", '
+                         b'"text": "\\ud83d"}]}]}', "messages.0.content.0.text"),
+    ("completions", b'{"model": "%s\\udfff", "prompt": "a"}', "model"),
+]
+
+
+@pytest.mark.parametrize("path,template,param", LONE_SURROGATE, ids=[p for _, _, p in LONE_SURROGATE])
+def test_lone_surrogate_is_a_400_and_the_connection_serves_the_next_request(srv, path, template, param):
+    conn = RawHTTP(srv.port)
+    try:
+        status, _, body = conn.post(f"/v1/{path}", template % NAME.encode())
+        err = json.loads(body)["error"]
+        assert status == 400 and err["param"] == param and "surrogate" in err["message"], (status, body)
+        ok = json.dumps({"model": NAME, "prompt": "ab\U0001f600", "max_tokens": 2}).encode()  # a surrogate pair is fine
+        status, _, body = conn.post("/v1/completions", ok)
+        assert status == 200 and json.loads(body)["usage"]["completion_tokens"] == 2, (status, body)
+    finally:
+        conn.close()
+
+
+@pytest.mark.parametrize("depth", [100_000, 200])
+def test_deeply_nested_json_is_a_400_and_the_connection_serves_the_next_request(srv, depth):
+    conn = RawHTTP(srv.port)
+    try:
+        deep = b'{"model": "%s", "prompt": "a", "user": %s%s}' % (NAME.encode(), b"[" * depth, b"]" * depth)
+        status, _, body = conn.post("/v1/completions", deep)
+        assert status == 400 and "nests too deeply" in json.loads(body)["error"]["message"], (status, body[:200])
+        status, _, body = conn.post("/v1/completions", json.dumps({"model": NAME, "prompt": "a", "max_tokens": 2}).encode())
+        assert status == 200, (status, body)
+    finally:
+        conn.close()
+
+
+def test_a_declared_body_over_the_limit_is_refused_before_it_is_read(srv):
+    conn = RawHTTP(srv.port, timeout=10)
+    try:
+        conn.head("/v1/completions", length=256 * 2**20)  # 256 MiB announced; only 64 KiB ever sent
+        conn.sock.sendall(b"{" + b" " * 65535)
+        status, headers, body = conn.response()
+        assert status == 413 and json.loads(body)["error"]["code"] == "request_too_large", (status, body)
+        assert headers.get("connection") == "close" and conn.at_eof()
+    finally:
+        conn.close()
+    assert post(srv, "completions", json.dumps({"model": NAME, "prompt": "a", "max_tokens": 2}).encode()).status_code == 200
+
+
+def test_a_chunked_body_is_refused_when_it_passes_the_limit(srv):
+    conn = RawHTTP(srv.port, timeout=10)
+    piece = 2**16
+    try:
+        conn.head("/v1/completions", chunked=True)
+        for _ in range(MAX_BODY_BYTES // piece):  # exactly the limit: still read
+            conn.sock.sendall(b"%x\r\n%s\r\n" % (piece, b" " * piece))
+        conn.sock.sendall(b"1\r\n ")  # one byte more, and then nothing: no terminating chunk follows
+        status, headers, body = conn.response()
+        assert status == 413 and json.loads(body)["error"]["code"] == "request_too_large", (status, body)
+        assert headers.get("connection") == "close" and conn.at_eof()
+    finally:
+        conn.close()
+    big = b'{"model": "%s", "prompt": "a", "max_tokens": 2, "user": "%s"}' % (NAME.encode(), b"u" * (MAX_BODY_BYTES - 100))
+    assert post(srv, "completions", big).status_code == 200  # just under the limit: served
+
+
 def test_openai_client_raises_on_unknown_model(client):
     with pytest.raises(openai.NotFoundError, match="does not exist"):
         client.completions.create(model="gpt-4", prompt="a", max_tokens=2)
@@ -147,14 +240,22 @@ def test_openai_client_raises_on_unknown_model(client):
 
 
 
-def test_unexpected_errors_are_500_json(srv, client):
+def test_unexpected_errors_are_500_json_and_keep_the_connection(srv, client):
     real = srv.ctx.render_chat
     srv.ctx.render_chat = lambda messages: 1 / 0
+    conn = RawHTTP(srv.port)
+    chat = json.dumps({"model": NAME, "messages": [{"role": "user", "content": "a"}], "max_tokens": 2}).encode()
     try:
         with pytest.raises(openai.InternalServerError, match="ZeroDivisionError"):
             client.chat.completions.create(model=NAME, messages=[{"role": "user", "content": "a"}], max_tokens=2)
+        status, _, body = conn.post("/v1/chat/completions", chat)
+        assert status == 500 and json.loads(body)["error"]["type"] == "server_error"
     finally:
         srv.ctx.render_chat = real
+    try:
+        assert conn.post("/v1/chat/completions", chat)[0] == 200  # the same keep-alive connection
+    finally:
+        conn.close()
     r = httpx.get(f"{srv.url}/nowhere")
     assert r.status_code == 404 and r.json()["error"]["code"] == "not_found"
     assert client.chat.completions.create(model=NAME, messages=[{"role": "user", "content": "a"}],

@@ -8,6 +8,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -58,6 +59,67 @@ def test_disconnect_while_waiting_for_a_whole_answer_frees_the_slot(srv):
         srv.ctx.scheduler.batch.step = real
 
 
+def test_a_client_that_left_is_counted_499_not_as_a_server_error(srv):
+    real = slow_steps(srv.ctx, 0.05)
+    key = 'moe_serve_requests_total{endpoint="/v1/completions",status="%d"}'
+    try:
+        before = srv.metrics()
+        body = {"model": NAME, "prompt": "import", "max_tokens": 100, "temperature": 0}
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(f"{srv.url}/v1/completions", json=body, headers={"Authorization": f"Bearer {KEY}"},
+                       timeout=httpx.Timeout(10, read=0.5))
+        wait_for(lambda: srv.metrics().get(key % 499, 0) == before.get(key % 499, 0) + 1,
+                 f"the abandoned request was not counted as 499: {srv.metrics()}")
+        assert srv.metrics().get(key % 503, 0) == before.get(key % 503, 0)
+    finally:
+        srv.ctx.scheduler.batch.step = real
+
+
+def test_queued_requests_whose_clients_left_give_up_their_place(ckpt):
+    """--max-batch 1 --max-queue 2: one long request runs, two clients queue and give up (one on
+    a stream, one waiting for a whole answer): the queue empties, and a live client is queued,
+    not refused with 429."""
+    s = ThreadServer(ckpt, "--max-batch", "1", "--max-queue", "2")
+    slow_steps(s.ctx, 0.1)  # the first request would take 12 s: its client leaves long before
+    health = lambda: httpx.get(f"{s.url}/health").json()  # noqa: E731
+    body = {"model": NAME, "prompt": "abc", "max_tokens": 120, "temperature": 0}
+    try:
+        with httpx.stream("POST", f"{s.url}/v1/completions", json={**body, "stream": True}, timeout=30) as first:
+            lines = first.iter_lines()
+            next(lines)
+            gave_up: list[type] = []
+
+            def impatient() -> None:  # waits for a whole answer, gives up after 1 s
+                try:
+                    httpx.post(f"{s.url}/v1/completions", json=body, timeout=httpx.Timeout(10, read=1.0))
+                except httpx.ReadTimeout as e:
+                    gave_up.append(type(e))
+
+            with httpx.stream("POST", f"{s.url}/v1/completions", json={**body, "stream": True}, timeout=30) as r:
+                assert r.status_code == 200  # a stream's headers come at once; it waits in the queue
+                other = threading.Thread(target=impatient)
+                other.start()
+                wait_for(lambda: health()["queued"] == 2, "the two requests did not queue")
+            other.join(30)  # both clients have gone now
+            assert gave_up == [httpx.ReadTimeout]
+            wait_for(lambda: health()["queued"] == 0, f"requests whose clients left kept their place: {health()}",
+                     timeout=5.0)  # well before the first request ends by itself (120 steps of 0.1 s)
+            live: list[httpx.Response] = []
+            t = threading.Thread(target=lambda: live.append(
+                httpx.post(f"{s.url}/v1/completions", json={**body, "max_tokens": 2}, timeout=30)))
+            t.start()
+            wait_for(lambda: health()["queued"] == 1, "the live request did not queue")
+            assert health()["running"] == 1
+        t.join(30)  # the long stream's client left too: its row is freed, the live request runs
+        assert live and live[0].status_code == 200 and live[0].json()["usage"]["completion_tokens"] == 2
+        m = s.metrics()
+        assert m['moe_serve_finished_total{reason="cancelled"}'] == 3
+        assert m['moe_serve_requests_total{endpoint="/v1/completions",status="499"}'] == 1
+        assert 'moe_serve_requests_total{endpoint="/v1/completions",status="429"}' not in m
+    finally:
+        s.stop()
+
+
 def test_shutdown_cancels_running_requests_within_the_bound(ckpt):
     s = ThreadServer(ckpt, "--max-batch", "2")
     slow_steps(s.ctx, 0.05)
@@ -79,6 +141,51 @@ def test_shutdown_cancels_running_requests_within_the_bound(ckpt):
     assert time.monotonic() - t0 < 5
     assert got[-1] == "data: [DONE]" and "shutting down" in got[-2], got[-3:]
     assert not s.thread.is_alive()
+
+
+def test_sigterm_keeps_listening_with_503_while_draining_and_a_second_signal_cancels(ckpt):
+    s = ThreadServer(ckpt, "--max-batch", "2")
+    slow_steps(s.ctx, 0.05)
+    got: list[str] = []
+
+    def stream() -> None:
+        body = {"model": NAME, "prompt": "abc", "max_tokens": 100, "temperature": 0, "stream": True}
+        with httpx.stream("POST", f"{s.url}/v1/completions", json=body, timeout=30) as r:
+            got.extend(l for l in r.iter_lines() if l)
+
+    t = threading.Thread(target=stream)
+    t.start()
+    try:
+        wait_for(lambda: s.ctx.scheduler.running == 1, "the request did not start")
+        s.server.handle_exit(signal.SIGTERM, None)  # what uvicorn's signal handler calls
+        r = httpx.get(f"{s.url}/health", timeout=5)  # a new connection: the listener is still open
+        assert r.status_code == 503 and r.json()["status"] == "shutting down"
+        r = httpx.post(f"{s.url}/v1/completions", json={"model": NAME, "prompt": "a", "max_tokens": 2}, timeout=5)
+        assert_error(r, 503, None, "a request while draining")
+        assert t.is_alive() and s.ctx.scheduler.running == 1, "the running request did not keep running"
+        t0 = time.monotonic()
+        s.server.handle_exit(signal.SIGTERM, None)  # the second signal: cancel now
+        t.join(10)
+        s.thread.join(10)
+        assert time.monotonic() - t0 < 5 and not s.thread.is_alive()
+        assert got[-1] == "data: [DONE]" and "shutting down" in got[-2], got[-3:]
+        with pytest.raises(httpx.ConnectError):
+            httpx.get(f"{s.url}/health", timeout=5)
+    finally:
+        s.stop()
+
+
+def test_serve_on_a_port_in_use_fails_before_loading_the_model(ckpt, capsys, monkeypatch):
+    import moe_runtime.offload.serve.server as server_module
+    monkeypatch.setattr(server_module, "build_context", lambda args: pytest.fail("loaded the model first"))
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        assert moe_main(["serve", "--checkpoint", str(ckpt), "--gpu-expert-slots", "4", "--port", str(port)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"moe serve: error: cannot listen on 127.0.0.1:{port}: "), err
+    assert "in use" in err[0] and "--port" in err[0], err
 
 
 def test_cli_serve_and_sigterm_finishes_running_stream(ckpt):
@@ -193,6 +300,10 @@ def test_cli_registration_defaults_and_argument_errors(ckpt, capsys, monkeypatch
     monkeypatch.setattr(cli, "declared_entry_points", lambda group: {**declared(group), "ghost": "no_such_pkg.cli:register"})
     help_text = build_parser().format_help()
     assert "serve" in help_text and "ghost" not in help_text
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["serve", "--help"])
+    serve_help = " ".join(capsys.readouterr().out.split())
+    assert "tokenizer.json when it has one" in serve_help and "with tokenizer.json" not in serve_help  # optional
     args = build_parser().parse_args(["serve", "--checkpoint", str(ckpt), "--gpu-expert-slots", "4"])
     assert (args.host, args.port, args.api_key is None or "MOE_SERVE_API_KEY" in os.environ) == ("127.0.0.1", 8000, True)
     for flag, value, msg in (("--max-batch", "0", "--max-batch=0 must be >= 1"),

@@ -8,21 +8,29 @@
 
 Each request becomes a scheduler Request whose `emit` callback puts Chunks on an asyncio queue of
 the event loop (call_soon_threadsafe: the scheduler is another thread). A client that goes away
-(stream closed, or a non-streamed request disconnected) cancels its request; the scheduler frees
-the row at its next step.
+(stream closed, or a non-streamed request disconnected) cancels its request: a queued one leaves
+the queue at once, a running one frees its row at the next step; it is counted as status 499.
+
+Bodies are read with a bound: a Content-Length over MAX_BODY_BYTES is refused before a byte is
+read, a chunked body is refused as soon as it passes the limit (both 413, connection closed).
+The JSON must be plain JSON (no NaN/Infinity), at most MAX_JSON_DEPTH deep, and its strings valid
+Unicode (no lone UTF-16 surrogates from \\ud800-style escapes): otherwise 400, the connection kept.
 """
 from __future__ import annotations
 
 import asyncio
 import hmac
 import json
+import logging
 import os
+import re
 from dataclasses import dataclass
 from typing import Any, AsyncIterator, Callable
 
 from fastapi import FastAPI, Request as HTTPRequest
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from moe_runtime.offload.serve import protocol as P
 from moe_runtime.core.generation import SamplingParams
@@ -31,6 +39,12 @@ from moe_runtime.offload.serve.scheduler import Chunk, Request, Scheduler
 from moe_runtime.offload.serve.text import TokenizerAdapter
 
 MAX_BODY_BYTES = 4 * 2**20
+MAX_JSON_DEPTH = 64
+"""Nesting depth allowed in a request body (OpenAI requests nest about 5 deep)."""
+CLIENT_CLOSED = 499
+"""The status a request whose client went away is counted under (nginx's "client closed request")."""
+_SURROGATE = re.compile("[\ud800-\udfff]")
+_log = logging.getLogger("uvicorn.error")
 
 
 @dataclass(kw_only=True)
@@ -56,7 +70,7 @@ def create_app(ctx: ServeContext) -> FastAPI:
 
     @app.exception_handler(P.OpenAIError)
     async def _openai_error(request: HTTPRequest, e: P.OpenAIError) -> JSONResponse:
-        return JSONResponse(e.body(), status_code=e.status)
+        return JSONResponse(e.body(), status_code=e.status, headers=e.headers)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: HTTPRequest, e: StarletteHTTPException) -> JSONResponse:
@@ -130,15 +144,23 @@ class _Gate:
                 err = P.OpenAIError(401, "missing or wrong API key: send the header 'Authorization: Bearer KEY'",
                                     code="invalid_api_key")
                 return await JSONResponse(err.body(), status_code=401)(scope, receive, send)
-        status = [500]
+        status, started = [500], [False]
 
         async def send_counted(message) -> None:
             if message["type"] == "http.response.start":
-                status[0] = message["status"]
+                status[0], started[0] = message["status"], True
             await send(message)
 
         try:
             await self.app(scope, receive, send_counted)
+        except Exception as e:
+            if started[0]:  # mid-response: nothing to answer with, uvicorn closes the connection
+                raise
+            # Answered here, not by Starlette's ServerErrorMiddleware, which re-raises after its
+            # answer, so uvicorn would close a keep-alive connection for any 500.
+            _log.exception("moe serve: unexpected error on %s %s", scope["method"], path)
+            err = P.OpenAIError(500, f"internal error: {type(e).__name__}: {e}", type="server_error")
+            await JSONResponse(err.body(), status_code=500)(scope, receive, send_counted)
         finally:
             ctx.metrics.request(endpoint, status[0])
 
@@ -155,13 +177,68 @@ def _check_model(ctx: ServeContext, name: str) -> None:
 
 
 async def _json_body(request: HTTPRequest) -> Any:
-    raw = await request.body()
-    if len(raw) > MAX_BODY_BYTES:
-        raise P.OpenAIError(413, f"request body of {len(raw)} bytes is over the {MAX_BODY_BYTES}-byte limit")
+    """The request's JSON, read within MAX_BODY_BYTES and checked by _check_json."""
+    raw = await _read_body(request)
     try:
-        return json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        body = json.loads(raw, parse_constant=_no_constant)
+    except RecursionError:
+        raise P.OpenAIError(400, f"the request body nests too deeply (at most {MAX_JSON_DEPTH} levels)") from None
+    except (ValueError, UnicodeDecodeError) as e:  # JSONDecodeError is a ValueError
         raise P.OpenAIError(400, f"the request body is not valid JSON ({e}); send a JSON object") from None
+    _check_json(body)
+    return body
+
+
+async def _read_body(request: HTTPRequest) -> bytes:
+    """The body, or a 413 (with Connection: close, so the rest is never read) as soon as it is over
+    MAX_BODY_BYTES: from Content-Length before reading, else (chunked) at the chunk that passes it."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > MAX_BODY_BYTES:
+        raise _too_large(f"a declared Content-Length of {int(declared)} bytes")
+    body = bytearray()
+    try:
+        async for chunk in request.stream():
+            body += chunk
+            if len(body) > MAX_BODY_BYTES:
+                raise _too_large(f"at least {len(body)} bytes")
+    except ClientDisconnect:
+        raise P.OpenAIError(CLIENT_CLOSED, "the client closed the connection while sending the body") from None
+    return bytes(body)
+
+
+def _too_large(what: str) -> P.OpenAIError:
+    return P.OpenAIError(413, f"request body of {what} is over the {MAX_BODY_BYTES}-byte limit; send a shorter "
+                              f"prompt", code="request_too_large", headers={"Connection": "close"})
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def _check_json(body: Any) -> None:
+    """400 for a body nested over MAX_JSON_DEPTH or holding a lone UTF-16 surrogate (a "\\ud800"
+    escape without its pair: valid JSON, but not text that can be encoded, tokenized or echoed)."""
+    stack: list[tuple[Any, tuple]] = [(body, ())]
+    while stack:
+        x, path = stack.pop()
+        if len(path) > MAX_JSON_DEPTH:
+            raise P.OpenAIError(400, f"the request body nests too deeply (at most {MAX_JSON_DEPTH} levels)")
+        if isinstance(x, dict):
+            for k, v in x.items():
+                _check_text(k, path)
+                stack.append((v, path + (k,)))
+        elif isinstance(x, list):
+            stack.extend((v, path + (i,)) for i, v in enumerate(x) if isinstance(v, (dict, list, str)))
+        elif isinstance(x, str):
+            _check_text(x, path)
+
+
+def _check_text(s: str, path: tuple) -> None:
+    if (m := _SURROGATE.search(s)) is not None:
+        where = ".".join(map(str, path)) or None
+        raise P.OpenAIError(400, f"{where or 'a key'} holds a lone UTF-16 surrogate (\\u{ord(m.group()):04x}) "
+                                 f"at character {m.start()}, which is not valid Unicode; send UTF-8 text "
+                                 f"(an escaped surrogate needs its pair)", param=where)
 
 
 def _prompt_ids(ctx: ServeContext, prompt: Any) -> list[int]:
@@ -246,9 +323,11 @@ def _emitter(loop: asyncio.AbstractEventLoop, queue: asyncio.Queue):
 
 async def _collect(ctx: ServeContext, http: HTTPRequest, sreq: Request, queue: asyncio.Queue
                    ) -> tuple[str, list[int], str]:
-    """Wait for the whole answer; a client that disconnects meanwhile cancels it."""
+    """Wait for the whole answer; a client that disconnects meanwhile cancels it (queued or running),
+    and the request is counted as CLIENT_CLOSED, not as a server error."""
     text, toks = [], []
-    watcher = asyncio.create_task(_cancel_on_disconnect(ctx, http, sreq))
+    gone = asyncio.Event()
+    watcher = asyncio.create_task(_cancel_on_disconnect(ctx, http, sreq, gone))
     try:
         while True:
             c = await queue.get()
@@ -259,13 +338,17 @@ async def _collect(ctx: ServeContext, http: HTTPRequest, sreq: Request, queue: a
     finally:
         watcher.cancel()
         ctx.scheduler.cancel(sreq)  # no-op when finished; frees the row when this task was cancelled
+    if c.finish == "cancelled" and gone.is_set():
+        raise P.OpenAIError(CLIENT_CLOSED, "the client closed the connection before the answer was ready")
     _raise_unfinished(c)
     return "".join(text), toks, c.finish
 
 
-async def _cancel_on_disconnect(ctx: ServeContext, http: HTTPRequest, sreq: Request) -> None:
-    while not await http.is_disconnected():
-        await asyncio.sleep(0.25)
+async def _cancel_on_disconnect(ctx: ServeContext, http: HTTPRequest, sreq: Request, gone: asyncio.Event) -> None:
+    """Wait for the client to go away (the body is read: the next ASGI message is the disconnect)."""
+    while (await http.receive())["type"] != "http.disconnect":
+        pass
+    gone.set()
     ctx.scheduler.cancel(sreq)
 
 

@@ -2,11 +2,15 @@
 
 Requests are parsed strictly: a field the OpenAI API has and we do not implement (n > 1, logprobs,
 tools, penalties other than 0, ...) is refused with a 400 that names it, and so is a field the API
-does not have. `top_k`, `repetition_penalty` and `return_token_ids` are extensions (vLLM's names).
+does not have. Types are strict as the API's are (pydantic strict mode): an integer is a JSON
+integer (not "5", true or 2.0), a boolean is true/false (not "yes"), a number is finite. `top_k`, `repetition_penalty` and `return_token_ids` are extensions (vLLM's names).
 Every error body is {"error": {"message", "type", "param", "code"}}, as the official clients expect.
 """
 from __future__ import annotations
 
+import json
+import math
+import re
 import time
 import uuid
 from typing import Any, Literal
@@ -18,23 +22,27 @@ class OpenAIError(Exception):
     """An error the server answers with an OpenAI-style body and an HTTP status."""
 
     def __init__(self, status: int, message: str, *, type: str = "invalid_request_error",
-                 param: str | None = None, code: str | None = None):
+                 param: str | None = None, code: str | None = None, headers: dict[str, str] | None = None):
         super().__init__(message)
         self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
+        self.headers = headers
 
     def body(self) -> dict[str, Any]:
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
 
 
+STRICT = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
+
+
 class StreamOptions(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = STRICT
     include_usage: bool = False
 
 
 class _Sampling(BaseModel):
     """Fields both endpoints share. None means the OpenAI default."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = STRICT
     model: str
     max_tokens: int | None = Field(default=None, ge=1)
     temperature: float = Field(default=1.0, ge=0.0, le=2.0)
@@ -93,7 +101,7 @@ class CompletionRequest(_Sampling):
 
 
 class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = STRICT
     role: Literal["system", "developer", "user", "assistant"]
     content: str | list[dict[str, Any]]
     name: str | None = None
@@ -145,16 +153,40 @@ def parse_request(cls: type[_Sampling], body: Any) -> _Sampling:
     try:
         req = cls.model_validate(body)
     except ValidationError as e:
-        err = e.errors()[0]
-        param = ".".join(str(p) for p in err["loc"]) or None
+        errors = e.errors()
+        err = errors[0]
+        param, tag = _where(err["loc"])
         if err["type"] == "extra_forbidden":
             raise OpenAIError(400, f"Unrecognized request argument supplied: {param}", param=param,
                               code="unsupported_parameter") from None
         if err["type"] == "missing":
             raise OpenAIError(400, f"you must provide the '{param}' parameter", param=param) from None
-        raise OpenAIError(400, f"invalid value for '{param}': {err['msg']}", param=param) from None
+        if tag:  # a union: each member's error is tagged with its type; name what is accepted
+            tags = dict.fromkeys(t for t in (_where(x["loc"])[1] for x in errors if _where(x["loc"])[0] == param) if t)
+            raise OpenAIError(400, f"invalid value for '{param}': expected {' or '.join(tags)}", param=param) from None
+        raise OpenAIError(400, f"invalid value for '{param}': {err['msg']}, got {_shown(err.get('input'))}",
+                          param=param) from None
     req.check_unsupported()
     return req
+
+
+def _shown(value: Any) -> str:
+    text = json.dumps(value, default=str) if not isinstance(value, float) or math.isfinite(value) else repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+_TYPE_TAG = re.compile(r"str|int|float|bool|list\[.*\]|dict\[.*\]")
+
+
+def _where(loc: tuple) -> tuple[str | None, str | None]:
+    """(the field path of a pydantic error location, the union member it was tried as): pydantic
+    puts the member's type into the location, ('prompt', 'list[int]', 0) -> ('prompt', 'list[int]')."""
+    path = []
+    for p in loc:
+        if isinstance(p, str) and _TYPE_TAG.fullmatch(p):
+            return ".".join(path) or None, p
+        path.append(str(p))
+    return ".".join(path) or None, None
 
 
 # ---------------------------------------------------------------- responses

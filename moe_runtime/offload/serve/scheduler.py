@@ -5,8 +5,8 @@ batch at the next step while it has a free row: the newcomer's prompt is prefill
 KV-cache row of a core.generation.DecodeBatch, then every step is ONE forward pass that decodes a
 token for each running sequence, so the expert cache (and its cache/stream regime switch) sees
 the real batch. Each sequence stops on its own (EOS / stop token, stop string, max_tokens: the
-DecodeBatch's rules); a cancelled request (client gone, shutdown) leaves the batch at the next
-step. Results go back to the event loop through each request's `emit` callback.
+DecodeBatch's rules); a cancelled request (client gone, shutdown) leaves the queue at once, or
+the batch at the next step. Results go back to the event loop through each request's `emit` callback.
 
 Step of the loop: 1. take cancellations, 2. admit queued requests into free rows (prefill),
 3. one decode step for all rows, 4. hand out text deltas and finished answers.
@@ -34,8 +34,10 @@ class Chunk:
     error: str | None = None
 
 
-@dataclass(kw_only=True)
+@dataclass(kw_only=True, eq=False)
 class Request:
+    """One generation; compared by identity (the queue removes exactly this one on cancel)."""
+
     prompt_ids: list[int]
     params: SamplingParams
     emit: Callable[[Chunk], None]
@@ -73,9 +75,17 @@ class Scheduler:
         return True
 
     def cancel(self, req: Request) -> None:
+        """Cancel `req`: a queued request leaves the queue now (and gets its "cancelled" chunk),
+        a running one leaves the batch at the next step; a finished one is left alone."""
         req.cancelled.set()
         with self._cv:
-            self._cv.notify()
+            try:
+                self._pending.remove(req)
+            except ValueError:  # not queued: running (the thread drops it), admitting, or finished
+                self._cv.notify()
+                return
+            self.metrics.set_queue(len(self._pending), len(self._active))
+        self._finish(req, "cancelled", registered=False)
 
     def stop_accepting(self) -> None:
         """New submissions are refused from now on; queued and running requests carry on."""

@@ -3,16 +3,21 @@
     moe serve --checkpoint runs/tiny --gpu-expert-slots 8
     moe serve --hf path/to/qwen3-moe --gpu-expert-gib 20 --max-batch 16 --api-key "$KEY" --port 8000
 
-Shutdown (SIGTERM or Ctrl-C): the listener closes, /health turns 503 and new requests get 503,
-running requests may finish for --shutdown-timeout seconds, then whatever still runs is cancelled
-(streams end with an error event) and the process exits.
+The port is bound before the model loads, so a port in use is one error line (exit 2) at once.
+
+Shutdown (SIGTERM or Ctrl-C): /health turns 503 and new requests get 503 while the server keeps
+listening; running (and queued) requests may finish for --shutdown-timeout seconds, then whatever
+still runs is cancelled (streams end with an error event); then the listener closes and the
+process exits 0. A second signal cancels what still runs at once.
 """
 from __future__ import annotations
 
 import argparse
 import asyncio
 import contextlib
+import errno
 import json
+import socket
 import threading
 import time
 from pathlib import Path
@@ -70,6 +75,23 @@ def _check_args(args: argparse.Namespace) -> None:
         raise ValueError(f"--shutdown-timeout={args.shutdown_timeout} must be >= 0")
 
 
+def listen_socket(host: str, port: int) -> socket.socket:
+    """A TCP socket bound to (host, port), as uvicorn binds it, for uvicorn to listen on: taken
+    before the model loads, so a busy port fails at once and no one can take it meanwhile."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as e:
+        sock.close()
+        fix = ("another process is listening there: stop it or choose another --port"
+               if e.errno == errno.EADDRINUSE else "choose another --host or --port")
+        raise OSError(f"cannot listen on {host}:{port}: {e.strerror or e}; {fix}") from None
+    sock.set_inheritable(True)
+    return sock
+
+
 def make_server(ctx: ServeContext, *, host: str, port: int, shutdown_timeout: float, log_level: str = "warning"):
     """A uvicorn.Server for `ctx`; run it with .run() (main thread, signals) or serve() in a thread."""
     @contextlib.asynccontextmanager
@@ -88,10 +110,12 @@ def make_server(ctx: ServeContext, *, host: str, port: int, shutdown_timeout: fl
 
 class _Server(uvicorn.Server):
     """uvicorn.Server with the shutdown of the module docstring. On the first SIGTERM/SIGINT:
-    /health and new requests answer 503, the scheduler drains for `shutdown_timeout` s in a helper
-    thread and then cancels what still runs (streams end with an error event and [DONE]);
-    uvicorn's own connection timeout is 2 s later, a backstop. The signal is not re-raised after
-    the graceful shutdown (uvicorn's default), so the process exits 0 and prints its summary."""
+    /health and new requests answer 503 (the listener stays open, so a load balancer's health
+    check sees it), the scheduler drains for `shutdown_timeout` s in a helper thread and then
+    cancels what still runs (streams end with an error event and [DONE]); only then does uvicorn
+    close the listener and its connections (its own connection timeout, 2 s later, is a backstop).
+    A second signal cancels at once. The signal is not re-raised after the graceful shutdown
+    (uvicorn's default), so the process exits 0 and prints its summary."""
 
     def __init__(self, config: uvicorn.Config, ctx: ServeContext, shutdown_timeout: float):
         super().__init__(config)
@@ -109,16 +133,27 @@ class _Server(uvicorn.Server):
         if not self.ctx.closing:
             self.ctx.closing = True
             self.ctx.scheduler.stop_accepting()
-            threading.Thread(target=self.ctx.scheduler.close, args=(self.shutdown_timeout,), daemon=True).start()
+            threading.Thread(target=self._drain_then_exit, daemon=True).start()
+            return
+        threading.Thread(target=self.ctx.scheduler.close, args=(0.0,), daemon=True).start()
         super().handle_exit(sig, frame)
         self._captured_signals.clear()
 
+    def _drain_then_exit(self) -> None:
+        self.ctx.scheduler.close(self.shutdown_timeout)
+        self.should_exit = True  # uvicorn's main loop looks every 0.1 s
+
 
 def run_serve(args: argparse.Namespace) -> int:
-    ctx = build_context(args)
-    server = make_server(ctx, host=args.host, port=args.port, shutdown_timeout=args.shutdown_timeout,
-                         log_level=args.log_level)
-    server.run()
+    _check_args(args)
+    sock = listen_socket(args.host, args.port)
+    try:
+        ctx = build_context(args)
+        server = make_server(ctx, host=args.host, port=args.port, shutdown_timeout=args.shutdown_timeout,
+                             log_level=args.log_level)
+        server.run(sockets=[sock])
+    finally:
+        sock.close()
     print(json.dumps({"event": "stopped", "metrics": _final(ctx)}), flush=True)
     return 0
 
@@ -128,4 +163,4 @@ def _final(ctx: ServeContext) -> dict[str, Any]:
     return {k: s[k] for k in ("prompt_tokens", "completion_tokens", "finish")}
 
 
-__all__ = ["build_context", "make_server", "run_serve"]
+__all__ = ["build_context", "listen_socket", "make_server", "run_serve"]
