@@ -195,7 +195,8 @@ def test_deeply_nested_json_is_a_400_and_the_connection_serves_the_next_request(
         deep = b'{"model": "%s", "prompt": "a", "user": %s%s}' % (NAME.encode(), b"[" * depth, b"]" * depth)
         status, _, body = conn.post("/v1/completions", deep)
         assert status == 400 and "nests too deeply" in json.loads(body)["error"]["message"], (status, body[:200])
-        status, _, body = conn.post("/v1/completions", json.dumps({"model": NAME, "prompt": "a", "max_tokens": 2}).encode())
+        ok = json.dumps({"model": NAME, "prompt": "a", "max_tokens": 2}).encode()
+        status, _, body = conn.post("/v1/completions", ok)
         assert status == 200, (status, body)
     finally:
         conn.close()
@@ -211,7 +212,8 @@ def test_a_declared_body_over_the_limit_is_refused_before_it_is_read(srv):
         assert headers.get("connection") == "close" and conn.at_eof()
     finally:
         conn.close()
-    assert post(srv, "completions", json.dumps({"model": NAME, "prompt": "a", "max_tokens": 2}).encode()).status_code == 200
+    ok = json.dumps({"model": NAME, "prompt": "a", "max_tokens": 2}).encode()
+    assert post(srv, "completions", ok).status_code == 200  # a new connection is served
 
 
 def test_a_chunked_body_is_refused_when_it_passes_the_limit(srv):
@@ -227,7 +229,8 @@ def test_a_chunked_body_is_refused_when_it_passes_the_limit(srv):
         assert headers.get("connection") == "close" and conn.at_eof()
     finally:
         conn.close()
-    big = b'{"model": "%s", "prompt": "a", "max_tokens": 2, "user": "%s"}' % (NAME.encode(), b"u" * (MAX_BODY_BYTES - 100))
+    big = b'{"model": "%s", "prompt": "a", "max_tokens": 2, "user": "%s"}' % (NAME.encode(),
+                                                                           b"u" * (MAX_BODY_BYTES - 100))
     assert post(srv, "completions", big).status_code == 200  # just under the limit: served
 
 

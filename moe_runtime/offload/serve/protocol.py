@@ -3,7 +3,8 @@
 Requests are parsed strictly: a field the OpenAI API has and we do not implement (n > 1, logprobs,
 tools, penalties other than 0, ...) is refused with a 400 that names it, and so is a field the API
 does not have. Types are strict as the API's are (pydantic strict mode): an integer is a JSON
-integer (not "5", true or 2.0), a boolean is true/false (not "yes"), a number is finite. `top_k`, `repetition_penalty` and `return_token_ids` are extensions (vLLM's names).
+integer (not "5", true or 2.0), a boolean is true/false (not "yes"), a number is finite.
+`top_k`, `repetition_penalty` and `return_token_ids` are extensions (vLLM's names).
 Every error body is {"error": {"message", "type", "param", "code"}}, as the official clients expect.
 """
 from __future__ import annotations
