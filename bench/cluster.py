@@ -455,7 +455,8 @@ def alltoall_paper(preset: str = "mixtral-8x7b", gpus: tuple[int, ...] = (8, 16,
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(allow_abbrev=False, description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--paper-only", action="store_true")
     p.add_argument("--from-json", action="store_true", help="re-render cluster_cpu.md from cluster_cpu.json")
     p.add_argument("--presets", nargs="+", default=list(SHAPES))

@@ -12,8 +12,10 @@
 from __future__ import annotations
 
 import argparse
+import difflib
 import json
 import math
+import re
 import signal
 import sys
 from pathlib import Path
@@ -90,6 +92,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     if getattr(args, "workers", 0):  # the options moe_runtime.cluster adds to this command (cluster/cli.py)
         return args.run_workers(run, args)
     out = Path(args.out) if args.out else Path("runs") / run.name
+    from moe_runtime.core.device import resolve_device
+    from moe_runtime.core.footprint import check_fits
+    check_fits(run, resolve_device(run.train.device))  # before the size is printed or anything is built
     counts = param_count(run.model)
     print(f"[moe] {run.name}: {counts['total'] / 1e6:.2f}M parameters, {counts['active'] / 1e6:.2f}M active per "
           f"token; {run.model.moe.num_experts} experts top-{run.model.moe.top_k}; balance "
@@ -223,9 +228,60 @@ def _add_commands(sub) -> None:
             add_options(command)
 
 
+class CommandParser(argparse.ArgumentParser):
+    """The parser of `moe` and of every subcommand (add_parser makes its children of this class):
+    no abbreviations (`--max-step` is a typo, not `--max-steps`); an unknown option is reported by
+    the (sub)command it was given to, before any other error, with the options it resembles; a
+    usage longer than a few lines is shortened to one (`--help` has the rest)."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs["allow_abbrev"] = False
+        super().__init__(*args, **kwargs)
+
+    def parse_known_args(self, args=None, namespace=None):
+        args = list(sys.argv[1:] if args is None else args)
+        unknown = self._unknown_options(args)
+        if unknown:
+            hints = [f"{u} (did you mean {' or '.join(near)}?)" if near else u
+                     for u in unknown for near in [self._nearest(u)]]
+            self.error(f"unrecognized arguments: {', '.join(hints)}")
+        return super().parse_known_args(args, namespace)
+
+    def _unknown_options(self, args: list[str]) -> list[str]:
+        """Option-like words (argparse's own rule: a leading '-', no space, not a negative number)
+        that name no option of this parser, up to '--' or the word that picks a subcommand."""
+        subcommands = {name for a in self._actions if isinstance(a, argparse._SubParsersAction) for name in a.choices}
+        unknown = []
+        for word in args:
+            if word == "--" or word in subcommands:
+                break
+            if not word.startswith("-") or word == "-" or " " in word or re.fullmatch(r"-\d+|-\d*\.\d+", word):
+                continue
+            name = word.split("=", 1)[0] if word.startswith("--") else word
+            if name not in self._option_string_actions:
+                unknown.append(name)
+        return unknown
+
+    def _nearest(self, name: str) -> list[str]:
+        options = sorted(o for o in self._option_string_actions if o.startswith("--"))
+        stem = name.lstrip("-")
+        near = [o for o in options if stem and stem in o] if len(stem) >= 3 else []
+        return (near or difflib.get_close_matches(name, options, n=2, cutoff=0.6))[:3]
+
+    def format_usage(self) -> str:
+        usage = super().format_usage()
+        if usage.count("\n") <= 4:
+            return usage
+        positionals = [f"{a.metavar} ..." if isinstance(a, argparse._SubParsersAction) else (a.metavar or a.dest)
+                       for a in self._actions if not a.option_strings]
+        return f"usage: {' '.join([self.prog, '[options]', *positionals])}  ('{self.prog} --help' lists the options)\n"
+
+    def error(self, message: str):
+        self.exit(2, f"{self.format_usage()}{self.prog}: error: {message}\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="moe", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = CommandParser(prog="moe", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     _add_commands(sub)
     return parser
