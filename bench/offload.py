@@ -16,7 +16,7 @@ since host "copies" are memcpys), and the physical bound from its own misses,
 max(resident decode time, bytes moved / measured copy bandwidth). Results go to
 bench/results/offload_<device>.{json,md} with the device name and date. Timings are wall clock
 around whole generations after one warm-up generation (the CUDA device is synchronised at both
-ends). Published figures to compare with are in /work/shared/PAPERS.md.
+ends).
 """
 from __future__ import annotations
 

@@ -113,7 +113,8 @@ def test_check_fits_names_what_is_needed_what_there_is_and_the_key(tmp_path, sec
     from moe_runtime.core.config import load_config
     from moe_runtime.core.footprint import check_fits
     run = load_config(_config(tmp_path, section, key, value))
-    with pytest.raises(ConfigError, match=rf"needs at least .* but the test budget is 16 GiB; lower {re.escape(lower)}"):
+    with pytest.raises(ConfigError, match=rf"needs at least .* but the test budget is 16 GiB; "
+                                          rf"lower {re.escape(lower)}"):
         check_fits(run, torch.device("cpu"), available=(16 * 2**30, "test budget"))
 
 
@@ -189,7 +190,7 @@ def test_every_argument_parser_refuses_abbreviations():
     for path in sorted([*root.glob("moe_runtime/**/*.py"), *root.glob("bench/*.py"), *root.glob("examples/*.py")]):
         text = path.read_text()
         for m in re.finditer(r"argparse\.ArgumentParser\(", text):
-            assert "allow_abbrev=False" in text[m.end():m.end() + 200], f"{path}: ArgumentParser without allow_abbrev=False"
+            assert "allow_abbrev=False" in text[m.end():m.end() + 200], f"{path}: an ArgumentParser that abbreviates"
 
 
 # ---------------------------------------------------------------- 18. Ctrl-C on the progress bar; the resume line

@@ -35,7 +35,7 @@ from moe_runtime.core.device import autocast_ctx, resolve_device
 from moe_runtime.core.footprint import check_fits
 from moe_runtime.core.model import MoETransformer, init_model
 from moe_runtime.core.modelio import (is_uri, load_model, load_model_state, load_optimizer_tensors, opened_checkpoint,
-                                     optimizer_tensors, resolve_checkpoint)  # noqa: F401 (resolve_checkpoint: re-export)
+                                     optimizer_tensors, resolve_checkpoint)  # noqa: F401 (re-export)
 from moe_runtime.core.router import BalanceTracker, CountReducer
 from moe_runtime.core.stats import balance_metrics, plot_expert_load
 
