@@ -234,3 +234,40 @@ def test_loading_from_a_uri_leaves_no_download_in_the_temp_dir(run_dir, tmp_path
     assert list(tmp.iterdir()) == [], f"left behind: {list(tmp.iterdir())}"
     local, _, _ = load_model(run_dir)
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), local.state_dict().values()))
+
+
+def test_an_s3_compatible_endpoint_from_aws_endpoint_url(run_dir, tmp_path, monkeypatch):
+    """The README's recipe for MinIO & co.: AWS_ENDPOINT_URL, no URI query; the download is removed."""
+    pafs = pytest.importorskip("pyarrow.fs")
+    server_mod = pytest.importorskip("moto.server")
+    from moe_runtime.core.modelio import load_model
+    srv = server_mod.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    srv.start()
+    try:
+        host, port = srv.get_host_and_port()
+        for k, v in (("AWS_ACCESS_KEY_ID", "testing"), ("AWS_SECRET_ACCESS_KEY", "testing"),
+                     ("AWS_DEFAULT_REGION", "us-east-1"), ("AWS_ENDPOINT_URL", f"http://{host}:{port}")):
+            monkeypatch.setenv(k, v)
+        fs = pafs.S3FileSystem(endpoint_override=f"{host}:{port}", scheme="http", region="us-east-1",
+                               allow_bucket_creation=True)
+        fs.create_dir("moe-ckpt")
+        for f in sorted((run_dir / "checkpoints").rglob("*")):
+            if f.is_file():
+                with fs.open_output_stream(f"moe-ckpt/run/{f.relative_to(run_dir / 'checkpoints')}") as out:
+                    out.write(f.read_bytes())
+        tmp = tmp_path / "systemp"
+        tmp.mkdir()
+        monkeypatch.setattr(tempfile, "tempdir", str(tmp))
+        model, run, ck = load_model("s3://moe-ckpt/run")
+        assert ck.step == 6 and list(tmp.iterdir()) == []
+    finally:
+        srv.stop()
+
+
+def test_the_declared_cuda_device_is_checked_against_its_free_memory(monkeypatch):
+    from moe_runtime.core.footprint import check_fits
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (2**30, 80 * 2**30))
+    with pytest.raises(ConfigError, match=r"small: training this model needs at least .* on cuda .* but the free "
+                                          r"memory on cuda(:0)? is 1 GiB"):
+        check_fits(get_preset("small"), torch.device("cuda"))
+    check_fits(get_preset("tiny"), torch.device("cuda"))

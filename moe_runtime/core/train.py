@@ -241,8 +241,10 @@ class Trainer:
             raise ValueError(f"batch_size={self.cfg.batch_size} (the global batch) is not divisible by "
                              f"{self.plan.world} workers; use a multiple of {self.plan.world}")
         # Before anything is built: a config that cannot fit this process's memory is one ConfigError.
-        lay = getattr(self.plan, "lay", None)  # an expert-parallel plan holds 1/ep of the experts
-        check_fits(run, self.device, world=self.plan.world, expert_share=1.0 / getattr(lay, "ep", 1))
+        lay = getattr(self.plan, "lay", None)  # an expert-parallel rank holds 1/ep of the experts on its device,
+        offloaded = getattr(self.plan, "offload", False)  # none with --offload-experts (they live in host memory)
+        check_fits(run, self.device, world=self.plan.world,
+                   expert_share=0.0 if offloaded else 1.0 / getattr(lay, "ep", 1))
         self.corpus = corpus or load_corpus(data, vocab_size=self.mcfg.vocab_size)
         self.model = self.plan.build_model(run, self.device)
         self.model.set_activation_checkpointing(self.cfg.activation_checkpointing)
