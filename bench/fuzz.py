@@ -27,7 +27,8 @@ from tests.fuzzing import FAILURES, HANG_S, cases, make_seeds, run_case  # noqa:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(allow_abbrev=False, description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--cases", type=int, default=2000)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--bomb-mb", type=float, default=24.0, help="largest msgpack bomb, in MiB")

@@ -48,7 +48,7 @@ CHECK_TOLERANCE = 2e-2   # max |error| / max(1, max |reference|), bf16 with fp32
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(allow_abbrev=False, description=__doc__.split("\n")[0])
     p.add_argument("--layers", nargs="+", default=list(LAYERS), choices=list(LAYERS))
     p.add_argument("--tokens", nargs="+", type=int, default=list(TOKENS), help="tokens T per layer call")
     p.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)

@@ -16,7 +16,7 @@ since host "copies" are memcpys), and the physical bound from its own misses,
 max(resident decode time, bytes moved / measured copy bandwidth). Results go to
 bench/results/offload_<device>.{json,md} with the device name and date. Timings are wall clock
 around whole generations after one warm-up generation (the CUDA device is synchronised at both
-ends). Published figures to compare with are in /work/shared/PAPERS.md.
+ends).
 """
 from __future__ import annotations
 
@@ -338,7 +338,8 @@ def markdown(res: dict) -> str:
 def main(argv: list[str] | None = None) -> int:
     """1. parse and refuse a GPU run without CUDA, 2. per model: build, time resident and every cache
     mode (bench_model), add the Hugging Face rows, compute the targets, 3. write JSON + markdown."""
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(allow_abbrev=False, description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--cpu-smoke", action="store_true", help="tiny models on CPU; writes offload_cpu.{json,md}")
     p.add_argument("--models", default="mixtral4,trained", help="comma-separated: mixtral4, trained")
     p.add_argument("--batches", default="1,8")

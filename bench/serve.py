@@ -207,7 +207,8 @@ def markdown(res: dict) -> str:
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(allow_abbrev=False, description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--requests", type=int, default=64)
     ap.add_argument("--clients", type=int, default=16)
     ap.add_argument("--max-batch", type=int, default=16, help="rows of the continuous-batching run")

@@ -112,8 +112,8 @@ def manifest_body(step_dir: Path) -> dict[str, Any]:
 
 
 def _free_form(path: list[str], v: Any) -> bool:
-    """Manifest values any type of which is legitimate: layout, extra train_state entries."""
-    return path[0] == "layout" or (path[0] == "train_state" and path[1:2] != ["step"])
+    """Manifest values any type of which is legitimate: layout, train_state entries a resume does not read."""
+    return path[0] == "layout" or (path[0] == "train_state" and path[1:2] not in (["step"], ["tokens_seen"]))
 
 
 def structural_checkpoint(step_dir: Path, rng: random.Random) -> str:

@@ -12,7 +12,8 @@ def add_train_options(p: argparse.ArgumentParser) -> None:
     """Adds the cluster group to `moe train` and the function that runs a job when --workers > 0."""
     g = p.add_argument_group("cluster (Ray Train; needs moe-runtime[ray])")
     g.add_argument("--workers", type=int, default=0,
-                   help="train on N Ray Train workers (an embedded local Ray unless one is running; 0: one process)")
+                   help="train on N Ray Train workers (0: one process). Ray: the cluster of --ray-address, else "
+                        "of RAY_ADDRESS, else a new embedded local one. Each worker takes --cpus-per-worker cores")
     g.add_argument("--ep", type=int, default=None, help="expert-parallel size (default: gcd(workers, num_experts))")
     g.add_argument("--storage", default=None,
                    help="checkpoint storage: an absolute directory or a URI (s3://...); relative paths resolve "

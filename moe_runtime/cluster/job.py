@@ -250,7 +250,7 @@ def run_cluster_train(run: RunConfig, args: argparse.Namespace) -> dict[str, Any
 
 def main(argv: list[str] | None = None) -> int:
     """`python -m moe_runtime.cluster.job --print-runtime-env`: the runtime_env JSON for `ray job submit`."""
-    p = argparse.ArgumentParser(prog="python -m moe_runtime.cluster.job", description=__doc__,
+    p = argparse.ArgumentParser(allow_abbrev=False, prog="python -m moe_runtime.cluster.job", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--print-runtime-env", action="store_true", help="print the runtime_env JSON and exit")
     args = p.parse_args(argv)

@@ -329,19 +329,38 @@ def latest_checkpoint(root: str | Path, *, verify: bool = True,
     return None
 
 
+RESUME_COUNTERS = ("step", "tokens_seen")
+"""train_state entries a resume restores (every trainer writes both)."""
+
+
+def train_counters(ck: Checkpoint) -> dict[str, int]:
+    """The counters a resume restores from the manifest's train_state: each a non-negative int, else a
+    CheckpointError naming the manifest and the field (`resume_check` turns that into a skip, so the
+    previous checkpoint is used)."""
+    state, what = ck.manifest.train_state, ck.path / MANIFEST
+    for key in RESUME_COUNTERS:
+        v = state.get(key)
+        if key not in state or not isinstance(v, int) or isinstance(v, bool) or v < 0:
+            found = "is missing" if key not in state else f"is {type(v).__name__} {str(v)[:40]!r}"
+            raise CheckpointError(f"{what}: train_state.{key} {found}, expected a non-negative int; a resume "
+                                  f"needs it to continue the step count — use an earlier checkpoint")
+    return {key: state[key] for key in RESUME_COUNTERS}
+
+
 class ResumeMismatch(ValueError):
     """The run directory's checkpoints belong to another run (model config) or are past max_steps.
     Not a corruption: resume stops with this error instead of falling back to an older checkpoint."""
 
 
 def resume_check(run_config: dict[str, Any], param_names: list[str]) -> Callable[[Checkpoint], None]:
-    """The check `Trainer.fit` passes to `latest_checkpoint`: optimizer state covers every parameter
-    (else the checkpoint is skipped), and the checkpoint's model config and step fit this run (else
+    """The check `Trainer.fit` passes to `latest_checkpoint`: optimizer state covers every parameter and
+    train_state holds the counters (else the checkpoint is skipped), and the checkpoint's model config and step fit this run (else
     ResumeMismatch, naming the flags that start over)."""
     from moe_runtime.core.config import RunConfig
 
     def check(ck: Checkpoint) -> None:
         check_optimizer_coverage(ck, param_names)
+        train_counters(ck)
         ours = RunConfig.from_dict(run_config, source="this run")
         try:
             theirs = RunConfig.from_dict(ck.manifest.config, source=str(ck.path / MANIFEST))

@@ -1,19 +1,22 @@
 """The `moe` command (also `python -m moe_runtime`).
 
-    moe train                                  tiny preset, default corpus, ~2 minutes on a laptop CPU
-    moe train --preset small --data my.txt     another preset, your text
-    moe train --config examples/configs/small.toml --workers 4 --ep 2   Ray Train workers, expert parallel
-    moe eval runs/tiny                         validation loss / perplexity of the newest checkpoint
+    moe train                                      tiny preset, default corpus, about a minute on 2 CPU cores
+    moe train --preset small --data my.txt         another preset, your text
+    moe train --workers 2 --ep 2 --name tiny-ep2   2 Ray Train workers (1 core each), expert parallel
+    moe train --workers 4 --ep 2 --cpus-per-worker 0.5 --name tiny-ep2x2   4 workers on a 2-core machine
+    moe eval runs/tiny                             validation loss / perplexity of the newest checkpoint
     moe generate --checkpoint runs/tiny --gpu-expert-slots 8 --policy predictive
-    moe trace simulate trace.msgpack           replay a routing trace through every cache policy
-    moe serve --checkpoint runs/tiny --gpu-expert-slots 8    OpenAI-compatible HTTP server on 127.0.0.1:8000
-    moe presets                                list the named presets
+    moe trace simulate runs/tiny/trace.msgpack     replay a routing trace through every cache policy
+    moe serve --checkpoint runs/tiny --gpu-expert-slots 8   OpenAI-compatible HTTP server on 127.0.0.1:8000
+    moe presets                                    list the named presets
 """
 from __future__ import annotations
 
 import argparse
+import difflib
 import json
 import math
+import re
 import signal
 import sys
 from pathlib import Path
@@ -24,7 +27,9 @@ from moe_runtime.core.config import PRESETS, ConfigError, RunConfig, get_preset,
 def register_train(sub) -> None:
     p = sub.add_parser("train", help="train a model (single process, or Ray workers with --workers)",
                        description="Train an MoE language model. With no arguments: the tiny preset on the "
-                                   "Python standard library's source, on CPU, in about two minutes.")
+                                   "Python standard library's source, on CPU, in about a minute on 2 cores. "
+                                   "Options without a default shown take the preset's or config file's value. "
+                                   "A rerun in the same run directory resumes from its newest valid checkpoint.")
     src = p.add_mutually_exclusive_group()
     src.add_argument("--preset", default=None, choices=sorted(PRESETS), help="named preset (default: tiny)")
     src.add_argument("--config", default=None, help="TOML or JSON config with [model], [model.moe], [train]")
@@ -33,15 +38,18 @@ def register_train(sub) -> None:
     p.add_argument("--out", default=None, help="run directory (default: runs/<name>)")
     p.add_argument("--name", default=None, help="run name (default: the preset or config name)")
     p.add_argument("--max-steps", type=int, default=None, help="optimizer steps")
-    p.add_argument("--batch-size", type=int, default=None, help="sequences per micro-batch")
+    p.add_argument("--batch-size", type=int, default=None,
+                   help="sequences per micro-batch, over all workers (with --workers W each trains on "
+                        "batch_size / W); an optimizer step sees grad_accum x batch_size sequences")
     p.add_argument("--seq-len", type=int, default=None, help="tokens per sequence")
     p.add_argument("--grad-accum", type=int, default=None, help="micro-batches per optimizer step")
     p.add_argument("--lr", type=float, default=None, help="peak learning rate")
-    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--seed", type=int, default=None, help="seeds initialisation and batch sampling")
     p.add_argument("--device", default=None, help="auto | cpu | cuda | cuda:N")
     p.add_argument("--threads", type=int, default=None, help="CPU threads for torch (0 = default)")
-    p.add_argument("--eval-interval", type=int, default=None)
-    p.add_argument("--ckpt-interval", type=int, default=None)
+    p.add_argument("--eval-interval", type=int, default=None, help="steps between validation runs (and at the end)")
+    p.add_argument("--ckpt-interval", type=int, default=None,
+                   help="steps between checkpoints (and at the end); 0: only at the end")
     p.add_argument("--balance-scope", choices=["micro_batch", "global_batch"], default=None,
                    help="where the load-balancing loss takes its expert frequencies from")
     p.add_argument("--global-sync", choices=["exact", "cumulative"], default=None,
@@ -90,6 +98,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     if getattr(args, "workers", 0):  # the options moe_runtime.cluster adds to this command (cluster/cli.py)
         return args.run_workers(run, args)
     out = Path(args.out) if args.out else Path("runs") / run.name
+    from moe_runtime.core.device import resolve_device
+    from moe_runtime.core.footprint import check_fits
+    check_fits(run, resolve_device(run.train.device))  # before the size is printed or anything is built
     counts = param_count(run.model)
     print(f"[moe] {run.name}: {counts['total'] / 1e6:.2f}M parameters, {counts['active'] / 1e6:.2f}M active per "
           f"token; {run.model.moe.num_experts} experts top-{run.model.moe.top_k}; balance "
@@ -130,7 +141,7 @@ def register_eval(sub) -> None:
     p.add_argument("run_dir", help="run directory written by `moe train`, or a checkpoints/step_* directory")
     p.add_argument("--data", default=None, help="evaluate on this data instead of the default corpus")
     p.add_argument("--batches", type=int, default=None, help="validation batches (default: the run's eval_batches)")
-    p.add_argument("--device", default="auto")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     p.add_argument("--json", default=None, help="also write the result as JSON to this path")
     p.set_defaults(func=cmd_eval)
 
@@ -223,11 +234,90 @@ def _add_commands(sub) -> None:
             add_options(command)
 
 
+class DefaultsFormatter(argparse.HelpFormatter):
+    """Help that shows each option's default, unless it has none (None, False, []) or the help says it."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text, default = action.help or "", action.default
+        if default is None or default is False or default == [] or default == argparse.SUPPRESS \
+                or "default" in text or not action.option_strings:
+            return text
+        shown = "(default: %(default)r)" if isinstance(default, str) else "(default: %(default)s)"
+        return f"{text} {shown}" if text else shown
+
+
+class RawDescriptionDefaultsFormatter(argparse.RawDescriptionHelpFormatter, DefaultsFormatter):
+    """A description whose line breaks are kept (lists), and option defaults shown."""
+
+
+class CommandParser(argparse.ArgumentParser):
+    """The parser of `moe` and of every subcommand (add_parser makes its children of this class):
+    no abbreviations (`--max-step` is a typo, not `--max-steps`); an unknown option is reported by
+    the (sub)command it was given to, before any other error, with the options it resembles; a
+    usage longer than a few lines is shortened to one (`--help` has the rest)."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs["allow_abbrev"] = False
+        kwargs.setdefault("formatter_class", DefaultsFormatter)
+        super().__init__(*args, **kwargs)
+
+    subcommand = False
+    """Set on every parser below `moe` (build_parser): leftover words are its error, not the top level's."""
+
+    def parse_known_args(self, args=None, namespace=None):
+        args = list(sys.argv[1:] if args is None else args)
+        unknown = self._unknown_options(args)
+        if unknown:
+            hints = [f"{u} (did you mean {' or '.join(near)}?)" if near else u
+                     for u in unknown for near in [self._nearest(u)]]
+            self.error(f"unrecognized arguments: {', '.join(hints)}")
+        namespace, extras = super().parse_known_args(args, namespace)
+        if extras and self.subcommand:
+            self.error(f"unrecognized arguments: {' '.join(extras)}")
+        return namespace, extras
+
+    def _unknown_options(self, args: list[str]) -> list[str]:
+        """Option-like words (argparse's own rule: a leading '-', no space, not a negative number)
+        that name no option of this parser, up to '--' or the word that picks a subcommand."""
+        subcommands = {name for a in self._actions if isinstance(a, argparse._SubParsersAction) for name in a.choices}
+        unknown = []
+        for word in args:
+            if word == "--" or word in subcommands:
+                break
+            if not word.startswith("-") or word == "-" or " " in word or re.fullmatch(r"-\d+|-\d*\.\d+", word):
+                continue
+            name = word.split("=", 1)[0] if word.startswith("--") else word
+            if name not in self._option_string_actions:
+                unknown.append(name)
+        return unknown
+
+    def _nearest(self, name: str) -> list[str]:
+        options = sorted(o for o in self._option_string_actions if o.startswith("--"))
+        stem = name.lstrip("-")
+        near = [o for o in options if stem and stem in o] if len(stem) >= 3 else []
+        return (near or difflib.get_close_matches(name, options, n=2, cutoff=0.6))[:3]
+
+    def format_usage(self) -> str:
+        usage = super().format_usage()
+        if usage.count("\n") <= 4:
+            return usage
+        positionals = [f"{a.metavar} ..." if isinstance(a, argparse._SubParsersAction) else (a.metavar or a.dest)
+                       for a in self._actions if not a.option_strings]
+        return f"usage: {' '.join([self.prog, '[options]', *positionals])}  ('{self.prog} --help' lists the options)\n"
+
+    def error(self, message: str):
+        self.exit(2, f"{self.format_usage()}{self.prog}: error: {message}\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="moe", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = CommandParser(prog="moe", description=__doc__, formatter_class=RawDescriptionDefaultsFormatter)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     _add_commands(sub)
+    below = [p for a in parser._actions if isinstance(a, argparse._SubParsersAction) for p in a.choices.values()]
+    while below:
+        p = below.pop()
+        p.subcommand = True
+        below += [q for a in p._actions if isinstance(a, argparse._SubParsersAction) for q in a.choices.values()]
     return parser
 
 

@@ -7,10 +7,11 @@ expert-parallel rank owns and a checkpoint written at any EP loads at any other,
 """
 from __future__ import annotations
 
+import contextlib
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 import torch.nn as nn
@@ -18,6 +19,7 @@ import torch.nn as nn
 from moe_runtime.core.checkpoint import (FORMAT, MANIFEST, MAX_MANIFEST_BYTES, VERSION, Checkpoint, CheckpointError, Manifest,
                             latest_checkpoint, read_manifest, read_sealed)
 from moe_runtime.core.config import RunConfig
+from moe_runtime.core.footprint import check_fits
 from moe_runtime.core.model import MoETransformer
 
 
@@ -64,12 +66,27 @@ def load_model_state(model: nn.Module, ck: Checkpoint, rows_for: Callable[[str],
 
 
 def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[MoETransformer, RunConfig, Checkpoint]:
-    """A model from a checkpoint dir or a run dir (its newest valid checkpoint), local or a storage URI."""
-    ck = Checkpoint(resolve_checkpoint(path))
-    run = RunConfig.from_dict(ck.manifest.config, source=str(ck.path))
-    model = MoETransformer(run.model)
-    load_model_state(model, ck)
+    """A model from a checkpoint dir or a run dir (its newest valid checkpoint), local or a storage URI.
+    From a URI the download is removed once the weights are loaded (see `opened_checkpoint`): the
+    returned Checkpoint's manifest is there, its files are not."""
+    with opened_checkpoint(path) as ck:
+        run = RunConfig.from_dict(ck.manifest.config, source=str(ck.path))
+        check_fits(run, torch.device("cpu"), training=False)  # built on the CPU first, whatever `device` is
+        model = MoETransformer(run.model)
+        load_model_state(model, ck)
     return model.to(device).eval(), run, ck
+
+
+@contextlib.contextmanager
+def opened_checkpoint(path: str | Path) -> Iterator[Checkpoint]:
+    """The Checkpoint at `path`: a checkpoint or run directory, or a storage URI. A URI's files are
+    downloaded into a temporary directory (`moe-ckpt-*` in the system temp dir, $TMPDIR) that is
+    removed when the block ends, so read what you need inside it; nothing is cached between loads."""
+    if not is_uri(path):
+        yield Checkpoint(resolve_checkpoint(path))
+        return
+    with tempfile.TemporaryDirectory(prefix="moe-ckpt-") as d:
+        yield Checkpoint(fetch_checkpoint(str(path), Path(d) / "checkpoint"))
 
 
 def is_uri(path: str | Path) -> bool:
@@ -87,7 +104,8 @@ def uri_basename(uri: str) -> str:
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
-    """A local checkpoint directory for a checkpoint or run directory, local or remote (downloaded)."""
+    """A local checkpoint directory for a checkpoint or run directory, local or remote (downloaded into a
+    fresh temp dir that the caller then owns and removes; `opened_checkpoint` does that for you)."""
     if is_uri(path):
         return fetch_checkpoint(str(path))
     p = Path(path)
@@ -161,5 +179,6 @@ def _download(fs, src: str, dst: Path) -> None:
         shutil.copyfileobj(fin, fout, length=16 * 1024 * 1024)
 
 
-__all__ = ["optimizer_tensors", "load_optimizer_tensors", "load_model_state", "load_model", "resolve_checkpoint",
+__all__ = ["optimizer_tensors", "load_optimizer_tensors", "load_model_state", "load_model", "opened_checkpoint",
+           "resolve_checkpoint",
            "fetch_checkpoint", "is_uri", "join_uri", "uri_basename", "read_manifest"]

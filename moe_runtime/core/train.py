@@ -28,13 +28,14 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from moe_runtime.core.checkpoint import Checkpoint, latest_checkpoint, resume_check, save_checkpoint
+from moe_runtime.core.checkpoint import Checkpoint, latest_checkpoint, resume_check, save_checkpoint, train_counters
 from moe_runtime.core.config import RunConfig, TrainConfig
 from moe_runtime.core.data import Corpus, load_corpus
 from moe_runtime.core.device import autocast_ctx, resolve_device
+from moe_runtime.core.footprint import check_fits
 from moe_runtime.core.model import MoETransformer, init_model
-from moe_runtime.core.modelio import (load_model, load_model_state, load_optimizer_tensors, optimizer_tensors,
-                         resolve_checkpoint)
+from moe_runtime.core.modelio import (is_uri, load_model, load_model_state, load_optimizer_tensors, opened_checkpoint,
+                                     optimizer_tensors, resolve_checkpoint)  # noqa: F401 (re-export)
 from moe_runtime.core.router import BalanceTracker, CountReducer
 from moe_runtime.core.stats import balance_metrics, plot_expert_load
 
@@ -239,6 +240,11 @@ class Trainer:
         if self.cfg.batch_size % self.plan.world:
             raise ValueError(f"batch_size={self.cfg.batch_size} (the global batch) is not divisible by "
                              f"{self.plan.world} workers; use a multiple of {self.plan.world}")
+        # Before anything is built: a config that cannot fit this process's memory is one ConfigError.
+        lay = getattr(self.plan, "lay", None)  # an expert-parallel rank holds 1/ep of the experts on its device,
+        offloaded = getattr(self.plan, "offload", False)  # none with --offload-experts (they live in host memory)
+        check_fits(run, self.device, world=self.plan.world,
+                   expert_share=0.0 if offloaded else 1.0 / getattr(lay, "ep", 1))
         self.corpus = corpus or load_corpus(data, vocab_size=self.mcfg.vocab_size)
         self.model = self.plan.build_model(run, self.device)
         self.model.set_activation_checkpointing(self.cfg.activation_checkpointing)
@@ -254,15 +260,18 @@ class Trainer:
     @classmethod
     def from_checkpoint(cls, path: str | Path, *, train_overrides: dict[str, Any] | None = None,
                         **kw) -> "Trainer":
-        """A trainer whose config, weights and optimizer come from a checkpoint (or a run dir, or a URI)."""
-        ck = Checkpoint(resolve_checkpoint(path))
-        d = ck.manifest.config
-        if train_overrides:
-            d = {**d, "train": {**d["train"], **train_overrides}}
-        run = RunConfig.from_dict(d, source=str(ck.path))
-        kw.setdefault("out_dir", ck.path.parent.parent)
-        t = cls(run, **kw)
-        t.load(ck)
+        """A trainer whose config, weights and optimizer come from a checkpoint (or a run dir, or a URI:
+        downloaded to a temp dir that is removed once loaded). out_dir defaults to the checkpoint's run
+        directory (for a URI: runs/<name>)."""
+        with opened_checkpoint(path) as ck:
+            d = ck.manifest.config
+            if train_overrides:
+                d = {**d, "train": {**d["train"], **train_overrides}}
+            run = RunConfig.from_dict(d, source=str(ck.path))
+            if not is_uri(path):
+                kw.setdefault("out_dir", ck.path.parent.parent)
+            t = cls(run, **kw)
+            t.load(ck)
         return t
 
     @classmethod
@@ -351,11 +360,25 @@ class Trainer:
         if resume and self.step == 0:
             where = self.plan.resume(self)
             if where is not None:
+                if self.plan.is_root:
+                    print(f"[moe] resuming from {where} (step {self.step})", flush=True)
                 self._log({"event": "resumed", "step": self.step, "checkpoint": where})
         if local_root:  # after the resume decision: a refused resume leaves the run's config.json as it was
             (self.out_dir / "config.json").write_text(json.dumps(self.run.to_dict(), indent=2))
         end = min(c.max_steps, until_step if until_step is not None else c.max_steps)
         bar = _progress(self.step, end, self.progress) if self.plan.is_root else _QuietBar()
+        try:
+            last_eval, m = self._train_until(end, bar)
+        finally:  # also on Ctrl-C: the bar ends its line, so what is printed next starts on a fresh one
+            bar.close()
+        if last_eval is None:  # nothing left to train (a finished run resumed): still report where it stands
+            last_eval = self.evaluate()
+        return {"step": self.step, "tokens_seen": self.tokens_seen, "last_eval": last_eval, "final_loss": m.get("loss"),
+                "out_dir": str(self.out_dir), "history": self.history}
+
+    def _train_until(self, end: int, bar) -> tuple[dict[str, Any] | None, dict[str, Any]]:
+        """The steps of `fit` up to `end`: (the last eval record or None, the last step's metrics)."""
+        c = self.cfg
         t0, tok0, last_eval, m = time.perf_counter(), self.tokens_seen, None, {}
         while self.step < end:
             self.plan.before_step(self)
@@ -376,11 +399,7 @@ class Trainer:
                           f"ppl {last_eval['val_ppl']:.2f} load max/mean {last_eval['load_max_over_mean']:.2f}")
             if (c.ckpt_interval and self.step % c.ckpt_interval == 0) or self.step == c.max_steps:
                 self.save()
-        bar.close()
-        if last_eval is None:  # nothing left to train (a finished run resumed): still report where it stands
-            last_eval = self.evaluate()
-        return {"step": self.step, "tokens_seen": self.tokens_seen, "last_eval": last_eval, "final_loss": m.get("loss"),
-                "out_dir": str(self.out_dir), "history": self.history}
+        return last_eval, m
 
     # ------------------------------------------------------------------ evaluation
     @torch.no_grad()
@@ -415,8 +434,8 @@ class Trainer:
         self.restore_counters(ck)
 
     def restore_counters(self, ck: Checkpoint) -> None:
-        self.step = int(ck.manifest.train_state["step"])
-        self.tokens_seen = int(ck.manifest.train_state.get("tokens_seen", 0))
+        counters = train_counters(ck)  # CheckpointError naming the manifest and the field if one is missing
+        self.step, self.tokens_seen = counters["step"], counters["tokens_seen"]
 
     def _log(self, rec: dict[str, Any]) -> None:
         if not self.plan.is_root:

@@ -1,10 +1,10 @@
 """`moe generate`: text from a checkpoint with the expert cache.
 
     moe generate --checkpoint runs/tiny --gpu-expert-slots 8 --policy predictive --prompt "def "
-    moe generate --checkpoint runs/tiny --gpu-expert-gib 0.01 --policy lru --cpu-experts --json out.json
+    moe generate --checkpoint runs/tiny --gpu-expert-gib 0.01 --policy lru --cpu-experts --json runs/tiny/report.json
     moe generate --hf path/to/mixtral-dir --gpu-expert-gib 20 --prompt "The capital of France is"
     moe generate --hf path/to/qwen-dir --gpu-expert-gib 8 --chat "Name three rivers." --temperature 0.7 \
-        --top-p 0.9 --repetition-penalty 1.1 --stop "\n\n" --stream
+        --top-p 0.9 --repetition-penalty 1.1 --stop $'\n\n' --stream
     moe generate --checkpoint runs/tiny --gpu-expert-slots 8 --prompt "def " --prompt "class Foo:"
 
 Prompts are bytes for byte-level models (vocab 256), text through the checkpoint's tokenizer.json
@@ -63,7 +63,7 @@ def add_generate_args(p: argparse.ArgumentParser) -> None:
                    help="a user message, rendered with the checkpoint's chat template (--hf)")
     p.add_argument("--system", default=None, help="a system message before --chat")
     p.add_argument("--batch", type=int, default=1, help="copies of each prompt generated at once")
-    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate per sequence (at most)")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     p.add_argument("--top-k", type=int, default=None, help="sample from the k most likely tokens")
     p.add_argument("--top-p", type=float, default=None, help="nucleus sampling: keep tokens up to this probability")

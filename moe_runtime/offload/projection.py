@@ -21,10 +21,11 @@ HBM_BYTES_PER_S = 2.6e12
 """Device memory bandwidth achieved by an expert GEMV: H100 SXM HBM3 spec 3.35 TB/s, assumed 78% achieved
 (assumption; the project has not measured it)."""
 DEVICE_FLOPS = 660e12
-"""Dense bf16 GEMM on the H100, measured by this project (/work/shared/PAPERS.md: 660-680 TFLOP/s)."""
+"""Dense bf16 GEMM on an H100 80GB HBM3: 660-680 TFLOP/s, measured by this project (torch 2.11, 2026-11-22)."""
 HOST_S_PER_TOKEN_PER_BYTE = 8.3e-3 / 352e6
-"""16 host cores run one Mixtral expert (352 MB bf16) for one token in 8.3 ms (PAPERS.md, measured);
-scaled by expert bytes and linearly in tokens (an assumption; used only with cpu_experts)."""
+"""16 host cores run one Mixtral expert (352 MB bf16) for one token in 8.3 ms (measured by this project beside
+an H100, torch 2.11, 2026-11-22); scaled by expert bytes and linearly in tokens (an assumption; used only
+with cpu_experts)."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -65,7 +66,8 @@ SHAPES = {s.name: s for s in (
 )}
 LINKS = {l.name: l for l in (
     Link(name="h100-pcie5", bytes_per_s=54.8e9,
-         source="pinned host->device on an H100, PCIe Gen5 x16, measured by this project (PAPERS.md)"),
+         source="pinned host->device on an H100, PCIe Gen5 x16, measured by this project (2026-11-22; "
+                "pageable memory gave 8-11 GB/s)"),
     Link(name="pcie4", bytes_per_s=25e9,
          source="assumption: PCIe 4.0 x16 is 31.5 GB/s raw; ~25 GB/s is the usual pinned host->device figure"),
 )}

@@ -6,8 +6,8 @@ A trace is a frozen, versioned dataclass; columns travel as little-endian byte s
 ever). The file is sealed by the project's integrity rule (core/serial.py): a sha256 over the whole
 content is checked before anything is decoded, and the body is decoded with limits derived from
 its size. Then every field is checked by type and range (L <= 4096, E <= 65536, K <= min(E, 256),
-columns of the right length, ids in range, scores finite, the known `meta` entries and the
-recorded calibration well-formed), so a corrupted, truncated, hand-edited, oversized or
+columns of the right length, ids in range, every declared layer present in the records, scores
+finite, the known `meta` entries and the recorded calibration well-formed), so a corrupted, truncated, hand-edited, oversized or
 wrong-version file is refused with a TraceError naming the file, never loaded or crashed on later.
 `TraceRecorder` records from any MoETransformer forward (generation, evaluation, or
 `trainer.model` during training) or is fed by the expert-cache engine. The `moe trace` command
@@ -180,6 +180,12 @@ def _check_values(cols: dict[str, np.ndarray], L: int, E: int, what: str) -> Non
         raise TraceError(f"{what}: a record lists the same expert twice; the file is corrupted")
     if not np.isfinite(cols["scores"]).all():
         raise TraceError(f"{what}: column 'scores' holds NaN or infinity; the file is corrupted")
+    held = np.unique(cols["layer"])
+    if held.size != L:  # ids are < L (checked above), so fewer distinct ids means a layer without records
+        missing = sorted(set(range(L)) - set(held.tolist()))
+        raise TraceError(f"{what}: the header declares num_layers={L}, but the records hold {held.size} MoE "
+                         f"layer(s) (no record for layer {missing[:5]}{' ...' if len(missing) > 5 else ''}); "
+                         f"the header or the records were edited — re-record the trace")
 
 
 _META_TYPES = {"d_model": int, "d_expert": int, "expert_bytes": int, "dtype": str, "router_position": str,

@@ -1,11 +1,11 @@
 """`moe trace`: record routing traces from a checkpoint, replay them through the cache simulator,
 and compare routing predictors.
 
-    moe trace record --checkpoint runs/tiny --out trace.msgpack --max-new-tokens 128
-    moe trace record --checkpoint runs/tiny --out trace.msgpack --corpus-batches 8   # corpus text
-    moe trace simulate trace.msgpack --capacities 25%,50%,75% --policies lru,lfu,predictive,oracle
-    moe trace simulate trace.msgpack --model-shape mixtral-8x7b --link h100-pcie5   # projected tokens/s
-    moe trace predictors --checkpoint runs/tiny --trace trace.msgpack
+    moe trace record --checkpoint runs/tiny --out runs/tiny/trace.msgpack --max-new-tokens 128
+    moe trace record --checkpoint runs/tiny --out runs/tiny/trace.msgpack --corpus-batches 8   # corpus text
+    moe trace simulate runs/tiny/trace.msgpack --capacities 25%,50%,75% --policies lru,lfu,predictive,oracle
+    moe trace simulate runs/tiny/trace.msgpack --model-shape mixtral-8x7b --link h100-pcie5   # projected tokens/s
+    moe trace predictors --checkpoint runs/tiny --trace runs/tiny/trace.msgpack
 """
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from moe_runtime.core.cli import RawDescriptionDefaultsFormatter
 from moe_runtime.offload.projection import LINKS, SHAPES
 from moe_runtime.offload.simulate import SIM_POLICIES
 
@@ -29,42 +30,83 @@ def register(sub) -> None:
 
 def add_trace_args(p: argparse.ArgumentParser) -> None:
     sub = p.add_subparsers(dest="trace_command", metavar="ACTION", required=True)
-    r = sub.add_parser("record", help="record a routing trace from a checkpoint (generation or corpus text)")
+    r = sub.add_parser("record", help="record a routing trace from a checkpoint (generation or corpus text)",
+                       description="Run a checkpoint's model (every expert resident) and write which experts each "
+                                   "token chose at every MoE layer, with their combine weights, to a sealed msgpack "
+                                   "trace: generated text from --prompt, or --corpus-batches of corpus text.")
     r.add_argument("--checkpoint", required=True, help="run directory or checkpoint directory")
     r.add_argument("--out", required=True, help="trace file to write (msgpack)")
     r.add_argument("--prompt", default="def ", help="prompt for generation (byte-level models)")
     r.add_argument("--max-new-tokens", type=int, default=None,
                    help="tokens to generate (default: up to the model's max_seq_len)")
-    r.add_argument("--batch", type=int, default=1)
+    r.add_argument("--batch", type=int, default=1, help="sequences per forward pass (copies of the prompt, or "
+                                                          "corpus rows per batch)")
     r.add_argument("--temperature", type=float, default=0.8, help="sampling temperature (0 = greedy)")
     r.add_argument("--corpus-batches", type=int, default=0,
                    help="record N teacher-forced corpus batches instead of generating")
     r.add_argument("--seq-len", type=int, default=64, help="sequence length of corpus batches")
     r.add_argument("--data", default=None, help="corpus for --corpus-batches (default: the standard library)")
-    r.add_argument("--device", default="auto")
-    r.add_argument("--seed", type=int, default=0)
-    s = sub.add_parser("simulate", help="replay a trace for every policy and capacity")
+    r.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    r.add_argument("--seed", type=int, default=0, help="sampling seed and corpus batch seed")
+    s = sub.add_parser("simulate", help="replay a trace for every policy and capacity",
+                       formatter_class=RawDescriptionDefaultsFormatter,
+                       description="Replay a routing trace through the expert-cache simulator (the engine's own "
+                                   "planner and cost\nmodel) for every policy and capacity: hits, copies, bytes and "
+                                   "modelled time per token,\nunder the trace's recorded calibration (or "
+                                   "--copy-ms/--attn-ms/--expert-ms), or projected onto\na real model shape and "
+                                   "host link (--model-shape with --link). Policies:\n" + policy_help())
     s.add_argument("trace", help="trace file")
     s.add_argument("--capacities", default="25%,50%,75%", help="slots or percentages of all experts, comma-separated")
-    s.add_argument("--policies", default=",".join(SIM_POLICIES), help=f"comma-separated from {', '.join(SIM_POLICIES)}")
-    s.add_argument("--depth", type=int, default=1, help="lookahead depth of the predictive policies")
-    s.add_argument("--copy-ms", type=float, default=None, help="override: ms per expert copy")
-    s.add_argument("--attn-ms", type=float, default=None, help="override: ms of non-expert compute per layer")
-    s.add_argument("--expert-ms", type=float, default=None, help="override: ms per expert run")
+    s.add_argument("--policies", default=",".join(SIM_POLICIES),
+                   help="comma-separated, from the list above (default: all of them)")
+    s.add_argument("--depth", type=int, default=1, help="lookahead depth (MoE layers) of the predictive policies")
+    s.add_argument("--copy-ms", type=float, default=None, help="override: ms per expert copy (default: the "
+                                                                "trace's recorded calibration)")
+    s.add_argument("--attn-ms", type=float, default=None, help="override: ms of non-expert compute per layer "
+                                                                "(default: the trace's recorded calibration)")
+    s.add_argument("--expert-ms", type=float, default=None, help="override: ms per expert run (default: the "
+                                                                  "trace's recorded calibration)")
     s.add_argument("--model-shape", default=None, help="project onto a real shape: " + ", ".join(SHAPES))
     s.add_argument("--link", default=None, help="with --model-shape: the host link, one of " + ", ".join(LINKS))
     s.add_argument("--cpu-experts", action="store_true",
                    help="let the cost model run misses, or part of one while the rest is copied, on host cores "
                         "(the engine's default beside a GPU)")
     s.add_argument("--json", default=None, metavar="PATH", help="write the rows as JSON")
-    c = sub.add_parser("predictors", help="precision/recall of lookahead, exact and learned predictors")
-    c.add_argument("--checkpoint", required=True)
+    c = sub.add_parser("predictors", help="precision/recall of lookahead, exact and learned predictors",
+                       description="How well each routing predictor foresees the experts of later MoE layers on "
+                                   "held-out corpus text: precision and recall of lookahead (the next layer's "
+                                   "router on the current hidden state), exact (pre-attention routing) and, with "
+                                   "--trace, the learned predictor fitted on that trace.")
+    c.add_argument("--checkpoint", required=True, help="run directory or checkpoint directory")
     c.add_argument("--trace", default=None, help="trace to train the learned predictor on")
-    c.add_argument("--depth", type=int, default=1)
+    c.add_argument("--depth", type=int, default=1, help="predict this many MoE layers ahead")
     c.add_argument("--batches", type=int, default=2, help="held-out corpus batches to evaluate on")
-    c.add_argument("--seq-len", type=int, default=64)
-    c.add_argument("--data", default=None)
-    c.add_argument("--json", default=None, metavar="PATH")
+    c.add_argument("--seq-len", type=int, default=64, help="sequence length of the held-out batches")
+    c.add_argument("--data", default=None, help="corpus for the held-out batches (default: the standard library)")
+    c.add_argument("--json", default=None, metavar="PATH", help="write the comparison as JSON")
+
+
+POLICY_HELP = {
+    "lru": "least recently used (the engine's)",
+    "lfu": "least frequently used (the engine's)",
+    "predictive": "the engine's default: cost-model prefetch, eviction by expected next use; predictions from "
+                  "the learned predictor fitted on this trace (in-sample)",
+    "oracle": "predictive given exact predictions of the next --depth layers (a perfect predictor)",
+    "belady": "evicts the expert used farthest in the future, no prefetch: the offline optimum of demand paging",
+    "belady-prefetch": "belady with exact predictions and the cost model's prefetch",
+    "this-token-lru": "belady within the current forward pass only, LRU beyond it",
+    "this-token-lfu": "belady within the current forward pass only, LFU beyond it",
+    "mixtral-offloading": "LRU inside equal per-layer budgets, next-layer prefetch from the learned predictor "
+                          "(standing in for its speculative gate)",
+    "moe-infinity": "evicts the lowest activation frequency, the farthest layer first",
+}
+"""One line per simulator policy for `moe trace simulate --help` (a test holds it to SIM_POLICIES)."""
+
+
+def policy_help(width: int = 100) -> str:
+    import textwrap
+    return "\n".join(textwrap.fill(POLICY_HELP.get(name, "(undocumented)"), width, initial_indent=f"  {name:<19} ",
+                                   subsequent_indent=" " * 22) for name in SIM_POLICIES)
 
 
 def _record(args: argparse.Namespace) -> int:
