@@ -31,10 +31,11 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     cap.add_argument("--gpu-expert-gib", type=float, help="device memory for expert slots, in GiB")
     p.add_argument("--policy", choices=POLICIES, default="predictive", help="slot replacement policy")
     add_cpu_experts_arg(p)
-    p.add_argument("--predictor", default="auto", choices=["auto", "none", "lookahead", "exact"])
+    p.add_argument("--predictor", default="auto", choices=["auto", "none", "lookahead", "exact"],
+                   help="auto: exact for pre-attention-routed models, else lookahead (predictive policy only)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
-    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--port", type=int, default=8000, help="TCP port; checked free before the model loads")
     p.add_argument("--max-batch", type=int, default=8, help="sequences decoded together (continuous batching)")
     p.add_argument("--max-model-len", type=int, default=None,
                    help="context per sequence (default: the model's max_seq_len); the KV cache holds "
@@ -46,7 +47,8 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
                         "environment keeps the key out of the process list)")
     p.add_argument("--shutdown-timeout", type=float, default=10.0,
                    help="seconds running requests may finish after SIGTERM before they are cancelled")
-    p.add_argument("--log-level", default="warning", choices=["critical", "error", "warning", "info", "debug"])
+    p.add_argument("--log-level", default="warning", choices=["critical", "error", "warning", "info", "debug"],
+                   help="uvicorn's log level (request lines at info)")
 
 
 def run(args: argparse.Namespace) -> int:
