@@ -44,6 +44,10 @@ class OffloadConfig:
     """Prefetch copies in flight at once (default 2 x top-k)."""
     record_trace: bool = False
     """Record routing (our engine only) for `moe trace` / the learned predictor."""
+    profile: Any = None
+    """Calibration routing for the hot-set policies (ktransformers, fiddler, hybrid, hybrid-lru) and
+    the predictive policy's prior: a RoutingTrace of this model, or an [L, E] array of the share of
+    passes that used each expert. None: the hot-set peers profile the first forward pass (the prompt)."""
 
     def __post_init__(self) -> None:
         given = [n for n in ("gpu_expert_slots", "gpu_expert_gib", "expert_fraction") if getattr(self, n) is not None]
@@ -70,6 +74,25 @@ class OffloadConfig:
             raise ValueError(f"max_inflight={self.max_inflight} must be >= 1")
         if not isinstance(self.cpu_experts, bool) and self.cpu_experts != "auto":
             raise ValueError(f"cpu_experts={self.cpu_experts!r} must be True, False or 'auto'")
+
+    def profile_for(self, num_layers: int, num_experts: int):
+        """The profile as an [L, E] array of shares (None if none was given)."""
+        if self.profile is None:
+            return None
+        from moe_runtime.offload.trace import RoutingTrace
+        if isinstance(self.profile, RoutingTrace):
+            from moe_runtime.offload.simulate import profile_of, steps_of
+            tr = self.profile
+            if (tr.num_layers, tr.num_experts) != (num_layers, num_experts):
+                raise ValueError(f"profile trace is for {tr.num_layers} layers x {tr.num_experts} experts; this model "
+                                 f"has {num_layers} x {num_experts}: record it from this model")
+            return profile_of(steps_of(tr), num_layers, num_experts)
+        import numpy as np
+        arr = np.asarray(self.profile, dtype=np.float64)
+        if arr.shape != (num_layers, num_experts) or not np.all((arr >= 0) & (arr <= 1)):
+            raise ValueError(f"profile must be a RoutingTrace or an array of shape ({num_layers}, {num_experts}) "
+                             f"with shares in [0, 1]; got shape {arr.shape}")
+        return arr
 
     def host_experts(self, device: torch.device) -> bool:
         """Whether the cost model may use host cores on this device (cpu_experts resolved)."""

@@ -96,7 +96,8 @@ class ExpertCacheEngine:
         self.runtime = OffloadRuntime(store, self.pool, ExpertCache(self.pool.num_slots, config.policy), self.copies,
                                       CostModel(self.calibration), cpu_experts=self.cpu_experts,
                                       stream_fraction=config.stream_fraction,
-                                      max_inflight=config.max_inflight or 2 * model.cfg.moe.top_k)
+                                      max_inflight=config.max_inflight or 2 * model.cfg.moe.top_k,
+                                      profile=config.profile_for(len(layers), cfg.moe.num_experts))
         for layer in layers:
             layer.experts.bind(self.runtime)
         if self.learned is not None:

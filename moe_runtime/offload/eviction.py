@@ -42,6 +42,10 @@ class UsageStats:
         self.last: list[set[int]] = [set() for _ in range(num_layers)]
         self.boost_num = self.boost_den = 0.0
 
+    def prime(self, profile_LE: np.ndarray) -> None:
+        """Start from a calibration profile (share of passes using each key) instead of zero."""
+        self.v[:] = np.clip(profile_LE, 0.0, 1.0)
+
     def frequency_E(self, m: int) -> np.ndarray:
         return self.v[m] * self.decay ** (self.runs[m] - self.t[m])
 
@@ -88,6 +92,8 @@ class SlotTable:
         self.last_use_LE = np.zeros((num_layers, num_experts), dtype=np.int64)
         self.uses_LE = np.zeros((num_layers, num_experts), dtype=np.int64)
         self.future = future
+        self.hot_LE = np.zeros((num_layers, num_experts), dtype=bool)
+        """Keys the `hot` rule keeps (a calibration profile's most used; empty: it is LRU)."""
         self.next_pos_LE = np.full((num_layers, num_experts), NEVER, dtype=np.int64)
         self._ptr: dict[Key, int] = {}
         if future is not None:
@@ -155,6 +161,9 @@ class SlotTable:
         if rule == "lfu":
             l, e = self.layer_S[slots], self.expert_S[slots]
             return int(slots[np.lexsort((self.last_use_LE[l, e], self.uses_LE[l, e]))[0]]), 0.0
+        if rule == "hot":  # LRU among the keys outside the profiled hot set, else among all
+            cold = slots[~self.hot_LE[self.layer_S[slots], self.expert_S[slots]]]
+            return self._lru(cold if cold.size else slots), 0.0
         if rule == "layer-lru":
             return self._layer_lru(slots, incoming), 0.0
         if rule == "frequency":
@@ -183,10 +192,13 @@ class ShadowRules:
     lru / lfu / next-use online keeps the predictive policy near the best of them on each trace
     (ARC / ACME style adaptive replacement)."""
 
-    RULES = ("next-use", "lru", "lfu")
+    RULES = ("next-use", "lru", "lfu", "hot")
 
-    def __init__(self, num_slots: int, num_layers: int, num_experts: int, decay: float = 0.995):
+    def __init__(self, num_slots: int, num_layers: int, num_experts: int, decay: float = 0.995,
+                 hot_LE: np.ndarray | None = None):
         self.tables = {r: SlotTable(num_slots, num_layers, num_experts, None) for r in self.RULES}
+        if hot_LE is not None:
+            self.tables["hot"].hot_LE = hot_LE
         self.slot_of: dict[str, dict[Key, int]] = {r: {} for r in self.RULES}
         self.misses = dict.fromkeys(self.RULES, 0.0)
         self.decay = decay

@@ -57,7 +57,7 @@ class OffloadRuntime:
     """Store + slot pool + copy engine, executing the Planner's decisions for each MoE layer."""
 
     def __init__(self, store: HostExpertStore, pool: SlotPool, cache: ExpertCache, copy_engine, cost: CostModel,
-                 *, cpu_experts: bool, stream_fraction: float, max_inflight: int):
+                 *, cpu_experts: bool, stream_fraction: float, max_inflight: int, profile=None):
         if not 0 < stream_fraction <= 1:
             raise ValueError(f"stream_fraction={stream_fraction} must be in (0, 1]")
         if max_inflight < 1:
@@ -67,7 +67,7 @@ class OffloadRuntime:
         self.cpu_experts = cpu_experts
         self.planner = Planner(cache, cost, lay.num_layers, scheme=cache.policy, cpu_experts=cpu_experts,
                                stream_fraction=stream_fraction, num_experts=lay.num_experts,
-                               max_prefetch_per_layer=max_inflight)
+                               max_prefetch_per_layer=max_inflight, profile=profile)
         self.tickets: dict[Key, Ticket] = {}
         self.loaded: list[Key | None] = [None] * pool.num_slots
         """What each slot's last issued copy holds, as the ops run (the plan ran ahead of it)."""
@@ -224,7 +224,8 @@ class OffloadRuntime:
 
     def end_pass(self) -> None:
         """A forward pass ended: predictions never go past it."""
-        self.planner.end_pass()
+        for op in self.planner.end_pass():  # a hot-set peer pins its calibration prefix's experts
+            self._issue(op)
         self.copies.settle()
         self.copies.collect_stall()
 

@@ -27,11 +27,12 @@ import torch
 from moe_runtime.offload.cache import ExpertCache, Key
 from moe_runtime.offload.cpu_experts import Calibration, CostModel
 from moe_runtime.offload.decision import SCHEMES, Planner
+from moe_runtime.offload.plan import PEERS
 from moe_runtime.offload.predictor import LearnedPredictor, to_predictions
 from moe_runtime.offload.trace import RoutingTrace
 
 SIM_POLICIES = ("lru", "lfu", "predictive", "oracle", "belady", "belady-prefetch", "this-token-lru",
-                "this-token-lfu", "mixtral-offloading", "moe-infinity")
+                "this-token-lfu", "mixtral-offloading", "moe-infinity", *PEERS)
 _LEARNED = ("predictive", "mixtral-offloading")
 
 
@@ -88,6 +89,34 @@ def trace_timing(trace: RoutingTrace, copy_ms: float | None = None, attn_ms: flo
                        attn_s=attn_ms / 1e3 if attn_ms is not None else base.attn_s)
 
 
+def profile_of(steps: list[Step], L: int, E: int) -> np.ndarray:
+    """[L, E] share of the passes of `steps` that used each key: a calibration profile."""
+    out = np.zeros((L, E))
+    for st in steps:
+        for m in range(L):
+            out[m, list(st.used[m])] += 1
+    return out / max(1, len(steps))
+
+
+def split_trace(trace: RoutingTrace, share: float = 0.5) -> tuple[RoutingTrace, RoutingTrace]:
+    """(calibration, evaluation): the passes before the first `share` of the decode passes (any
+    prefill included) profile the hot sets and fit the predictor; the rest is what the policies are
+    judged on, so neither ever sees the tokens it serves."""
+    steps = np.unique(trace.step)
+    S = {int(s): len(np.unique(trace.pos[trace.step == s])) for s in steps}
+    B = {int(s): len(np.unique(trace.seq[trace.step == s])) for s in steps}
+    dec = [int(s) for s in steps if trace.layer[trace.step == s].size == B[int(s)] * trace.num_layers and S[int(s)] == 1]
+    if len(dec) < 2:
+        raise ValueError("the trace holds fewer than two decode passes: nothing to split into calibration and evaluation")
+    cut = dec[max(1, min(len(dec) - 1, round(share * len(dec))))]
+
+    def part(mask: np.ndarray) -> RoutingTrace:
+        return RoutingTrace(trace.num_layers, trace.num_experts, trace.top_k, trace.step[mask], trace.seq[mask],
+                            trace.pos[mask], trace.layer[mask], trace.experts[mask], trace.scores[mask],
+                            dict(trace.meta))
+    return part(trace.step < cut), part(trace.step >= cut)
+
+
 def _future(steps: list[Step], L: int) -> dict[Key, list[int]]:
     out: dict[Key, list[int]] = {}
     for p, st in enumerate(steps):
@@ -122,10 +151,13 @@ def _predictions(policy: str, st: Step, prev: Step | None, m: int, depth: int, L
 
 def simulate(trace: RoutingTrace, policy: str, capacity: int, cal: Calibration, *, depth: int = 1,
              learned: LearnedPredictor | None = None, steps: list[Step] | None = None,
-             cpu_experts: bool = False, stream_fraction: float = 0.75, max_inflight: int | None = None
-             ) -> dict[str, Any]:
+             cpu_experts: bool = False, stream_fraction: float = 0.75, max_inflight: int | None = None,
+             profile: np.ndarray | None = None) -> dict[str, Any]:
     """Replay `trace` with `capacity` slots: hits, copies, bytes, modelled stall and time (decode
-    passes, one token per sequence, are also totalled apart: tokens/s and bytes/token)."""
+    passes, one token per sequence, are also totalled apart: tokens/s and bytes/token). `steps`
+    replays those passes instead of the whole trace; `profile` ([L, E], profile_of) is the hot-set
+    peers' calibration (without one they profile the first pass, like the engine) and the
+    predictive policy's prior."""
     if policy not in SIM_POLICIES:
         raise ValueError(f"policy={policy!r} is not one of {', '.join(SIM_POLICIES)}")
     if capacity < 1:
@@ -138,7 +170,7 @@ def simulate(trace: RoutingTrace, policy: str, capacity: int, cal: Calibration, 
     planner = Planner(ExpertCache(capacity, scheme), CostModel(cal), L,
                       scheme=SCHEMES[scheme], cpu_experts=cpu_experts, stream_fraction=stream_fraction,
                       num_experts=E, max_prefetch_per_layer=max_inflight or 2 * trace.top_k,
-                      future=_future(steps, L) if SCHEMES[scheme].needs_future else None)
+                      future=_future(steps, L) if SCHEMES[scheme].needs_future else None, profile=profile)
     planner.preload()  # every expert fits: all resident from the start, like the engine
     dec = {"time_s": 0.0, "stall_s": 0.0, "copies": 0, "tokens": 0, "passes": 0}
     copies, prev = 0, None
@@ -147,7 +179,7 @@ def simulate(trace: RoutingTrace, policy: str, capacity: int, cal: Calibration, 
         for m in range(L):
             copies += len(planner.prefetch(m, _predictions(policy, st, prev, m, depth, L, learned)))
             copies += sum(op.kind == "copy" for op in planner.serve(m, st.used[m]).ops)
-        planner.end_pass()
+        copies += len(planner.end_pass())
         if st.S == 1:
             dec["time_s"] += planner.now - t0
             dec["stall_s"] += planner.stall_s - s0
@@ -195,5 +227,5 @@ def format_table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["Step", "steps_of", "simulate", "simulate_grid", "trace_timing", "parse_capacities", "format_table",
+__all__ = ["Step", "steps_of", "profile_of", "split_trace", "simulate", "simulate_grid", "trace_timing", "parse_capacities", "format_table",
            "SIM_POLICIES"]
