@@ -149,7 +149,7 @@ class Planner:
             hot.reshape(-1)[order[flat[order] > 0]] = True
             self.table.hot_LE = hot
             if self.shadows is not None:
-                self.shadows.tables["hot"].hot_LE = hot
+                self.shadows.set_hot(hot)
 
     # ---------------------------------------------------------------- pinned sets
     def pinned_budget(self) -> int:
@@ -226,9 +226,10 @@ class Planner:
         return INF if p <= 0 else (key[0] - here) % self.L + self.L * (1.0 / p - 1.0)
 
     # ---------------------------------------------------------------- eviction
-    def victim_slot(self, incoming: Key, *, prefetch: bool) -> int | None:
+    def victim_slot(self, incoming: Key, *, prefetch: bool, memo: dict | None = None) -> int | None:
         """A free slot, else the eviction rule's victim; None when every slot is pinned or (prefetch)
-        when every candidate is expected back sooner than `incoming`."""
+        when every candidate is expected back sooner than `incoming`. `memo`: a dict kept while no
+        slot changes hands (the victim does not depend on `incoming` but for layer-lru)."""
         if self.cache.num_slots >= self.L * self.E:  # everything fits: home slots keep layers contiguous
             return incoming[0] * self.E + incoming[1]
         free = self.table.free_slot()
@@ -240,7 +241,12 @@ class Planner:
         p_LE = self.stats.p_use_LE() if rule in ("next-use", "frequency") else None
         if rule == "frequency":
             p_LE = self.stats.v * self.stats.decay ** (self.stats.runs[:, None] - self.stats.t)
-        found = self.table.victim(rule, incoming, self._here(), p_LE, (self.passes + 1) * self.L)
+        if memo is not None and rule != "layer-lru":
+            if rule not in memo:
+                memo[rule] = self.table.victim(rule, incoming, self._here(), p_LE, (self.passes + 1) * self.L)
+            found = memo[rule]
+        else:
+            found = self.table.victim(rule, incoming, self._here(), p_LE, (self.passes + 1) * self.L)
         if found is None:
             return None
         slot, dist = found
@@ -588,9 +594,9 @@ class Planner:
         a victim slot (none unless the scheme prefetches by the cost rule)."""
         if self.scheme.prefetch != "cost":
             return []
-        out = []
+        out, memo = [], {}
         for key, (deadline, p) in self._candidates(m + 1, m + 1).items():
-            slot = self.victim_slot(key, prefetch=True)
+            slot = self.victim_slot(key, prefetch=True, memo=memo)
             if slot is not None:
                 out.append((deadline, p, self._evict_cost(self.cache.owner[slot], deadline, p)))
         return out

@@ -152,12 +152,14 @@ def _predictions(policy: str, st: Step, prev: Step | None, m: int, depth: int, L
 def simulate(trace: RoutingTrace, policy: str, capacity: int, cal: Calibration, *, depth: int = 1,
              learned: LearnedPredictor | None = None, steps: list[Step] | None = None,
              cpu_experts: bool = False, stream_fraction: float = 0.75, max_inflight: int | None = None,
-             profile: np.ndarray | None = None) -> dict[str, Any]:
+             profile: np.ndarray | None = None, memo: dict | None = None) -> dict[str, Any]:
     """Replay `trace` with `capacity` slots: hits, copies, bytes, modelled stall and time (decode
     passes, one token per sequence, are also totalled apart: tokens/s and bytes/token). `steps`
     replays those passes instead of the whole trace; `profile` ([L, E], profile_of) is the hot-set
     peers' calibration (without one they profile the first pass, like the engine) and the
-    predictive policy's prior."""
+    predictive policy's prior. `memo`: a dict the caller keeps across calls that replay the same
+    `steps` with the same `learned` predictor: each pass's predictions are computed once (they depend
+    on neither the capacity nor the calibration)."""
     if policy not in SIM_POLICIES:
         raise ValueError(f"policy={policy!r} is not one of {', '.join(SIM_POLICIES)}")
     if capacity < 1:
@@ -174,10 +176,20 @@ def simulate(trace: RoutingTrace, policy: str, capacity: int, cal: Calibration, 
     planner.preload()  # every expert fits: all resident from the start, like the engine
     dec = {"time_s": 0.0, "stall_s": 0.0, "copies": 0, "tokens": 0, "passes": 0}
     copies, prev = 0, None
-    for st in steps:
+    kind = policy if policy in _LEARNED else "exact" if policy in ("oracle", "belady-prefetch") else None
+    for i, st in enumerate(steps):
         t0, s0, c0 = planner.now, planner.stall_s, copies
         for m in range(L):
-            copies += len(planner.prefetch(m, _predictions(policy, st, prev, m, depth, L, learned)))
+            if kind is None:
+                preds = []
+            elif memo is None:
+                preds = _predictions(policy, st, prev, m, depth, L, learned)
+            else:
+                k = (kind, depth, i, m)
+                if k not in memo:
+                    memo[k] = _predictions(policy, st, prev, m, depth, L, learned)
+                preds = memo[k]
+            copies += len(planner.prefetch(m, preds))
             copies += sum(op.kind == "copy" for op in planner.serve(m, st.used[m]).ops)
         copies += len(planner.end_pass())
         if st.S == 1:
