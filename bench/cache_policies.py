@@ -41,14 +41,17 @@ from moe_runtime.offload.report import utc_now  # noqa: E402
 from moe_runtime.offload.predictor import LearnedPredictor  # noqa: E402
 from moe_runtime.offload.projection import SHAPES, constants, project, projection_calibration  # noqa: E402
 from moe_runtime.offload.plan import PEERS  # noqa: E402
-from moe_runtime.offload.simulate import profile_of, simulate, split_trace, steps_of  # noqa: E402
+from moe_runtime.offload.projection import SPLIT_GPU_S, SPLIT_GPU_SOURCE  # noqa: E402
+from moe_runtime.offload.simulate import CHOICES, choose_policy, profile_of, simulate, split_trace, steps_of  # noqa: E402
 from moe_runtime.offload.synthetic import synthetic_trace  # noqa: E402
 from moe_runtime.offload.trace import RoutingTrace, TraceRecorder  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
-POLICIES = ("lru", "lfu", "predictive", "predictive-gpu-only", "belady", "mixtral-offloading", "moe-infinity",
-            *PEERS)
-"""predictive: the engine's default on a GPU (cpu_experts auto = on): the planner may run a miss, or
+POLICIES = ("default", "lru", "lfu", "predictive", "predictive-gpu-only", "belady", "mixtral-offloading",
+            "moe-infinity", *PEERS)
+"""default: the planner's plan chosen per run from the calibration half only (simulate.choose_policy: its
+adaptive plan, every peer's plan, LRU and LFU replayed on that half with the same cost model).
+predictive: the engine's default on a GPU (cpu_experts auto = on): the planner may run a miss, or
 part of one while the rest is copied, on 16 host cores (projection.py states the constant).
 predictive-gpu-only: the same planner with --cpu-experts off. The baselines never use host cores.
 this-token-*: bounds, Belady that sees only the rest of the current forward pass (LRU / LFU beyond it)."""
@@ -82,7 +85,7 @@ def record(model, B: int, new: int, temperature: float, seed: int) -> RoutingTra
     cfg = model.cfg
     prompt = torch.tensor([list(b"def ")] * B) if B == 1 else \
         torch.randint(32, 127, (B, 4), generator=torch.Generator().manual_seed(seed))
-    with TraceRecorder(cfg.num_moe_layers, cfg.moe.num_experts, cfg.moe.top_k).attach(model) as rec:
+    with TraceRecorder(cfg.num_moe_layers, cfg.moe.num_experts, cfg.moe.top_k).attach(model, lookahead_depth=1) as rec:
         model.generate(prompt, new, temperature=temperature, generator=torch.Generator().manual_seed(seed))
     return rec.to_trace()
 
@@ -134,51 +137,71 @@ def traces_for(shape: str, models: dict | None, args) -> dict[str, RoutingTrace]
     return {**out, **synthetic_for(shape, args)}
 
 
+def fit_learned(trace: RoutingTrace) -> LearnedPredictor:
+    return LearnedPredictor.fit(trace, 1, steps=60, lr=0.2, max_tokens=64)
+
+
 def project_all(shape: str, traces: dict[str, RoutingTrace], links: list[str], fracs: list[float],
-                host: str = "measured") -> list[dict]:
+                split_s: float, host: str = "measured") -> list[dict]:
     """Every policy on the second half of each trace; the first half fits the predictor, profiles
-    the peers' hot sets and primes ours (out of sample: nobody sees the tokens it serves)."""
+    the peers' hot sets, primes ours and is all the default planner's choice of plan sees (out of
+    sample: nobody sees the tokens it serves). The predictive policy replays the engine's default
+    predictor where the trace recorded it (lookahead gating), else the learned one."""
     rows = []
-    pols = POLICIES if host == "measured" else ("lru", "lfu", "predictive", *PEERS)
+    pols = POLICIES if host == "measured" else ("default", "lru", "lfu", "predictive", *PEERS)
     for name, trace in traces.items():
         calib, held = split_trace(trace)
         steps = steps_of(held)
         profile = profile_of(steps_of(calib), trace.num_layers, trace.num_experts)
-        learned = LearnedPredictor.fit(calib, 1, steps=60, lr=0.2, max_tokens=64)
+        predictor = "recorded" if trace.lookahead is not None else "learned"
+        learned = fit_learned(calib)
+        memo: dict = {}
         for frac in fracs:
             cap = max(1, round(frac * trace.num_layers * trace.num_experts))
             for link in links:
                 cal = projection_calibration(shape, link, host_s_per_byte=FAST_HOST if host == "fast" else None)
+                t0 = time.perf_counter()
+                choice, scores = choose_policy(calib, cap, cal, predictor=predictor, split_s=split_s, fit=fit_learned)
+                choose_s = time.perf_counter() - t0
                 for policy in pols:
                     t0 = time.perf_counter()
-                    sim_policy, cpu = HOST_CORES.get(policy, (policy, False))
+                    plan = choice if policy == "default" else policy
+                    sim_policy, cpu = HOST_CORES.get(plan, (plan, False))
                     r = simulate(held, sim_policy, cap, cal, learned=learned, steps=steps, cpu_experts=cpu,
-                                 profile=profile)
+                                 profile=profile, memo=memo, predictor=predictor if sim_policy == "predictive" else "learned",
+                                 split_s=split_s)
                     rows.append({"shape": shape, "link": link, "trace": name, "policy": policy, "slots": cap,
                                  "cache_fraction": frac, "host": host, "hit_rate": r["hit_rate"],
                                  **project(r, trace.num_layers, shape),
                                  "prefetch_issued": r["prefetch_issued"], "prefetch_used": r["prefetch_used"],
                                  "cpu_served": r["cpu_served"], "split_runs": r["split_runs"],
-                                 "sim_s": time.perf_counter() - t0})
+                                 "predictor": predictor if sim_policy == "predictive" else "learned" if sim_policy == "mixtral-offloading" else None,
+                                 "sim_s": time.perf_counter() - t0 + (choose_s if policy == "default" else 0.0),
+                                 **({"chosen": choice, "calibration_tok_s": scores} if policy == "default" else {})})
                 print(f"  {shape} {frac:.0%} {link} {host} host, {name}: " + ", ".join(
                     f"{r['policy']} {r['tokens_per_s']:.2f}" for r in rows[-len(pols):]), flush=True)
     return rows
 
 
 def targets(rows: list[dict]) -> list[dict]:
-    """Per (shape, link, cache, host, trace): the default policy (predictive, host cores on) against
-    the best host-using peer and against max(every peer, LRU, LFU)."""
+    """Per (shape, link, cache, host, trace): the default policy (the plan chosen on the calibration
+    half) and the adaptive planner alone (predictive, host cores on) against the best host-using peer
+    and against max(every peer, LRU, LFU)."""
     out = []
     keys = sorted({(r["shape"], r["link"], r["cache_fraction"], r["host"], r["trace"]) for r in rows})
     for k in keys:
-        tps = {r["policy"]: r["tokens_per_s"] for r in rows
-               if (r["shape"], r["link"], r["cache_fraction"], r["host"], r["trace"]) == k}
+        sel = [r for r in rows if (r["shape"], r["link"], r["cache_fraction"], r["host"], r["trace"]) == k]
+        tps = {r["policy"]: r["tokens_per_s"] for r in sel}
+        chosen = next(r["chosen"] for r in sel if r["policy"] == "default")
         best_peer = max(PEERS, key=lambda p: tps[p])
         rival = max(["lru", "lfu", *PEERS], key=lambda p: tps[p])
         out.append({"shape": k[0], "link": k[1], "cache_fraction": k[2], "host": k[3], "trace": k[4],
-                    "predictive": tps["predictive"], "best_peer": best_peer, "best_peer_tps": tps[best_peer],
-                    "vs_best_peer": tps["predictive"] / tps[best_peer], "rival": rival,
-                    "vs_all": tps["predictive"] / tps[rival], "vs_lru": tps["predictive"] / tps["lru"]})
+                    "default": tps["default"], "chosen": chosen, "predictive": tps["predictive"],
+                    "best_peer": best_peer, "best_peer_tps": tps[best_peer],
+                    "vs_best_peer": tps["default"] / tps[best_peer], "rival": rival,
+                    "vs_all": tps["default"] / tps[rival], "vs_lru": tps["default"] / tps["lru"],
+                    "predictive_vs_best_peer": tps["predictive"] / tps[best_peer],
+                    "predictive_vs_all": tps["predictive"] / tps[rival]})
     return out
 
 
@@ -187,9 +210,37 @@ def summary(tg: list[dict], host: str) -> dict:
     if not t:
         return {}
     r = [x["vs_all"] for x in t]
+    p = [x["predictive_vs_all"] for x in t]
     return {"host": host, "cases": len(t), "min_vs_all": min(r), "median_vs_best_peer":
             statistics.median(x["vs_best_peer"] for x in t), "below_1": sum(v < 1 for v in r),
-            "median_vs_lru": statistics.median(x["vs_lru"] for x in t)}
+            "median_vs_lru": statistics.median(x["vs_lru"] for x in t),
+            "predictive_min_vs_all": min(p), "predictive_below_1": sum(v < 1 for v in p),
+            "predictive_median_vs_best_peer": statistics.median(x["predictive_vs_best_peer"] for x in t),
+            "chosen": {c: sum(x["chosen"] == c for x in t) for c in sorted({x["chosen"] for x in t})}}
+
+
+@torch.no_grad()
+def split_overhead(repeats: int = 400, D: int = 1024, F: int = 2048) -> dict:
+    """The CPU-side cost of a split run on this machine: W13 as two products (x[:, :d] W13[:d] on the
+    host's rows, then addmm of the rest, what OffloadRuntime._run_split does) minus one whole
+    product, one token, steps alternating, medians. A fixed cost per split (extra dispatch and
+    slicing), added to the GPU-side transfers (projection.SPLIT_GPU_S)."""
+    g = torch.Generator().manual_seed(0)
+    x, w13 = torch.randn(1, D, generator=g), torch.randn(D, 2 * F, generator=g)
+    d = D // 3
+    whole, split = [], []
+    for i in range(repeats):
+        for which in ((0, 1) if i % 2 else (1, 0)):
+            t0 = time.perf_counter()
+            if which == 0:
+                x @ w13
+            else:
+                h = x[:, :d].to("cpu") @ w13[:d]
+                torch.addmm(h, x[:, d:], w13[d:])
+            (whole if which == 0 else split).append(time.perf_counter() - t0)
+    w, s_ = statistics.median(whole), statistics.median(split)
+    return {"whole_us": w * 1e6, "split_us": s_ * 1e6, "cpu_overhead_s": max(0.0, s_ - w), "repeats": repeats,
+            "shape": f"x [1, {D}] @ W13 [{D}, {2 * F}], fp32, host rows {d}"}
 
 
 @torch.no_grad()
@@ -232,20 +283,32 @@ def markdown(out: dict) -> str:
              "half (out of sample). Command: `python bench/cache_policies.py "
              f"--shapes {','.join(out['shapes'])}`.", "",
              "Host constant: 8.3 ms per 352 MB Mixtral expert at one token, bf16, 16 host cores of the lent H100 "
-             "machine (../shared/PAPERS.md), scaled by expert bytes and linearly in tokens; sensitivity rows use "
-             "3 ms (a host kernel at DRAM bandwidth, issue 19's figure, not measured).", ""]
+             "machine (../shared/PAPERS.md), scaled by expert bytes and linearly in tokens; sensitivity rows (host "
+             "`fast`) use 3 ms (a host kernel at DRAM bandwidth, issue 19's figure, not measured).", ""]
+    sp = out["split"]
+    lines += [f"Split run: {sp['cpu_overhead_s'] * 1e6:.1f} us CPU-side, measured here ({sp['shape']}, median of "
+              f"{sp['repeats']} alternating), + {sp['gpu_s'] * 1e6:.0f} us GPU-side ({sp['gpu_source']}) = "
+              f"{sp['split_s'] * 1e6:.1f} us per split, paid by the planner's choice and the timeline. Host runs' "
+              "activation transfers are charged to nobody (every host-using policy has them).", "",
+              "Predictors: `predictive` replays the engine's default predictor (lookahead gating) recorded with the "
+              "trained-model traces; synthetic traces have no hidden states, so there it is the learned predictor "
+              "fitted on the calibration half.", ""]
     for name, sm in out["summary"].items():
         if sm:
-            lines.append(f"- {name} host: predictive / max(every peer, LRU, LFU) min **{sm['min_vs_all']:.3f}** over "
-                         f"{sm['cases']} cases ({sm['below_1']} below 1); predictive / best peer median "
-                         f"**{sm['median_vs_best_peer']:.3f}**; / LRU median {sm['median_vs_lru']:.2f}.")
+            lines.append(f"- {name} host: **default** / max(every peer, LRU, LFU) min **{sm['min_vs_all']:.3f}** over "
+                         f"{sm['cases']} cases ({sm['below_1']} below 1); default / best peer median "
+                         f"**{sm['median_vs_best_peer']:.3f}**; / LRU median {sm['median_vs_lru']:.2f}. The adaptive "
+                         f"planner alone (predictive): min {sm['predictive_min_vs_all']:.3f} ({sm['predictive_below_1']} "
+                         f"below 1), median / best peer {sm['predictive_median_vs_best_peer']:.3f}. Plans chosen: "
+                         + ", ".join(f"{k} {v}" for k, v in sm["chosen"].items()) + ".")
     lines += ["", "## Default policy vs the best peer", "",
-              "| shape | link | cache | host | trace | predictive tok/s | best peer | its tok/s | / best peer "
-              "| / max(peers, LRU, LFU) |", "|---|---|---:|---|---|---:|---|---:|---:|---:|"]
+              "default = the plan the planner chose from the calibration half alone (simulate.choose_policy).", "",
+              "| shape | link | cache | host | trace | default tok/s | chosen | predictive tok/s | best peer | its tok/s "
+              "| default / best peer | default / max(peers, LRU, LFU) |", "|---|---|---:|---|---|---:|---|---:|---|---:|---:|---:|"]
     for t in out["targets"]:
         lines.append(f"| {t['shape']} | {t['link']} | {t['cache_fraction']:.0%} | {t['host']} | {t['trace']} | "
-                     f"{t['predictive']:.2f} | {t['best_peer']} | {t['best_peer_tps']:.2f} | {t['vs_best_peer']:.3f} | "
-                     f"{t['vs_all']:.3f} |")
+                     f"{t['default']:.2f} | {t['chosen']} | {t['predictive']:.2f} | {t['best_peer']} | "
+                     f"{t['best_peer_tps']:.2f} | {t['vs_best_peer']:.3f} | {t['vs_all']:.3f} |")
     for shape in out["shapes"]:
         for link in out["links"]:
             c = constants(shape, link)
@@ -303,13 +366,17 @@ def main(argv=None) -> int:
                             for g in sorted(set(GEOMETRY.values()))})
         return trained
 
+    split = split_overhead(60 if args.quick else 400)
+    split_s = split["cpu_overhead_s"] + SPLIT_GPU_S
+    print(f"split run: {split['cpu_overhead_s'] * 1e6:.1f} us on this CPU + {SPLIT_GPU_S * 1e6:.0f} us GPU-side "
+          f"(assumed) = {split_s * 1e6:.1f} us per split", flush=True)
     rows = []
     for shape in shapes:
         print(f"projecting onto {shape}", flush=True)
         traces = load_or_record(shape, models, args)
-        rows += project_all(shape, traces, links, fracs)
+        rows += project_all(shape, traces, links, fracs, split_s)
         if shape in fast:
-            rows += project_all(shape, traces, links, fracs, host="fast")
+            rows += project_all(shape, traces, links, fracs, split_s, host="fast")
     over = []
     if not args.no_overhead:
         print("engine host work at 100% of slots", flush=True)
@@ -319,7 +386,8 @@ def main(argv=None) -> int:
            "shapes": shapes, "links": links, "cache_fractions": fracs, "policies": list(POLICIES),
            "constants": {f"{s}/{l}": constants(s, l) for s in shapes for l in links}, "rows": rows,
            "targets": tg, "summary": {h: summary(tg, h) for h in ("measured", "fast")},
-           "host_overhead": over, "wall_s": time.perf_counter() - t0}
+           "host_overhead": over, "split": {**split, "gpu_s": SPLIT_GPU_S, "gpu_source": SPLIT_GPU_SOURCE,
+                                            "split_s": split_s}, "wall_s": time.perf_counter() - t0}
     md = markdown(out)
     print(md)
     if not args.quick:

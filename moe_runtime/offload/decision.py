@@ -97,7 +97,7 @@ class Planner:
     def __init__(self, cache: ExpertCache, cost: CostModel, num_layers: int, *, scheme: str | Scheme = "lru",
                  cpu_experts: bool = False, stream_fraction: float = 0.75, num_experts: int,
                  max_prefetch_per_layer: int | None = None, future: Mapping[Key, list[int]] | None = None,
-                 profile: np.ndarray | None = None):
+                 profile: np.ndarray | None = None, split_s: float = 0.0):
         self.scheme = SCHEMES[scheme] if isinstance(scheme, str) else scheme
         if self.scheme.needs_future and future is None:
             raise ValueError(f"policy {self.scheme.name!r} needs the future routing: only the simulator has it")
@@ -105,6 +105,11 @@ class Planner:
         # the host-using peers are defined by their use of host cores: on whatever the device
         self.cpu_experts = cpu_experts or self.scheme.peer
         self.stream_fraction = stream_fraction
+        if split_s < 0:
+            raise ValueError(f"split_s={split_s} must be >= 0 (seconds a split run adds: activation transfers, host sync)")
+        self.split_s = split_s
+        """What a split run adds to its host and device parts: the activation rows to the host, the
+        partial result back and the host sync between them (offload/projection.py states it for a GPU)."""
         self.copy_s, self.attn_s = cost.cal.copy_s, cost.cal.attn_s
         self.miss_s = min(self.copy_s + cost.device_time(1), cost.host_time(1)) if self.cpu_experts else self.copy_s
         """What a one-token miss costs: a copy, or with host cores whichever of copy and host run is faster."""
@@ -449,7 +454,7 @@ class Planner:
         """Run key from its slot, waiting for its copy; a split run (host_share > 0) first runs
         its share of W13 on host cores (while the device part lands), then fills the slot."""
         if host_share:
-            self.now += r_w13(host_share) * self.cost.host_time(n)
+            self.now += r_w13(host_share) * self.cost.host_time(n) + self.split_s
             self.t.split_runs += 1
         wait = max(0.0, self.ready_at.pop(key, 0.0) - self.now)
         self.stall_s += wait
@@ -468,11 +473,12 @@ class Planner:
         """The share r of W13's rows host cores take so that they finish when the rest of the
         expert lands: busy + r W H = queue + (1 - r W) C, with W = W13's share of the expert's
         bytes, H the host time, C the copy time and busy the host work queued before it. The
-        split then lands r W C sooner than the whole copy: 0 (no split) when that is under 5%."""
+        split then lands r W C sooner than the whole copy, less split_s (its transfers and sync): 0
+        (no split) when that is under 5% of the copy or not positive."""
         C, H = self.copy_s, self.cost.host_time(n)
         queued = max(self.link_free, self.now) - self.now
-        r = min(1.0, (queued + C - host_busy) / (W13_SHARE * (H + C)))
-        return r if r_w13(r) >= 0.05 else 0.0
+        r = min(1.0, (queued + C - host_busy - self.split_s) / (W13_SHARE * (H + C)))
+        return r if r_w13(r) >= 0.05 and r_w13(r) * C > self.split_s else 0.0
 
     def _host(self, key: Key, n: int, plan: LayerPlan) -> None:
         self.now += self.cost.host_time(n)

@@ -26,6 +26,14 @@ HOST_S_PER_TOKEN_PER_BYTE = 8.3e-3 / 352e6
 """16 host cores run one Mixtral expert (352 MB bf16) for one token in 8.3 ms (PAPERS.md, measured);
 scaled by expert bytes and linearly in tokens (an assumption; used only with cpu_experts)."""
 
+SPLIT_GPU_S = 2 * 7e-6
+SPLIT_GPU_SOURCE = ("a split run's two small transfers on the GPU side, the activation rows to the host "
+                    "(a blocking cudaMemcpy: the host sync) and the partial W13 result back, at the 6-7 us "
+                    "overhead per cudaMemcpy that NVIDIA's GDRCopy README states (github.com/NVIDIA/gdrcopy); "
+                    "an assumption, not measured by this project")
+"""What a split run adds on a GPU beyond its host and device work; the bench adds the CPU-side cost it
+measures on its own machine (bench/cache_policies.py: split_overhead)."""
+
 
 @dataclass(frozen=True, kw_only=True)
 class ModelShape:
@@ -140,4 +148,4 @@ def project(row: dict[str, Any], trace_layers: int, shape: str) -> dict[str, Any
             "copies_per_token": d["copies"] / tok * scale}
 
 
-__all__ = ["ModelShape", "Link", "SHAPES", "LINKS", "projection_calibration", "constants", "project"]
+__all__ = ["SPLIT_GPU_S", "SPLIT_GPU_SOURCE", "ModelShape", "Link", "SHAPES", "LINKS", "projection_calibration", "constants", "project"]

@@ -46,6 +46,8 @@ class Step:
     """Per MoE layer [T, K] chosen experts, rows b * S + s (the engine's order)."""
     used: list[dict[int, int]]
     """Per MoE layer expert -> tokens routed to it."""
+    look: list[np.ndarray] | None = None
+    """Per MoE layer [T, depth + 1, K] recorded lookahead predictions for it (RoutingTrace.lookahead)."""
 
 
 def steps_of(trace: RoutingTrace) -> list[Step]:
@@ -58,15 +60,17 @@ def steps_of(trace: RoutingTrace) -> list[Step]:
             continue
         layer = trace.layer[rows]
         B = len(np.unique(trace.seq[rows]))
-        idx, used = [], []
+        idx, used, look = [], [], []
         for m in range(trace.num_layers):
             sel = rows[layer == m]
             ids = torch.from_numpy(trace.experts[sel].astype(np.int64))
             idx.append(ids)
             e, n = np.unique(trace.experts[sel], return_counts=True)
             used.append({int(a): int(b) for a, b in zip(e, n)})
+            if trace.lookahead is not None:
+                look.append(trace.lookahead[sel])
         T = idx[0].shape[0]
-        out.append(Step(B, T // max(B, 1), idx, used))
+        out.append(Step(B, T // max(B, 1), idx, used, look if trace.lookahead is not None else None))
     return out
 
 
@@ -113,7 +117,7 @@ def split_trace(trace: RoutingTrace, share: float = 0.5) -> tuple[RoutingTrace, 
     def part(mask: np.ndarray) -> RoutingTrace:
         return RoutingTrace(trace.num_layers, trace.num_experts, trace.top_k, trace.step[mask], trace.seq[mask],
                             trace.pos[mask], trace.layer[mask], trace.experts[mask], trace.scores[mask],
-                            dict(trace.meta))
+                            dict(trace.meta), lookahead=None if trace.lookahead is None else trace.lookahead[mask])
     return part(trace.step < cut), part(trace.step >= cut)
 
 
@@ -139,11 +143,29 @@ def _learned_predictions(learned, st: Step, prev: Step | None, m: int, depth: in
     return to_predictions(raw)
 
 
-def _predictions(policy: str, st: Step, prev: Step | None, m: int, depth: int, L: int, learned):
+def _recorded_predictions(st: Step, m: int, depth: int, L: int):
+    """What the engine's lookahead path submits before layer m (engine._on_block): the recorded
+    predictions for layers m .. m+depth made from the hidden state entering layer m, each expert
+    with confidence 1 (the recorded ids only; the cost rule prices a prediction by its measured
+    precision at its distance, not by its router weight)."""
+    out = []
+    for d in range(depth + 1):
+        j = m + d
+        if j >= L or d >= st.look[j].shape[1]:
+            break
+        ids = st.look[j][:, d].reshape(-1)
+        ids = ids[ids >= 0]
+        if ids.size:
+            out.append((j, d, dict.fromkeys((int(e) for e in ids), 1.0)))  # first-seen order, like to_predictions
+    return out
+
+
+def _predictions(policy: str, st: Step, prev: Step | None, m: int, depth: int, L: int, learned, predictor: str):
     if policy in ("oracle", "belady-prefetch"):
         return [(j, j - m, {e: 1.0 for e in st.used[j]}) for j in range(m, min(L, m + depth + 1))]
     if policy == "predictive":
-        return _learned_predictions(learned, st, prev, m, depth, L)
+        return _recorded_predictions(st, m, depth, L) if predictor == "recorded" else \
+            _learned_predictions(learned, st, prev, m, depth, L)
     if policy == "mixtral-offloading":  # the next layer only
         return [p for p in _learned_predictions(learned, st, prev, m, 1, L) if p[1] == 1]
     return []
@@ -152,42 +174,55 @@ def _predictions(policy: str, st: Step, prev: Step | None, m: int, depth: int, L
 def simulate(trace: RoutingTrace, policy: str, capacity: int, cal: Calibration, *, depth: int = 1,
              learned: LearnedPredictor | None = None, steps: list[Step] | None = None,
              cpu_experts: bool = False, stream_fraction: float = 0.75, max_inflight: int | None = None,
-             profile: np.ndarray | None = None, memo: dict | None = None) -> dict[str, Any]:
+             profile: np.ndarray | None = None, memo: dict | None = None, predictor: str = "learned",
+             split_s: float = 0.0) -> dict[str, Any]:
     """Replay `trace` with `capacity` slots: hits, copies, bytes, modelled stall and time (decode
     passes, one token per sequence, are also totalled apart: tokens/s and bytes/token). `steps`
     replays those passes instead of the whole trace; `profile` ([L, E], profile_of) is the hot-set
     peers' calibration (without one they profile the first pass, like the engine) and the
     predictive policy's prior. `memo`: a dict the caller keeps across calls that replay the same
     `steps` with the same `learned` predictor: each pass's predictions are computed once (they depend
-    on neither the capacity nor the calibration)."""
+    on neither the capacity nor the calibration). `predictor` (predictive): "learned" (`learned`, or
+    one fitted on the trace itself) or "recorded" (the lookahead predictions recorded with the trace:
+    the engine's default predictor). `split_s`: what a split run adds to its host and device parts
+    (activation transfers and the host sync), paid by the planner's choice and by the timeline."""
     if policy not in SIM_POLICIES:
         raise ValueError(f"policy={policy!r} is not one of {', '.join(SIM_POLICIES)}")
     if capacity < 1:
         raise ValueError(f"capacity={capacity} must be >= 1 slot")
     L, E = trace.num_layers, trace.num_experts
     steps = steps if steps is not None else steps_of(trace)
-    if policy in _LEARNED and learned is None:
+    if predictor not in ("learned", "recorded"):
+        raise ValueError(f"predictor={predictor!r} is not one of learned, recorded")
+    if predictor == "recorded":
+        if trace.lookahead is None:
+            raise ValueError("predictor='recorded' needs a trace recorded with its lookahead predictions "
+                             "(TraceRecorder.attach(model, lookahead_depth=1)); use predictor='learned'")
+        depth = min(depth, trace.lookahead.shape[1] - 1)
+    if (policy == "mixtral-offloading" or (policy == "predictive" and predictor == "learned")) and learned is None:
         learned = LearnedPredictor.fit(trace, depth)
     scheme = "predictive" if policy == "oracle" else policy
     planner = Planner(ExpertCache(capacity, scheme), CostModel(cal), L,
                       scheme=SCHEMES[scheme], cpu_experts=cpu_experts, stream_fraction=stream_fraction,
                       num_experts=E, max_prefetch_per_layer=max_inflight or 2 * trace.top_k,
-                      future=_future(steps, L) if SCHEMES[scheme].needs_future else None, profile=profile)
+                      future=_future(steps, L) if SCHEMES[scheme].needs_future else None, profile=profile,
+                      split_s=split_s)
     planner.preload()  # every expert fits: all resident from the start, like the engine
     dec = {"time_s": 0.0, "stall_s": 0.0, "copies": 0, "tokens": 0, "passes": 0}
     copies, prev = 0, None
-    kind = policy if policy in _LEARNED else "exact" if policy in ("oracle", "belady-prefetch") else None
+    kind = (f"{policy}-{predictor}" if policy in _LEARNED else "exact" if policy in ("oracle", "belady-prefetch")
+            else None)
     for i, st in enumerate(steps):
         t0, s0, c0 = planner.now, planner.stall_s, copies
         for m in range(L):
             if kind is None:
                 preds = []
             elif memo is None:
-                preds = _predictions(policy, st, prev, m, depth, L, learned)
+                preds = _predictions(policy, st, prev, m, depth, L, learned, predictor)
             else:
                 k = (kind, depth, i, m)
                 if k not in memo:
-                    memo[k] = _predictions(policy, st, prev, m, depth, L, learned)
+                    memo[k] = _predictions(policy, st, prev, m, depth, L, learned, predictor)
                 preds = memo[k]
             copies += len(planner.prefetch(m, preds))
             copies += sum(op.kind == "copy" for op in planner.serve(m, st.used[m]).ops)
@@ -207,6 +242,37 @@ def simulate(trace: RoutingTrace, policy: str, capacity: int, cal: Calibration, 
             "bytes_moved": copies * cal.expert_bytes, "stall_s": planner.stall_s, "time_s": planner.now,
             "passes": len(steps), "prefetch_issued": t.prefetch_issued, "prefetch_used": t.prefetch_used,
             "prefetch_cancelled": t.prefetch_cancelled, "cpu_served": t.cpu_served, "split_runs": t.split_runs, "decode": dec}
+
+
+CHOICES = ("predictive", *PEERS, "lru", "lfu")
+"""What the default planner chooses among per run (choose_policy): its own adaptive plan (host cores
+on), every host-using peer's plan, and the plain LRU / LFU caches."""
+
+
+def choose_policy(calib: RoutingTrace, capacity: int, cal: Calibration, *, candidates: tuple[str, ...] = CHOICES,
+                  predictor: str = "learned", split_s: float = 0.0, depth: int = 1,
+                  fit=None) -> tuple[str, dict[str, float]]:
+    """The planner's choice of plan for a run, from its calibration trace only: the calibration's first
+    half profiles the hot sets (and fits the learned predictor, `fit(trace)`), each candidate is replayed
+    with the simulator's own cost model on the calibration's second half, and the fastest (decode
+    tokens per modelled second; ties: earlier in `candidates`) is the plan. Returns (its name,
+    tokens/s per candidate). Every candidate sees only calibration tokens, never the ones it will serve."""
+    first, second = split_trace(calib)
+    steps = steps_of(second)
+    profile = profile_of(steps_of(first), calib.num_layers, calib.num_experts)
+    learned = None
+    if "predictive" in candidates and predictor == "learned":
+        learned = fit(first) if fit is not None else LearnedPredictor.fit(first, depth)
+    scores: dict[str, float] = {}
+    memo: dict = {}
+    for c in candidates:
+        r = simulate(second, c, capacity, cal, depth=depth, learned=learned, steps=steps, cpu_experts=c == "predictive",
+                     profile=profile, memo=memo, predictor=predictor if c == "predictive" else "learned",
+                     split_s=split_s)
+        d = r["decode"]
+        scores[c] = d["tokens"] / d["time_s"] if d["time_s"] else 0.0
+    best = max(candidates, key=lambda c: (scores[c], -candidates.index(c)))
+    return best, scores
 
 
 def parse_capacities(spec: str, total: int) -> list[int]:
@@ -239,5 +305,5 @@ def format_table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["Step", "steps_of", "profile_of", "split_trace", "simulate", "simulate_grid", "trace_timing", "parse_capacities", "format_table",
+__all__ = ["Step", "steps_of", "profile_of", "split_trace", "simulate", "choose_policy", "CHOICES", "simulate_grid", "trace_timing", "parse_capacities", "format_table",
            "SIM_POLICIES"]
