@@ -175,6 +175,14 @@ def markdown(report: dict) -> str:
                      f"{c['torch_vs_dram']:.2f} | {c['path_ms']:.2f} | {c['path_gbps']:.1f} | "
                      f"{c['path_vs_dram']:.2f} | {c['speedup']:.2f}x | {c['best']['dram_gbps']:.1f} | "
                      f"{c['best']['torch_vs_dram']:.2f} | {c['best']['path_vs_dram']:.2f} |")
+    lines += [
+        "",
+        "Reading the table: at 1 token the kernel is bound by how fast one core streams the weights;",
+        "at 4-8 tokens each weight pair feeds 4-8 vdpbf16ps instructions and one core's dot-product",
+        "throughput, not DRAM, is the bound (a second core adds compute). The 2-thread rows are wall",
+        "time on 2 vCPUs shared with the other processes of the load average above: they say little",
+        "about an idle machine. fp32 at 4-16 tokens (MKL's small-N GEMM) stays at torch's path.",
+    ]
     return "\n".join(lines) + "\n\n" + readme_paragraph(report)
 
 
@@ -191,7 +199,8 @@ def readme_paragraph(report: dict) -> str:
     text = (f"**Host expert path.** A cold expert run on host cores streams its weights once, so its floor is "
             f"expert bytes / DRAM bandwidth. On this machine ({m['cpu']}, {m['cores']} cores, {report['date']}; "
             f"shared with other jobs, so absolute figures are low) a {shape} expert (D={c1['D']}, F={c1['F']}, "
-            f"bf16, {c1['expert_bytes'] / 1e6:.0f} MB) at 1 token and 1 thread took {c1['torch_ms']:.1f} ms "
+            f"bf16, {c1['expert_bytes'] / 1e6:.0f} MB) at 1 token on 1 thread took {c1['torch_ms']:.1f} ms "
+            f"(the thread's CPU time) "
             f"through torch's bf16 matmul ({c1['torch_gbps']:.1f} GB/s, {c1['torch_vs_dram']:.2f} of the "
             f"{c1['dram_gbps']:.1f} GB/s streaming read measured in the same interleaved repetitions) and "
             f"{c1['path_ms']:.1f} ms through the host kernel ({c1['path_gbps']:.1f} GB/s, "
