@@ -5,6 +5,8 @@ multiples, at 1-8 rows and 1-2 threads, in both builds (AVX512-BF16 and portable
 path takes it exactly where it applies; calibration records which path it timed."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -162,3 +164,23 @@ def test_engine_runs_bf16_host_misses_through_the_kernel(monkeypatch):
     assert res.report["decode"]["cpu_served"] > 0 and calls and max(calls) <= ce.HOST_KERNEL_MAX_ROWS
     assert torch.equal(res.tokens, want_tokens)
     assert_close(res.logits.float(), want_logits.float(), torch.bfloat16, what="bf16 engine with host kernel")
+
+
+def test_a_damaged_cached_kernel_is_rebuilt_not_loaded(tmp_path, monkeypatch):
+    """The cached library carries a sha256 over all of it; a truncated or altered file is rebuilt."""
+    monkeypatch.setenv("MOE_RUNTIME_CACHE", str(tmp_path))
+    kernel, how = ce.build_host_kernel(("-DMOE_TEST_DIGEST=1",))
+    if kernel is None:
+        pytest.skip(f"no host kernel here: {how}")
+    so = Path(kernel.path)
+    digest = so.with_name(so.name + ".sha256")
+    assert so.parent == tmp_path / "host_kernel" and digest.read_text().strip() == ce._sha256_file(so)
+    good = so.read_bytes()
+    torn = so.with_name("torn")  # a torn write / damaged disk (a new file: the loaded one stays mapped)
+    torn.write_bytes(good[: len(good) // 2])
+    torn.replace(so)
+    kernel2, how2 = ce.build_host_kernel(("-DMOE_TEST_DIGEST=1",))
+    assert kernel2 is not None, how2
+    assert ce._sha256_file(so) == digest.read_text().strip() and len(so.read_bytes()) == len(good)
+    digest.unlink()  # a library without its digest is not trusted either
+    assert ce.build_host_kernel(("-DMOE_TEST_DIGEST=1",))[0] is not None and digest.exists()

@@ -312,6 +312,10 @@ def _cache_dir() -> Path:
     return Path(root) / "host_kernel"
 
 
+def _sha256_file(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
 def _cpu_id() -> str:
     """The CPU's model and feature flags: a kernel built with -march=native is only reused on its CPU."""
     try:
@@ -332,7 +336,8 @@ def build_host_kernel(extra_flags: tuple[str, ...] = ()) -> tuple[HostKernel | N
         version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=60).stdout
         key = hashlib.sha256("\0".join([_KERNEL_SRC, cc, version, *flags, _cpu_id()]).encode()).hexdigest()[:20]
         so = _cache_dir() / f"host_kernel_{key}.so"
-        if not so.exists():
+        digest = so.with_name(so.name + ".sha256")  # over the whole library, checked before every load
+        if not (so.exists() and digest.exists() and _sha256_file(so) == digest.read_text().strip()):
             so.parent.mkdir(parents=True, exist_ok=True)
             with tempfile.TemporaryDirectory(dir=so.parent) as tmp:
                 src, out = Path(tmp) / "host_kernel.c", Path(tmp) / "host_kernel.so"
@@ -342,7 +347,13 @@ def build_host_kernel(extra_flags: tuple[str, ...] = ()) -> tuple[HostKernel | N
                 if r.returncode != 0:
                     last = (r.stderr.strip().splitlines() or ["no message"])[-1]
                     return None, f"{cc} could not build the host kernel ({last[:200]})"
-                os.replace(out, so)  # atomic: a concurrent build or load sees a whole file or none
+                (Path(tmp) / "digest").write_text(_sha256_file(out) + "\n")
+                # atomic renames, digest first: a concurrent load sees a whole pair or rebuilds
+                os.replace(Path(tmp) / "digest", digest)
+                os.replace(out, so)
+            if _sha256_file(so) != digest.read_text().strip():
+                return None, f"host kernel {so} changed while it was being built (a concurrent build?); " \
+                             "run again or set MOE_HOST_KERNEL=torch"
         lib = ctypes.CDLL(str(so))
     except (OSError, subprocess.SubprocessError) as e:
         return None, f"host kernel unavailable ({type(e).__name__}: {e})"
