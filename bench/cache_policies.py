@@ -141,14 +141,18 @@ def fit_learned(trace: RoutingTrace) -> LearnedPredictor:
     return LearnedPredictor.fit(trace, 1, steps=60, lr=0.2, max_tokens=64)
 
 
+LEAN = ("default", "lru", "lfu", "predictive", *PEERS)
+"""--lean: the policies the targets compare (the GPU-only baselines and Belady left out)."""
+
+
 def project_all(shape: str, traces: dict[str, RoutingTrace], links: list[str], fracs: list[float],
-                split_s: float, host: str = "measured") -> list[dict]:
+                split_s: float, host: str = "measured", lean: bool = False) -> list[dict]:
     """Every policy on the second half of each trace; the first half fits the predictor, profiles
     the peers' hot sets, primes ours and is all the default planner's choice of plan sees (out of
     sample: nobody sees the tokens it serves). The predictive policy replays the engine's default
     predictor where the trace recorded it (lookahead gating), else the learned one."""
     rows = []
-    pols = POLICIES if host == "measured" else ("default", "lru", "lfu", "predictive", *PEERS)
+    pols = POLICIES if host == "measured" and not lean else LEAN
     for name, trace in traces.items():
         calib, held = split_trace(trace)
         steps = steps_of(held)
@@ -335,6 +339,28 @@ def markdown(out: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def merge(parts: list[Path]) -> int:
+    """One result from the --part files of parallel runs (each shape's rows as its run projected them)."""
+    outs = [json.loads(p.read_text()) for p in parts]
+    rows = [r for o in outs for r in o["rows"]]
+    tg = targets(rows)
+    first = outs[0]
+    out = {"date": max(o["date"] for o in outs), "host": first["host"],
+           "shapes": [s for o in outs for s in o["shapes"]], "links": first["links"],
+           "cache_fractions": first["cache_fractions"], "policies": list(POLICIES),
+           "constants": {k: v for o in outs for k, v in o["constants"].items()}, "rows": rows, "targets": tg,
+           "summary": {h: summary(tg, h) for h in ("measured", "fast")},
+           "host_overhead": next((o["host_overhead"] for o in outs if o["host_overhead"]), []),
+           "split": first["split"], "wall_s": max(o["wall_s"] for o in outs),
+           "parts": [{"shapes": o["shapes"], "wall_s": o["wall_s"], "split": o["split"]} for o in outs]}
+    md = markdown(out)
+    print(md)
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / "cache_policies.json").write_text(json.dumps(out, indent=2))
+    (RESULTS / "cache_policies.md").write_text(md)
+    return 0
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="short traces; prints, writes nothing")
@@ -347,7 +373,16 @@ def main(argv=None) -> int:
     p.add_argument("--no-overhead", action="store_true", help="skip the engine host-work measurement")
     p.add_argument("--record", action="store_true",
                    help="record the traces again (default: reuse bench/results/cache_traces/ when complete)")
+    p.add_argument("--lean", action="store_true", help="only the policies the targets compare (default, predictive, "
+                   "LRU, LFU, the peers)")
+    p.add_argument("--part", help="write this run's JSON here instead of bench/results (a part for --merge: shapes "
+                   "run as parallel processes)")
+    p.add_argument("--split-only", action="store_true", help="measure the split run's CPU-side cost, print its JSON")
+    p.add_argument("--split-cpu-us", help="a --split-only JSON file: use that measurement (parallel parts)")
+    p.add_argument("--merge", help="comma-separated --part files: one bench/results/cache_policies.{json,md}")
     args = p.parse_args(argv)
+    if args.merge:
+        return merge([Path(f) for f in args.merge.split(",") if f])
     torch.set_num_threads(1)
     args.tokens = 24 if args.quick else 96
     args.syn_tokens = {"mixtral-8x7b": 24 if args.quick else 128, "qwen3-30b-a3b": 12 if args.quick else 48,
@@ -367,6 +402,11 @@ def main(argv=None) -> int:
         return trained
 
     split = split_overhead(60 if args.quick else 400)
+    if args.split_cpu_us is not None:  # parallel parts share one measurement (made by `--split-only`)
+        split.update(json.loads(Path(args.split_cpu_us).read_text()))
+    if args.split_only:
+        print(json.dumps(split))
+        return 0
     split_s = split["cpu_overhead_s"] + SPLIT_GPU_S
     print(f"split run: {split['cpu_overhead_s'] * 1e6:.1f} us on this CPU + {SPLIT_GPU_S * 1e6:.0f} us GPU-side "
           f"(assumed) = {split_s * 1e6:.1f} us per split", flush=True)
@@ -374,7 +414,7 @@ def main(argv=None) -> int:
     for shape in shapes:
         print(f"projecting onto {shape}", flush=True)
         traces = load_or_record(shape, models, args)
-        rows += project_all(shape, traces, links, fracs, split_s)
+        rows += project_all(shape, traces, links, fracs, split_s, lean=args.lean)
         if shape in fast:
             rows += project_all(shape, traces, links, fracs, split_s, host="fast")
     over = []
@@ -390,7 +430,9 @@ def main(argv=None) -> int:
                                             "split_s": split_s}, "wall_s": time.perf_counter() - t0}
     md = markdown(out)
     print(md)
-    if not args.quick:
+    if args.part:
+        Path(args.part).write_text(json.dumps(out, indent=2))
+    elif not args.quick:
         RESULTS.mkdir(exist_ok=True)
         (RESULTS / "cache_policies.json").write_text(json.dumps(out, indent=2))
         (RESULTS / "cache_policies.md").write_text(md)
