@@ -56,10 +56,18 @@ Why the planner lost to them (issue 19, replayed on the sealed traces, Mixtral s
    one-off misses arrive (greedy 25%: 0.80-0.92). The adaptive rule now also shadows `hot` (keep
    the profile's hot set, LRU over the rest: the pinned peers' choice) and evicts by it when its
    shadow misses least.
-Measured after: see bench/results/cache_policies.md. What is left: on a strictly periodic trace
-(greedy, 25%, PCIe 4) the planner still copies and prefetches experts a host run would serve,
-0.87 of KTransformers; the prefetch gain is an expectation from measured precision and the
-learned predictor's precision on a 48-token calibration half is poor.
+5. What the rules above could not fix: on a strictly periodic trace (greedy, 25%, PCIe 4) the adaptive
+   plan issued 30 prefetches of which none was used and copied 9.9 experts per token where
+   KTransformers copies none (0.87 of it): a copy there costs 1.7 host runs and pays only if the
+   expert is used again before it is evicted, and the learned predictor's precision, measured on a
+   48-token calibration half, is too poor for its prefetch gain to be right. No per-miss rule
+   knows in advance that pinning the profile's hot set and never touching the link wins on such a
+   run; replaying the run's calibration does. So the default plan is chosen per run
+   (simulate.choose_policy): the calibration half's first part profiles, each candidate plan (this
+   planner's adaptive one, every peer's, LRU, LFU) is replayed with this cost model on its second
+   part, and the fastest serves. It sees no token it will serve, so it can still pick wrong where
+   the calibration misleads (measured: bench/results/cache_policies.md). Split runs pay split_s
+   (activation rows to the host, the partial sum back, the host sync) in their choice and time.
 
 Eviction rules (offload/eviction.py): lru, lfu, next-use (expected distance to the next use from
 calibrated usage probabilities: aware of the layer cycle), belady (the simulator's future),

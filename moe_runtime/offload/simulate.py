@@ -7,9 +7,12 @@ m, `Planner.prefetch(m, predictions)` then `Planner.serve(m, {expert: tokens})`,
 So the hits, misses, copies and bytes are the engine's on the same routing and predictions, and
 the modelled time (offload/decision.py: calibrated attention, expert and copy times, the link a
 FIFO queue) is the engine's model of itself. Policies:
-- lru, lfu, predictive, mixtral-offloading, moe-infinity: the engine's own (predictive takes the
-  learned predictor fitted on the trace itself, so in-sample, with the features the engine uses;
-  mixtral-offloading's speculative next-layer gate is stood in for by that predictor at distance 1);
+- lru, lfu, predictive, mixtral-offloading, moe-infinity: the engine's own. predictive replays the
+  engine's default predictor where the trace recorded it (predictor="recorded": lookahead gating,
+  RoutingTrace.lookahead), else a learned predictor (pass one fitted on another trace or the first
+  half, split_trace, to stay out of sample; without one it is fitted on the trace itself, in-sample);
+  mixtral-offloading's speculative next-layer gate is stood in for by the learned one at distance 1;
+- choose_policy: the default plan of a run, chosen on its calibration trace alone (see decision.py);
 - oracle: predictive with exact predictions of layers m .. m+depth;
 - belady: evicts the key used farthest in the future, no prefetch (the offline optimum of
   demand paging); belady-prefetch: the same with exact predictions and the cost model's prefetch;
