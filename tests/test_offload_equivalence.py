@@ -43,7 +43,7 @@ def _check(cfg, prompt, **engine_kw):
 
 
 @pytest.mark.parametrize("position", ["post_attention", "pre_attention"])
-@pytest.mark.parametrize("policy", ["lru", "lfu", "predictive"])
+@pytest.mark.parametrize("policy", ["lru", "lfu", "predictive", "default"])
 @pytest.mark.parametrize("slots", [1, 3, 8, 24])
 @pytest.mark.parametrize("cpu_experts", [False, True])
 def test_offloaded_equals_resident(position, policy, slots, cpu_experts):

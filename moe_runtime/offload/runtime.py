@@ -82,6 +82,30 @@ class OffloadRuntime:
         self._counts_dev = torch.arange(1, device=pool.device)
         self._counts_host = torch.arange(1)
 
+    def replan(self, scheme: str, *, profile, cpu_experts: bool) -> int:
+        """Switch to a fresh Planner of `scheme` (policy="default" after its calibration window):
+        primed with `profile`, it loads its warm / pinned set now, like a model's resident weights
+        (every copy lands before the next step: host sync). The counters carry on. Returns the copies."""
+        old = self.planner
+        self.copies.synchronize()  # host sync: the old plan's copies land before the slots change hands
+        self.tickets.clear()
+        self.cache = ExpertCache(self.pool.num_slots, scheme)
+        self.cpu_experts = cpu_experts
+        lay = self.store.layout
+        self.planner = Planner(self.cache, self.cost, lay.num_layers, scheme=scheme, cpu_experts=cpu_experts,
+                               stream_fraction=old.stream_fraction, num_experts=lay.num_experts,
+                               max_prefetch_per_layer=old.max_prefetch, profile=profile, split_s=old.split_s)
+        self.planner.t, self.planner.decisions, self.planner.pred_stats = old.t, old.decisions, old.pred_stats
+        q, oq = self.planner.queue, old.queue
+        q.submitted, q.preempted, q.dropped = oq.submitted, oq.preempted, oq.dropped
+        ops = self.planner.preload()
+        for op in ops:
+            self._issue(op)
+        self.copies.synchronize()  # host sync: the switch, once per run
+        self.tickets.clear()
+        self.resident = [self.planner.layer_resident(m) for m in range(lay.num_layers)]
+        return len(ops)
+
     # The engine and its report read these by their old names.
     @property
     def c(self) -> Tally:

@@ -288,6 +288,13 @@ class TraceRecorder:
         for j, d, idx, _w in predictor.predict_topk(block, h_BSD):
             self._look[(j, d)] = idx.detach().to("cpu", torch.int64).numpy()  # host sync (recording only)
 
+    def note_lookahead(self, raw) -> None:
+        """Record predictions made elsewhere ((target layer, distance, topk_idx_TK, topk_w_TK), as
+        LookaheadPredictor.predict_topk gives them) as the coming records' lookahead column: the
+        expert-cache engine records exactly what it submitted (set look_depth first)."""
+        for j, d, idx, _w in raw:
+            self._look[(j, d)] = idx.detach().to("cpu", torch.int64).numpy()  # host sync (recording only)
+
     def attach(self, model, *, lookahead_depth: int | None = None) -> "TraceRecorder":
         """Record the model's routing; with `lookahead_depth`, also what the engine's default
         predictor (lookahead gating at that depth) names before each MoE layer, so `moe trace
