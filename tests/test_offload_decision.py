@@ -257,3 +257,50 @@ def test_host_cores_are_on_by_default_only_beside_a_cuda_device():
     assert CPU_EXPERTS_CHOICES == {"auto": "auto", "on": True, "off": False}
     with pytest.raises(ValueError, match="cpu_experts='yes' must be True, False or 'auto'"):
         OffloadConfig(gpu_expert_slots=2, cpu_experts="yes")
+
+
+PEER_POLICIES = ("fiddler", "llama-cpp-n-cpu-moe", "ktransformers", "hybrid", "hybrid-lru")
+
+
+@pytest.mark.parametrize("policy", PEER_POLICIES)
+def test_engine_equals_simulator_for_the_host_using_peers(recorded, policy):
+    """The peers run in the engine: hits, misses, host runs, copies and bytes equal the simulator's,
+    with the hot set profiled from the first pass (no profile) and from a given profile."""
+    from moe_runtime.offload.simulate import profile_of
+    model, trace, _, cal, prompt = recorded
+    steps = steps_of(trace)
+    host = Calibration(device="cpu", expert_bytes=cal.expert_bytes, copy_s=1e-3, tokens=(1, 64),
+                       host_s=(1.5e-3, 96e-3), device_s=(1e-4, 1e-3), act_s_per_token=0.0, attn_s=3e-4)
+    prof = profile_of(steps[:4], trace.num_layers, trace.num_experts)
+    for slots, profile in ((3, None), (6, None), (12, prof), (24, None)):
+        engine = ExpertCacheEngine(model, gpu_expert_slots=slots, policy=policy, device="cpu", calibration=host,
+                                   keep_banks=True, profile=profile)
+        engine.generate(prompt, NEW, temperature=0.8, generator=torch.Generator().manual_seed(0))
+        c = engine.runtime.c
+        sim = simulate(trace, policy, slots, host, steps=steps, profile=profile)
+        got = (c.hits, c.misses, c.cpu_served, engine.copies.bytes_moved, engine.copies.copies)
+        want = (sim["hits"], sim["misses"], sim["cpu_served"], sim["bytes_moved"], sim["copies"])
+        assert got == want, (policy, slots, got, want)
+        if slots < 24 and policy in ("ktransformers", "llama-cpp-n-cpu-moe"):
+            assert c.cpu_served > 0 and sim["decode"]["copies"] == 0, "these peers never copy during decode"
+        engine.runtime.cache.check_invariants()
+        engine.close()
+
+
+def test_peer_pinned_sets():
+    """llama.cpp pins whole layers (the last ones); the hot-set peers the profile's most used keys and
+    keep them through any routing; a profile of the wrong shape is refused."""
+    cal = _cal(1e-3, 3e-4)
+    L, E = 4, 8
+    prof = np.zeros((L, E))
+    prof[1, 2], prof[3, 5], prof[0, 7] = 0.9, 0.8, 0.1
+    p = Planner(ExpertCache(10, "llama-cpp-n-cpu-moe"), CostModel(cal), L, scheme="llama-cpp-n-cpu-moe", num_experts=E)
+    p.preload()
+    assert set(p.cache.slot_of) == {(3, e) for e in range(E)}
+    p = Planner(ExpertCache(4, "ktransformers"), CostModel(cal), L, scheme="ktransformers", num_experts=E, profile=prof)
+    p.preload()
+    assert set(p.cache.slot_of) == {(1, 2), (3, 5), (0, 7)}, "unused keys are never pinned"
+    _warm(p, 40)
+    assert {(1, 2), (3, 5), (0, 7)} <= set(p.cache.slot_of) and p.t.demand_copies == 0
+    with pytest.raises(ValueError, match="profile has shape"):
+        Planner(ExpertCache(4, "hybrid"), CostModel(cal), L, scheme="hybrid", num_experts=E, profile=np.zeros((2, 2)))

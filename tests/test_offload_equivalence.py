@@ -43,7 +43,7 @@ def _check(cfg, prompt, **engine_kw):
 
 
 @pytest.mark.parametrize("position", ["post_attention", "pre_attention"])
-@pytest.mark.parametrize("policy", ["lru", "lfu", "predictive"])
+@pytest.mark.parametrize("policy", ["lru", "lfu", "predictive", "default"])
 @pytest.mark.parametrize("slots", [1, 3, 8, 24])
 @pytest.mark.parametrize("cpu_experts", [False, True])
 def test_offloaded_equals_resident(position, policy, slots, cpu_experts):
@@ -237,3 +237,12 @@ def test_a_split_run_computes_the_expert(host_share, dtype):
     rt.copies.synchronize()
     assert torch.equal(rt.pool.w13_SDF2[1, d:], rt.store.w13(*key)[d:]), "the device part landed"
     assert torch.equal(rt.pool.w2_SFD[1], rt.store.w2(*key))
+
+
+@pytest.mark.parametrize("policy", ["fiddler", "llama-cpp-n-cpu-moe", "ktransformers", "hybrid", "hybrid-lru"])
+@pytest.mark.parametrize("slots", [1, 3, 8, 24])
+def test_host_using_peers_equal_resident(policy, slots):
+    """The peers' host runs, staged copies and pinned sets compute the resident model's tokens."""
+    r = _check(tiny_cfg("post_attention"), _prompt(), gpu_expert_slots=slots, policy=policy,
+               calibration=_forced(1e-3, 1.5e-3, 1e-6))
+    assert r["decode"]["expert_uses"] > 0

@@ -22,7 +22,8 @@ from moe_runtime.offload.plan import SCHEMES
 from moe_runtime.offload.store import ExpertLayout, split_views
 
 Key = tuple[int, int]
-POLICIES = ("lru", "lfu", "predictive", "mixtral-offloading", "moe-infinity")
+POLICIES = ("lru", "lfu", "predictive", "mixtral-offloading", "moe-infinity", "fiddler", "llama-cpp-n-cpu-moe",
+            "ktransformers", "hybrid", "hybrid-lru")
 """Policies the engine runs online (offload/decision.py defines what each decides); the simulator
 adds the offline ones (belady, belady-prefetch) that need the future."""
 

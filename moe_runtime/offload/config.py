@@ -16,6 +16,10 @@ from moe_runtime.offload.cache import POLICIES, SlotPool
 from moe_runtime.offload.store import ExpertLayout
 
 PREDICTORS = ("auto", "none", "lookahead", "exact", "learned")
+ENGINE_POLICIES = (*POLICIES, "default")
+"""What OffloadConfig.policy accepts: `default` (the plan chosen per run, see `policy`) or one fixed scheme."""
+DEFAULT_CALIBRATION_TOKENS = 64
+"""The calibration window when a run's length is not known up front (`moe serve`, decode_batch)."""
 
 
 @dataclass(kw_only=True)
@@ -26,8 +30,18 @@ class OffloadConfig:
     """Device memory for expert slots, in GiB."""
     expert_fraction: float | None = None
     """Slots as a fraction of all routed experts of the model (0.25: a quarter of them)."""
-    policy: str = "lru"
-    """Slot replacement: lru | lfu | predictive (predictive also prefetches)."""
+    policy: str = "default"
+    """default | lru | lfu | predictive | mixtral-offloading | moe-infinity | fiddler |
+    llama-cpp-n-cpu-moe | ktransformers | hybrid | hybrid-lru. default: the plan chosen per run, the
+    one `moe trace simulate` and bench/cache_policies.py project (simulate.choose_policy): the first
+    `calibration_tokens` decode steps run the adaptive planner (predictive) while their routing and
+    predictions are recorded, then every candidate (predictive, each host-using peer, LRU, LFU) is
+    replayed on that window with the engine's own calibration and the fastest serves the rest,
+    primed with the window's profile. With a `profile` trace the choice is made up front on it."""
+    calibration_tokens: int | None = None
+    """policy=default: decode steps in the calibration window (>= 2). None: simulate.calibration_passes
+    of the first generation's decode steps (half of them, the simulator's calibration part), or
+    DEFAULT_CALIBRATION_TOKENS when the length is not known up front (`moe serve`)."""
     cpu_experts: bool | str = "auto"
     """Let the calibrated cost model run cold experts (or, in a split run, part of one) on host
     cores instead of copying them: True | False | auto (on when the slots are on a CUDA device,
@@ -44,6 +58,10 @@ class OffloadConfig:
     """Prefetch copies in flight at once (default 2 x top-k)."""
     record_trace: bool = False
     """Record routing (our engine only) for `moe trace` / the learned predictor."""
+    profile: Any = None
+    """Calibration routing for the hot-set policies (ktransformers, fiddler, hybrid, hybrid-lru) and
+    the predictive policy's prior: a RoutingTrace of this model, or an [L, E] array of the share of
+    passes that used each expert. None: the hot-set peers profile the first forward pass (the prompt)."""
 
     def __post_init__(self) -> None:
         given = [n for n in ("gpu_expert_slots", "gpu_expert_gib", "expert_fraction") if getattr(self, n) is not None]
@@ -56,8 +74,14 @@ class OffloadConfig:
             raise ValueError(f"gpu_expert_gib={self.gpu_expert_gib} must be > 0")
         if self.expert_fraction is not None and not 0 < self.expert_fraction <= 1:
             raise ValueError(f"expert_fraction={self.expert_fraction} must be in (0, 1]")
-        if self.policy not in POLICIES:
-            raise ValueError(f"policy={self.policy!r} is not one of {', '.join(POLICIES)}; pick one of those")
+        if self.policy not in ENGINE_POLICIES:
+            raise ValueError(f"policy={self.policy!r} is not one of {', '.join(ENGINE_POLICIES)}; pick one of those")
+        if self.calibration_tokens is not None and (self.policy != "default" or self.calibration_tokens < 2):
+            raise ValueError(f"calibration_tokens={self.calibration_tokens} applies to policy='default' only and must "
+                             f"be >= 2 decode steps (the window is split once more to score the candidates)")
+        if self.policy == "default" and self.profile is not None and not _is_trace(self.profile):
+            raise ValueError("policy='default' with a profile chooses its plan by replaying the profile's routing: "
+                             "pass a RoutingTrace of this model (moe generate --profile TRACE), not an array of shares")
         if isinstance(self.predictor, str) and self.predictor not in PREDICTORS:
             raise ValueError(f"predictor={self.predictor!r} is not one of {', '.join(PREDICTORS)} or a LearnedPredictor")
         if self.predictor == "learned":
@@ -70,6 +94,29 @@ class OffloadConfig:
             raise ValueError(f"max_inflight={self.max_inflight} must be >= 1")
         if not isinstance(self.cpu_experts, bool) and self.cpu_experts != "auto":
             raise ValueError(f"cpu_experts={self.cpu_experts!r} must be True, False or 'auto'")
+
+    def profile_trace(self):
+        """The profile when it is a RoutingTrace (what policy=default chooses its plan on), else None."""
+        return self.profile if _is_trace(self.profile) else None
+
+    def profile_for(self, num_layers: int, num_experts: int):
+        """The profile as an [L, E] array of shares (None if none was given)."""
+        if self.profile is None:
+            return None
+        from moe_runtime.offload.trace import RoutingTrace
+        if isinstance(self.profile, RoutingTrace):
+            from moe_runtime.offload.simulate import profile_of, steps_of
+            tr = self.profile
+            if (tr.num_layers, tr.num_experts) != (num_layers, num_experts):
+                raise ValueError(f"profile trace is for {tr.num_layers} layers x {tr.num_experts} experts; this model "
+                                 f"has {num_layers} x {num_experts}: record it from this model")
+            return profile_of(steps_of(tr), num_layers, num_experts)
+        import numpy as np
+        arr = np.asarray(self.profile, dtype=np.float64)
+        if arr.shape != (num_layers, num_experts) or not np.all((arr >= 0) & (arr <= 1)):
+            raise ValueError(f"profile must be a RoutingTrace or an array of shape ({num_layers}, {num_experts}) "
+                             f"with shares in [0, 1]; got shape {arr.shape}")
+        return arr
 
     def host_experts(self, device: torch.device) -> bool:
         """Whether the cost model may use host cores on this device (cpu_experts resolved)."""
@@ -86,6 +133,11 @@ class OffloadConfig:
         return min(slots, layout.total_experts)
 
 
+def _is_trace(obj) -> bool:
+    from moe_runtime.offload.trace import RoutingTrace
+    return isinstance(obj, RoutingTrace)
+
+
 CPU_EXPERTS_CHOICES = {"auto": "auto", "on": True, "off": False}
 
 
@@ -96,4 +148,4 @@ def add_cpu_experts_arg(p) -> None:
                         "copied, on host cores (auto: on with a CUDA device; a bare --cpu-experts is on)")
 
 
-__all__ = ["OffloadConfig", "PREDICTORS", "CPU_EXPERTS_CHOICES", "add_cpu_experts_arg"]
+__all__ = ["OffloadConfig", "PREDICTORS", "ENGINE_POLICIES", "DEFAULT_CALIBRATION_TOKENS", "CPU_EXPERTS_CHOICES", "add_cpu_experts_arg"]

@@ -29,6 +29,46 @@ Per MoE layer:
    rest of the expert, r chosen so both finish together (r W H = queue + (1 - r W) C), so the miss
    costs about C H / (C + H) instead of C; a fill then copies W13's first rows behind it, so the
    slot ends holding the whole expert and the link carries exactly one expert's bytes.
+The host-using peers (Scheme.peer; the simulator and the engine run them on the same timeline):
+- fiddler (Kamahori et al. 2024): the profile's most used experts hold the slots; each miss on its
+  own runs on host cores unless copy + device run is faster (Fiddler's per-expert latency rule),
+  the copy landing in a staging eighth of the slots;
+- llama-cpp-n-cpu-moe (`--n-cpu-moe N`): the experts of the last S // E layers sit in slots, the
+  first N = L - S // E layers' experts run on host cores; static, nothing copied;
+- ktransformers: the profile's hot experts pinned, every other expert on host cores, no link traffic;
+- hybrid / hybrid-lru: the same hot set; each cold expert on whichever of host cores and link
+  finishes it first given the work queued on both, in parallel; copies land in an LRU region of an
+  eighth / a half of the slots.
+Hot sets come from a calibration profile (`profile`: another trace or the first half, so out of
+sample) or, without one, from the first forward pass (the prompt).
+
+Why the planner lost to them (issue 19, replayed on the sealed traces, Mixtral shape, both links,
+25% and 50%, out of sample; predictive / best peer before -> after each fix):
+1. Cold start: the peers' hot sets were loaded before decoding while the planner started empty; it
+   now starts from the same profile (the most used keys loaded, the usage statistics primed).
+   Greedy 50%: 0.39-0.61 -> 1.00.
+2. Streaming with host cores: at >= 75% of a layer's experts the step copied all of them over the
+   link while host cores idled (batch 8: 0.61-0.80). With host cores every miss is now decided on
+   its own against both queues (streaming stays for GPU-only runs). Batch 8: -> 1.05-1.19.
+3. Eviction priced at a copy: a victim's loss and a prefetch's were counted as copy_s even where a
+   host run (cheaper on PCIe 4) would serve the next miss; both now use miss_s = min(copy, host).
+4. Churn over a stable hot set: none of lru / lfu / next-use keeps the profile's hot set when
+   one-off misses arrive (greedy 25%: 0.80-0.92). The adaptive rule now also shadows `hot` (keep
+   the profile's hot set, LRU over the rest: the pinned peers' choice) and evicts by it when its
+   shadow misses least.
+5. What the rules above could not fix: on a strictly periodic trace (greedy, 25%, PCIe 4) the adaptive
+   plan issued 30 prefetches of which none was used and copied 9.9 experts per token where
+   KTransformers copies none (0.87 of it): a copy there costs 1.7 host runs and pays only if the
+   expert is used again before it is evicted, and the learned predictor's precision, measured on a
+   48-token calibration half, is too poor for its prefetch gain to be right. No per-miss rule
+   knows in advance that pinning the profile's hot set and never touching the link wins on such a
+   run; replaying the run's calibration does. So the default plan is chosen per run
+   (simulate.choose_policy): the calibration half's first part profiles, each candidate plan (this
+   planner's adaptive one, every peer's, LRU, LFU) is replayed with this cost model on its second
+   part, and the fastest serves. It sees no token it will serve, so it can still pick wrong where
+   the calibration misleads (measured: bench/results/cache_policies.md). Split runs pay split_s
+   (activation rows to the host, the partial sum back, the host sync) in their choice and time.
+
 Eviction rules (offload/eviction.py): lru, lfu, next-use (expected distance to the next use from
 calibrated usage probabilities: aware of the layer cycle), belady (the simulator's future),
 layer-lru (mixtral-offloading), frequency (MoE-Infinity). The predictive policy evicts by whichever
@@ -64,13 +104,23 @@ class Planner:
 
     def __init__(self, cache: ExpertCache, cost: CostModel, num_layers: int, *, scheme: str | Scheme = "lru",
                  cpu_experts: bool = False, stream_fraction: float = 0.75, num_experts: int,
-                 max_prefetch_per_layer: int | None = None, future: Mapping[Key, list[int]] | None = None):
+                 max_prefetch_per_layer: int | None = None, future: Mapping[Key, list[int]] | None = None,
+                 profile: np.ndarray | None = None, split_s: float = 0.0):
         self.scheme = SCHEMES[scheme] if isinstance(scheme, str) else scheme
         if self.scheme.needs_future and future is None:
             raise ValueError(f"policy {self.scheme.name!r} needs the future routing: only the simulator has it")
         self.cache, self.cost, self.L, self.E = cache, cost, num_layers, num_experts
-        self.cpu_experts, self.stream_fraction = cpu_experts, stream_fraction
+        # the host-using peers are defined by their use of host cores: on whatever the device
+        self.cpu_experts = cpu_experts or self.scheme.peer
+        self.stream_fraction = stream_fraction
+        if split_s < 0:
+            raise ValueError(f"split_s={split_s} must be >= 0 (seconds a split run adds: activation transfers, host sync)")
+        self.split_s = split_s
+        """What a split run adds to its host and device parts: the activation rows to the host, the
+        partial result back and the host sync between them (offload/projection.py states it for a GPU)."""
         self.copy_s, self.attn_s = cost.cal.copy_s, cost.cal.attn_s
+        self.miss_s = min(self.copy_s + cost.device_time(1), cost.host_time(1)) if self.cpu_experts else self.copy_s
+        """What a one-token miss costs: a copy, or with host cores whichever of copy and host run is faster."""
         self.max_prefetch = max_prefetch_per_layer or cache.num_slots
         self.queue = PrefetchQueue(max_pending=num_layers * num_experts)
         self.stats, self.pred_stats = UsageStats(num_layers, num_experts), PredictionStats()
@@ -93,6 +143,77 @@ class Planner:
         """EMAs of demand copies and of all copies per layer (the link's load)."""
         self._copies = 0
         self._mark = (0.0, 0)
+        if profile is not None and np.shape(profile) != (num_layers, num_experts):
+            raise ValueError(f"profile has shape {np.shape(profile)}; it must be (layers, experts) = "
+                             f"({num_layers}, {num_experts}): uses per expert of a calibration run of this model")
+        self.profile = None if profile is None else np.asarray(profile, dtype=np.float64)
+        """[L, E] share of a calibration run's passes that used each key (out of sample): the hot set's source."""
+        self.seen_LE = np.zeros((num_layers, num_experts))
+        """Uses per key so far (the hot set's source when no profile is given: the first pass)."""
+        self.fixed: set[int] = set()
+        """Slots pinned for good (the hot set or llama.cpp's resident layers)."""
+        if self.profile is not None:
+            self.stats.prime(self.profile)
+            # the pinned peers' choice as one more rule: keep the profile's hot set, LRU over the rest
+            S = cache.num_slots
+            hot = np.zeros((num_layers, num_experts), dtype=bool)
+            flat = self.profile.reshape(-1)
+            order = np.lexsort((np.arange(flat.size), -flat))[:max(0, S - max(1, S // 8))]
+            hot.reshape(-1)[order[flat[order] > 0]] = True
+            self.table.hot_LE = hot
+            if self.shadows is not None:
+                self.shadows.set_hot(hot)
+
+    # ---------------------------------------------------------------- pinned sets
+    def pinned_budget(self) -> int:
+        """Slots the scheme pins: all but its staging share (at least one slot when it copies)."""
+        S = self.cache.num_slots
+        if self.scheme.pin == "none" or S >= self.L * self.E:
+            return 0
+        if self.scheme.pin == "layers":
+            return (S // self.E) * self.E
+        staging = max(1, round(self.scheme.staging * S)) if self.scheme.cold not in ("host",) else 0
+        return max(0, S - staging)
+
+    def hot_set(self, counts: np.ndarray) -> list[Key]:
+        """The keys the scheme pins: llama.cpp the last S // E layers whole (--n-cpu-moe keeps the
+        first layers' experts on the CPU); the others the most used keys of `counts` (ties: lower
+        layer, lower expert), never an unused one."""
+        n = self.pinned_budget()
+        if n == 0:
+            return []
+        if self.scheme.pin == "layers":
+            return [(m, e) for m in range(self.L - n // self.E, self.L) for e in range(self.E)]
+        flat = np.asarray(counts, dtype=np.float64).reshape(-1)
+        order = np.lexsort((np.arange(flat.size), -flat))[:n]
+        return [(int(i) // self.E, int(i) % self.E) for i in order if flat[i] > 0]
+
+    def _warm(self, profile: np.ndarray) -> list[Op]:
+        """Start with the profile's most used keys in the slots (not pinned): the warm start a
+        pinned scheme gets, for the schemes that evict."""
+        flat = profile.reshape(-1)
+        order = np.lexsort((np.arange(flat.size), -flat))[:self.cache.num_slots]
+        return [self._copy((int(i) // self.E, int(i) % self.E), s) for s, i in enumerate(order) if flat[i] > 0]
+
+    def _pin(self, keys: list[Key]) -> list[Op]:
+        """Pin `keys` in slots for good: those in a slot stay, the rest are copied in over unpinned
+        occupants (free slots first)."""
+        ops: list[Op] = []
+        for key in keys:
+            if key in self.cache:
+                slot = self.cache.slot_of[key]
+            else:
+                slot = self.table.free_slot()
+                if slot is None:
+                    found = self.table.victim("lru", key, self._here(), None)
+                    if found is None:
+                        break
+                    slot = found[0]
+                ops.append(self._copy(key, slot))
+            self.cache.pin(slot)
+            self.table.pinned_S[slot] = True
+            self.fixed.add(slot)
+        return ops
 
     # ---------------------------------------------------------------- probabilities
     def p_predicted(self, d: int) -> float:
@@ -118,9 +239,10 @@ class Planner:
         return INF if p <= 0 else (key[0] - here) % self.L + self.L * (1.0 / p - 1.0)
 
     # ---------------------------------------------------------------- eviction
-    def victim_slot(self, incoming: Key, *, prefetch: bool) -> int | None:
+    def victim_slot(self, incoming: Key, *, prefetch: bool, memo: dict | None = None) -> int | None:
         """A free slot, else the eviction rule's victim; None when every slot is pinned or (prefetch)
-        when every candidate is expected back sooner than `incoming`."""
+        when every candidate is expected back sooner than `incoming`. `memo`: a dict kept while no
+        slot changes hands (the victim does not depend on `incoming` but for layer-lru)."""
         if self.cache.num_slots >= self.L * self.E:  # everything fits: home slots keep layers contiguous
             return incoming[0] * self.E + incoming[1]
         free = self.table.free_slot()
@@ -132,11 +254,16 @@ class Planner:
         p_LE = self.stats.p_use_LE() if rule in ("next-use", "frequency") else None
         if rule == "frequency":
             p_LE = self.stats.v * self.stats.decay ** (self.stats.runs[:, None] - self.stats.t)
-        found = self.table.victim(rule, incoming, self._here(), p_LE, (self.passes + 1) * self.L)
+        if memo is not None and rule != "layer-lru":
+            if rule not in memo:
+                memo[rule] = self.table.victim(rule, incoming, self._here(), p_LE, (self.passes + 1) * self.L)
+            found = memo[rule]
+        else:
+            found = self.table.victim(rule, incoming, self._here(), p_LE, (self.passes + 1) * self.L)
         if found is None:
             return None
         slot, dist = found
-        if rule in ("lru", "lfu") and self.shadows is not None:
+        if rule in ("lru", "lfu", "hot") and self.shadows is not None:
             dist = self.next_use(self.cache.owner[slot])
         if prefetch and (rule in ("next-use", "belady") or self.shadows is not None) and dist <= self.next_use(incoming):
             return None  # never evict an expert expected back sooner than the one coming in
@@ -179,9 +306,18 @@ class Planner:
 
     def preload(self) -> list[Op]:
         """When every expert fits, all are copied to their home slots once, before any step: the
-        cache is then the resident model (no cold misses, no decisions). [] otherwise."""
+        cache is then the resident model (no cold misses, no decisions). Else a pinned scheme's
+        set when it is known before any step (llama.cpp's layers; a hot set from a profile): loaded
+        like a model's resident weights. [] otherwise."""
         if self.cache.num_slots < self.L * self.E:
-            return []
+            if self.scheme.pin == "layers" or (self.scheme.pin == "hot" and self.profile is not None):
+                ops = self._pin(self.hot_set(self.profile))
+            elif self.profile is not None and not self.scheme.needs_future:
+                ops = self._warm(self.profile)
+            else:
+                return []
+            self.link_free, self.ready_at = 0.0, {}
+            return ops
         ops = [self._copy((m, e), m * self.E + e) for m in range(self.L) for e in range(self.E)]
         self.link_free, self.ready_at = 0.0, {}  # landed before the first step; not workload traffic
         return ops
@@ -266,7 +402,7 @@ class Planner:
         at the same moment anyway; a prefetch further ahead evicts that much earlier."""
         if victim is None:
             return 0.0
-        cost = self.p_use(victim) * self.copy_s
+        cost = self.p_use(victim) * self.miss_s
         return (1 - p) * cost if deadline == self.pos else cost
 
     def _best(self, cands: dict[Key, tuple[int, float]], window_end: float) -> Key | None:
@@ -286,6 +422,7 @@ class Planner:
         execution order and advances the modelled time by attention, waits and expert runs."""
         self.pos, self._serving = m, 1
         needed = sorted(counts)
+        self.seen_LE[m, needed] += 1
         self._score(m, needed)
         # the layer's uses count from now: its experts are next needed a pass later
         self.stats.observe(m, needed)
@@ -301,12 +438,13 @@ class Planner:
         t.expert_uses += len(needed)
         t.hits += len(hits)
         t.misses += len(misses)
-        plan.stream = len(needed) >= self.stream_fraction * self.E and len(needed) > 1 and (
-            not self.cpu_experts or self.cost.prefers_copy(sum(counts.values()) // max(1, len(needed))))
+        # with host cores every miss is decided on its own against both queues (streaming a whole
+        # layer over the link would leave the host cores idle while most of the layer is needed)
+        plan.stream = not self.cpu_experts and len(needed) >= self.stream_fraction * self.E and len(needed) > 1
         self._serve_hits(m, hits, counts, plan)
         copy, host = self._decide_misses(m, misses, counts, plan)
         self._fetch_and_run(m, copy, counts, plan, host)
-        for e in host:
+        for e in host if not self.scheme.peer else ():
             self._admit_in_background((m, e), plan)
         if self.shadows is not None:
             self.shadows.observe(m, needed, self._here(), self.stats.p_use_LE())
@@ -324,7 +462,7 @@ class Planner:
         """Run key from its slot, waiting for its copy; a split run (host_share > 0) first runs
         its share of W13 on host cores (while the device part lands), then fills the slot."""
         if host_share:
-            self.now += r_w13(host_share) * self.cost.host_time(n)
+            self.now += r_w13(host_share) * self.cost.host_time(n) + self.split_s
             self.t.split_runs += 1
         wait = max(0.0, self.ready_at.pop(key, 0.0) - self.now)
         self.stall_s += wait
@@ -343,11 +481,12 @@ class Planner:
         """The share r of W13's rows host cores take so that they finish when the rest of the
         expert lands: busy + r W H = queue + (1 - r W) C, with W = W13's share of the expert's
         bytes, H the host time, C the copy time and busy the host work queued before it. The
-        split then lands r W C sooner than the whole copy: 0 (no split) when that is under 5%."""
+        split then lands r W C sooner than the whole copy, less split_s (its transfers and sync): 0
+        (no split) when that is under 5% of the copy or not positive."""
         C, H = self.copy_s, self.cost.host_time(n)
         queued = max(self.link_free, self.now) - self.now
-        r = min(1.0, (queued + C - host_busy) / (W13_SHARE * (H + C)))
-        return r if r_w13(r) >= 0.05 else 0.0
+        r = min(1.0, (queued + C - host_busy - self.split_s) / (W13_SHARE * (H + C)))
+        return r if r_w13(r) >= 0.05 and r_w13(r) * C > self.split_s else 0.0
 
     def _host(self, key: Key, n: int, plan: LayerPlan) -> None:
         self.now += self.cost.host_time(n)
@@ -378,12 +517,14 @@ class Planner:
             self.t.stream_copies += len(misses)
             return misses, []
         self.t.cache_steps += 1
+        if self.scheme.peer:
+            return self._peer_misses(misses, counts)
         copy, host, host_s = [], [], 0.0
         options = self._prefetch_options(m) if self.cpu_experts and misses else []  # the same for every miss
         for e in misses:
             queued = max(self.link_free, self.now) - self.now + len(copy) * self.copy_s
             # a copy also leaves the expert cached: worth P(used again) x the next miss it avoids
-            keep = self.p_use((m, e)) * min(self.copy_s, self.cost.host_time(counts[e])) if self.cpu_experts else 0.0
+            keep = self.p_use((m, e)) * self.miss_s if self.cpu_experts else 0.0
             # host cores free the link for as long as they run: what a prefetch would save in that time
             spare = self._prefetch_value(options, host_s + self.cost.host_time(counts[e]))
             dec = self.cost.decide(counts[e], None, self.cpu_experts, queued_s=queued - host_s - keep + spare)
@@ -396,6 +537,37 @@ class Planner:
         self.t.demand_copies += len(copy)
         return copy, host
 
+    def _keep_value(self, key: Key) -> float:
+        """What a copied miss is worth beyond this step: the miss it saves next time, less the one
+        the eviction of its victim may cause (a host run evicts nothing)."""
+        slot = None if self.table.free_slot() is not None else self.table.victim(
+            self.shadows.best if self.shadows is not None else self.scheme.evict, key, self._here(),
+            self.stats.p_use_LE())
+        victim = self.cache.owner[slot[0]] if slot is not None else None
+        lost = self.p_use(victim) if victim is not None else 0.0
+        return (self.p_use(key) - lost) * self.miss_s
+
+    def _peer_misses(self, misses: list[int], counts) -> tuple[list[int], list[int]]:
+        """A peer's published rule for each miss (Scheme.cold): host | fiddler | parallel."""
+        copy, host, host_s = [], [], 0.0
+        for e in misses:
+            n = counts[e]
+            if self.scheme.cold == "host":
+                dec = "cpu"
+            elif self.scheme.cold == "fiddler":  # each expert alone: CPU unless copy + device run is faster
+                dec = self.cost.decide(n, None, True)
+            else:  # parallel: whichever of the link (behind its queue) and host cores (behind theirs) finishes first
+                queued = max(self.link_free, self.now) - self.now + len(copy) * self.copy_s
+                dec = "copy" if queued + self.copy_s + self.cost.device_time(n) < host_s + self.cost.host_time(n) else "cpu"
+            self.decisions[dec] += 1
+            if dec == "cpu":
+                host.append(e)
+                host_s += self.cost.host_time(n)
+            else:
+                copy.append(e)
+        self.t.demand_copies += len(copy)
+        return copy, host
+
     def _fetch_and_run(self, m: int, experts: list[int], counts, plan: LayerPlan, host: list[int] = ()) -> None:
         """Misses, pipelined: up to `window` copies ahead (half the pool when streaming), each run
         in order; a slot is reusable once its expert ran, so a single slot still progresses.
@@ -403,7 +575,7 @@ class Planner:
         window = max(1, self.cache.num_slots // 2) if plan.stream else self.cache.num_slots
         todo, issued, host = deque(experts), deque(), list(host)
         # the first copied miss runs split (part on host cores after their other runs, part copied)
-        split = self.cpu_experts and not plan.stream
+        split = self.cpu_experts and not plan.stream and not self.scheme.peer
         host_busy = sum(self.cost.host_time(counts[e]) for e in host)
         while todo or issued or host:
             while todo and len(issued) < window:
@@ -436,9 +608,9 @@ class Planner:
         a victim slot (none unless the scheme prefetches by the cost rule)."""
         if self.scheme.prefetch != "cost":
             return []
-        out = []
+        out, memo = [], {}
         for key, (deadline, p) in self._candidates(m + 1, m + 1).items():
-            slot = self.victim_slot(key, prefetch=True)
+            slot = self.victim_slot(key, prefetch=True, memo=memo)
             if slot is not None:
                 out.append((deadline, p, self._evict_cost(self.cache.owner[slot], deadline, p)))
         return out
@@ -469,13 +641,19 @@ class Planner:
             c[0] += len(predicted & used)
             c[1] += len(predicted)
 
-    def end_pass(self) -> None:
-        """A forward pass ended: predictions never go past it."""
+    def end_pass(self) -> list[Op]:
+        """A forward pass ended: predictions never go past it. A hot-set scheme without a profile
+        pins the most used keys of this first pass (its calibration prefix); returns those copies."""
         self.queue.reset()
         self.pending_eval.clear()
         self._pred_LE[:] = 0.0
+        ops: list[Op] = []
+        if self.passes == 0 and self.scheme.pin == "hot" and self.profile is None and not self.fixed \
+                and self.cache.num_slots < self.L * self.E:
+            ops = self._pin(self.hot_set(self.seen_LE))
         self.passes += 1
         self.pos = 0
+        return ops
 
 
 __all__ = ["Planner", "Scheme", "SCHEMES", "Op", "LayerPlan", "Tally"]

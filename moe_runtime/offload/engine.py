@@ -15,6 +15,15 @@ module with the same forward(x_sorted, counts) signature, and forward hooks do t
    streams; with every expert in a slot, the resident path (no per-layer hooks at all);
 4. at the end of a forward pass predictions lapse and stall timers are collected.
 Without CUDA the host is the "device" and every path above runs the same way.
+
+policy="default" (the default) is the plan the simulator projects (simulate.simulate_default): the
+first `calibration_tokens` decode steps run the adaptive planner (predictive) while a recorder keeps
+their routing and the predictions the engine submitted; before the next forward pass
+simulate.choose_policy replays every candidate (predictive, each host-using peer, LRU, LFU) on that
+window with this engine's calibration, lookahead depth, prefetch limit and host-core setting, and
+the runtime switches to a fresh planner of the fastest, primed with the window's profile (its warm
+or pinned set copied in at once). With a profile trace (OffloadConfig.profile) the plan is chosen
+on it before the first step. `engine.plan` (and report()["plan"]) says what was chosen and why.
 """
 from __future__ import annotations
 
@@ -22,13 +31,14 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Iterator, Sequence
 
+import numpy as np
 import torch
 
 from moe_runtime.core.generation import DecodeBatch, SamplingParams, SequenceOutput, TokenEvent
 from moe_runtime.core.model import KVCache, MoETransformer
 from moe_runtime.core.train import resolve_device
 from moe_runtime.offload.cache import ExpertCache, SlotPool
-from moe_runtime.offload.config import PREDICTORS, OffloadConfig
+from moe_runtime.offload.config import DEFAULT_CALIBRATION_TOKENS, PREDICTORS, OffloadConfig
 from moe_runtime.offload.cpu_experts import Calibration, CostModel, calibrate
 from moe_runtime.offload.predictor import ExactPredictor, LearnedPredictor, LookaheadPredictor, moe_block_index, to_predictions
 from moe_runtime.offload.copy_engines import make_copy_engine
@@ -36,7 +46,7 @@ from moe_runtime.offload.runtime import CachedExperts, OffloadRuntime
 from moe_runtime.offload.stats import CacheStats
 from moe_runtime.offload.store import HostExpertStore
 from moe_runtime.offload.report import engine_report
-from moe_runtime.offload.trace import RoutingTrace, recorder_for
+from moe_runtime.offload.trace import RoutingTrace, TraceRecorder, recorder_for
 
 
 @dataclass
@@ -93,16 +103,24 @@ class ExpertCacheEngine:
         model.to(self.device)
         self.calibration = calibration or calibrate(store, self.pool, self.copies, attn_probe=self._attn_probe())
         self.copies.copy_s = self.calibration.copy_s
-        self.runtime = OffloadRuntime(store, self.pool, ExpertCache(self.pool.num_slots, config.policy), self.copies,
-                                      CostModel(self.calibration), cpu_experts=self.cpu_experts,
-                                      stream_fraction=config.stream_fraction,
-                                      max_inflight=config.max_inflight or 2 * model.cfg.moe.top_k)
+        self.max_inflight = config.max_inflight or 2 * model.cfg.moe.top_k
+        meta = {"source": "generate", "expert_bytes": lay.expert_bytes, "calibration": self.calibration.to_dict()}
+        scheme, profile, cpu = config.policy, config.profile_for(len(layers), cfg.moe.num_experts), self.cpu_experts
+        self.plan: dict[str, Any] | None = None
+        """policy=default: what the engine runs and why (state calibrating | chosen | resident)."""
+        self._window: TraceRecorder | None = None
+        self._window_passes, self._window_len = 0, config.calibration_tokens
+        if config.policy == "default":
+            scheme, profile, cpu = self._default_plan(slots, lay, meta)
+        self.runtime = OffloadRuntime(store, self.pool, ExpertCache(self.pool.num_slots, scheme), self.copies,
+                                      CostModel(self.calibration), cpu_experts=cpu,
+                                      stream_fraction=config.stream_fraction, max_inflight=self.max_inflight,
+                                      profile=profile)
         for layer in layers:
             layer.experts.bind(self.runtime)
         if self.learned is not None:
             self.learned.to(self.device)
-        self.recorder = recorder_for(model, meta={"source": "generate", "expert_bytes": lay.expert_bytes,
-                                                  "calibration": self.calibration.to_dict()}) if config.record_trace else None
+        self.recorder = recorder_for(model, meta=meta) if config.record_trace else None
         self._cur: dict[int, torch.Tensor] = {}
         self._prev: dict[int, torch.Tensor] = {}
         self._BS = (0, 0)
@@ -110,6 +128,70 @@ class ExpertCacheEngine:
         self._hooks = self._install_hooks()
         self.stats = CacheStats(self.runtime, self.copies)
         self.reset_stats()
+
+    # ---------------------------------------------------------------- policy=default
+    def _replay_predictor(self, trace: RoutingTrace | None) -> str:
+        """What choose_policy replays for the adaptive candidate: this engine's learned predictor, or
+        the lookahead predictions recorded with the routing (the engine's own, or none)."""
+        if self.learned is not None or (trace is not None and trace.lookahead is None):
+            return "learned"
+        return "recorded"
+
+    def _choose(self, trace: RoutingTrace, where: str) -> tuple[str, np.ndarray]:
+        """simulate.choose_policy on `trace` with this engine's constants; fills self.plan."""
+        from moe_runtime.offload.simulate import choose_policy, plan_reason, profile_of, steps_of
+        predictor = self._replay_predictor(trace)
+        learned = self.learned
+        chosen, scores = choose_policy(trace, self.pool.num_slots, self.calibration, predictor=predictor,
+                                       depth=self.depth, cpu_experts=self.cpu_experts,
+                                       stream_fraction=self.config.stream_fraction, max_inflight=self.max_inflight,
+                                       fit=(lambda _t: learned) if learned is not None else None)
+        self.plan.update(state="chosen", chosen=chosen, calibration_tok_s=scores, replayed_predictor=predictor,
+                         reason=plan_reason(chosen, scores, where))
+        return chosen, profile_of(steps_of(trace), trace.num_layers, trace.num_experts)
+
+    def _default_plan(self, slots: int, lay, meta: dict) -> tuple[str, Any, bool]:
+        """policy=default at set-up: (scheme, profile, host cores) to start with. Every expert fits:
+        nothing to choose. A profile trace: chosen on it now. Else the calibration window, recorded."""
+        self.plan = {"policy": "default", "state": "calibrating", "chosen": None, "calibration_tok_s": {},
+                     "calibration_tokens": self._window_len, "switch_copies": 0, "reason": None}
+        if slots >= lay.total_experts:
+            self.plan.update(state="resident", chosen="predictive",
+                             reason="every expert fits in the slots: all resident, no plan to choose")
+            return "predictive", None, self.cpu_experts
+        trace = self.config.profile_trace()
+        if trace is not None:
+            if (trace.num_layers, trace.num_experts) != (lay.num_layers, lay.num_experts):
+                raise ValueError(f"profile trace is for {trace.num_layers} layers x {trace.num_experts} experts; this "
+                                 f"model has {lay.num_layers} x {lay.num_experts}: record it from this model")
+            chosen, profile = self._choose(trace, "the profile trace's second half")
+            self.plan["calibration_tokens"] = None
+            self._predicting = chosen == "predictive"
+            return chosen, profile, self.cpu_experts and chosen == "predictive"
+        self._window = recorder_for(self.model, meta={**meta, "source": "calibration window"})
+        if self.learned is None:  # what the engine submits is recorded as the lookahead column
+            self._window.look_depth = self.depth
+            self._window.meta["lookahead_depth"] = self.depth
+        return "predictive", None, self.cpu_experts
+
+    def _switch(self) -> None:
+        """The window is complete: choose on it, then a fresh planner of the choice (module docstring)."""
+        trace, self._window = self._window.to_trace(), None
+        K = self._window_passes
+        chosen, profile = self._choose(trace, f"the second half of the first {K} decode steps")
+        before = self.stats.snapshot()
+        n = self.runtime.replan(chosen, profile=profile, cpu_experts=self.cpu_experts and chosen == "predictive")
+        for m, blk in enumerate(self.moe_blocks):
+            blk.ffn.experts.bind(self.runtime)
+        self.stats.runtime = self.runtime
+        self.plan.update(calibration_tokens=K, switch_copies=n,
+                         window={**before.counters.as_dict(), "bytes_moved": before.bytes_moved})
+        self._predicting = chosen == "predictive"
+
+    def _window_pass_done(self) -> None:
+        """After a forward pass: one more decode step in the window (S == 1, as split_trace counts)."""
+        if self._BS[1] == 1:
+            self._window_passes += 1
 
     # ---------------------------------------------------------------- set-up
     def _attn_probe(self):
@@ -127,11 +209,13 @@ class ExpertCacheEngine:
             if predictor.L != L or predictor.E != E:
                 raise ValueError(f"learned predictor is for L={predictor.L}, E={predictor.E}; this model has "
                                  f"L={L}, E={E}; fit it on a trace of this model")
-            self.learned, self.predictor_name = predictor, "learned"
+            self.learned, self.predictor_name, self._predicting = predictor, "learned", True
             self.depth = min(depth, predictor.depth)
             return
+        self._predicting = True
+        """Submit predictions to the planner (policy=default: off once a plan that never prefetches serves)."""
         if predictor == "auto":
-            predicts = self.policy in ("predictive", "mixtral-offloading")
+            predicts = self.policy in ("predictive", "mixtral-offloading", "default")
             predictor = ("exact" if pre else "lookahead") if predicts else "none"
         self.predictor_name, self.depth = predictor, depth
         if predictor == "exact":
@@ -144,7 +228,7 @@ class ExpertCacheEngine:
     def _install_hooks(self) -> list:
         hooks = [self.model.register_forward_pre_hook(self._on_forward, with_kwargs=True),
                  self.model.register_forward_hook(self._on_forward_end)]
-        if self.runtime.all_resident and self.recorder is None:
+        if self.runtime.all_resident and self.recorder is None and self._window is None:
             return hooks  # every expert sits in its slot: nothing to predict or decide per layer
         for b, block in enumerate(self.model.blocks):
             hooks.append(block.register_forward_pre_hook(lambda _m, args, b=b: self._on_block(b, args[0])))
@@ -157,15 +241,27 @@ class ExpertCacheEngine:
         tokens = args[0] if args else kwargs["tokens_BS"]
         cache = args[1] if len(args) > 1 else kwargs.get("cache")
         self._BS = (tokens.shape[0], tokens.shape[1])
-        if self.recorder is not None:
-            self.recorder.begin_forward(*self._BS, cache.length if cache is not None else 0)
+        if self._window is not None:
+            if self._window_len is None:  # a run of unknown length (moe serve, decode_batch)
+                self._window_len = self.plan["calibration_tokens"] = DEFAULT_CALIBRATION_TOKENS
+            if self._window_passes >= self._window_len:
+                self._switch()  # before this pass, so the window's last step ran the window's plan
+        for rec in (self.recorder, self._window):
+            if rec is not None:
+                rec.begin_forward(*self._BS, cache.length if cache is not None else 0)
 
     def _on_block(self, b: int, h_BSD: torch.Tensor) -> None:
         """Before MoE block b's attention: predictions for layers m .. m+depth, one decision pass."""
         m = self._moe_of_block.get(b)
         if m is None or self.runtime.resident[m]:
             return  # a dense block, or a layer whose experts all sit in slots: nothing to decide
-        preds = self.lookahead.predict(b, h_BSD) if self.lookahead is not None else []
+        if not self._predicting:
+            self.runtime.begin_layer(m, [])
+            return
+        raw = self.lookahead.predict_topk(b, h_BSD) if self.lookahead is not None else []
+        if self._window is not None and raw:
+            self._window.note_lookahead(raw)
+        preds = to_predictions(raw)
         if self.learned is not None:
             T, raw = h_BSD.shape[0] * h_BSD.shape[1], []
             for d in range(self.depth + 1):
@@ -181,9 +277,13 @@ class ExpertCacheEngine:
     def _on_routing(self, m: int, r) -> None:
         if self.recorder is not None:
             self.recorder.add(m, r.topk_idx_TK, r.topk_w_TK)
+        if self._window is not None:
+            if self.exact is not None and self._predicting:  # the exact prediction is the routing (distance 0)
+                self._window.note_lookahead([(m, 0, r.topk_idx_TK, r.topk_w_TK)])
+            self._window.add(m, r.topk_idx_TK, r.topk_w_TK)
         if self.learned is not None:
             self._cur[m] = r.topk_idx_TK
-        if self.exact is not None and not self.runtime.resident[m]:
+        if self.exact is not None and self._predicting and not self.runtime.resident[m]:
             self.runtime.begin_layer(m, [self.exact.from_routing(m, r.topk_idx_TK)])
 
     def _on_forward_end(self, _mod, _args, _out) -> None:
@@ -192,6 +292,8 @@ class ExpertCacheEngine:
             self._prev[m] = idx.view(B, S, -1)[:, -1]
         self._cur = {}
         self.runtime.end_pass()
+        if self._window is not None:
+            self._window_pass_done()
 
     # ---------------------------------------------------------------- generation
     def _sync(self) -> None:
@@ -249,6 +351,15 @@ class ExpertCacheEngine:
         params_list = [params] * len(prompts) if isinstance(params, SamplingParams) else list(params)
         width, B, new = max(len(p) for p in prompts), len(prompts), max(sp.max_new_tokens for sp in params_list)
         batch = self.decode_batch(max_batch=B, max_len=width + new, decode=decode, generator=generator)
+        if self._window is not None and self._window_len is None:
+            from moe_runtime.offload.simulate import calibration_passes
+            # the simulator's calibration part of this run's decode steps (one definition)
+            self._window_len = self.plan["calibration_tokens"] = calibration_passes(max(new - 1, 2))
+            if self._window_len < 2:
+                self._window = None
+                self.plan.update(state="fixed", chosen="predictive", reason=(
+                    f"no switch: a run of {new - 1} decode steps leaves a calibration window under 2 steps; "
+                    f"the adaptive planner serves it all"))
         self.reset_stats()
         t0 = time.perf_counter()
         seqs, events = batch.add(prompts, params_list)

@@ -41,6 +41,13 @@ class UsageStats:
         self.last_LE = np.zeros((num_layers, num_experts), dtype=bool)
         self.last: list[set[int]] = [set() for _ in range(num_layers)]
         self.boost_num = self.boost_den = 0.0
+        self._p_LE: np.ndarray | None = None
+        """p_use_LE() since the last change (it is asked for many times between two layers' runs)."""
+
+    def prime(self, profile_LE: np.ndarray) -> None:
+        """Start from a calibration profile (share of passes using each key) instead of zero."""
+        self.v[:] = np.clip(profile_LE, 0.0, 1.0)
+        self._p_LE = None
 
     def frequency_E(self, m: int) -> np.ndarray:
         return self.v[m] * self.decay ** (self.runs[m] - self.t[m])
@@ -62,14 +69,19 @@ class UsageStats:
         self.t[m, used] = self.runs[m]
         self.last_LE[m] = now
         self.last[m] = set(used)
+        self._p_LE = None
 
     @property
     def boost(self) -> float:
         return max(0.0, self.boost_num / self.boost_den) if self.boost_den > 0 else 0.0
 
     def p_use_LE(self) -> np.ndarray:
-        f = self.v * self.decay ** (self.runs[:, None] - self.t)
-        return np.where(self.last_LE, f + (1 - f) * self.boost, f)
+        """[L, E] P(used at the layer's next run); cached until the next observe (read-only)."""
+        if self._p_LE is None:
+            f = self.v * self.decay ** (self.runs[:, None] - self.t)
+            self._p_LE = np.where(self.last_LE, f + (1 - f) * self.boost, f)
+            self._p_LE.flags.writeable = False
+        return self._p_LE
 
     def p_use(self, key: Key) -> float:
         f = self.frequency(key)
@@ -88,7 +100,11 @@ class SlotTable:
         self.last_use_LE = np.zeros((num_layers, num_experts), dtype=np.int64)
         self.uses_LE = np.zeros((num_layers, num_experts), dtype=np.int64)
         self.future = future
+        self.hot_LE = np.zeros((num_layers, num_experts), dtype=bool)
+        """Keys the `hot` rule keeps (a calibration profile's most used; empty: it is LRU)."""
         self.next_pos_LE = np.full((num_layers, num_experts), NEVER, dtype=np.int64)
+        self._empty = num_slots
+        """Slots never assigned (slots are only ever reassigned, never emptied)."""
         self._ptr: dict[Key, int] = {}
         if future is not None:
             for (l, e), uses in future.items():
@@ -96,6 +112,8 @@ class SlotTable:
 
     # bookkeeping: every insert and use the Planner makes
     def on_insert(self, slot: int, key: Key) -> None:
+        if self.layer_S[slot] < 0:
+            self._empty -= 1
         self.layer_S[slot], self.expert_S[slot] = key
         self.clock += 1
         self.last_use_LE[key] = self.clock
@@ -117,6 +135,8 @@ class SlotTable:
             self.next_pos_LE[m, e] = uses[i] if i < len(uses) else NEVER
 
     def free_slot(self) -> int | None:
+        if not self._empty:
+            return None
         free = np.flatnonzero((self.layer_S < 0) & ~self.pinned_S)
         return int(free[0]) if free.size else None
 
@@ -152,9 +172,14 @@ class SlotTable:
             return int(slots[np.argmax(d)]), float(d.max())
         if rule == "lru":
             return self._lru(slots), 0.0
-        if rule == "lfu":
+        if rule == "lfu":  # fewest uses, then least recently used
             l, e = self.layer_S[slots], self.expert_S[slots]
-            return int(slots[np.lexsort((self.last_use_LE[l, e], self.uses_LE[l, e]))[0]]), 0.0
+            uses = self.uses_LE[l, e]
+            tie = np.flatnonzero(uses == uses.min())
+            return int(slots[tie[np.argmin(self.last_use_LE[l[tie], e[tie]])]]), 0.0
+        if rule == "hot":  # LRU among the keys outside the profiled hot set, else among all
+            cold = slots[~self.hot_LE[self.layer_S[slots], self.expert_S[slots]]]
+            return self._lru(cold if cold.size else slots), 0.0
         if rule == "layer-lru":
             return self._layer_lru(slots, incoming), 0.0
         if rule == "frequency":
@@ -162,7 +187,8 @@ class SlotTable:
             return int(slots[np.lexsort((-((l - here) % self.L), p_LE[l, e]))[0]]), 0.0
         d = self.distance(slots, here, p_LE)
         l, e = self.layer_S[slots], self.expert_S[slots]
-        i = np.lexsort((self.last_use_LE[l, e], -d))[0]  # farthest, then least recently used
+        tie = np.flatnonzero(d == d.max())  # farthest, then least recently used
+        i = tie[np.argmin(self.last_use_LE[l[tie], e[tie]])]
         return int(slots[i]), float(d[i])
 
     def _layer_lru(self, slots: np.ndarray, incoming: Key) -> int:
@@ -177,25 +203,79 @@ class SlotTable:
         return self._lru(over if over.size else slots)
 
 
+class _RecencyShadow:
+    """A demand-only shadow cache evicting by LRU, or (hot) by LRU among the keys outside a hot set
+    first: the same victims as SlotTable's lru / hot rules (recency = the order of the last insert or
+    use), kept as insertion-ordered dicts so a miss costs O(1) instead of a pass over every slot."""
+
+    def __init__(self, num_slots: int, hot_LE: np.ndarray | None = None):
+        self.S = num_slots
+        self.hot_LE = hot_LE
+        self.cold: dict[Key, None] = {}
+        """Keys outside the hot set (all keys without one), least recently used first."""
+        self.hot: dict[Key, None] = {}
+
+    def __contains__(self, key: Key) -> bool:
+        return key in self.cold or key in self.hot
+
+    def touch(self, key: Key) -> None:
+        d = self.hot if self.hot_LE is not None and self.hot_LE[key] else self.cold
+        d.pop(key, None)
+        d[key] = None
+
+    def admit(self, key: Key, pinned: set[Key]) -> bool:
+        """Insert a missed key, evicting the least recently used unpinned key (cold ones first);
+        False when every slot is pinned (the miss passes through)."""
+        if len(self.cold) + len(self.hot) >= self.S:
+            victim = next((k for k in self.cold if k not in pinned), None)
+            if victim is None:
+                victim = next((k for k in self.hot if k not in pinned), None)
+            if victim is None:
+                return False
+            (self.cold if victim in self.cold else self.hot).pop(victim)
+        self.touch(key)
+        return True
+
+
 class ShadowRules:
     """Demand-only shadow caches of the same size, one per candidate rule, fed the real routing:
     the rule whose shadow missed least lately (EMA) is the one to evict by. Choosing among
     lru / lfu / next-use online keeps the predictive policy near the best of them on each trace
     (ARC / ACME style adaptive replacement)."""
 
-    RULES = ("next-use", "lru", "lfu")
+    RULES = ("next-use", "lru", "lfu", "hot")
 
-    def __init__(self, num_slots: int, num_layers: int, num_experts: int, decay: float = 0.995):
-        self.tables = {r: SlotTable(num_slots, num_layers, num_experts, None) for r in self.RULES}
-        self.slot_of: dict[str, dict[Key, int]] = {r: {} for r in self.RULES}
+    def __init__(self, num_slots: int, num_layers: int, num_experts: int, decay: float = 0.995,
+                 hot_LE: np.ndarray | None = None):
+        self.tables = {r: SlotTable(num_slots, num_layers, num_experts, None) for r in ("next-use", "lfu")}
+        self.recency = {"lru": _RecencyShadow(num_slots), "hot": _RecencyShadow(num_slots)}
+        if hot_LE is not None:
+            self.set_hot(hot_LE)
+        self.slot_of: dict[str, dict[Key, int]] = {r: {} for r in self.tables}
         self.misses = dict.fromkeys(self.RULES, 0.0)
         self.decay = decay
 
+    def set_hot(self, hot_LE: np.ndarray) -> None:
+        """The `hot` rule keeps these keys (before any use)."""
+        self.recency["hot"].hot_LE = hot_LE
+
     def observe(self, m: int, used: list[int], here: int, p_LE: np.ndarray) -> None:
         """Layer m used `used`: every shadow serves it (hits first, then misses, pinned until done)."""
+        keys = [(m, e) for e in used]
         for r in self.RULES:
+            if r in self.recency:
+                shadow = self.recency[r]
+                missed = [k for k in keys if k not in shadow]
+                for k in keys:
+                    if k in shadow:
+                        shadow.touch(k)
+                pinned: set[Key] = set()
+                for k in missed:
+                    if shadow.admit(k, pinned):
+                        pinned.add(k)
+                self.misses[r] = self.decay * self.misses[r] + len(missed)
+                continue
             table, where = self.tables[r], self.slot_of[r]
-            keys = [(m, e) for e in used]
             missed = [k for k in keys if k not in where]
             for k in keys:
                 if k in where:

@@ -1,5 +1,7 @@
 """`moe generate`: text from a checkpoint with the expert cache.
 
+    moe generate --checkpoint runs/tiny --gpu-expert-slots 8 --prompt "def "        # policy default
+    moe generate --checkpoint runs/tiny --gpu-expert-slots 8 --profile runs/tiny.trace --calibration-tokens 16
     moe generate --checkpoint runs/tiny --gpu-expert-slots 8 --policy predictive --prompt "def "
     moe generate --checkpoint runs/tiny --gpu-expert-gib 0.01 --policy lru --cpu-experts --json runs/tiny/report.json
     moe generate --hf path/to/mixtral-dir --gpu-expert-gib 20 --prompt "The capital of France is"
@@ -23,8 +25,8 @@ from pathlib import Path
 
 import torch
 
-from moe_runtime.offload.cache import POLICIES
-from moe_runtime.offload.config import CPU_EXPERTS_CHOICES, OffloadConfig, add_cpu_experts_arg
+from moe_runtime.offload.config import (CPU_EXPERTS_CHOICES, DEFAULT_CALIBRATION_TOKENS, ENGINE_POLICIES, OffloadConfig,
+                                        add_cpu_experts_arg)
 
 
 def register(sub) -> None:
@@ -49,7 +51,7 @@ def add_generate_args(p: argparse.ArgumentParser) -> None:
     cap = p.add_mutually_exclusive_group(required=True)
     cap.add_argument("--gpu-expert-slots", type=int, help="device expert slots (experts held at once)")
     cap.add_argument("--gpu-expert-gib", type=float, help="device memory for expert slots, in GiB")
-    p.add_argument("--policy", choices=POLICIES, default="predictive", help="slot replacement policy")
+    add_policy_args(p)
     add_cpu_experts_arg(p)
     p.add_argument("--predictor", default="auto", choices=["auto", "none", "lookahead", "exact"],
                    help="auto: exact for pre-attention-routed models, else lookahead (predictive policy only)")
@@ -75,6 +77,28 @@ def add_generate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     p.add_argument("--json", default=None, metavar="PATH", help="write the report as JSON")
     p.add_argument("--trace-out", default=None, metavar="PATH", help="record the routing trace (msgpack)")
+
+
+def add_policy_args(p: argparse.ArgumentParser) -> None:
+    """--policy, --calibration-tokens, --profile (moe generate and moe serve)."""
+    p.add_argument("--policy", choices=ENGINE_POLICIES, default="default",
+                   help="default: the plan chosen per run, as `moe trace simulate` projects it (the adaptive planner "
+                        "for a calibration window, then the fastest of it, the host-using peers, LRU and LFU replayed "
+                        "on that window); or one fixed scheme")
+    p.add_argument("--calibration-tokens", type=int, default=None, metavar="K",
+                   help="--policy default: decode steps in the calibration window (>= 2; default half of this run's "
+                        f"decode steps, or {DEFAULT_CALIBRATION_TOKENS} when the length is unknown)")
+    p.add_argument("--profile", default=None, metavar="TRACE",
+                   help="a routing trace of this model (moe trace record / --trace-out): the hot-set profile, and "
+                        "with --policy default the plan is chosen on it up front (no calibration window)")
+
+
+def policy_settings(args: argparse.Namespace) -> dict:
+    """OffloadConfig keywords from add_policy_args' flags (the profile trace loaded, sealed)."""
+    from moe_runtime.offload.trace import RoutingTrace
+    profile = getattr(args, "profile", None)
+    return {"policy": getattr(args, "policy", "default"), "calibration_tokens": getattr(args, "calibration_tokens", None),
+            "profile": RoutingTrace.load(profile) if profile else None}
 
 
 def prompt_lists(args: argparse.Namespace, vocab_size: int, tokenizer=None, chat=None) -> list[list[int]]:
@@ -165,8 +189,9 @@ def run_generate(args: argparse.Namespace) -> int:
     if args.learned_from:
         predictor = LearnedPredictor.fit(RoutingTrace.load(args.learned_from), args.lookahead_depth)
     config = OffloadConfig(gpu_expert_slots=args.gpu_expert_slots, gpu_expert_gib=args.gpu_expert_gib,
-                           policy=args.policy, cpu_experts=CPU_EXPERTS_CHOICES[args.cpu_experts], device=args.device,
-                           predictor=predictor, lookahead_depth=args.lookahead_depth, record_trace=args.trace_out is not None)
+                           cpu_experts=CPU_EXPERTS_CHOICES[args.cpu_experts], device=args.device,
+                           predictor=predictor, lookahead_depth=args.lookahead_depth, record_trace=args.trace_out is not None,
+                           **policy_settings(args))
     engine = ExpertCacheEngine(model, config, store=store)
     text_of = lambda ids: decode(ids, V, tokenizer)  # noqa: E731
     if args.stream:
@@ -201,4 +226,4 @@ def run_generate(args: argparse.Namespace) -> int:
     return 0
 
 
-__all__ = ["register", "add_generate_args", "run_generate", "prompt_lists", "prompt_tensor", "sampling_params", "decode"]
+__all__ = ["register", "add_generate_args", "add_policy_args", "policy_settings", "run_generate", "prompt_lists", "prompt_tensor", "sampling_params", "decode"]

@@ -27,6 +27,22 @@ class Scheme:
     """Evict by whichever of lru / lfu / next-use its shadow cache says missed least lately."""
     distances: tuple[int, ...] | None = None
     """Prediction distances the scheme listens to (None: all)."""
+    pin: str = "none"
+    """none | hot (the most frequently used experts of a calibration profile hold slots for good) |
+    layers (llama.cpp --n-cpu-moe: every expert of as many whole layers as fit, the last layers)."""
+    cold: str = "planner"
+    """How a miss is served: planner (the cost model: copy, host, split, wait) | host (always on host
+    cores, never copied: KTransformers, llama.cpp) | fiddler (each miss alone: host cores unless a copy
+    plus the device run is faster, Fiddler's rule) | parallel (each miss on whichever of host cores or
+    link finishes it first, given the work already queued on both)."""
+    staging: float = 0.0
+    """Share of the slots left out of the pinned set (at least one slot when a scheme copies): copied
+    cold experts land there, replaced LRU."""
+
+    @property
+    def peer(self) -> bool:
+        """A host-using peer scheme (serves misses by its own published rule, not the cost model)."""
+        return self.cold != "planner"
 
     @property
     def needs_future(self) -> bool:
@@ -45,7 +61,15 @@ SCHEMES = {s.name: s for s in (
     Scheme(name="this-token-lfu", evict="this-token-lfu", prefetch="none"),
     Scheme(name="mixtral-offloading", evict="layer-lru", prefetch="always", distances=(1,)),
     Scheme(name="moe-infinity", evict="frequency", prefetch="always", frequency_candidates=True),
+    # host-using peers (offload/decision.py's docstring says what each does and where it is published)
+    Scheme(name="fiddler", evict="lru", prefetch="none", pin="hot", cold="fiddler", staging=0.125),
+    Scheme(name="llama-cpp-n-cpu-moe", evict="lru", prefetch="none", pin="layers", cold="host"),
+    Scheme(name="ktransformers", evict="lru", prefetch="none", pin="hot", cold="host"),
+    Scheme(name="hybrid", evict="lru", prefetch="none", pin="hot", cold="parallel", staging=0.125),
+    Scheme(name="hybrid-lru", evict="lru", prefetch="none", pin="hot", cold="parallel", staging=0.5),
 )}
+PEERS = ("fiddler", "llama-cpp-n-cpu-moe", "ktransformers", "hybrid", "hybrid-lru")
+"""The host-using peers, as published (offload/decision.py)."""
 
 
 @dataclass(frozen=True)
@@ -102,4 +126,4 @@ class Tally:
         return d
 
 
-__all__ = ["Scheme", "SCHEMES", "Op", "LayerPlan", "Tally"]
+__all__ = ["Scheme", "SCHEMES", "PEERS", "Op", "LayerPlan", "Tally"]

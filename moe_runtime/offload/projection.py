@@ -27,6 +27,14 @@ HOST_S_PER_TOKEN_PER_BYTE = 8.3e-3 / 352e6
 an H100, torch 2.11, 2026-11-22); scaled by expert bytes and linearly in tokens (an assumption; used only
 with cpu_experts)."""
 
+SPLIT_GPU_S = 2 * 7e-6
+SPLIT_GPU_SOURCE = ("a split run's two small transfers on the GPU side, the activation rows to the host "
+                    "(a blocking cudaMemcpy: the host sync) and the partial W13 result back, at the 6-7 us "
+                    "overhead per cudaMemcpy that NVIDIA's GDRCopy README states (github.com/NVIDIA/gdrcopy); "
+                    "an assumption, not measured by this project")
+"""What a split run adds on a GPU beyond its host and device work; the bench adds the CPU-side cost it
+measures on its own machine (bench/cache_policies.py: split_overhead)."""
+
 
 @dataclass(frozen=True, kw_only=True)
 class ModelShape:
@@ -36,15 +44,21 @@ class ModelShape:
     top_k: int
     d_model: int
     d_expert: int
-    bytes_per_param: int = 2
-    """bf16 weights."""
+    bytes_per_param: float = 2
+    """2: bf16 weights; 1: FP8 (DeepSeek-V3 as released); 4.25 / 8: MXFP4 (4-bit values plus one
+    8-bit scale per 32 values; gpt-oss). The store holds bf16 / fp32 only today, so a quantised
+    shape's bytes are modelled here, not measured."""
+    shared_experts: int = 0
+    """Always-used experts (DeepSeek-V3's shared expert): resident on the device, their run is added
+    to every layer's non-expert time."""
+    source: str = ""
     attn_s: float = 0.3e-3
     """Attention + router per MoE layer at decode."""
     attn_source: str = ""
 
     @property
     def expert_bytes(self) -> int:
-        return 3 * self.d_model * self.d_expert * self.bytes_per_param  # w1, w3 [D, F] and w2 [F, D]
+        return round(3 * self.d_model * self.d_expert * self.bytes_per_param)  # w1, w3 [D, F] and w2 [F, D]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -63,6 +77,20 @@ SHAPES = {s.name: s for s in (
                attn_source=_ATTN),
     ModelShape(name="olmoe-1b-7b", num_layers=16, num_experts=64, top_k=8, d_model=2048, d_expert=1024,
                attn_source=_ATTN),
+    ModelShape(name="gpt-oss-120b", num_layers=36, num_experts=128, top_k=4, d_model=2880, d_expert=2880,
+               bytes_per_param=4.25 / 8, attn_source=_ATTN,
+               source="https://huggingface.co/openai/gpt-oss-120b/blob/main/config.json (num_hidden_layers 36, "
+                      "num_local_experts 128, num_experts_per_tok 4, hidden_size 2880, intermediate_size 2880); "
+                      "experts in MXFP4 (model card): 4.25 bits per weight, modelled"),
+    ModelShape(name="qwen3-235b-a22b", num_layers=94, num_experts=128, top_k=8, d_model=4096, d_expert=1536,
+               attn_source=_ATTN,
+               source="https://huggingface.co/Qwen/Qwen3-235B-A22B/blob/main/config.json (num_hidden_layers 94, "
+                      "num_experts 128, num_experts_per_tok 8, hidden_size 4096, moe_intermediate_size 1536); bf16"),
+    ModelShape(name="deepseek-v3", num_layers=58, num_experts=256, top_k=8, d_model=7168, d_expert=2048,
+               bytes_per_param=1, shared_experts=1, attn_source=_ATTN,
+               source="https://huggingface.co/deepseek-ai/DeepSeek-V3/blob/main/config.json (61 layers, "
+                      "first_k_dense_replace 3 -> 58 MoE layers, n_routed_experts 256, num_experts_per_tok 8, "
+                      "n_shared_experts 1, hidden_size 7168, moe_intermediate_size 2048); FP8 weights as released"),
 )}
 LINKS = {l.name: l for l in (
     Link(name="h100-pcie5", bytes_per_s=54.8e9,
@@ -79,8 +107,11 @@ def _lookup(table: dict, name: str, what: str):
     return table[name]
 
 
-def projection_calibration(shape: str | ModelShape, link: str | Link) -> Calibration:
-    """The Calibration a device with this shape and link would measure, from the constants above."""
+def projection_calibration(shape: str | ModelShape, link: str | Link, *,
+                           host_s_per_byte: float | None = None) -> Calibration:
+    """The Calibration a device with this shape and link would measure, from the constants above
+    (`host_s_per_byte` replaces the host constant: a sensitivity row)."""
+    hs = HOST_S_PER_TOKEN_PER_BYTE if host_s_per_byte is None else host_s_per_byte
     s = _lookup(SHAPES, shape, "model-shape") if isinstance(shape, str) else shape
     k = _lookup(LINKS, link, "link") if isinstance(link, str) else link
     grid = (1, 2, 4, 8, 16, 32, 64, 128, 256)
@@ -88,9 +119,10 @@ def projection_calibration(shape: str | ModelShape, link: str | Link) -> Calibra
     return Calibration(
         device=f"projection: {s.name} on {k.name}", expert_bytes=s.expert_bytes,
         copy_s=s.expert_bytes / k.bytes_per_s, tokens=grid,
-        host_s=tuple(HOST_S_PER_TOKEN_PER_BYTE * s.expert_bytes * n for n in grid),
+        host_s=tuple(hs * s.expert_bytes * n for n in grid),
         device_s=tuple(s.expert_bytes / HBM_BYTES_PER_S + f / DEVICE_FLOPS for f in flops),
-        act_s_per_token=0.0, attn_s=s.attn_s)
+        act_s_per_token=0.0,
+        attn_s=s.attn_s + s.shared_experts * (s.expert_bytes / HBM_BYTES_PER_S + 6 * s.d_model * s.d_expert / DEVICE_FLOPS))
 
 
 def constants(shape: str, link: str) -> dict[str, Any]:
@@ -100,7 +132,9 @@ def constants(shape: str, link: str) -> dict[str, Any]:
     return {"shape": shape, "link": link, "layers": s.num_layers, "experts": s.num_experts, "top_k": s.top_k,
             "expert_mb": s.expert_bytes / 1e6, "link_gb_s": k.bytes_per_s / 1e9, "link_source": k.source,
             "copy_ms": cal.copy_s * 1e3, "attn_ms": s.attn_s * 1e3, "attn_source": s.attn_source,
-            "expert_ms_1_token": cal.device_s[0] * 1e3,
+            "expert_ms_1_token": cal.device_s[0] * 1e3, "host_ms_1_token": cal.host_s[0] * 1e3,
+            "host_source": "8.3 ms per 352 MB Mixtral expert at batch 1, bf16, 16 host cores of the lent H100 machine "
+                           "(../shared/PAPERS.md), scaled by expert bytes", "shape_source": s.source,
             "expert_source": f"bytes / {HBM_BYTES_PER_S / 1e12:.1f} TB/s (H100 HBM3 spec 3.35, 78% assumed) + "
                              f"FLOPs / {DEVICE_FLOPS / 1e12:.0f} TFLOP/s (measured)"}
 
@@ -116,4 +150,4 @@ def project(row: dict[str, Any], trace_layers: int, shape: str) -> dict[str, Any
             "copies_per_token": d["copies"] / tok * scale}
 
 
-__all__ = ["ModelShape", "Link", "SHAPES", "LINKS", "projection_calibration", "constants", "project"]
+__all__ = ["SPLIT_GPU_S", "SPLIT_GPU_SOURCE", "ModelShape", "Link", "SHAPES", "LINKS", "projection_calibration", "constants", "project"]

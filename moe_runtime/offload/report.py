@@ -44,6 +44,7 @@ def engine_report(engine) -> dict[str, Any]:
         "slots": engine.pool.num_slots, "total_experts": lay.total_experts,
         "cache_fraction": engine.pool.num_slots / lay.total_experts, "pool_bytes": engine.pool.nbytes,
         "store": engine.store.report(), "calibration": engine.calibration.to_dict(),
+        "plan": getattr(engine, "plan", None),
         **stats_report(engine.stats),
     }
 
@@ -94,7 +95,22 @@ def summary_lines(r: dict[str, Any]) -> list[str]:
         f"stream {r['decode']['stream_steps'] + r['prefill']['stream_steps']}; copy "
         f"{r['calibration']['copy_gbps']:.2f} GB/s measured",
     ]
+    plan = r.get("plan")
+    if plan:
+        lines.append(plan_line(plan))
     return lines
 
 
-__all__ = ["engine_report", "stats_report", "summary_lines"]
+def plan_line(plan: dict[str, Any]) -> str:
+    """policy=default: which plan serves and why."""
+    if plan["state"] == "calibrating":
+        return (f"plan: still calibrating ({plan['calibration_tokens']} decode steps in the window; the adaptive "
+                f"planner served this run)")
+    head = f"plan: {plan['chosen']}"
+    if plan["state"] == "chosen" and plan.get("calibration_tokens"):
+        head += f" after a {plan['calibration_tokens']}-step calibration window ({plan['switch_copies']} copies to switch)"
+    scores = ", ".join(f"{c} {v:.2f}" for c, v in sorted(plan["calibration_tok_s"].items(), key=lambda kv: -kv[1]))
+    return head + f"; {plan['reason']}" + (f"; modelled tok/s: {scores}" if scores else "")
+
+
+__all__ = ["engine_report", "stats_report", "summary_lines", "plan_line"]

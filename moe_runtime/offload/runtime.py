@@ -57,7 +57,7 @@ class OffloadRuntime:
     """Store + slot pool + copy engine, executing the Planner's decisions for each MoE layer."""
 
     def __init__(self, store: HostExpertStore, pool: SlotPool, cache: ExpertCache, copy_engine, cost: CostModel,
-                 *, cpu_experts: bool, stream_fraction: float, max_inflight: int):
+                 *, cpu_experts: bool, stream_fraction: float, max_inflight: int, profile=None):
         if not 0 < stream_fraction <= 1:
             raise ValueError(f"stream_fraction={stream_fraction} must be in (0, 1]")
         if max_inflight < 1:
@@ -67,7 +67,7 @@ class OffloadRuntime:
         self.cpu_experts = cpu_experts
         self.planner = Planner(cache, cost, lay.num_layers, scheme=cache.policy, cpu_experts=cpu_experts,
                                stream_fraction=stream_fraction, num_experts=lay.num_experts,
-                               max_prefetch_per_layer=max_inflight)
+                               max_prefetch_per_layer=max_inflight, profile=profile)
         self.tickets: dict[Key, Ticket] = {}
         self.loaded: list[Key | None] = [None] * pool.num_slots
         """What each slot's last issued copy holds, as the ops run (the plan ran ahead of it)."""
@@ -81,6 +81,30 @@ class OffloadRuntime:
         # Grow-only [0, 1, 2, ...] on the device and host: count_1 tensors are views, not allocations.
         self._counts_dev = torch.arange(1, device=pool.device)
         self._counts_host = torch.arange(1)
+
+    def replan(self, scheme: str, *, profile, cpu_experts: bool) -> int:
+        """Switch to a fresh Planner of `scheme` (policy="default" after its calibration window):
+        primed with `profile`, it loads its warm / pinned set now, like a model's resident weights
+        (every copy lands before the next step: host sync). The counters carry on. Returns the copies."""
+        old = self.planner
+        self.copies.synchronize()  # host sync: the old plan's copies land before the slots change hands
+        self.tickets.clear()
+        self.cache = ExpertCache(self.pool.num_slots, scheme)
+        self.cpu_experts = cpu_experts
+        lay = self.store.layout
+        self.planner = Planner(self.cache, self.cost, lay.num_layers, scheme=scheme, cpu_experts=cpu_experts,
+                               stream_fraction=old.stream_fraction, num_experts=lay.num_experts,
+                               max_prefetch_per_layer=old.max_prefetch, profile=profile, split_s=old.split_s)
+        self.planner.t, self.planner.decisions, self.planner.pred_stats = old.t, old.decisions, old.pred_stats
+        q, oq = self.planner.queue, old.queue
+        q.submitted, q.preempted, q.dropped = oq.submitted, oq.preempted, oq.dropped
+        ops = self.planner.preload()
+        for op in ops:
+            self._issue(op)
+        self.copies.synchronize()  # host sync: the switch, once per run
+        self.tickets.clear()
+        self.resident = [self.planner.layer_resident(m) for m in range(lay.num_layers)]
+        return len(ops)
 
     # The engine and its report read these by their old names.
     @property
@@ -224,7 +248,8 @@ class OffloadRuntime:
 
     def end_pass(self) -> None:
         """A forward pass ended: predictions never go past it."""
-        self.planner.end_pass()
+        for op in self.planner.end_pass():  # a hot-set peer pins its calibration prefix's experts
+            self._issue(op)
         self.copies.settle()
         self.copies.collect_stall()
 

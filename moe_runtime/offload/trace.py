@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from moe_runtime.core.serial import DecodeError, seal, unseal
+from moe_runtime.offload.predictor import LookaheadPredictor
 
 TRACE_FORMAT = "moe-routing-trace"
 TRACE_VERSION = 2
@@ -33,7 +34,10 @@ MAX_TRACE_OBJECTS = 65536
 """A trace body is ~20 fields (columns are byte strings) plus a small `meta`."""
 MAX_TRACE_BYTES = 1 << 30
 _COLUMNS = {"step": "<i4", "seq": "<i4", "pos": "<i4", "layer": "<u2", "experts": "<u2", "scores": "<f4"}
-_KEYS = {"format", "version", "num_layers", "num_experts", "top_k", "num_records", "meta", *_COLUMNS}
+_KEYS = {"format", "version", "num_layers", "num_experts", "top_k", "num_records", "meta", *_COLUMNS, "lookahead"}
+_LOOKAHEAD = "<i2"
+"""Optional column: per record, the experts the lookahead predictor named for the record's layer at
+distances 0..meta.lookahead_depth ([N, (depth + 1) * K], -1 where no prediction was made)."""
 
 
 class TraceError(ValueError):
@@ -60,6 +64,10 @@ class RoutingTrace:
     meta: dict[str, Any] = field(default_factory=dict)
     """Free-form JSON-able facts: model shape, expert_bytes, source, calibration (see cpu_experts)."""
     version: int = TRACE_VERSION
+    lookahead: np.ndarray | None = None
+    """[N, depth + 1, K] or None: the engine's default predictor (lookahead gating, offload/predictor.py)
+    as recorded with the routing: experts predicted for the record's layer at distance d from the
+    hidden state entering the MoE layer d earlier, -1 where none (TraceRecorder.attach(lookahead_depth=...))."""
 
     def __len__(self) -> int:
         return int(self.layer.shape[0])
@@ -70,6 +78,8 @@ class RoutingTrace:
                              "meta": self.meta}
         for name, dt in _COLUMNS.items():
             d[name] = np.ascontiguousarray(getattr(self, name), dtype=dt).tobytes()
+        if self.lookahead is not None:
+            d["lookahead"] = np.ascontiguousarray(self.lookahead, dtype=_LOOKAHEAD).tobytes()
         return d
 
     @classmethod
@@ -104,8 +114,20 @@ class RoutingTrace:
                                  f"(num_records={N}); the file is truncated or corrupted")
         cols["experts"], cols["scores"] = cols["experts"].reshape(N, K), cols["scores"].reshape(N, K)
         _check_values(cols, L, E, what)
-        return cls(L, E, K, meta=meta, **{k: v.astype(np.int64) if k != "scores" else v.copy()
-                                         for k, v in cols.items()})
+        look = None
+        if "lookahead" in d:
+            depth = meta.get("lookahead_depth")
+            if not isinstance(depth, int) or isinstance(depth, bool) or not 0 <= depth < L:
+                raise TraceError(f"{what}: column 'lookahead' needs meta.lookahead_depth, an int in [0, {L})")
+            raw = _column(d["lookahead"], _LOOKAHEAD, "lookahead", what)
+            if raw.size != N * (depth + 1) * K:
+                raise TraceError(f"{what}: column 'lookahead' holds {raw.size} values, expected "
+                                 f"{N * (depth + 1) * K}; the file is truncated or corrupted")
+            look = raw.reshape(N, depth + 1, K).astype(np.int64)
+            if look.size and (look.min() < -1 or look.max() >= E):
+                raise TraceError(f"{what}: column 'lookahead' holds expert ids out of range (E={E}); corrupted")
+        return cls(L, E, K, meta=meta, lookahead=look, **{k: v.astype(np.int64) if k != "scores" else v.copy()
+                                                         for k, v in cols.items()})
 
     def save(self, path: str | Path) -> Path:
         p = Path(path)
@@ -189,7 +211,7 @@ def _check_values(cols: dict[str, np.ndarray], L: int, E: int, what: str) -> Non
 
 
 _META_TYPES = {"d_model": int, "d_expert": int, "expert_bytes": int, "dtype": str, "router_position": str,
-               "source": str, "run": str, "calibration": dict}
+               "source": str, "run": str, "calibration": dict, "lookahead_depth": int}
 _CAL_FLOATS = ("copy_s", "act_s_per_token", "attn_s", "copy_gbps")
 
 
@@ -238,6 +260,9 @@ class TraceRecorder:
         self.records = self.steps = 0
         self.seq_base, self._B, self._S, self._start = 0, 0, 0, 0
         self._handles: list = []
+        self.look_depth: int | None = None
+        self._look: dict[tuple[int, int], np.ndarray] = {}
+        """(target layer, distance) -> [T, K] lookahead prediction made this pass, until the target routes."""
 
     def begin_forward(self, B: int, S: int, start: int) -> None:
         """A forward pass over [B, S] tokens at positions start..; start 0 opens new sequences."""
@@ -255,11 +280,39 @@ class TraceRecorder:
         rows = np.arange(T)
         seq = self.seq_base + rows // max(self._S, 1)
         pos = self._start + rows % max(self._S, 1)
-        self.chunks.append((self.steps - 1, seq, pos, layer, idx, w))
+        look = None
+        if self.look_depth is not None:
+            look = np.full((T, self.look_depth + 1, self.K), -1, dtype=np.int64)
+            for d in range(self.look_depth + 1):
+                p = self._look.pop((layer, d), None)
+                if p is not None and p.shape == (T, self.K):
+                    look[:, d] = p
+        self.chunks.append((self.steps - 1, seq, pos, layer, idx, w, look))
         self.records += T
 
-    def attach(self, model) -> "TraceRecorder":
+    def _lookahead(self, predictor, block: int, h_BSD: torch.Tensor) -> None:
+        for j, d, idx, _w in predictor.predict_topk(block, h_BSD):
+            self._look[(j, d)] = idx.detach().to("cpu", torch.int64).numpy()  # host sync (recording only)
+
+    def note_lookahead(self, raw) -> None:
+        """Record predictions made elsewhere ((target layer, distance, topk_idx_TK, topk_w_TK), as
+        LookaheadPredictor.predict_topk gives them) as the coming records' lookahead column: the
+        expert-cache engine records exactly what it submitted (set look_depth first)."""
+        for j, d, idx, _w in raw:
+            self._look[(j, d)] = idx.detach().to("cpu", torch.int64).numpy()  # host sync (recording only)
+
+    def attach(self, model, *, lookahead_depth: int | None = None) -> "TraceRecorder":
+        """Record the model's routing; with `lookahead_depth`, also what the engine's default
+        predictor (lookahead gating at that depth) names before each MoE layer, so `moe trace
+        simulate` can replay the engine's own predictions (RoutingTrace.lookahead)."""
         moe = [b.ffn for b in model.blocks if b.is_moe]
+        if lookahead_depth is not None:
+            look = LookaheadPredictor(model, lookahead_depth)
+            self.look_depth = lookahead_depth
+            self.meta["lookahead_depth"] = lookahead_depth
+            for b, block in enumerate(model.blocks):
+                self._handles.append(block.register_forward_pre_hook(
+                    lambda _m, args, b=b: self._lookahead(look, b, args[0])))
 
         def pre(_mod, args, kwargs):
             tokens = args[0] if args else kwargs["tokens_BS"]
@@ -285,7 +338,8 @@ class TraceRecorder:
 
     def to_trace(self) -> RoutingTrace:
         cols: dict[str, list[np.ndarray]] = {k: [] for k in _COLUMNS}
-        for step, seq, pos, layer, idx, w in self.chunks:
+        looks = [c[6] for c in self.chunks]
+        for step, seq, pos, layer, idx, w, _ in self.chunks:
             n = idx.shape[0]
             cols["step"].append(np.full(n, step))
             cols["seq"].append(seq)
@@ -296,7 +350,10 @@ class TraceRecorder:
         empty = {"experts": np.zeros((0, self.K)), "scores": np.zeros((0, self.K))}
         arrays = {k: np.concatenate(v) if v else empty.get(k, np.zeros(0)) for k, v in cols.items()}
         arrays = {k: v.astype(np.float32 if k == "scores" else np.int64) for k, v in arrays.items()}
-        return RoutingTrace(self.L, self.E, self.K, meta=self.meta, **arrays)
+        look = None
+        if self.look_depth is not None:
+            look = (np.concatenate(looks) if looks else np.zeros((0, self.look_depth + 1, self.K), dtype=np.int64))
+        return RoutingTrace(self.L, self.E, self.K, meta=self.meta, lookahead=look, **arrays)
 
 
 def recorder_for(model, **kw) -> TraceRecorder:

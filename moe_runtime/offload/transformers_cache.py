@@ -116,6 +116,11 @@ class TransformersExpertCache:
         self.layers, moe = moe_decoder_layers(model)
         self.device = resolve_device(config.device)
         self.policy, self.cpu_experts = config.policy, config.host_experts(self.device)
+        scheme = "predictive" if config.policy == "default" else config.policy
+        self.plan = {"policy": "default", "state": "fixed", "chosen": "predictive", "calibration_tok_s": {},
+                     "reason": "the transformers integration runs the adaptive planner for policy='default' (its "
+                               "calibration window and plan switch are our engine's: moe generate / ExpertCacheEngine)"} \
+            if config.policy == "default" else None
         self._setup_predictor(config)
         self.store = self._build_store(moe)
         model.to(self.device)
@@ -125,7 +130,7 @@ class TransformersExpertCache:
                                                     attn_probe=self._attn_probe(moe[0]))
         self.copies.copy_s = self.calibration.copy_s
         top_k = getattr(model.config, "num_experts_per_tok", 2)
-        self.runtime = OffloadRuntime(self.store, self.pool, ExpertCache(self.pool.num_slots, config.policy), self.copies,
+        self.runtime = OffloadRuntime(self.store, self.pool, ExpertCache(self.pool.num_slots, scheme), self.copies,
                                       CostModel(self.calibration), cpu_experts=self.cpu_experts,
                                       stream_fraction=config.stream_fraction,
                                       max_inflight=config.max_inflight or 2 * top_k)
@@ -150,7 +155,7 @@ class TransformersExpertCache:
             raise ValueError(f"predictor='exact' needs routers that read the block input; "
                              f"{', '.join(FAMILIES.values())} route after attention: use 'lookahead'")
         if pred == "auto":
-            pred = "lookahead" if config.policy == "predictive" else "none"
+            pred = "lookahead" if config.policy in ("predictive", "default") else "none"
         self.predictor_name, self.depth = pred, config.lookahead_depth
 
     def _attn_probe(self, layer: nn.Module):

@@ -19,8 +19,8 @@ def register(sub) -> None:
 
 
 def add_serve_args(p: argparse.ArgumentParser) -> None:
-    from moe_runtime.offload.cache import POLICIES
     from moe_runtime.offload.config import add_cpu_experts_arg
+    from moe_runtime.offload.generate_cli import add_policy_args
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--checkpoint", help="run directory (newest checkpoint) or a step_NNNNNNNN dir")
     src.add_argument("--hf", metavar="DIR", help="local Hugging Face MoE checkpoint directory; text goes through its "
@@ -29,7 +29,7 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     cap = p.add_mutually_exclusive_group(required=True)
     cap.add_argument("--gpu-expert-slots", type=int, help="device expert slots (experts held at once)")
     cap.add_argument("--gpu-expert-gib", type=float, help="device memory for expert slots, in GiB")
-    p.add_argument("--policy", choices=POLICIES, default="predictive", help="slot replacement policy")
+    add_policy_args(p)
     add_cpu_experts_arg(p)
     p.add_argument("--predictor", default="auto", choices=["auto", "none", "lookahead", "exact"],
                    help="auto: exact for pre-attention-routed models, else lookahead (predictive policy only)")

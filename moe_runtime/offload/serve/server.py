@@ -37,6 +37,7 @@ def build_context(args: argparse.Namespace) -> ServeContext:
     from moe_runtime.core.train import load_model
     from moe_runtime.offload.config import CPU_EXPERTS_CHOICES, OffloadConfig
     from moe_runtime.offload.engine import ExpertCacheEngine
+    from moe_runtime.offload.generate_cli import policy_settings
 
     _check_args(args)
     store = tokenizer = None
@@ -49,8 +50,8 @@ def build_context(args: argparse.Namespace) -> ServeContext:
         source = Path(args.checkpoint)
     tok = TokenizerAdapter(model.cfg.vocab_size, tokenizer)
     config = OffloadConfig(gpu_expert_slots=args.gpu_expert_slots, gpu_expert_gib=args.gpu_expert_gib,
-                           policy=args.policy, cpu_experts=CPU_EXPERTS_CHOICES[args.cpu_experts], device=args.device,
-                           predictor=args.predictor)
+                           cpu_experts=CPU_EXPERTS_CHOICES[args.cpu_experts], device=args.device,
+                           predictor=args.predictor, **policy_settings(args))
     engine = ExpertCacheEngine(model, config, store=store)
     engine.reset_stats()  # /metrics counts from here: cumulative over the server's life
     metrics = ServerMetrics(cache_source=lambda: engine_cache_stats(engine))
