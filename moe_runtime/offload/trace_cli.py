@@ -89,8 +89,19 @@ def add_trace_args(p: argparse.ArgumentParser) -> None:
 POLICY_HELP = {
     "lru": "least recently used (the engine's)",
     "lfu": "least frequently used (the engine's)",
-    "predictive": "the engine's default: cost-model prefetch, eviction by expected next use; predictions from "
-                  "the learned predictor fitted on this trace (in-sample)",
+    "default": "the engine's default: the first half of the trace (the calibration window) runs predictive, "
+               "then the fastest of predictive, every peer, LRU and LFU on that window serves the rest",
+    "predictive": "the adaptive planner: cost-model prefetch, eviction by expected next use; predictions from "
+                  "the recorded lookahead column, else the learned predictor fitted on this trace (in-sample)",
+    "fiddler": "Fiddler: a miss runs on the host cores unless copy + device run is faster; copies in 1/8 of the "
+               "slots",
+    "llama-cpp-n-cpu-moe": "llama.cpp --n-cpu-moe N: the experts of the first N layers on the host, the rest "
+                           "in slots; static, N as small as the slots allow",
+    "ktransformers": "KTransformers: the hottest experts (profile) pinned in slots, every other on the host "
+                     "cores; nothing copied while decoding",
+    "hybrid": "the ktransformers hot set; each cold expert on the host or over the link, whichever ends first "
+              "(copies in 1/8 of the slots, LRU)",
+    "hybrid-lru": "hybrid with half the slots an LRU area for copies",
     "oracle": "predictive given exact predictions of the next --depth layers (a perfect predictor)",
     "belady": "evicts the expert used farthest in the future, no prefetch: the offline optimum of demand paging",
     "belady-prefetch": "belady with exact predictions and the cost model's prefetch",
