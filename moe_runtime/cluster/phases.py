@@ -1,0 +1,44 @@
+"""GroupPhases: a Ray Train callback, run inside the Train controller, that tells the RunBoard where
+the worker group is before any of our code runs on a worker:
+
+    worker start         the worker actors are being created (Ray Train's get_metadata); no ranks yet
+    process-group init   ranks assigned; TorchConfig sets up the process group (rendezvous)
+    setup                the process group is up; rank_main runs (model, resume, first collective)
+
+and hands the driver the controller's actor handle, so that Ctrl-C / SIGTERM and a missed deadline
+end the run through the controller's own abort. The driver's watchdog (cluster.job) puts a deadline
+on the phases Ray Train has none for. Built on ray.train.v2's callback classes (internal API of
+Ray 2.5x-2.60: RunConfig(callbacks=[...]) accepts any RayTrainCallback).
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import ray
+from ray.train.v2._internal.execution.callback import ControllerCallback, WorkerGroupCallback
+
+
+class GroupPhases(ControllerCallback, WorkerGroupCallback):
+    def __init__(self, board):
+        self.board = board
+
+    def after_controller_start(self, train_run_context) -> None:
+        self.board.set_controller.remote(ray.get_runtime_context().current_actor)
+
+    def before_worker_group_start(self, worker_group_context) -> None:
+        self.board.group_phase.remote("worker start", [])
+
+    def before_init_train_context(self, workers) -> dict[str, list[Any]]:
+        info = [{"rank": w.distributed_context.world_rank, "pid": w.metadata.pid, "node": w.metadata.node_id,
+                 "actor": w.actor} for w in workers]
+        self.board.group_phase.remote("process-group init", info)
+        return {}
+
+    def after_worker_group_start(self, worker_group) -> None:
+        self.board.group_phase.remote("setup")
+
+    def before_worker_group_shutdown(self, worker_group) -> None:
+        self.board.group_phase.remote("stopped")
+
+    def before_worker_group_abort(self, worker_group_context) -> None:
+        self.board.group_phase.remote("stopped")
