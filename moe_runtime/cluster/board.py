@@ -30,6 +30,7 @@ class RunBoard:
         self.group_starts = 0
         self.controller_handle = None
         self.stopping = False
+        self.last_step = -1  # the highest step any rank reached, across attempts (the interrupt line)
 
     def start(self, rank: int, pid: int = 0, node: str = "") -> int:
         """Called by each rank as it starts; returns how many times this rank started before (the
@@ -63,6 +64,7 @@ class RunBoard:
 
     def beat(self, rank: int, phase: str, step: int) -> None:
         self.seen[rank] = (phase, step, time.time())
+        self.last_step = max(self.last_step, step)
 
     def report_fatal(self, message: str) -> None:
         if message not in self.fatal:
@@ -88,7 +90,7 @@ class RunBoard:
         return {"seen": dict(self.seen), "fatal": list(self.fatal), "summary": self.summary,
                 "timed_out": sorted(self.timed_out), "hang": self.hang, "ranks": dict(self.ranks), "now": time.time(),
                 "pids": dict(self.pids), "group": self.group, "group_starts": self.group_starts,
-                "starts": dict(self.starts)}
+                "starts": dict(self.starts), "last_step": self.last_step}
 
 
 def process_start_time(pid: int) -> int | None:

@@ -358,17 +358,21 @@ class ClusterTrainer:
         """Stop every rank before another checkpoint, abort the run through its controller, and say
         where it stopped and what a rerun resumes from."""
         with _signals_ignored():
+            state: dict[str, Any] = {}
             try:
                 board.stop.remote()
                 state = ray.get(board.state.remote(), timeout=10)
+            except Exception:  # noqa: BLE001 - the board is gone: the line says less
+                pass
+            try:
                 controller = ray.get(board.controller.remote(), timeout=10)
                 if controller is not None:
                     ray.get(controller.abort.remote(), timeout=30)
             except Exception:  # noqa: BLE001 - the run is being torn down; Ray's shutdown ends the rest
-                state = {"seen": {}}
+                pass
             runner.join(20)
-            steps = [step for (_, step, _) in state.get("seen", {}).values()]
-            where = f"at step {max(steps)}" if steps else "before the first step"
+            step = state.get("last_step", -1)
+            where = f"at step {step}" if step >= 0 else "before the first step"
             from moe_runtime.cluster.ckpt import RayStore
             try:
                 last = RayStore(self.run_uri).newest()
