@@ -148,9 +148,10 @@ EMBEDDED_ENV = {
 }
 
 
-def start_embedded_ray() -> None:
+def start_embedded_ray(**init_kw: Any) -> None:
     """ray.init() of a new single-machine Ray on 127.0.0.1 only (see EMBEDDED_ENV), no dashboard,
-    without Ray's start-up chatter (token-auth warning, 'Started a local Ray instance')."""
+    without Ray's start-up chatter (token-auth warning, 'Started a local Ray instance'); init_kw
+    (e.g. num_cpus) go to ray.init."""
     import ray._private.ray_constants as ray_constants
     saved = {k: os.environ.get(k) for k in EMBEDDED_ENV}
     for k, v in EMBEDDED_ENV.items():
@@ -164,7 +165,7 @@ def start_embedded_ray() -> None:
     quiet.setLevel(logging.ERROR)
     try:
         ray.init(address="local", include_dashboard=False, _node_ip_address="127.0.0.1",
-                 logging_level=logging.WARNING)
+                 logging_level=logging.WARNING, **init_kw)
     finally:
         ray_constants.ENABLE_RAY_CLUSTER = was
         quiet.setLevel(level)
@@ -307,7 +308,7 @@ class ClusterTrainer:
                                              resources_per_worker={"CPU": cfg.cpus_per_worker, **({"GPU": 1} if use_gpu else {})}),
                 torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo", timeout_s=int(max(1, cfg.collective_timeout_s))),
                 run_config=RayRunConfig(
-                    name=self.run.name, storage_path=self.storage, callbacks=[GroupPhases(board)],
+                    name=self.run.name, storage_path=self.storage, callbacks=[GroupPhases(board, embedded)],
                     logging_config=LoggingConfig(log_level="WARNING"),  # Ray Train's warnings and errors only
                     failure_config=FailureConfig(max_failures=cfg.max_failures, controller_failure_limit=cfg.max_failures),
                     # pruning is ours (RayStore.publish -> prune_run): Ray's sees only this invocation's checkpoints
@@ -410,7 +411,7 @@ class Watchdog:
 
     def __init__(self, board, cfg: ClusterConfig, progress: bool):
         self.board, self.cfg, self.progress = board, cfg, progress
-        self.handled: set[tuple[int, str]] = set()
+        self.handled: dict[tuple[int, str], int] = {}  # (group start, phase) -> deadlines missed so far
 
     def check(self) -> str | None:
         try:
@@ -419,39 +420,54 @@ class Watchdog:
             return None
         phase, since, workers = st["group"]
         key = (st["group_starts"], phase)
-        if phase not in self.PHASES or key in self.handled or st["now"] - since < self.cfg.start_timeout_s:
+        missed = self.handled.get(key, 0)
+        if phase not in self.PHASES or st["now"] - since < (missed + 1) * self.cfg.start_timeout_s:
             return None
-        self.handled.add(key)
+        self.handled[key] = missed + 1
         msg, kill = self._stuck(phase, workers, st["now"] - since)
-        msg += f"; killed it, Ray Train retries (--max-failures {self.cfg.max_failures})" if kill else ""
+        if kill and not missed:
+            msg += f"; killed it, Ray Train retries (--max-failures {self.cfg.max_failures})"
+        else:  # nothing here to kill, or the kill did not unblock the group: end the run with this line
+            msg += "; ending the run"
         self.board.report_hang.remote(msg)
         print(f"[cluster] {msg}", file=sys.stderr, flush=True)
-        for k in kill:
-            k()
-        if not kill:  # nothing this machine can kill: end the run through its controller
+        if kill and not missed:
+            for k in kill:
+                k()
+            return msg
+        try:
             controller = ray.get(self.board.controller.remote(), timeout=10)
             if controller is not None:
                 controller.abort.remote()
+        except Exception:  # noqa: BLE001 - the controller is gone: the run is ending anyway
+            pass
         return msg
 
     def _stuck(self, phase: str, workers: list[dict[str, Any]], waited: float) -> tuple[str, list]:
         from moe_runtime.cluster.board import process_state
         here = ray.get_runtime_context().get_node_id()
         limit = f"no progress for {waited:.0f}s (--start-timeout {self.cfg.start_timeout_s:g})"
+        pending: list[dict[str, Any]] = []
         if phase == "worker start":  # no ranks yet: Ray's actor table names the worker processes
             from ray._private import state as ray_state
             job = ray.get_runtime_context().get_job_id()
-            workers = [{"rank": None, "pid": a["Pid"], "node": a["Address"]["NodeID"], "actor": None}
-                       for a in ray_state.actors().values()
-                       if a["ActorClassName"] == "RayTrainWorker" and a["State"] == "ALIVE" and a["JobID"] == job]
+            # every worker actor of this job with a process, created or still being created (a worker
+            # stopped inside its constructor never becomes ALIVE)
+            actors = [a for a in ray_state.actors().values()
+                      if a["ActorClassName"] == "RayTrainWorker" and a["State"] != "DEAD" and a.get("Pid")
+                      and a["JobID"] == job]
+            workers = [{"rank": None, "pid": a["Pid"], "node": (a.get("Address") or {}).get("NodeID"), "actor": None}
+                       for a in actors]
+            pending = [w for w, a in zip(workers, actors) if a["State"] != "ALIVE"]
         local = [w for w in workers if w["node"] == here and w["pid"]]
         stopped = [w for w in local if process_state(w["pid"]) in ("T", "t")]
-        named = stopped or workers
+        named = stopped or pending or workers  # the stopped ones; else those not yet created; else all
         what = {"worker start": "Ray Train's worker start (get_metadata)",
                 "process-group init": "process-group init (TorchConfig rendezvous)"}[phase]
         who = ", ".join(f"rank {w['rank']} (pid {w['pid']})" if w["rank"] is not None else
                         f"a worker with no rank yet (pid {w['pid']})" for w in named) or "no worker process found"
-        state = "is stopped (SIGSTOP)" if stopped else "did not get through"
+        state = ("is stopped (SIGSTOP)" if len(stopped) == 1 else "are stopped (SIGSTOP)") if stopped else \
+            "did not get through"
         msg = f"{who} {state} in {what}: {limit}"
         kill = []
         for w in named:

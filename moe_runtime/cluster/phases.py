@@ -9,18 +9,33 @@ and hands the driver the controller's actor handle, so that Ctrl-C / SIGTERM and
 end the run through the controller's own abort. The driver's watchdog (cluster.job) puts a deadline
 on the phases Ray Train has none for. Built on ray.train.v2's callback classes (internal API of
 Ray 2.5x-2.60: RunConfig(callbacks=[...]) accepts any RayTrainCallback).
+
+On a private single-machine Ray (embedded=True) it also quiets, in the controller, Ray Train's
+resource requests to the cluster autoscaler: there is no autoscaler to ask, and on a busy machine
+each request that takes over 5 s logs a warning with a full traceback ("Failed to send resource
+request ... safe to ignore"). It does so as the callback arrives in the controller process
+(__setstate__), before the controller's first request.
 """
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import ray
 from ray.train.v2._internal.execution.callback import ControllerCallback, WorkerGroupCallback
 
 
+AUTOSCALING_REQUESTS_LOGGER = "ray.train.v2._internal.execution.scaling_policy.autoscaling_coordinator_client"
+
+
 class GroupPhases(ControllerCallback, WorkerGroupCallback):
-    def __init__(self, board):
-        self.board = board
+    def __init__(self, board, embedded: bool = False):
+        self.board, self.embedded = board, embedded
+
+    def __setstate__(self, state: dict[str, Any]) -> None:  # unpickled in the Train controller
+        self.__dict__.update(state)
+        if self.embedded:
+            logging.getLogger(AUTOSCALING_REQUESTS_LOGGER).setLevel(logging.ERROR)
 
     def after_controller_start(self, train_run_context) -> None:
         self.board.set_controller.remote(ray.get_runtime_context().current_actor)
