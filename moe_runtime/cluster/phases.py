@@ -28,14 +28,20 @@ from ray.train.v2._internal.execution.callback import ControllerCallback, Worker
 AUTOSCALING_REQUESTS_LOGGER = "ray.train.v2._internal.execution.scaling_policy.autoscaling_coordinator_client"
 
 
+def _errors_only(record: logging.LogRecord) -> bool:
+    return record.levelno >= logging.ERROR
+
+
 class GroupPhases(ControllerCallback, WorkerGroupCallback):
     def __init__(self, board, embedded: bool = False):
         self.board, self.embedded = board, embedded
 
     def __setstate__(self, state: dict[str, Any]) -> None:  # unpickled in the Train controller
         self.__dict__.update(state)
-        if self.embedded:
-            logging.getLogger(AUTOSCALING_REQUESTS_LOGGER).setLevel(logging.ERROR)
+        if self.embedded:  # a filter, not a level: Ray Train's dictConfig resets the levels of ray.train.*
+            quiet = logging.getLogger(AUTOSCALING_REQUESTS_LOGGER)
+            if _errors_only not in quiet.filters:
+                quiet.addFilter(_errors_only)
 
     def after_controller_start(self, train_run_context) -> None:
         self.board.set_controller.remote(ray.get_runtime_context().current_actor)
