@@ -21,8 +21,9 @@ def ray_local():
                  ("AWS_DEFAULT_REGION", "us-east-1"), ("RAY_DEDUP_LOGS", "0")):
         os.environ.setdefault(k, v)
     started = not ray.is_initialized()
-    if started:
-        ray.init(address="local", num_cpus=4, include_dashboard=False, _node_ip_address="127.0.0.1")
+    if started:  # the way `moe train --workers N` starts its own: every Ray process on 127.0.0.1 only
+        from moe_runtime.cluster.job import start_embedded_ray
+        start_embedded_ray(num_cpus=4)
     yield ray
     if started:
         ray.shutdown()

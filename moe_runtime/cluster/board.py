@@ -9,6 +9,7 @@ through it (Ray's own serialisation of str/int/float), never tensors.
 from __future__ import annotations
 
 import time
+from pathlib import Path
 from typing import Any
 
 
@@ -24,15 +25,46 @@ class RunBoard:
         self.hang: str | None = None
         self.ranks: dict[int, dict[str, Any]] = {}
         self.starts: dict[int, int] = {}
+        self.pids: dict[int, tuple[int, str]] = {}
+        self.group: tuple[str, float, list[dict[str, Any]]] = ("worker start", time.time(), [])
+        self.group_starts = 0
+        self.controller_handle = None
+        self.stopping = False
+        self.last_step = -1  # the highest step any rank reached, across attempts (the interrupt line)
 
-    def start(self, rank: int) -> int:
+    def start(self, rank: int, pid: int = 0, node: str = "") -> int:
         """Called by each rank as it starts; returns how many times this rank started before (the
         attempt number: Ray Train restarts the whole group together)."""
         self.starts[rank] = self.starts.get(rank, -1) + 1
+        self.pids[rank] = (pid, node)
+        self.seen[rank] = ("setup", 0, time.time())
         return self.starts[rank]
+
+    # -- where Ray Train's worker group is (GroupPhases, a callback in the Train controller)
+    def set_controller(self, handle) -> None:
+        self.controller_handle = handle
+
+    def controller(self):
+        return self.controller_handle
+
+    def group_phase(self, phase: str, workers: list[dict[str, Any]] | None = None) -> None:
+        """'worker start' (actors being created, no ranks yet), 'process-group init' (ranks known),
+        'setup' (the process group is up: rank_main runs), 'stopped'."""
+        if phase == "worker start":
+            self.group_starts += 1
+            self.seen.clear()  # a new group: the last one's beats say nothing about it
+        self.group = (phase, time.time(), workers if workers is not None else self.group[2])
+
+    def ping(self) -> bool:
+        return not self.stopping
+
+    def stop(self) -> None:
+        """The driver is ending the run (Ctrl-C, SIGTERM): ranks write no further checkpoint."""
+        self.stopping = True
 
     def beat(self, rank: int, phase: str, step: int) -> None:
         self.seen[rank] = (phase, step, time.time())
+        self.last_step = max(self.last_step, step)
 
     def report_fatal(self, message: str) -> None:
         if message not in self.fatal:
@@ -56,7 +88,27 @@ class RunBoard:
 
     def state(self) -> dict[str, Any]:
         return {"seen": dict(self.seen), "fatal": list(self.fatal), "summary": self.summary,
-                "timed_out": sorted(self.timed_out), "hang": self.hang, "ranks": dict(self.ranks), "now": time.time()}
+                "timed_out": sorted(self.timed_out), "hang": self.hang, "ranks": dict(self.ranks), "now": time.time(),
+                "pids": dict(self.pids), "group": self.group, "group_starts": self.group_starts,
+                "starts": dict(self.starts), "last_step": self.last_step}
+
+
+def process_start_time(pid: int) -> int | None:
+    """The start time of process pid (clock ticks since boot, /proc/<pid>/stat field 22), or None
+    if there is no such process; with the pid it identifies one process (pids are reused)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return int(stat.rsplit(")", 1)[1].split()[19])
+
+
+def process_state(pid: int) -> str | None:
+    """The state letter of a local process (/proc/<pid>/stat: R running, S sleeping, T stopped...)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return None
 
 
 def stalled_ranks(state: dict[str, Any], world: int) -> str | None:
@@ -76,4 +128,4 @@ def stalled_ranks(state: dict[str, Any], world: int) -> str | None:
     return "; ".join(parts) + f"; ranks {sorted(timed_out)} timed out waiting for it"
 
 
-__all__ = ["RunBoard", "stalled_ranks"]
+__all__ = ["RunBoard", "process_start_time", "process_state", "stalled_ranks"]

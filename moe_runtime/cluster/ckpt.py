@@ -148,8 +148,8 @@ class RayStore:
     """Ray Train's storage (`RunConfig(storage_path, name)`): a local path or a URI. Each rank
     stages its files in a local temp dir and reports it; Ray merges them into <run>/step_N."""
 
-    def __init__(self, run_uri: str, local_tmp: str | None = None):
-        self.run_uri = run_uri.rstrip("/")
+    def __init__(self, run_uri: str, local_tmp: str | None = None, keep: int | None = None):
+        self.run_uri, self.keep = run_uri.rstrip("/"), keep
         self.tmp = Path(tempfile.mkdtemp(prefix="moe-ckpt-", dir=local_tmp))
         weakref.finalize(self, shutil.rmtree, self.tmp, True)  # staged and downloaded files go with the store
 
@@ -169,6 +169,8 @@ class RayStore:
             raise StorageError(f"cannot write checkpoint {self.run_uri}/{step_dir_name(step)}: {e}") from None
         finally:
             shutil.rmtree(staged, ignore_errors=True)
+        if self.keep and groups.layout.rank == 0:  # after report: every rank's files of this step are stored
+            prune_run(self.run_uri, self.keep)
         return join_uri(self.run_uri, step_dir_name(step))
 
     def newest(self, accept: Callable[[dict[str, Any]], bool] | None = None) -> str | None:
@@ -303,3 +305,65 @@ def load_sharded(ck: Checkpoint, model: nn.Module, opt: torch.optim.Optimizer, e
         sliced = key.split("/")[1] in expert_names and not key.endswith("/step")
         return ck.tensor(key, rows if sliced else None)
     load_optimizer_tensors(model, opt, get)
+
+
+# ---------------------------------------------------------------------- the run directory as a whole
+RUN_ENTRIES_OF_AN_INVOCATION = ("metrics.jsonl", "checkpoint_manager_snapshot.json")
+"""Besides the step_* directories: what `--no-resume` moves aside with them (Ray Train's own snapshot
+of its checkpoint list included, so the new run neither resumes nor prunes from the old list)."""
+
+
+def _step_entries(run_uri: str) -> list[str]:
+    """Names of the step_* directories (published or not) directly under the run directory."""
+    if not is_uri(run_uri):
+        root = Path(run_uri)
+        return sorted(p.name for p in root.glob("step_*") if p.is_dir()) if root.is_dir() else []
+    import pyarrow.fs as pafs
+    fs, root = filesystem(run_uri)
+    infos = fs.get_file_info(pafs.FileSelector(root, allow_not_found=True))
+    return sorted(i.base_name for i in infos if i.type == pafs.FileType.Directory and i.base_name.startswith("step_"))
+
+
+def prune_run(run_uri: str, keep: int) -> list[str]:
+    """Delete all but the newest `keep` step_* directories of the run directory, whoever wrote them
+    (an earlier invocation, an attempt Ray Train's checkpoint list does not know); returns the names
+    deleted. Ray Train's own num_to_keep sees only the checkpoints of the current invocation."""
+    if keep <= 0:
+        return []
+    old = _step_entries(run_uri)[:-keep]
+    for name in old:
+        if not is_uri(run_uri):
+            shutil.rmtree(Path(run_uri) / name, ignore_errors=True)
+        else:
+            fs, root = filesystem(run_uri)
+            fs.delete_dir(f"{root}/{name}")
+    return old
+
+
+def set_aside_run(run_uri: str) -> tuple[str, list[str]] | None:
+    """`--no-resume`: move the previous invocation's checkpoints and metrics into
+    <run>/previous-<UTC time>/ (kept, never pruned by the new run); (where, names) or None."""
+    names = _step_entries(run_uri) + list(RUN_ENTRIES_OF_AN_INVOCATION)
+    if not is_uri(run_uri):
+        from moe_runtime.core.checkpoint import set_aside
+        moved = set_aside(run_uri, names)
+        return None if moved is None else (str(moved[0]), moved[1])
+    import time
+
+    import pyarrow.fs as pafs
+    fs, root = filesystem(run_uri)
+    present = [n for n in names if fs.get_file_info(f"{root}/{n}").type != pafs.FileType.NotFound]
+    if not present:
+        return None
+    dest = f"previous-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}"
+    for name in present:  # object stores have no rename: copy every file, then delete the original
+        src = f"{root}/{name}"
+        if fs.get_file_info(src).type == pafs.FileType.Directory:
+            for info in fs.get_file_info(pafs.FileSelector(src, recursive=True)):
+                if info.type == pafs.FileType.File:
+                    fs.copy_file(info.path, f"{root}/{dest}/{name}/{info.path[len(src) + 1:]}")
+            fs.delete_dir(src)
+        else:
+            fs.copy_file(src, f"{root}/{dest}/{name}")
+            fs.delete_file(src)
+    return join_uri(run_uri, dest), present

@@ -22,6 +22,9 @@ def add_train_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max-failures", type=int, default=3, help="worker failures to recover from")
     g.add_argument("--collective-timeout", type=float, default=120.0,
                    help="seconds before a stuck collective fails and names the rank that stopped")
+    g.add_argument("--start-timeout", type=float, default=120.0,
+                   help="seconds a (re)starting worker group may spend in worker start or process-group init "
+                        "before the stuck worker is named and killed and --max-failures decides")
     g.add_argument("--cpus-per-worker", type=float, default=1.0, help="CPU cores per worker bundle (fractions ok)")
     g.add_argument("--offload-experts", action="store_true", help="expert shards + AdamW state in host memory")
     g.add_argument("--overlap-grad-sync", choices=["auto", "on", "off"], default="auto",
@@ -33,12 +36,15 @@ def add_train_options(p: argparse.ArgumentParser) -> None:
 
 def train_cluster(run: Any, args: argparse.Namespace) -> int:
     """`moe train --workers N`: a Ray Train job (cluster/job.py); failures print one line."""
-    from moe_runtime.cluster.job import ClusterTrainingError, run_cluster_train
+    from moe_runtime.cluster.job import ClusterInterrupted, ClusterTrainingError, run_cluster_train
     try:
         summary = run_cluster_train(run, args)
     except ClusterTrainingError as e:
         print(f"moe train: error: {e}", file=sys.stderr)
         return 1
+    except ClusterInterrupted as e:  # Ctrl-C / SIGTERM: where it stopped, what a rerun resumes from
+        print(e.message, file=sys.stderr, flush=True)
+        return e.exit_code
     except KeyboardInterrupt:
         print("moe train: interrupted; rerun the same command (same --storage and --name) to resume from the "
               "run's newest checkpoint", file=sys.stderr, flush=True)

@@ -70,6 +70,10 @@ class ClusterConfig:
     collective_timeout_s: float = 120.0
     """Bound on process-group setup and on every collective (TorchConfig.timeout_s): a hung or dead
     peer is detected within it and the error names the rank that stopped."""
+    start_timeout_s: float = 120.0
+    """Deadline on each phase of a (re)starting worker group that Ray Train bounds nowhere: worker
+    start (actor creation, get_metadata) and process-group init. A worker stuck there is named
+    (rank, or pid before ranks exist) and killed, and Ray Train's retry policy applies."""
     storage: str | None = None
     """Checkpoint storage (Ray Train storage_path): an absolute directory or a URI (s3://, gs://, ...)."""
     ray_address: str | None = None
@@ -107,6 +111,8 @@ def validate_cluster(run: RunConfig, cfg: ClusterConfig) -> ClusterConfig:
         raise ValueError(f"cpus_per_worker={cfg.cpus_per_worker} must be > 0")
     if cfg.max_failures < 0:
         raise ValueError(f"max_failures={cfg.max_failures} must be >= 0")
+    if cfg.start_timeout_s <= 0:
+        raise ValueError(f"start_timeout_s={cfg.start_timeout_s} must be > 0; pass --start-timeout in seconds")
     if cfg.collective_timeout_s <= 0:
         raise ValueError(f"collective_timeout_s={cfg.collective_timeout_s} must be > 0; pass --collective-timeout "
                          f"in seconds")

@@ -12,7 +12,10 @@ Failure classes, decided here where the error happens:
 from __future__ import annotations
 
 import json
+import logging
+import os
 import resource
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -22,7 +25,7 @@ import ray
 import ray.train
 import torch
 
-from moe_runtime.cluster.board import stalled_ranks
+from moe_runtime.cluster.board import process_start_time, stalled_ranks
 from moe_runtime.cluster.ckpt import RayStore, StorageError
 from moe_runtime.cluster.groups import build_groups
 from moe_runtime.cluster.layout import FaultPlan
@@ -41,13 +44,16 @@ class WorkerHang(RuntimeError):
 
 
 def rank_main(config: dict[str, Any]) -> None:
+    _quiet_ray_train()
     rank = ray.train.get_context().get_world_rank()
     board = config["board"]
-    attempt = ray.get(board.start.remote(rank))
+    attempt = ray.get(board.start.remote(rank, os.getpid(), ray.get_runtime_context().get_node_id()))
     if rank == 0:
         board.clear_timeouts.remote()
+    driver = DriverWatch(config.get("driver") or {}, board, rank)
 
     def beat(phase: str, step: int) -> None:
+        driver.check(phase, step)  # a rank whose driver is gone stops here, before the step or checkpoint
         board.beat.remote(rank, phase, step)  # fire and forget: no round trip on the training path
 
     beat("setup", 0)
@@ -81,7 +87,7 @@ def _train(config: dict[str, Any], rank: int, beat, resume: bool) -> dict[str, A
     run_uri = config["run_uri"]
     local_dir = Path(run_uri) if not is_uri(run_uri) else Path(tempfile.mkdtemp(prefix="moe-run-"))
     sink = MetricsFile(run_uri) if rank == 0 else None
-    plan = EPPlan(groups, RayStore(run_uri), offload=config["offload"], overlap_grad_sync=config["overlap"], fault=FaultPlan.from_dict(config["fault"]),
+    plan = EPPlan(groups, RayStore(run_uri, keep=run.train.keep_checkpoints), offload=config["offload"], overlap_grad_sync=config["overlap"], fault=FaultPlan.from_dict(config["fault"]),
                   heartbeat=beat, metrics_sink=sink.append if sink else None, invocation=config.get("invocation"),
                   only_own_checkpoints=not config["resume"])
     trainer = Trainer(run, corpus=corpus, out_dir=local_dir, progress=False, plots=config["plots"], plan=plan)
@@ -96,6 +102,46 @@ def _train(config: dict[str, Any], rank: int, beat, resume: bool) -> dict[str, A
             "last_eval": s["last_eval"], "history": s["history"], "run_dir": run_uri,
             "offload": plan.streamer.memory_report() | plan.streamer.stats if plan.streamer else None,
             "memory": {**memory_report(trainer), "peak_rss_after_init_bytes": peak_after_init}}
+
+
+def _quiet_ray_train() -> None:
+    """Ray Train logs each ray.train.report ('Reporting training result ...') at INFO through a
+    logger named after its file, outside the 'ray.train' logger its LoggingConfig sets: warnings
+    and errors only, like the rest of Ray Train in our runs."""
+    try:
+        from ray.train.v2._internal.execution import context
+    except ImportError:
+        return
+    logging.getLogger(context.__file__).setLevel(logging.WARNING)
+
+
+class DriverWatch:
+    """Whether the driver that started this run is still there. When it dies (SIGKILL, OOM), Ray
+    tears its workers down only after a while; in that window a rank would go on training and
+    publish another checkpoint into a run directory a rerun may already be using. So before every
+    step (and, with a round trip to the driver-owned RunBoard, before every checkpoint) a rank
+    checks, and stops at once if the driver is gone or is ending the run."""
+
+    def __init__(self, driver: dict[str, Any], board, rank: int):
+        self.pid, self.start, self.board, self.rank = driver.get("pid"), driver.get("start"), board, rank
+        self.local = bool(self.pid) and driver.get("node") == ray.get_runtime_context().get_node_id()
+
+    def check(self, phase: str, step: int) -> None:
+        if self.local and process_start_time(self.pid) != self.start:
+            self._stop(f"the driver (pid {self.pid}) is gone", phase, step)
+        if phase == "checkpoint":
+            try:
+                going_on = ray.get(self.board.ping.remote(), timeout=30)
+            except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
+                self._stop("the driver is gone (its RunBoard does not answer)", phase, step)
+            if not going_on:
+                self._stop("the driver is ending the run", phase, step)
+
+    def _stop(self, why: str, phase: str, step: int) -> None:
+        what = f"checkpoint of step {step}" if phase == "checkpoint" else f"step {step + 1}"
+        print(f"[cluster rank {self.rank}] {why}: stopping before the {what}", flush=True)
+        sys.stdout.flush()
+        os._exit(1)  # no cleanup that could publish or wait on a collective: the run is over
 
 
 def _peak_rss_bytes() -> int:

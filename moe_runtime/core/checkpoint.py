@@ -32,6 +32,7 @@ import math
 import os
 import re
 import shutil
+import time
 from pathlib import Path
 from typing import Any, Callable
 
@@ -160,6 +161,25 @@ def prune(root: Path, keep: int) -> None:
     steps = sorted(p for p in root.glob("step_*") if p.is_dir())
     for old in steps[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
+
+
+def set_aside(run_dir: str | Path, names: list[str]) -> tuple[Path, list[str]] | None:
+    """`--no-resume`: move the previous invocation's entries of run_dir (checkpoint directories,
+    metrics.jsonl, ...) into run_dir/previous-<UTC time>/ instead of letting the new run prune
+    them; returns (where, what moved), or None when there was nothing to move."""
+    run_dir = Path(run_dir)
+    present = [n for n in names if (run_dir / n).exists()]
+    if not present:
+        return None
+    dest = run_dir / f"previous-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}"
+    n = 1
+    while dest.exists():
+        n += 1
+        dest = dest.with_name(f"{dest.name.split('.')[0]}.{n}")
+    dest.mkdir(parents=True)
+    for name in present:
+        os.rename(run_dir / name, dest / name)
+    return dest, present
 
 
 def save_checkpoint(root: str | Path, step: int, tensors: dict[str, torch.Tensor], config: dict[str, Any],

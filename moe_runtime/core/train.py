@@ -28,7 +28,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from moe_runtime.core.checkpoint import Checkpoint, latest_checkpoint, resume_check, save_checkpoint, train_counters
+from moe_runtime.core.checkpoint import (Checkpoint, latest_checkpoint, resume_check, save_checkpoint, set_aside,
+                                         train_counters)
 from moe_runtime.core.config import RunConfig, TrainConfig
 from moe_runtime.core.data import Corpus, load_corpus
 from moe_runtime.core.device import autocast_ctx, resolve_device
@@ -363,6 +364,12 @@ class Trainer:
                 if self.plan.is_root:
                     print(f"[moe] resuming from {where} (step {self.step})", flush=True)
                 self._log({"event": "resumed", "step": self.step, "checkpoint": where})
+        elif not resume and self.step == 0 and isinstance(self.plan, LocalPlan):
+            # --no-resume starts fresh but never deletes the previous run: its checkpoints move aside
+            moved = set_aside(self.out_dir, ["checkpoints", "metrics.jsonl"])
+            if moved is not None:
+                print(f"[moe] --no-resume: moved the previous run's {' and '.join(moved[1])} to {moved[0]} "
+                      f"(kept; delete it when no longer needed)", flush=True)
         if local_root:  # after the resume decision: a refused resume leaves the run's config.json as it was
             (self.out_dir / "config.json").write_text(json.dumps(self.run.to_dict(), indent=2))
         end = min(c.max_steps, until_step if until_step is not None else c.max_steps)
