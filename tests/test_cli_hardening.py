@@ -77,6 +77,20 @@ def test_resume_uses_the_previous_checkpoint_when_the_newest_lacks_step(run_dir,
     assert "train_state.step is missing" in out and str(newest / MANIFEST) in out
 
 
+def test_cluster_stores_skip_a_checkpoint_without_counters(run_dir, capsys):
+    """A cluster resume (DirStore, RayStore on a path or a URI) finds the previous checkpoint too."""
+    from moe_runtime.cluster.ckpt import DirStore, RayStore
+    root = run_dir / "checkpoints"
+    newest = root / "step_00000006"
+    body = manifest_body(newest)
+    body["train_state"] = {"tokens_seen": 96}
+    reseal_manifest(newest, body)
+    assert DirStore(root).newest() == str(root / "step_00000003")
+    assert RayStore(str(root)).newest(lambda state: True) == str(root / "step_00000003")
+    assert RayStore(root.as_uri()).newest().endswith("/step_00000003")
+    assert "train_state.step is missing" in capsys.readouterr().out
+
+
 # ---------------------------------------------------------------- 9. configs that cannot fit
 def _config(tmp_path: Path, section: str, key: str, value: int) -> Path:
     d = {"model": {"d_model": 64, "n_layers": 2, "n_heads": 4, "max_seq_len": 64,

@@ -32,7 +32,7 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from moe_runtime.cluster.groups import ParallelGroups
-from moe_runtime.core.checkpoint import (FORMAT, MANIFEST, MAX_MANIFEST_BYTES, VERSION, read_sealed, Checkpoint, CheckpointError, FileRecord, Manifest, ShardRecord, latest_checkpoint, merge_records,
+from moe_runtime.core.checkpoint import (FORMAT, MANIFEST, MAX_MANIFEST_BYTES, VERSION, read_sealed, Checkpoint, CheckpointError, FileRecord, Manifest, ShardRecord, latest_checkpoint, merge_records, check_counters, train_counters,
                             prepare_tmp, prune, step_dir_name, tmp_dir_for, write_manifest, write_shard_file)
 from moe_runtime.core.modelio import (fetch_checkpoint, filesystem, is_uri, join_uri, load_model_state, load_optimizer_tensors,
                          newest_remote_checkpoint, optimizer_tensors, uri_basename)
@@ -183,8 +183,17 @@ class RayStore:
         steps = None
         while True:  # newest valid first; one refused by `accept` is hidden and the next tried
             path = newest_remote_checkpoint(_Hiding(fs, steps), root)
-            if path is None or accept is None or accept(_remote_train_state(fs, path)):
-                return None if path is None else join_uri(self.run_uri, path.rsplit("/", 1)[-1])
+            if path is None:
+                return None
+            state = _remote_train_state(fs, path)
+            try:
+                check_counters(state, f"{join_uri(self.run_uri, path.rsplit('/', 1)[-1])}/{MANIFEST}")
+                usable = accept is None or accept(state)
+            except CheckpointError as e:
+                print(f"[cluster] skipping checkpoint: {e}", flush=True)
+                usable = False
+            if usable:
+                return join_uri(self.run_uri, path.rsplit("/", 1)[-1])
             steps = (steps or set()) | {path}
 
     def open(self, location: str) -> Checkpoint:
@@ -198,12 +207,13 @@ class RayStore:
         return Checkpoint(dest)
 
 
-def _accepting(accept: Callable[[dict[str, Any]], bool] | None) -> Callable[[Checkpoint], None] | None:
-    if accept is None:
-        return None
+def _accepting(accept: Callable[[dict[str, Any]], bool] | None) -> Callable[[Checkpoint], None]:
+    """A checkpoint a resume can use: its train_state holds the counters (else CheckpointError naming
+    the field, and the previous checkpoint is tried) and `accept` takes it."""
 
     def check(ck: Checkpoint) -> None:
-        if not accept(ck.manifest.train_state):
+        train_counters(ck)
+        if accept is not None and not accept(ck.manifest.train_state):
             raise CheckpointError("written by another invocation of this run (--no-resume ignores it)")
     return check
 

@@ -357,7 +357,11 @@ def train_counters(ck: Checkpoint) -> dict[str, int]:
     """The counters a resume restores from the manifest's train_state: each a non-negative int, else a
     CheckpointError naming the manifest and the field (`resume_check` turns that into a skip, so the
     previous checkpoint is used)."""
-    state, what = ck.manifest.train_state, ck.path / MANIFEST
+    return check_counters(ck.manifest.train_state, ck.path / MANIFEST)
+
+
+def check_counters(state: dict[str, Any], what: Any) -> dict[str, int]:
+    """`train_counters` on a manifest's train_state read elsewhere (a remote store); `what` names it."""
     for key in RESUME_COUNTERS:
         v = state.get(key)
         if key not in state or not isinstance(v, int) or isinstance(v, bool) or v < 0:
