@@ -175,6 +175,34 @@ def test_sequences_join_and_leave_a_running_batch(models):
     assert batch.free_rows == 2 and engine.report()["hit_rate_all"] is not None
 
 
+@pytest.mark.parametrize("chunk", [1, 4, None])
+def test_chunked_prefill_equals_each_prompt_alone(models, chunk):
+    """Deferred (chunked) prefill through the expert cache: newcomers join a running batch, their
+    prompts go in `chunk` tokens per step over all of them (None: whole prompts, still several
+    per pass), sharing passes with decode steps; tokens and text equal each prompt alone, and a
+    step never prefills more than `chunk` prompt tokens."""
+    resident, engine = models
+    batch = engine.decode_batch(max_batch=2, max_len=40, decode=decode, max_prefill_tokens=chunk)
+    greedy, sampled = SamplingParams(max_new_tokens=7), SamplingParams(max_new_tokens=6, temperature=0.8, seed=3)
+    queue = [(PROMPTS[0], greedy), (PROMPTS[1], sampled), (PROMPTS[2], greedy), (list(b"x = [1, 2, 3]"), sampled)]
+    done, firsts, steps = [], {}, 0
+    while queue or batch.running:
+        while queue and batch.free_rows:
+            (s,), events = batch.add([queue[0][0]], queue.pop(0)[1], defer=True)
+            assert events == [] and s.prefilling
+            done.append(s)
+        for e in batch.step():
+            firsts.setdefault(e.seq_id, steps)
+        steps += 1
+        assert batch.last_step.prefill_tokens <= (chunk or 10**6)
+    for s in done:
+        tokens, text, reason = reference(resident, s.prompt, s.params)
+        assert (s.tokens, s.text, s.finish_reason) == (tokens, text, reason), s.seq_id
+    if chunk == 1:  # a 9-token prompt takes 9 steps to its first token
+        assert firsts[done[0].seq_id] == len(PROMPTS[0]) - 1
+    assert batch.free_rows == 2
+
+
 def test_cancel_frees_the_row(models):
     _, engine = models
     batch = engine.decode_batch(max_batch=1, max_len=30)
