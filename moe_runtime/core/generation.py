@@ -35,6 +35,7 @@ cache_rows=) -> .logits, `.cfg` and `.embed` (ExpertCacheEngine's model, with it
 """
 from __future__ import annotations
 
+import contextlib
 import itertools
 import time
 from dataclasses import dataclass, field
@@ -193,6 +194,9 @@ class DecodeBatch:
         self.slots: list[Sequence | None] = [None] * max_batch
         self._ids = itertools.count()
         self.forward_passes = 0
+        self.pass_threads: list[tuple[int, int]] = []
+        """CPU intra-op threads per forward pass: (min tokens, threads) ascending, set by
+        tune_threads(); empty: torch's setting for every pass."""
         self.last_step = StepStats()
         """What the last step() did (a server's metrics)."""
         self.last_logits: tuple[list[int], torch.Tensor] | None = None
@@ -303,9 +307,8 @@ class DecodeBatch:
         for group in [chunks] if fits else [[c] for c in chunks]:
             width = max(n for _, n in group)
             ids = [s.prompt[s.prefilled:s.prefilled + n] + [self.pad_id] * (width - n) for s, n in group]
-            self.forward_passes += 1
-            logits = self.model(torch.tensor(ids, device=self.device), self.cache, cache_rows=[s.row for s, _ in group],
-                                new_tokens=[n for _, n in group], last_logits_only=True).logits[:, -1]
+            logits = self._forward(torch.tensor(ids, device=self.device), None, [s.row for s, _ in group],
+                                   new_tokens=[n for _, n in group])[:, -1]
             done, keep = [], []
             for i, (s, n) in enumerate(group):
                 s.prefilled += n
@@ -324,11 +327,73 @@ class DecodeBatch:
                 return s
         return None
 
-    def _forward(self, ids_BS: torch.Tensor, mask_BS: torch.Tensor | None, rows: list[int]) -> torch.Tensor:
+    def _forward(self, ids_BS: torch.Tensor, mask_BS: torch.Tensor | None, rows: list[int], **kw) -> torch.Tensor:
         self.forward_passes += 1
-        all_rows = rows == list(range(self.cache.batch))
-        return self.model(ids_BS, self.cache, attention_mask_BS=mask_BS, cache_rows=None if all_rows else rows,
-                          last_logits_only=True).logits
+        all_rows = rows == list(range(self.cache.batch)) and not kw
+        with self._threads(ids_BS.numel()):
+            return self.model(ids_BS, self.cache, attention_mask_BS=mask_BS, cache_rows=None if all_rows else rows,
+                              last_logits_only=True, **kw).logits
+
+    @contextlib.contextmanager
+    def _threads(self, tokens: int):
+        """Run a pass of `tokens` tokens with the intra-op thread count tune_threads() chose for it."""
+        want = None
+        for at_least, threads in self.pass_threads:
+            if tokens >= at_least or want is None:
+                want = threads
+        have = torch.get_num_threads()
+        if want is None or want == have:
+            yield
+            return
+        torch.set_num_threads(want)
+        try:
+            yield
+        finally:
+            torch.set_num_threads(have)
+
+    @torch.no_grad()
+    def tune_threads(self, reps: int = 3) -> dict[int, dict[int, float]]:
+        """On CPU with several intra-op threads: time decode passes of 1 and max_batch rows and a
+        prefill chunk with one thread and with torch's count (interleaved, median of `reps`), and
+        give each pass size the faster. Small passes on a busy host can cost many times more
+        with threads (each parallel region waits for its slowest thread). Returns
+        {tokens: {threads: seconds}}; runs forward passes on scratch caches (reset engine
+        statistics afterwards)."""
+        many = torch.get_num_threads()
+        if self.device.type != "cpu" or many <= 1:
+            return {}
+        cfg, dtype = self.model.cfg, self.model.embed.weight.dtype
+        sizes = sorted({1, self.cache.batch})
+        chunk = min(self.max_prefill_tokens or 256, self.max_len - 1, 256)
+        times: dict[int, dict[int, list[float]]] = {}
+
+        def timed(threads: int, fn) -> float:
+            torch.set_num_threads(threads)
+            try:
+                t = time.perf_counter()
+                fn()
+                return time.perf_counter() - t
+            finally:
+                torch.set_num_threads(many)
+
+        for b in sizes:
+            cache = KVCache.empty(cfg, b, 16 + 2 * reps + 1, self.device, dtype)
+            self.model(torch.ones(b, 16, dtype=torch.long, device=self.device), cache)
+            for _ in range(reps):
+                for th in (1, many):
+                    dt = timed(th, lambda: self.model(torch.ones(b, 1, dtype=torch.long, device=self.device), cache))
+                    times.setdefault(b, {}).setdefault(th, []).append(dt)
+        if chunk > max(sizes):
+            cache = KVCache.empty(cfg, 1, chunk, self.device, dtype)
+            for _ in range(reps):
+                for th in (1, many):
+                    cache.reset_row(0)
+                    dt = timed(th, lambda: self.model(torch.ones(1, chunk, dtype=torch.long, device=self.device),
+                                                      cache, cache_rows=[0]))
+                    times.setdefault(chunk, {}).setdefault(th, []).append(dt)
+        medians = {n: {th: sorted(ts)[len(ts) // 2] for th, ts in per.items()} for n, per in times.items()}
+        self.pass_threads = [(n, min(per, key=per.get)) for n, per in sorted(medians.items())]
+        return medians
 
     def _advance(self, seqs: list[Sequence], logits_nV: torch.Tensor) -> list[TokenEvent]:
         self.last_logits = ([s.seq_id for s in seqs], logits_nV)

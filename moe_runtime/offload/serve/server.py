@@ -57,6 +57,8 @@ def build_context(args: argparse.Namespace) -> ServeContext:
     context = min(args.max_model_len or model.cfg.max_seq_len, model.cfg.max_seq_len)
     batch = engine.decode_batch(max_batch=args.max_batch, max_len=context, decode=tok.decode,
                                 max_prefill_tokens=args.max_prefill_tokens or None)
+    batch.tune_threads()  # CPU: one intra-op thread for the pass sizes where that is faster (measured here)
+    engine.reset_stats()
     scheduler = Scheduler(batch, max_queue=args.max_queue, metrics=metrics)
     render_chat, eos_ids = load_server_chat(source, tokenizer)
     return ServeContext(model_name=args.model_name or run.name, scheduler=scheduler, tokenizer=tok,
