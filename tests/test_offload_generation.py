@@ -239,3 +239,41 @@ def test_bad_requests_are_named(models):
         batch.add([[1]], SamplingParams(stop=("x",), max_new_tokens=2))
     with pytest.raises(ValueError, match=r"\[0, 256\)"):
         batch.add([[300]], SamplingParams(max_new_tokens=2))
+
+
+def test_tune_threads_picks_a_count_per_pass_size_and_restores_torchs(models):
+    resident, _ = models
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        batch = DecodeBatch(resident, max_batch=4, max_len=40, max_prefill_tokens=8)
+        timings = batch.tune_threads(reps=1)
+        assert set(timings) == {1, 4, 8} and all(set(t) == {1, 2} for t in timings.values())
+        assert [n for n, _ in batch.pass_threads] == [1, 4, 8]
+        assert all(th == min(timings[n], key=timings[n].get) for n, th in batch.pass_threads)
+        batch.pass_threads = [(1, 1), (4, 2)]
+        seen = []
+        real = resident.forward
+
+        def spy(*a, **k):
+            seen.append(torch.get_num_threads())
+            return real(*a, **k)
+
+        resident.forward = spy
+        try:
+            (s,), _ = batch.add([PROMPTS[0]], SamplingParams(max_new_tokens=3), defer=True)
+            while batch.running:
+                batch.step()
+        finally:
+            del resident.forward
+        # the 9-token prompt: an 8-token chunk (the 4+ bucket's count), a 1-token chunk, then 2 decode steps
+        assert seen == [2, 1, 1, 1]
+        assert torch.get_num_threads() == 2 and s.tokens == reference(resident, PROMPTS[0], s.params)[0]
+    finally:
+        torch.set_num_threads(before)
+    cuda_like = DecodeBatch(resident, max_batch=2, max_len=20)
+    torch.set_num_threads(1)
+    try:
+        assert cuda_like.tune_threads() == {} and cuda_like.pass_threads == []
+    finally:
+        torch.set_num_threads(before)
