@@ -85,8 +85,10 @@ def train_checkpoint(out: Path, steps: int, timeout: float) -> Path:
     """A Mixtral-shaped run trained with `moe train` (its default corpus, byte vocabulary)."""
     cfg = out.parent / "mixtral_tiny.toml"
     cfg.write_text(MODEL_TOML.format(steps=steps))
+    # one thread: a 1.9M-parameter model's ops are too small to share, and on a busy host every
+    # parallel region waits for its slowest thread (20 s steps seen with two, 2026-12-07)
     cmd = [sys.executable, "-m", "moe_runtime", "train", "--config", str(cfg), "--out", str(out), "--no-progress",
-           "--device", "cpu"]
+           "--device", "cpu", "--threads", "1"]
     subprocess.run(cmd, check=True, timeout=timeout, env={**os.environ, "PYTHONPATH": str(ROOT)},
                    stdout=subprocess.DEVNULL)
     return out

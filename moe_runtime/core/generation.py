@@ -19,6 +19,10 @@ The step-wise object, for a server (one decode forward per step over every runni
 
 - `add` takes free cache rows, left-pads the prompts, runs one prefill forward for just those
   rows (others keep their state) and samples each new sequence's first token (its first event).
+  `add(..., defer=True)` only takes the rows: the following `step()`s prefill the prompts after
+  their decode pass, at most `max_prefill_tokens` (DecodeBatch argument) prompt tokens per step
+  over all newcomers, in one pass right-padded to the longest chunk (chunked prefill: a long
+  prompt delays the running sequences by one chunk per step, not its whole prefill).
 - `step` feeds each running sequence its last token, at its own position, and samples the next.
 - A sequence finishes on an EOS id (`eos_token_ids`, the checkpoint's), a stop token id, a stop
   string in its decoded text, or `max_new_tokens`; its row is freed at once. Each sequence has
