@@ -25,6 +25,7 @@ import logging
 import os
 import re
 import threading
+import weakref
 from dataclasses import dataclass
 from typing import Any, AsyncIterator, Callable
 
@@ -317,7 +318,7 @@ class _Mailbox:
     step hands out one per running request) wakes the loop, the rest ride along, so a step of 16
     streams costs one wake-up instead of 16."""
 
-    _boxes: dict[int, "_Mailbox"] = {}
+    _boxes: "weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Mailbox]" = weakref.WeakKeyDictionary()
     _boxes_lock = threading.Lock()
 
     def __init__(self, loop: asyncio.AbstractEventLoop):
@@ -325,10 +326,11 @@ class _Mailbox:
 
     @classmethod
     def of(cls, loop: asyncio.AbstractEventLoop) -> "_Mailbox":
+        """The loop's mailbox (one per event loop; it goes when the loop does)."""
         with cls._boxes_lock:
-            box = cls._boxes.get(id(loop))
-            if box is None or box.loop is not loop or loop.is_closed():
-                box = cls._boxes[id(loop)] = cls(loop)
+            box = cls._boxes.get(loop)
+            if box is None:
+                box = cls._boxes[loop] = cls(loop)
             return box
 
     def post(self, queue: asyncio.Queue, chunk: Chunk) -> None:

@@ -6,9 +6,10 @@ core.generation.DecodeBatch (add(defer=True)), and every step is ONE decode forw
 draws a token for each running sequence (so the expert cache, and its cache/stream regime switch,
 sees the real batch), then ONE prefill pass over the newcomers' next prompt chunks, at most
 --max-prefill-tokens in all (chunked prefill: a long prompt costs the running streams a bounded
-delay per step instead of its whole prefill; several newcomers share the pass). Each sequence stops on its own (EOS / stop token, stop string, max_tokens: the
-DecodeBatch's rules); a cancelled request (client gone, shutdown) leaves the queue at once, or
-the batch at the next step. Results go back to the event loop through each request's `emit` callback.
+delay per step instead of its whole prefill; several newcomers share the pass). Each sequence
+stops on its own (EOS / stop token, stop string, max_tokens: the DecodeBatch's rules); a
+cancelled request (client gone, shutdown) leaves the queue at once, or the batch at the next
+step. Results go back to the event loop through each request's `emit` callback.
 
 Step of the loop: 1. take cancellations, 2. admit queued requests into free rows, 3. one step:
 decode for all prefilled rows, a prefill chunk for the others, 4. hand out text deltas and
