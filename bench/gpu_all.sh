@@ -50,7 +50,7 @@ mv bench/results/train_small_cuda.json bench/results/train_small_cuda_triton.jso
 mv bench/results/train_small_cuda.md bench/results/train_small_cuda_triton.md 2>/dev/null
 step train_small_reference 40 env MOE_KERNELS=reference python bench/train_tiny.py --preset small --device cuda --max-steps 30
 # 6. moe serve under load (needs fastapi + uvicorn + openai on the device; logged as failed otherwise)
-step serve 40 python bench/serve.py --device cuda --requests 64 --clients 16
+step serve 40 python bench/serve.py --device cuda --requests 64 --clients 16 --rounds 1 --train-steps 10
 fi
 printf '%s\n' "${SUMMARY[@]}" | tee "$LOGS/summary.txt"
 echo "total $((SECONDS - T0))s" | tee -a "$LOGS/summary.txt"

@@ -120,3 +120,84 @@ def test_bad_rows_mask_and_overflow_are_named(model):
         cache.reset_row(5)
     with pytest.raises(ValueError, match="a batch of 1 rows for a KV cache of 2 rows"):
         model(torch.tensor([[1, 2]]), cache)
+
+
+# ---------------------------------------------------------------- rows without padding (decode-step fast path)
+def _general_path(monkeypatch):
+    monkeypatch.setattr(MoETransformer, "_unpadded_batch", lambda *a, **k: None)
+
+
+@torch.no_grad()
+def _rows_at_different_lengths(model) -> tuple[KVCache, list[list[int]]]:
+    """A 4-row cache, each row prefilled alone (no padding), at lengths 7, 3, 5, 1."""
+    cache = KVCache.empty(model.cfg, 4, 40, "cpu", torch.float32)
+    prompts = PROMPTS + [[17]]
+    for r, p in enumerate(prompts):
+        model(torch.tensor([p]), cache, cache_rows=[r])
+    return cache, prompts
+
+
+@pytest.mark.parametrize("rows", [[0, 1, 2, 3], [1, 2], [3, 0, 2], [2]])
+@torch.no_grad()
+def test_unpadded_rows_equal_the_general_path(model, monkeypatch, rows):
+    """Decode (S=1) and a 3-token step on rows at different lengths: the unpadded path (views
+    for consecutive rows, a gather otherwise, one mask per pass) gives the general path's logits
+    and leaves the cache in the same state."""
+    seen = []
+    real = MoETransformer._unpadded_batch
+
+    def spy(self, *a):
+        out = real(self, *a)
+        seen.append(out is not None and (out[0].row_span is not None) == (rows == list(range(rows[0], rows[0] + len(rows)))))
+        return out
+
+    monkeypatch.setattr(MoETransformer, "_unpadded_batch", spy)
+    fast_cache, _ = _rows_at_different_lengths(model)
+    seen.clear()
+    ids1, ids3 = torch.tensor([[3 + r] for r in rows]), torch.tensor([[4, 5 + r, 6] for r in rows])
+    fast = [model(ids1, fast_cache, cache_rows=rows).logits, model(ids3, fast_cache, cache_rows=rows).logits]
+    assert seen and all(seen), "the unpadded path (view for consecutive rows) was not taken"
+    _general_path(monkeypatch)
+    slow_cache, _ = _rows_at_different_lengths(model)
+    slow = [model(ids1, slow_cache, cache_rows=rows).logits, model(ids3, slow_cache, cache_rows=rows).logits]
+    for f, s in zip(fast, slow):
+        assert_close(f, s, torch.float32, f"rows {rows}")
+    assert fast_cache.lengths == slow_cache.lengths and fast_cache.next_pos == slow_cache.next_pos
+    assert torch.equal(fast_cache.valid_BS, slow_cache.valid_BS)
+    for r in rows:
+        n = fast_cache.lengths[r]
+        assert_close(fast_cache.k[:, r, :, :n], slow_cache.k[:, r, :, :n], torch.float32, f"row {r} keys")
+
+
+@torch.no_grad()
+def test_right_padded_chunks_of_several_rows_equal_each_prompt_alone(model):
+    """Chunked prefill: three prompts prefilled 4 tokens per pass, right-padded to the pass's
+    longest chunk (new_tokens), then decoded: every row equals its prompt alone."""
+    n, chunk = 5, 4
+    cache = KVCache.empty(model.cfg, 3, 40, "cpu", torch.float32)
+    done = [0] * 3
+    last = [None] * 3
+    while any(d < len(p) for d, p in zip(done, PROMPTS)):
+        rows = [r for r in range(3) if done[r] < len(PROMPTS[r])]
+        parts = [PROMPTS[r][done[r]:done[r] + chunk] for r in rows]
+        width = max(map(len, parts))
+        ids = torch.tensor([p + [0] * (width - len(p)) for p in parts])
+        logits = model(ids, cache, cache_rows=rows, new_tokens=[len(p) for p in parts], last_logits_only=True).logits
+        for i, r in enumerate(rows):
+            done[r] += len(parts[i])
+            last[r] = logits[i, -1]
+    assert cache.lengths == cache.next_pos == [len(p) for p in PROMPTS], "scratch tokens advanced a row"
+    tokens = [[int(x.argmax())] for x in last]
+    for _ in range(n - 1):
+        logits = model(torch.tensor([[t[-1]] for t in tokens]), cache).logits[:, -1]
+        for b in range(3):
+            tokens[b].append(int(logits[b].argmax()))
+    for b, p in enumerate(PROMPTS):
+        assert tokens[b] == alone(model, p, n)[0], f"row {b}"
+    padded = KVCache.empty(model.cfg, 2, 20, "cpu", torch.float32)
+    ids, mask = left_pad(PROMPTS[:2])
+    model(ids, padded, attention_mask_BS=mask)
+    with pytest.raises(ValueError, match="new_tokens .*needs a KV cache whose rows hold no padding"):
+        model(torch.tensor([[1, 2]]), padded, cache_rows=[1], new_tokens=[1])
+    with pytest.raises(ValueError, match=r"new_tokens=\[3\] must give each of the 1 rows 1..2 real tokens"):
+        model(torch.tensor([[1, 2]]), cache, cache_rows=[0], new_tokens=[3])

@@ -158,3 +158,25 @@ def test_auto_backend_falls_back_once_when_triton_fails(monkeypatch):
     monkeypatch.setenv("MOE_KERNELS", "triton")
     with pytest.raises(RuntimeError, match="out of resources"):
         kernels.grouped_mlp(x, w13, w2, counts)
+
+
+@pytest.mark.parametrize("T", [1, 7, 64, 65])
+def test_sort_combine_equals_unpermute_forward_and_gradient(T):
+    """Up to 64 tokens the CPU combine sorts rows back and weight-sums them with a batched matmul
+    (no index_add); above, kernels.unpermute. Same output and gradients in x and the weights."""
+    from moe_runtime.core import dispatch as D
+    torch.manual_seed(T)
+    d = LocalDispatcher(8)
+    x = torch.randn(T, 16, requires_grad=True)
+    w = torch.rand(T, 2, requires_grad=True)
+    idx = torch.stack([torch.randperm(8)[:2] for _ in range(T)])
+    xs, _, meta = d.dispatch(x, idx, w)
+    assert (meta.order_N is not None) == (T <= D.SORT_COMBINE_MAX_TOKENS)
+    y = torch.tanh(xs) * 3
+    got = d.combine(y, meta)
+    ref = y.new_zeros(T, 16).index_add(0, meta.token_idx_N, y * meta.weight_N[:, None])
+    assert_close(got, ref, torch.float32, "combine")
+    g_got = torch.autograd.grad((got * torch.arange(16.0)).sum(), (x, w), retain_graph=True)
+    g_ref = torch.autograd.grad((ref * torch.arange(16.0)).sum(), (x, w))
+    for a, b, name in zip(g_got, g_ref, ("dx", "dw")):
+        assert_close(a, b, torch.float32, name)

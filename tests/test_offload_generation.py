@@ -175,6 +175,34 @@ def test_sequences_join_and_leave_a_running_batch(models):
     assert batch.free_rows == 2 and engine.report()["hit_rate_all"] is not None
 
 
+@pytest.mark.parametrize("chunk", [1, 4, None])
+def test_chunked_prefill_equals_each_prompt_alone(models, chunk):
+    """Deferred (chunked) prefill through the expert cache: newcomers join a running batch, their
+    prompts go in `chunk` tokens per step over all of them (None: whole prompts, still several
+    per pass), sharing passes with decode steps; tokens and text equal each prompt alone, and a
+    step never prefills more than `chunk` prompt tokens."""
+    resident, engine = models
+    batch = engine.decode_batch(max_batch=2, max_len=40, decode=decode, max_prefill_tokens=chunk)
+    greedy, sampled = SamplingParams(max_new_tokens=7), SamplingParams(max_new_tokens=6, temperature=0.8, seed=3)
+    queue = [(PROMPTS[0], greedy), (PROMPTS[1], sampled), (PROMPTS[2], greedy), (list(b"x = [1, 2, 3]"), sampled)]
+    done, firsts, steps = [], {}, 0
+    while queue or batch.running:
+        while queue and batch.free_rows:
+            (s,), events = batch.add([queue[0][0]], queue.pop(0)[1], defer=True)
+            assert events == [] and s.prefilling
+            done.append(s)
+        for e in batch.step():
+            firsts.setdefault(e.seq_id, steps)
+        steps += 1
+        assert batch.last_step.prefill_tokens <= (chunk or 10**6)
+    for s in done:
+        tokens, text, reason = reference(resident, s.prompt, s.params)
+        assert (s.tokens, s.text, s.finish_reason) == (tokens, text, reason), s.seq_id
+    if chunk == 1:  # a 9-token prompt takes 9 steps to its first token
+        assert firsts[done[0].seq_id] == len(PROMPTS[0]) - 1
+    assert batch.free_rows == 2
+
+
 def test_cancel_frees_the_row(models):
     _, engine = models
     batch = engine.decode_batch(max_batch=1, max_len=30)
@@ -211,3 +239,41 @@ def test_bad_requests_are_named(models):
         batch.add([[1]], SamplingParams(stop=("x",), max_new_tokens=2))
     with pytest.raises(ValueError, match=r"\[0, 256\)"):
         batch.add([[300]], SamplingParams(max_new_tokens=2))
+
+
+def test_tune_threads_picks_a_count_per_pass_size_and_restores_torchs(models):
+    resident, _ = models
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        batch = DecodeBatch(resident, max_batch=4, max_len=40, max_prefill_tokens=8)
+        timings = batch.tune_threads(reps=1)
+        assert set(timings) == {1, 4, 8} and all(set(t) == {1, 2} for t in timings.values())
+        assert [n for n, _ in batch.pass_threads] == [1, 4, 8]
+        assert all(th == min(timings[n], key=timings[n].get) for n, th in batch.pass_threads)
+        batch.pass_threads = [(1, 1), (4, 2)]
+        seen = []
+        real = resident.forward
+
+        def spy(*a, **k):
+            seen.append(torch.get_num_threads())
+            return real(*a, **k)
+
+        resident.forward = spy
+        try:
+            (s,), _ = batch.add([PROMPTS[0]], SamplingParams(max_new_tokens=3), defer=True)
+            while batch.running:
+                batch.step()
+        finally:
+            del resident.forward
+        # the 9-token prompt: an 8-token chunk (the 4+ bucket's count), a 1-token chunk, then 2 decode steps
+        assert seen == [2, 1, 1, 1]
+        assert torch.get_num_threads() == 2 and s.tokens == reference(resident, PROMPTS[0], s.params)[0]
+    finally:
+        torch.set_num_threads(before)
+    cuda_like = DecodeBatch(resident, max_batch=2, max_len=20)
+    torch.set_num_threads(1)
+    try:
+        assert cuda_like.tune_threads() == {} and cuda_like.pass_threads == []
+    finally:
+        torch.set_num_threads(before)

@@ -142,3 +142,22 @@ def test_reducer_called_once_per_micro_batch_for_all_layers():
     outs = [r(x), r(x), r(x)]
     tracker.losses(outs)
     assert calls == [(3, 6)]
+
+
+def test_statistics_under_no_grad_are_computed_when_read_and_equal():
+    """Inference skips the load counts, mean probabilities and z-loss until someone reads them
+    (a decode step reads none); when read they equal the eager values."""
+    torch.manual_seed(0)
+    router = TopKRouter(16, small_moe(num_experts=6, top_k=2))
+    x = torch.randn(9, 16)
+    eager = router(x)
+    with torch.no_grad():
+        lazy = router(x)
+        assert "counts_E" not in vars(lazy) and "z_loss" not in vars(lazy)
+        assert torch.equal(lazy.topk_idx_TK, eager.topk_idx_TK)
+        assert torch.equal(lazy.counts_E, eager.counts_E)
+        assert_close(lazy.probs_mean_E, eager.probs_mean_E.detach(), torch.float32, "probs_mean_E")
+        assert_close(lazy.z_loss, eager.z_loss.detach(), torch.float32, "z_loss")
+        assert "counts_E" in vars(lazy)
+    with pytest.raises(AttributeError):
+        lazy.no_such_field

@@ -15,8 +15,8 @@ import pytest
 from moe_runtime.core.cli import main as moe_main
 from moe_runtime.offload.serve.metrics import parse_prometheus
 from moe_runtime.offload.serve.app import MAX_BODY_BYTES
-from tests.serve_support import (CTX, NAME, RawHTTP, assert_error, ckpt, client, completion,  # noqa: F401
-                                 generate_tokens, post, srv)
+from tests.serve_support import (CTX, KEY, NAME, RawHTTP, ThreadServer, assert_error, ckpt, client,  # noqa: F401
+                                 completion, generate_tokens, post, srv)
 
 
 # ---------------------------------------------------------------- happy paths
@@ -295,3 +295,31 @@ def test_metrics_page_is_prometheus_text_with_every_figure(srv, client):
         assert any(k.split("{")[0] == f"moe_serve_{name}" for k in m), name
     assert m['moe_serve_requests_total{endpoint="/v1/completions",status="200"}'] >= 1
     assert 0 <= m["moe_serve_expert_cache_hit_rate"] <= 1 and m["moe_serve_completion_tokens_total"] >= 4
+
+
+def test_chunked_prefill_greedy_equals_moe_generate(ckpt, tmp_path, capsys):
+    """--max-prefill-tokens 3: prompts go in 3-token chunks between decode steps, newcomers
+    sharing a pass; every answer (three at once) equals `moe generate`'s, and the prompt tokens
+    are all counted."""
+    prompts = [("def main(args):", 12), ("class Tokenizer(object):", 9), ("x", 10)]
+    want = [generate_tokens(ckpt, tmp_path, p, n) for p, n in prompts]
+    capsys.readouterr()
+    s = ThreadServer(ckpt, "--api-key", KEY, "--max-batch", "3", "--max-prefill-tokens", "3")
+    try:
+        c = openai.OpenAI(base_url=f"{s.url}/v1", api_key=KEY, max_retries=0, timeout=60)
+        results: dict[int, list[int]] = {}
+
+        def one(i: int) -> None:
+            chunks = completion(c, prompts[i][0], prompts[i][1], stream=True)
+            results[i] = sum((ch.model_dump()["choices"][0]["token_ids"] for ch in chunks), [])
+
+        threads = [threading.Thread(target=one, args=(i,)) for i in range(len(prompts))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        assert [results.get(i) for i in range(len(prompts))] == want, "chunked prefill changed an answer"
+        assert s.ctx.scheduler.batch.max_prefill_tokens == 3
+        assert s.metrics()["moe_serve_prompt_tokens_total"] == sum(len(p) for p, _ in prompts)
+    finally:
+        s.stop()

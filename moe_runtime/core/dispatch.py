@@ -33,6 +33,10 @@ class LocalMeta:
     num_tokens: int
     dropped: int = 0
     """Assignments dropped by the capacity factor (0 when dropless)."""
+    order_N: torch.Tensor | None = None
+    """Dropless: which flattened (token, slot) assignment each sorted row is (the sort-based combine)."""
+    topk_w_TK: torch.Tensor | None = None
+    """Dropless: the combine weights in (token, slot) order."""
 
 
 class LocalDispatcher:
@@ -53,7 +57,9 @@ class LocalDispatcher:
             token_idx_N, weight_N, counts_E, dropped = self._drop_over_capacity(token_idx_N, weight_N, counts_E, T * K)
         self.last_drop_rate = dropped / max(1, T * K)
         x_sorted_ND = kernels.permute(x_TD, token_idx_N)
-        return x_sorted_ND, counts_E, LocalMeta(token_idx_N, weight_N, T, dropped)
+        sortable = self.capacity_factor is None and T <= SORT_COMBINE_MAX_TOKENS
+        return x_sorted_ND, counts_E, LocalMeta(token_idx_N, weight_N, T, dropped, order_N if sortable else None,
+                                                topk_w_TK if sortable else None)
 
     def _drop_over_capacity(self, token_idx_N, weight_N, counts_E, n_assign):
         """Comparison mode only: keep the first `capacity` rows of each expert (token order)."""
@@ -67,4 +73,24 @@ class LocalDispatcher:
         return token_idx_N[keep_N], weight_N[keep_N], kept_counts_E, dropped
 
     def combine(self, y_sorted_ND: torch.Tensor, meta: LocalMeta) -> torch.Tensor:
+        if meta.order_N is not None and kernels.backend_for(y_sorted_ND.device) == "reference":
+            return sort_combine(y_sorted_ND, meta.order_N, meta.topk_w_TK)
         return kernels.unpermute(y_sorted_ND, meta.token_idx_N, meta.weight_N, meta.num_tokens)
+
+
+SORT_COMBINE_MAX_TOKENS = 64
+"""Up to this many tokens (decode steps, short prefill chunks) the reference backend combines by
+sorting back instead of index_add: measured on the 2-core CPU host (2026-12-07), index_add at
+T=1-16 took 255-292 us with torch's 2 intra-op threads against 48-65 us for this (equal with one
+thread); at T=256 index_add is the faster (95 vs 500 us, one thread)."""
+
+
+def sort_combine(y_sorted_ND: torch.Tensor, order_N: torch.Tensor, topk_w_TK: torch.Tensor) -> torch.Tensor:
+    """Dropless combine without a scatter-add: put the sorted rows back in (token, slot) order
+    (row order_N[n] of the flat [T*K] assignments is sorted row n) and weight-sum each token's K
+    rows with one batched matmul: out[t] = sum_k w[t, k] * y[t, k]. Weights are rounded to y's
+    dtype first, as unpermute does. Differentiable in y and the weights."""
+    T, K = topk_w_TK.shape
+    D = y_sorted_ND.shape[-1]
+    y_TKD = y_sorted_ND.new_empty(T * K, D).index_copy(0, order_N, y_sorted_ND).view(T, K, D)
+    return torch.bmm(topk_w_TK.to(y_sorted_ND.dtype).unsqueeze(1), y_TKD).squeeze(1)

@@ -19,6 +19,10 @@ The step-wise object, for a server (one decode forward per step over every runni
 
 - `add` takes free cache rows, left-pads the prompts, runs one prefill forward for just those
   rows (others keep their state) and samples each new sequence's first token (its first event).
+  `add(..., defer=True)` only takes the rows: the following `step()`s prefill the prompts after
+  their decode pass, at most `max_prefill_tokens` (DecodeBatch argument) prompt tokens per step
+  over all newcomers, in one pass right-padded to the longest chunk (chunked prefill: a long
+  prompt delays the running sequences by one chunk per step, not its whole prefill).
 - `step` feeds each running sequence its last token, at its own position, and samples the next.
 - A sequence finishes on an EOS id (`eos_token_ids`, the checkpoint's), a stop token id, a stop
   string in its decoded text, or `max_new_tokens`; its row is freed at once. Each sequence has
@@ -35,7 +39,9 @@ cache_rows=) -> .logits, `.cfg` and `.embed` (ExpertCacheEngine's model, with it
 """
 from __future__ import annotations
 
+import contextlib
 import itertools
+import time
 from dataclasses import dataclass, field
 from typing import Callable, Iterator, Sequence as Seq
 
@@ -139,11 +145,28 @@ class Sequence:
     """The token id or stop string that ended the sequence."""
     text: str = ""
     """Decoded output up to (not including) a stop string or EOS; complete once finished."""
+    prefilled: int = 0
+    """Prompt tokens in the KV cache so far (the whole prompt once its first token is drawn)."""
     _shown: int = 0
+
+    @property
+    def prefilling(self) -> bool:
+        """Joined with add(defer=True) and not yet fully prefilled: no token drawn yet."""
+        return self.prefilled < len(self.prompt)
 
     @property
     def finished(self) -> bool:
         return self.finish_reason is not None
+
+
+@dataclass
+class StepStats:
+    decode_rows: int = 0
+    """Sequences that drew a token in the decode pass."""
+    decode_s: float = 0.0
+    prefill_tokens: int = 0
+    """Prompt tokens prefilled (deferred prefills) after the decode pass."""
+    prefill_s: float = 0.0
 
 
 @dataclass
@@ -158,16 +181,28 @@ class DecodeBatch:
     """See the module docstring. `decode(ids) -> str` is needed for stop strings and event text."""
 
     def __init__(self, model, *, max_batch: int, max_len: int, decode: Callable[[list[int]], str] | None = None,
-                 generator: torch.Generator | None = None, pad_id: int = 0):
+                 generator: torch.Generator | None = None, pad_id: int = 0, max_prefill_tokens: int | None = None):
         if max_batch < 1 or max_len < 2:
             raise ValueError(f"max_batch={max_batch} must be >= 1 and max_len={max_len} >= 2")
+        if max_prefill_tokens is not None and max_prefill_tokens < 1:
+            raise ValueError(f"max_prefill_tokens={max_prefill_tokens} must be >= 1 (or None: whole prompts)")
         self.model, self.decode, self.generator, self.pad_id = model, decode, generator, pad_id
+        self.max_prefill_tokens = max_prefill_tokens
         self.device = model.embed.weight.device
         self.max_len = min(max_len, model.cfg.max_seq_len)
-        self.cache = KVCache.empty(model.cfg, max_batch, max_len, self.device, model.embed.weight.dtype)
+        # deferred prefills of several rows share a pass right-padded to the longest chunk: the
+        # scratch tail lands past a row's end, so the cache keeps one chunk of slack (without
+        # max_prefill_tokens, rows whose tail would not fit are prefilled one per pass)
+        slack = min(max_prefill_tokens, self.max_len) if max_prefill_tokens is not None else 0
+        self.cache = KVCache.empty(model.cfg, max_batch, max_len + slack, self.device, model.embed.weight.dtype)
         self.slots: list[Sequence | None] = [None] * max_batch
         self._ids = itertools.count()
         self.forward_passes = 0
+        self.pass_threads: list[tuple[int, int]] = []
+        """CPU intra-op threads per forward pass: (min tokens, threads) ascending, set by
+        tune_threads(); empty: torch's setting for every pass."""
+        self.last_step = StepStats()
+        """What the last step() did (a server's metrics)."""
         self.last_logits: tuple[list[int], torch.Tensor] | None = None
         """(seq ids, [n, V] logits) of the last tokens drawn, before any processing."""
 
@@ -194,9 +229,15 @@ class DecodeBatch:
             raise ValueError("stop strings need a decode function (token ids -> text); pass decode=")
 
     @torch.no_grad()
-    def add(self, prompts: Seq[Seq[int]], params: SamplingParams | Seq[SamplingParams]
+    def add(self, prompts: Seq[Seq[int]], params: SamplingParams | Seq[SamplingParams], *, defer: bool = False
             ) -> tuple[list[Sequence], list[TokenEvent]]:
-        """Prefill new sequences into free rows (one forward, left-padded) and sample their first tokens."""
+        """Prefill new sequences into free rows (one forward, left-padded) and sample their first tokens.
+
+        defer=True (a server): only take the rows; the prompts are prefilled by the following
+        step() calls, at most max_prefill_tokens prompt tokens per step over all newcomers
+        (chunked prefill: a long prompt cannot stall the running sequences for its whole
+        prefill), several newcomers in one pass; a sequence's first token comes from the step
+        that prefills its last chunk. Returns no events."""
         params_list = [params] * len(prompts) if isinstance(params, SamplingParams) else list(params)
         if len(params_list) != len(prompts) or not prompts:
             raise ValueError(f"{len(prompts)} prompts need as many SamplingParams (got {len(params_list)})")
@@ -213,9 +254,13 @@ class DecodeBatch:
         for r, p, sp in zip(rows, prompts, params_list):
             gen = torch.Generator(device=self.device).manual_seed(sp.seed) if sp.seed is not None else None
             seqs.append(Sequence(next(self._ids), list(p), sp, r, gen))
-            if self.cache.lengths[r]:  # a fresh cache stays on the dense path while every row runs
+            if self.cache.lengths[r] or defer:  # a fresh cache stays on the dense path while every row runs
                 self.cache.reset_row(r)
             self.slots[r] = seqs[-1]
+        if defer:
+            return seqs, []
+        for s in seqs:
+            s.prefilled = len(s.prompt)
         ids_BS = torch.tensor([[self.pad_id] * (width - len(p)) + list(p) for p in prompts], device=self.device)
         mask_BS = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=self.device)
         logits = self._forward(ids_BS, mask_BS if any(len(p) < width for p in prompts) else None, rows)
@@ -224,13 +269,59 @@ class DecodeBatch:
     # ---------------------------------------------------------------- stepping
     @torch.no_grad()
     def step(self) -> list[TokenEvent]:
-        """One decode forward over every running sequence; one event each."""
-        seqs = self.running
-        if not seqs:
-            return []
-        last = torch.tensor([[s.tokens[-1]] for s in seqs], device=self.device)
-        logits = self._forward(last, None, [s.row for s in seqs])
-        return self._advance(seqs, logits[:, -1])
+        """One decode forward over every running sequence (one event each), then, when sequences
+        joined with add(defer=True), one prefill pass of their next chunks (an event for each
+        whose prompt is now complete: its first token)."""
+        seqs = [s for s in self.running if not s.prefilling]
+        events: list[TokenEvent] = []
+        t0 = time.perf_counter()
+        if seqs:
+            last = torch.tensor([[s.tokens[-1]] for s in seqs], device=self.device)
+            logits = self._forward(last, None, [s.row for s in seqs])
+            events = self._advance(seqs, logits[:, -1])
+        t1 = time.perf_counter()
+        first, prefilled = self._prefill_chunks()
+        events += first
+        self.last_step = StepStats(len(seqs), t1 - t0, prefilled, time.perf_counter() - t1)
+        return events
+
+    @property
+    def prefilling(self) -> list[Sequence]:
+        """Sequences joined with add(defer=True) whose prompts are not fully prefilled yet."""
+        return [s for s in self.running if s.prefilling]
+
+    def _prefill_chunks(self) -> tuple[list[TokenEvent], int]:
+        """Next chunks of the deferred prefills, oldest first, max_prefill_tokens in all: one
+        forward pass over their rows (right-padded to the longest chunk). Returns the first-token
+        events of the sequences whose prompts are now complete, and the prompt tokens prefilled."""
+        budget = self.max_prefill_tokens or float("inf")
+        chunks: list[tuple[Sequence, int]] = []
+        for s in sorted(self.prefilling, key=lambda s: s.seq_id):
+            if budget <= 0:
+                break
+            n = int(min(len(s.prompt) - s.prefilled, budget))
+            chunks.append((s, n))
+            budget -= n
+        if not chunks:
+            return [], 0
+        chunks.sort(key=lambda c: c[0].row)  # ascending rows: consecutive ones are read without a gather
+        width = max(n for _, n in chunks)
+        fits = all(self.cache.lengths[s.row] + width <= self.cache.max_len for s, _ in chunks)
+        events: list[TokenEvent] = []
+        for group in [chunks] if fits else [[c] for c in chunks]:
+            width = max(n for _, n in group)
+            ids = [s.prompt[s.prefilled:s.prefilled + n] + [self.pad_id] * (width - n) for s, n in group]
+            logits = self._forward(torch.tensor(ids, device=self.device), None, [s.row for s, _ in group],
+                                   new_tokens=[n for _, n in group])[:, -1]
+            done, keep = [], []
+            for i, (s, n) in enumerate(group):
+                s.prefilled += n
+                if not s.prefilling:
+                    done.append(s)
+                    keep.append(i)
+            if done:
+                events += self._advance(done, logits[keep] if len(keep) < len(group) else logits)
+        return events, sum(n for _, n in chunks)
 
     def cancel(self, seq_id: int) -> Sequence | None:
         """Drop a running sequence (a client went away); its row is free for the next add()."""
@@ -240,11 +331,73 @@ class DecodeBatch:
                 return s
         return None
 
-    def _forward(self, ids_BS: torch.Tensor, mask_BS: torch.Tensor | None, rows: list[int]) -> torch.Tensor:
+    def _forward(self, ids_BS: torch.Tensor, mask_BS: torch.Tensor | None, rows: list[int], **kw) -> torch.Tensor:
         self.forward_passes += 1
-        all_rows = rows == list(range(self.cache.batch))
-        return self.model(ids_BS, self.cache, attention_mask_BS=mask_BS, cache_rows=None if all_rows else rows,
-                          last_logits_only=True).logits
+        all_rows = rows == list(range(self.cache.batch)) and not kw
+        with self._threads(ids_BS.numel()):
+            return self.model(ids_BS, self.cache, attention_mask_BS=mask_BS, cache_rows=None if all_rows else rows,
+                              last_logits_only=True, **kw).logits
+
+    @contextlib.contextmanager
+    def _threads(self, tokens: int):
+        """Run a pass of `tokens` tokens with the intra-op thread count tune_threads() chose for it."""
+        want = None
+        for at_least, threads in self.pass_threads:
+            if tokens >= at_least or want is None:
+                want = threads
+        have = torch.get_num_threads()
+        if want is None or want == have:
+            yield
+            return
+        torch.set_num_threads(want)
+        try:
+            yield
+        finally:
+            torch.set_num_threads(have)
+
+    @torch.no_grad()
+    def tune_threads(self, reps: int = 3) -> dict[int, dict[int, float]]:
+        """On CPU with several intra-op threads: time decode passes of 1 and max_batch rows and a
+        prefill chunk with one thread and with torch's count (interleaved, median of `reps`), and
+        give each pass size the faster. Small passes on a busy host can cost many times more
+        with threads (each parallel region waits for its slowest thread). Returns
+        {tokens: {threads: seconds}}; runs forward passes on scratch caches (reset engine
+        statistics afterwards)."""
+        many = torch.get_num_threads()
+        if self.device.type != "cpu" or many <= 1:
+            return {}
+        cfg, dtype = self.model.cfg, self.model.embed.weight.dtype
+        sizes = sorted({1, self.cache.batch})
+        chunk = min(self.max_prefill_tokens or 256, self.max_len - 1, 256)
+        times: dict[int, dict[int, list[float]]] = {}
+
+        def timed(threads: int, fn) -> float:
+            torch.set_num_threads(threads)
+            try:
+                t = time.perf_counter()
+                fn()
+                return time.perf_counter() - t
+            finally:
+                torch.set_num_threads(many)
+
+        for b in sizes:
+            cache = KVCache.empty(cfg, b, 16 + 2 * reps + 1, self.device, dtype)
+            self.model(torch.ones(b, 16, dtype=torch.long, device=self.device), cache)
+            for _ in range(reps):
+                for th in (1, many):
+                    dt = timed(th, lambda: self.model(torch.ones(b, 1, dtype=torch.long, device=self.device), cache))
+                    times.setdefault(b, {}).setdefault(th, []).append(dt)
+        if chunk > max(sizes):
+            cache = KVCache.empty(cfg, 1, chunk, self.device, dtype)
+            for _ in range(reps):
+                for th in (1, many):
+                    cache.reset_row(0)
+                    dt = timed(th, lambda: self.model(torch.ones(1, chunk, dtype=torch.long, device=self.device),
+                                                      cache, cache_rows=[0]))
+                    times.setdefault(chunk, {}).setdefault(th, []).append(dt)
+        medians = {n: {th: sorted(ts)[len(ts) // 2] for th, ts in per.items()} for n, per in times.items()}
+        self.pass_threads = [(n, min(per, key=per.get)) for n, per in sorted(medians.items())]
+        return medians
 
     def _advance(self, seqs: list[Sequence], logits_nV: torch.Tensor) -> list[TokenEvent]:
         self.last_logits = ([s.seq_id for s in seqs], logits_nV)

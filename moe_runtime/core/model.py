@@ -109,12 +109,18 @@ class AttentionBatch:
 
     rows_B: torch.Tensor | None
     """Cache rows of the batch rows (device), or None for all rows in order."""
-    slots_BS: torch.Tensor
-    """Cache slot each new token is written to (device)."""
-    mask_B1SK: torch.Tensor
-    """Key visibility: real keys at or before the query's slot, and the query's own slot."""
+    slots_BS: torch.Tensor | None
+    """Cache slot each new token is written to (device); None when `write_at` says it."""
+    mask_B1SK: torch.Tensor | None
+    """Key visibility: real keys at or before the query's slot, and the query's own slot
+    (None: every key read is visible, a decode step of rows at the same length)."""
     keys: int
     """K: slots read (the longest row's length after this pass)."""
+    row_span: slice | None = None
+    """The aligned path: the batch rows are these consecutive cache rows and none holds padding,
+    so keys and values are read through a view (no per-row gather)."""
+    write_at: int | None = None
+    """With row_span: every row writes its new tokens at slots write_at .. write_at+S-1."""
 
 
 class Attention(nn.Module):
@@ -149,7 +155,8 @@ class Attention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = q.transpose(1, 2), k.transpose(1, 2)
         v = self.wv(x_BSD).view(B, S, self.n_kv, self.head_dim).transpose(1, 2)
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        # one rotary call for q and k together (elementwise: the same values, half the ops)
+        q, k = apply_rotary(torch.cat([q, k], dim=1), cos, sin).split([self.n_heads, self.n_kv], dim=1)
         if batch is not None:
             o = self._attend_masked(q, k, v, cache, layer, batch)
             return self.wo(o.transpose(1, 2).reshape(B, S, -1))
@@ -173,7 +180,18 @@ class Attention(nn.Module):
 
     def _attend_masked(self, q, k, v, cache: KVCache | None, layer: int, batch: AttentionBatch) -> torch.Tensor:
         """Per-row slots and masks: padded prompts, rows at different positions, a subset of rows."""
-        if cache is not None:
+        if cache is not None and batch.row_span is not None:  # aligned rows: views, no gather
+            kl, vl = cache.k[layer, batch.row_span], cache.v[layer, batch.row_span]
+            if batch.write_at is not None:
+                w, S = batch.write_at, q.shape[2]
+                kl[:, :, w:w + S] = k.to(kl.dtype)
+                vl[:, :, w:w + S] = v.to(vl.dtype)
+            else:
+                ar = torch.arange(q.shape[0], device=q.device)[:, None]
+                kl[ar, :, batch.slots_BS] = k.transpose(1, 2).to(kl.dtype)
+                vl[ar, :, batch.slots_BS] = v.transpose(1, 2).to(vl.dtype)
+            k, v = kl[:, :, :batch.keys], vl[:, :, :batch.keys]
+        elif cache is not None:
             kl, vl = cache.k[layer], cache.v[layer]
             rows = batch.rows_B if batch.rows_B is not None else torch.arange(q.shape[0], device=q.device)
             kl[rows[:, None], :, batch.slots_BS] = k.transpose(1, 2).to(kl.dtype)
@@ -247,6 +265,7 @@ class MoETransformer(nn.Module):
         cos, sin = rotary_tables(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
+        self._mask_cache: dict[tuple, torch.Tensor] = {}
 
     activation_checkpointing = "none"
     """'none' | 'full' | 'selective' (TrainConfig.activation_checkpointing; set by the Trainer)."""
@@ -261,7 +280,8 @@ class MoETransformer(nn.Module):
 
     def forward(self, tokens_BS: torch.Tensor, cache: KVCache | None = None, *,
                 attention_mask_BS: torch.Tensor | None = None, positions_BS: torch.Tensor | None = None,
-                cache_rows: list[int] | None = None, last_logits_only: bool = False) -> ModelOutput:
+                cache_rows: list[int] | None = None, last_logits_only: bool = False,
+                new_tokens: list[int] | None = None) -> ModelOutput:
         """Logits for tokens_BS, appending to `cache` when given.
 
         attention_mask_BS: 1 for real tokens, 0 for padding, over the NEW tokens only (the cache
@@ -270,16 +290,33 @@ class MoETransformer(nn.Module):
         tokens only). cache_rows: the cache rows the batch rows are (default: all, in order), so
         one row can be prefilled while the others wait. Without any of these and with a dense
         cache, the plain path runs (identical to before). last_logits_only: logits [B, 1, V] of the
-        last position only (a prefill's [B, S, V] would be S times the memory)."""
+        last position only (a prefill's [B, S, V] would be S times the memory).
+
+        new_tokens: right padding (chunked prefill of several rows in one pass): row b's first
+        new_tokens[b] tokens are real and advance the row; the rest are scratch written past the
+        row's end (the cache needs those slots) and never seen by a real token. With
+        last_logits_only, the logits are those of each row's last real token. Needs a cache whose
+        rows hold no padding, and no mask or positions."""
         B, S = tokens_BS.shape
         if cache is not None and cache_rows is None and B != cache.batch:
             raise ValueError(f"a batch of {B} rows for a KV cache of {cache.batch} rows; pass cache_rows= naming "
                              f"the cache rows these are")
-        if attention_mask_BS is None and positions_BS is None and cache_rows is None and (cache is None or cache.dense):
+        if new_tokens is None and attention_mask_BS is None and positions_BS is None and cache_rows is None \
+                and (cache is None or cache.dense):
             return self._forward_dense(tokens_BS, cache, last_logits_only)
+        unpadded = self._unpadded_batch(tokens_BS, cache, attention_mask_BS, positions_BS, cache_rows, new_tokens)
+        if unpadded is not None:
+            batch, cos, sin = unpadded
+            last = None
+            if last_logits_only:
+                last = -1 if new_tokens is None else torch.tensor([n - 1 for n in new_tokens], device=tokens_BS.device)
+            return self._run_blocks(self.embed(tokens_BS), cos, sin, cache, batch, last)
+        if new_tokens is not None:
+            raise ValueError("new_tokens (right padding) needs a KV cache whose rows hold no padding, and no "
+                             "attention_mask_BS or positions_BS")
         batch, positions_BS = self._attention_batch(tokens_BS, cache, attention_mask_BS, positions_BS, cache_rows)
         cos, sin = self.rope_cos[positions_BS], self.rope_sin[positions_BS]
-        return self._run_blocks(self.embed(tokens_BS), cos, sin, cache, batch, last_logits_only)
+        return self._run_blocks(self.embed(tokens_BS), cos, sin, cache, batch, -1 if last_logits_only else None)
 
     def _forward_dense(self, tokens_BS: torch.Tensor, cache: KVCache | None, last_only: bool) -> ModelOutput:
         S = tokens_BS.shape[1]
@@ -290,14 +327,16 @@ class MoETransformer(nn.Module):
         if cache is not None and start + S > cache.max_len:
             raise ValueError(f"{start + S} tokens do not fit the KV cache's {cache.max_len} slots; allocate a larger cache")
         cos, sin = self.rope_cos[start:start + S], self.rope_sin[start:start + S]
-        out = self._run_blocks(self.embed(tokens_BS), cos, sin, cache, None, last_only)
+        out = self._run_blocks(self.embed(tokens_BS), cos, sin, cache, None, -1 if last_only else None)
         if cache is not None:
             cache.valid_BS[:, start:start + S] = True
             cache.lengths = [n + S for n in cache.lengths]
             cache.next_pos = [n + S for n in cache.next_pos]
         return out
 
-    def _run_blocks(self, h, cos, sin, cache, batch, last_only: bool = False) -> ModelOutput:
+    def _run_blocks(self, h, cos, sin, cache, batch, last: int | torch.Tensor | None = None) -> ModelOutput:
+        """last: None (every position's logits), -1 (the last position's) or a [B] tensor (row b's
+        logits at position last[b])."""
         routing: list[RouterOutput] = []
         full_ckpt = self.activation_checkpointing == "full" and cache is None and batch is None and self.training \
             and torch.is_grad_enabled()
@@ -308,9 +347,78 @@ class MoETransformer(nn.Module):
                 h, r = block(h, cos, sin, cache, batch)
             if r is not None:
                 routing.append(r)
-        if last_only:
+        if isinstance(last, torch.Tensor):
+            h = h[torch.arange(h.shape[0], device=h.device), last][:, None]
+        elif last is not None:
             h = h[:, -1:]
         return ModelOutput(self.head(self.norm(h)).float(), routing)
+
+    def _unpadded_batch(self, tokens_BS, cache, mask_BS, positions_BS, cache_rows, new_tokens):
+        """The path of rows without padding, or None (then the general path runs): no mask, default
+        positions, and no batch row holds padding in the cache, so a row's slots are its positions
+        and its keys are the slots before the query's. The key mask is built once for the pass:
+        none at all for rows at the same length decoding one token, a shared causal mask for rows
+        at the same length, else one comparison. Consecutive ascending cache rows are read through
+        a view of the cache (no per-row gather); other row sets gather."""
+        if cache is None or mask_BS is not None or positions_BS is not None:
+            return None
+        B, S = tokens_BS.shape
+        rows = list(range(B)) if cache_rows is None else [int(r) for r in cache_rows]
+        if len(rows) != B or not rows or len(set(rows)) != B or not all(0 <= r < cache.batch for r in rows):
+            return None  # the general path checks (and explains) bad rows
+        used = [cache.lengths[r] for r in rows]
+        if used != [cache.next_pos[r] for r in rows]:
+            return None  # a row holds padding (slots counted that are not positions)
+        real = [S] * B if new_tokens is None else [int(n) for n in new_tokens]
+        if len(real) != B or not all(1 <= n <= S for n in real):
+            raise ValueError(f"new_tokens={new_tokens} must give each of the {B} rows 1..{S} real tokens")
+        top = max(used) + S
+        if top > cache.max_len:
+            raise ValueError(f"{top} slots do not fit the KV cache's {cache.max_len}; allocate a larger cache")
+        self._check_positions(max(u + n for u, n in zip(used, real)))
+        dev = tokens_BS.device
+        contiguous = rows == list(range(rows[0], rows[0] + B))
+        span = slice(rows[0], rows[0] + B) if contiguous else None
+        rows_t = None if contiguous else torch.tensor(rows, device=dev)
+        rows_col = (torch.arange(rows[0], rows[0] + B, device=dev) if contiguous else rows_t)[:, None]
+        if min(used) == top - S:  # every row at the same length: one slot range, one causal mask
+            u = top - S
+            mask = None if S == 1 else self._causal_mask(S, top, u, dev)
+            if contiguous:
+                cache.valid_BS[span, u:top] = True
+            else:
+                cache.valid_BS[rows_t, u:top] = True
+            hi = min(top, self.cfg.max_seq_len)  # scratch tokens past the model's context reuse the last angle
+            cos, sin = self.rope_cos[u:hi], self.rope_sin[u:hi]
+            if hi < top:
+                cos = torch.cat([cos, cos[-1:].expand(top - hi, -1)])
+                sin = torch.cat([sin, sin[-1:].expand(top - hi, -1)])
+            slots_BS = None if contiguous else torch.arange(u, top, device=dev).expand(B, S)
+            write_at = u if contiguous else None
+        else:
+            slots_BS = torch.tensor(used, device=dev)[:, None] + torch.arange(S, device=dev)
+            mask = torch.arange(top, device=dev)[None, None, None, :] <= slots_BS[:, None, :, None]
+            cache.valid_BS[rows_col, slots_BS] = True
+            pos_BS = slots_BS.clamp(max=self.cfg.max_seq_len - 1)
+            cos, sin = self.rope_cos[pos_BS], self.rope_sin[pos_BS]
+            write_at = None
+        for r, n in zip(rows, real):
+            cache.lengths[r] += n
+            cache.next_pos[r] += n
+        cache.dense = False
+        batch = AttentionBatch(rows_B=rows_t, slots_BS=slots_BS, mask_B1SK=mask, keys=top, row_span=span,
+                               write_at=write_at)
+        return batch, cos, sin
+
+    def _causal_mask(self, S: int, K: int, start: int, dev) -> torch.Tensor:
+        """[S, K] bool: query i (at slot start+i) sees keys 0 .. start+i; cached per shape."""
+        key = (S, K, start, str(dev))
+        m = self._mask_cache.get(key)
+        if m is None:
+            if len(self._mask_cache) > 64:
+                self._mask_cache.clear()
+            m = self._mask_cache[key] = torch.ones(S, K, dtype=torch.bool, device=dev).tril(diagonal=start)
+        return m
 
     def _attention_batch(self, tokens_BS, cache, mask_BS, positions_BS, cache_rows
                          ) -> tuple[AttentionBatch, torch.Tensor]:

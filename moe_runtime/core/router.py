@@ -59,6 +59,30 @@ class RouterOutput:
     """Scalar router z-loss, mean(logsumexp(logits)^2)."""
 
 
+def _router_stats(topk_idx_TK, logits_TE, probs_TE, E: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    counts_E = torch.bincount(topk_idx_TK.reshape(-1), minlength=E)
+    probs_mean_E = probs_TE.mean(dim=0) if logits_TE.shape[0] else probs_TE.sum(dim=0)
+    z = torch.logsumexp(logits_TE, dim=-1).square().mean() if logits_TE.shape[0] else logits_TE.sum()
+    return counts_E, probs_mean_E, z
+
+
+class _DeferredStats(RouterOutput):
+    """A RouterOutput whose counts_E, probs_mean_E and z_loss are computed on first read (the
+    same values): a decode step reads none of them, and five ops per layer are a step's cost at
+    batch 1."""
+
+    def __init__(self, topk_idx_TK, topk_w_TK, logits_TE, probs_TE, E: int):  # noqa: D107 (no dataclass init)
+        self.topk_idx_TK, self.topk_w_TK = topk_idx_TK, topk_w_TK
+        self._src = (logits_TE, probs_TE, E)
+
+    def __getattr__(self, name: str):
+        if name in ("counts_E", "probs_mean_E", "z_loss") and "_src" in self.__dict__:
+            logits_TE, probs_TE, E = self.__dict__.pop("_src")
+            self.counts_E, self.probs_mean_E, self.z_loss = _router_stats(self.topk_idx_TK, logits_TE, probs_TE, E)
+            return getattr(self, name)
+        raise AttributeError(name)
+
+
 class TopKRouter(nn.Module):
     """Scores experts for each token and keeps the top K."""
 
@@ -90,9 +114,9 @@ class TopKRouter(nn.Module):
         topk_w_TK = scores_TE.gather(1, topk_idx_TK)
         if self.norm_topk_prob:  # with K=1 this gives weight 1.0 (no router gradient through the combine)
             topk_w_TK = topk_w_TK / topk_w_TK.sum(dim=-1, keepdim=True).clamp_min(1e-20)
-        counts_E = torch.bincount(topk_idx_TK.reshape(-1), minlength=self.num_experts)
-        probs_mean_E = probs_TE.mean(dim=0) if x_TD.shape[0] else probs_TE.sum(dim=0)
-        z = torch.logsumexp(logits_TE, dim=-1).square().mean() if x_TD.shape[0] else logits_TE.sum()
+        if not torch.is_grad_enabled():  # inference: the statistics only when someone reads them
+            return _DeferredStats(topk_idx_TK, topk_w_TK, logits_TE, probs_TE, self.num_experts)
+        counts_E, probs_mean_E, z = _router_stats(topk_idx_TK, logits_TE, probs_TE, self.num_experts)
         return RouterOutput(topk_idx_TK, topk_w_TK, counts_E, probs_mean_E, z)
 
     @torch.no_grad()

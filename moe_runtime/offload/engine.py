@@ -305,10 +305,11 @@ class ExpertCacheEngine:
         return self.model(tokens_BS.to(self.device), cache)
 
     def decode_batch(self, *, max_batch: int, max_len: int, decode=None,
-                     generator: torch.Generator | None = None) -> DecodeBatch:
+                     generator: torch.Generator | None = None, max_prefill_tokens: int | None = None) -> DecodeBatch:
         """A step-wise DecodeBatch over this engine's model (sequences join and leave between
         steps; see core/generation.py). Statistics accumulate until reset_stats()."""
-        return DecodeBatch(self.model, max_batch=max_batch, max_len=max_len, decode=decode, generator=generator)
+        return DecodeBatch(self.model, max_batch=max_batch, max_len=max_len, decode=decode, generator=generator,
+                           max_prefill_tokens=max_prefill_tokens)
 
     def stream(self, prompts, params: SamplingParams | Sequence[SamplingParams], *, decode=None,
                generator: torch.Generator | None = None) -> Iterator[TokenEvent]:

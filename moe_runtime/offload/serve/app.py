@@ -24,6 +24,8 @@ import json
 import logging
 import os
 import re
+import threading
+import weakref
 from dataclasses import dataclass
 from typing import Any, AsyncIterator, Callable
 
@@ -311,13 +313,52 @@ async def _serve(ctx: ServeContext, http: HTTPRequest, req: Any, ids: list[int],
                              token_ids=tok_ids, prompt_ids=ids if tok_ids else None)
 
 
+class _Mailbox:
+    """Chunks from the scheduler thread to the event loop: the first chunk of a burst (one decode
+    step hands out one per running request) wakes the loop, the rest ride along, so a step of 16
+    streams costs one wake-up instead of 16."""
+
+    _boxes: "weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Mailbox]" = weakref.WeakKeyDictionary()
+    _boxes_lock = threading.Lock()
+
+    def __init__(self, loop: asyncio.AbstractEventLoop):
+        self.loop, self.items, self.lock, self.scheduled = loop, [], threading.Lock(), False
+
+    @classmethod
+    def of(cls, loop: asyncio.AbstractEventLoop) -> "_Mailbox":
+        """The loop's mailbox (one per event loop; it goes when the loop does)."""
+        with cls._boxes_lock:
+            box = cls._boxes.get(loop)
+            if box is None:
+                box = cls._boxes[loop] = cls(loop)
+            return box
+
+    def post(self, queue: asyncio.Queue, chunk: Chunk) -> None:
+        with self.lock:
+            self.items.append((queue, chunk))
+            if self.scheduled:
+                return
+            self.scheduled = True
+        try:
+            self.loop.call_soon_threadsafe(self._flush)
+        except RuntimeError:  # the event loop has closed (shutdown): nobody is listening any more
+            with self.lock:
+                self.items.clear()
+                self.scheduled = False
+
+    def _flush(self) -> None:
+        with self.lock:
+            items, self.items, self.scheduled = self.items, [], False
+        for queue, chunk in items:
+            queue.put_nowait(chunk)
+
+
 def _emitter(loop: asyncio.AbstractEventLoop, queue: asyncio.Queue):
     """The scheduler thread's way into this request's queue on the event loop."""
+    box = _Mailbox.of(loop)
+
     def emit(chunk: Chunk) -> None:
-        try:
-            loop.call_soon_threadsafe(queue.put_nowait, chunk)
-        except RuntimeError:  # the event loop has closed (shutdown): nobody is listening any more
-            pass
+        box.post(queue, chunk)
     return emit
 
 

@@ -41,6 +41,9 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
                    help="context per sequence (default: the model's max_seq_len); the KV cache holds "
                         "max-batch x this many positions")
     p.add_argument("--max-queue", type=int, default=256, help="requests waiting for a row before 429s")
+    p.add_argument("--max-prefill-tokens", type=int, default=256,
+                   help="prompt tokens prefilled per step, over all newcomers (chunked prefill: running streams "
+                        "wait at most one chunk per token while a long prompt arrives); 0: whole prompts at once")
     p.add_argument("--model-name", default=None, help="the model id clients send (default: the run's name)")
     p.add_argument("--api-key", default=os.environ.get("MOE_SERVE_API_KEY") or None,
                    help="require 'Authorization: Bearer KEY' on /v1/* (default: $MOE_SERVE_API_KEY; the "

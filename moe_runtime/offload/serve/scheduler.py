@@ -1,20 +1,23 @@
 """Continuous batching for `moe serve`: one thread owns the model and runs every decode step.
 
 Requests arrive from the HTTP event loop (`submit`), wait in a FIFO queue, and join the running
-batch at the next step while it has a free row: the newcomer's prompt is prefilled into its own
-KV-cache row of a core.generation.DecodeBatch, then every step is ONE forward pass that decodes a
-token for each running sequence, so the expert cache (and its cache/stream regime switch) sees
-the real batch. Each sequence stops on its own (EOS / stop token, stop string, max_tokens: the
-DecodeBatch's rules); a cancelled request (client gone, shutdown) leaves the queue at once, or
-the batch at the next step. Results go back to the event loop through each request's `emit` callback.
+batch at the next step while it has a free row: the newcomer takes its own KV-cache row of a
+core.generation.DecodeBatch (add(defer=True)), and every step is ONE decode forward pass that
+draws a token for each running sequence (so the expert cache, and its cache/stream regime switch,
+sees the real batch), then ONE prefill pass over the newcomers' next prompt chunks, at most
+--max-prefill-tokens in all (chunked prefill: a long prompt costs the running streams a bounded
+delay per step instead of its whole prefill; several newcomers share the pass). Each sequence
+stops on its own (EOS / stop token, stop string, max_tokens: the DecodeBatch's rules); a
+cancelled request (client gone, shutdown) leaves the queue at once, or the batch at the next
+step. Results go back to the event loop through each request's `emit` callback.
 
-Step of the loop: 1. take cancellations, 2. admit queued requests into free rows (prefill),
-3. one decode step for all rows, 4. hand out text deltas and finished answers.
+Step of the loop: 1. take cancellations, 2. admit queued requests into free rows, 3. one step:
+decode for all prefilled rows, a prefill chunk for the others, 4. hand out text deltas and
+finished answers.
 """
 from __future__ import annotations
 
 import threading
-import time
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Callable
@@ -143,18 +146,18 @@ class Scheduler:
         if req.cancelled.is_set():
             self._finish(req, "cancelled", registered=False)
             return
-        t0 = time.perf_counter()
-        seqs, events = self.batch.add([req.prompt_ids], [req.params])  # prefill of this row alone
-        self.metrics.prefill(len(req.prompt_ids), time.perf_counter() - t0)
+        seqs, _ = self.batch.add([req.prompt_ids], [req.params], defer=True)  # takes a row; steps prefill it
         req.seq_id = seqs[0].seq_id
         self._active[req.seq_id] = req
         self._gauges()
-        self._deliver(events)
 
     def _step(self) -> None:
-        t0 = time.perf_counter()
         events = self.batch.step()
-        self.metrics.decode_step(len(events), time.perf_counter() - t0)
+        st = self.batch.last_step
+        if st.decode_rows:
+            self.metrics.decode_step(st.decode_rows, st.decode_s)
+        if st.prefill_tokens:
+            self.metrics.prefill(st.prefill_tokens, st.prefill_s)
         self._deliver(events)
 
     def _deliver(self, events: list[TokenEvent]) -> None:

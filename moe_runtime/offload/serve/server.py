@@ -56,7 +56,10 @@ def build_context(args: argparse.Namespace) -> ServeContext:
     engine.reset_stats()  # /metrics counts from here: cumulative over the server's life
     metrics = ServerMetrics(cache_source=lambda: engine_cache_stats(engine))
     context = min(args.max_model_len or model.cfg.max_seq_len, model.cfg.max_seq_len)
-    batch = engine.decode_batch(max_batch=args.max_batch, max_len=context, decode=tok.decode)
+    batch = engine.decode_batch(max_batch=args.max_batch, max_len=context, decode=tok.decode,
+                                max_prefill_tokens=args.max_prefill_tokens or None)
+    batch.tune_threads()  # CPU: one intra-op thread for the pass sizes where that is faster (measured here)
+    engine.reset_stats()
     scheduler = Scheduler(batch, max_queue=args.max_queue, metrics=metrics)
     render_chat, eos_ids = load_server_chat(source, tokenizer)
     return ServeContext(model_name=args.model_name or run.name, scheduler=scheduler, tokenizer=tok,
@@ -68,6 +71,8 @@ def _check_args(args: argparse.Namespace) -> None:
     for name in ("max_batch", "max_queue"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')}={getattr(args, name)} must be >= 1")
+    if args.max_prefill_tokens < 0:
+        raise ValueError(f"--max-prefill-tokens={args.max_prefill_tokens} must be >= 1 (or 0: whole prompts at once)")
     if not 0 <= args.port <= 65535:
         raise ValueError(f"--port={args.port} is not a TCP port (0-65535)")
     if args.max_model_len is not None and args.max_model_len < 2:
