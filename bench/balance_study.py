@@ -334,7 +334,7 @@ TOKEN_MODES: dict[str, tuple[str, dict[str, Any], str]] = {  # key -> (label, Mo
 TOKEN_DEFAULTS = dict(steps=300, vocab=4096, max_bytes=900_000, max_doc_bytes=16_384, val_fraction=0.1)
 
 
-def token_study_run(steps: int, vocab_size: int, num_domains: int) -> RunConfig:
+def token_study_run(steps: int, vocab_size: int, num_domains: int, tokenizer_sha256: str | None = None) -> RunConfig:
     """The token study's model: d_model 128, 4 MoE layers (no dense layer, no shared expert, so
     every FFN token goes through the router) of 16 experts top-2, d_expert 128; micro-batch 4 x 128
     tokens; grad_accum = the number of domains, so each global batch holds every domain once."""
@@ -346,6 +346,7 @@ def token_study_run(steps: int, vocab_size: int, num_domains: int) -> RunConfig:
     t.seq_len, t.batch_size, t.grad_accum = 128, 4, num_domains
     t.max_steps, t.warmup_steps, t.lr = steps, max(1, min(20, steps // 10)), 3e-3
     t.device, t.threads = "cpu", 1
+    m.tokenizer_sha256 = tokenizer_sha256
     run.model.__post_init__()
     return run
 
@@ -380,8 +381,8 @@ def run_token_one(args) -> None:
     work = Path(args.work)
     mode, seed = args.run_one.split(":")
     seed = int(seed)
-    corpus, _ = token_corpus(work, args, log=lambda m: None)
-    base = token_study_run(args.steps, corpus.vocab_size, corpus.num_domains)
+    corpus, tok_info = token_corpus(work, args, log=lambda m: None)
+    base = token_study_run(args.steps, corpus.vocab_size, corpus.num_domains, tok_info["sha256"])
     label, overrides, mixing = TOKEN_MODES[mode]
     started = time.time()
     r = train_one(base, mode, seed, corpus, args, overrides=overrides, mixing=mixing)
@@ -532,11 +533,21 @@ def main_tokens(args, argv: list[str] | None) -> dict[str, Any]:
         raise SystemExit(f"--modes {args.modes!r}: unknown {bad}; choose from {','.join(TOKEN_MODES)}")
     corpus, tok_info = token_corpus(work, args)
     print(f"corpus: {corpus.source}; BPE vocab {tok_info['vocab_size']} sha256 {tok_info['sha256'][:16]}", flush=True)
-    base = token_study_run(args.steps, corpus.vocab_size, corpus.num_domains)
+    base = token_study_run(args.steps, corpus.vocab_size, corpus.num_domains, tok_info["sha256"])
     key = json.dumps({"steps": args.steps, "vocab": args.vocab, "max_bytes": args.max_bytes, "tok": tok_info["sha256"],
                       "eval": args.eval_global_batches, "rec": args.record_fraction, "model": base.to_dict()})
     key = f"{zlib_crc(key):08x}"
     todo = [(m, s) for s in range(args.seeds) for m in modes]
+    if args.report_only:  # aggregate the finished runs in the work directory (one settings key), train nothing
+        missing = [f"{m}:{s}" for m, s in todo if not _token_run_file(work, m, s).is_file()]
+        if missing:
+            raise SystemExit(f"--report-only: no finished run for {', '.join(missing)} in {work}; run without "
+                             f"--report-only to train them")
+        keys = {json.loads(_token_run_file(work, m, s).read_text())["settings_key"] for m, s in todo}
+        if len(keys) != 1:
+            raise SystemExit(f"--report-only: the runs in {work} were made with different settings ({sorted(keys)}); "
+                             f"re-run them with one set of options")
+        key = keys.pop()
     t0 = time.perf_counter()
     running: list[tuple[subprocess.Popen, str, int, float]] = []
     pending = []
@@ -631,6 +642,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--jobs", type=int, default=2, help="--tokens: runs in parallel, one thread each")
     ap.add_argument("--work", default="runs/balance_tokens", help="--tokens: tokenizer.json, per-run JSON and logs "
                     "(finished runs are reused when the settings match)")
+    ap.add_argument("--report-only", action="store_true", help="--tokens: write the report from the finished runs "
+                    "in --work (all arms x seeds must be there, made with one set of settings); train nothing")
     ap.add_argument("--run-one", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--settings-key", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)

@@ -198,7 +198,7 @@ class DomainInfo:
     crc32: int
     """crc32 of the domain's train+val bytes: two machines built the same corpus iff these agree."""
     train_tokens: int = 0
-    """Tokens of the train split (= train_bytes + separators for a byte-level corpus)."""
+    """Tokens of the train split, separators included (= train_bytes for a byte-level corpus)."""
     val_tokens: int = 0
 
     def to_dict(self) -> dict[str, int | str]:
@@ -442,8 +442,9 @@ def build_domain_corpus(sources: tuple[DomainSource, ...] | None = None, *, max_
         kept.append(doc.name)
         train_parts.append(tr)
         val_parts.append(va)
-        info.append(DomainInfo(doc.name, len(doc.train), len(doc.val), sum(map(len, doc.train)),
-                               sum(map(len, doc.val)), doc.candidates, crc, tr.numel(), va.numel()))
+        joined = lambda docs: sum(map(len, docs)) + len(docs) - 1  # noqa: E731  (bytes, NUL-joined)
+        info.append(DomainInfo(doc.name, len(doc.train), len(doc.val), joined(doc.train), joined(doc.val),
+                               doc.candidates, crc, tr.numel(), va.numel()))
     sep = torch.full((1,), sep_id, dtype=torch.long)
     cat = lambda parts: torch.cat([t for p in parts for t in (p, sep)][:-1])  # noqa: E731
     desc = ", ".join(f"{i.name} {i.train_bytes // 1000}+{i.val_bytes // 1000} kB" for i in info)

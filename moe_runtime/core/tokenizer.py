@@ -100,5 +100,67 @@ def load_tokenizer_file(path: str | Path, expect_sha256: str | None = None) -> t
     return tok, digest
 
 
-__all__ = ["DOC_SEP", "TOKENIZER_FILE", "TokenizerError", "train_bpe", "doc_separator_id", "file_sha256",
+def tokenizer_training_corpus(run: Any, tokenizer_path: str | Path, data: str | Path | None, out_dir: str | Path) -> Any:
+    """`moe train --tokenizer PATH --data TEXT`: the Corpus of TEXT encoded with the tokenizer.
+
+    Sets run.model.vocab_size to the tokenizer's vocabulary (when it is the byte default 256; a
+    larger one is kept, a smaller one is an error) and run.model.tokenizer_sha256 to the file's
+    digest, and copies the file to out_dir/tokenizer.json, where generate and serve find it.
+    A run directory that already holds a different tokenizer.json is refused (resume needs the same one).
+    """
+    import shutil
+
+    from moe_runtime.core.data import TOKEN_SUFFIXES
+    from moe_runtime.core.hf.load import tokenized_corpus
+    if data is None:
+        raise TokenizerError("--tokenizer needs --data: a text file or a directory of text files to encode with it "
+                             "(the default corpus is byte-level)")
+    if Path(data).suffix in TOKEN_SUFFIXES:
+        raise TokenizerError(f"--data {data} already holds token ids; drop --tokenizer, or pass text to encode")
+    tok, sha = load_tokenizer_file(tokenizer_path)
+    n_vocab = tok.get_vocab_size()
+    if run.model.vocab_size == 256:
+        run.model.vocab_size = n_vocab
+    elif run.model.vocab_size < n_vocab:
+        raise TokenizerError(f"--tokenizer {tokenizer_path} has {n_vocab} tokens but the config's vocab_size is "
+                             f"{run.model.vocab_size}; raise vocab_size to at least {n_vocab} (or leave it at 256)")
+    if run.model.tokenizer_sha256 not in (None, sha):
+        raise TokenizerError(f"the config names tokenizer sha256 {run.model.tokenizer_sha256[:12]}... but "
+                             f"--tokenizer {tokenizer_path} is {sha[:12]}...; pass the matching file")
+    run.model.tokenizer_sha256 = sha
+    dest = Path(out_dir) / TOKENIZER_FILE
+    if dest.is_file() and file_sha256(dest) != sha:
+        raise TokenizerError(f"{dest} is a different tokenizer than --tokenizer {tokenizer_path}; resume with "
+                             f"the same file or train into a new --out directory")
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    if not dest.is_file():
+        shutil.copyfile(Path(tokenizer_path) / TOKENIZER_FILE if Path(tokenizer_path).is_dir() else tokenizer_path,
+                        dest)
+    return tokenized_corpus(tok, data, run.model.vocab_size)
+
+
+def checkpoint_tokenizer(run: Any, checkpoint_dir: str | Path, override: str | Path | None = None) -> Any:
+    """The tokenizer a checkpoint's model was trained with, or None for a model without one.
+
+    run: the checkpoint's RunConfig; its model.tokenizer_sha256 names the file. Looked for, in
+    order: `override` (--tokenizer), the checkpoint directory, its parent and the run directory
+    (checkpoints/step_N/../..), where `moe train --tokenizer` copied it. The file's sha256 must match.
+    """
+    want = run.model.tokenizer_sha256
+    if override is not None:
+        if want is None:
+            raise TokenizerError(f"--tokenizer {override}: this checkpoint's model was trained without a tokenizer "
+                                 f"(vocab {run.model.vocab_size}, byte-level); drop --tokenizer")
+        return load_tokenizer_file(override, expect_sha256=want)[0]
+    if want is None:
+        return None
+    ck = Path(checkpoint_dir)
+    for d in (ck, ck.parent, ck.parent.parent):
+        if (d / TOKENIZER_FILE).is_file() and file_sha256(d / TOKENIZER_FILE) == want:
+            return load_tokenizer_file(d / TOKENIZER_FILE, expect_sha256=want)[0]
+    raise TokenizerError(f"{ck}: the model was trained with a tokenizer (sha256 {want[:12]}...) but no matching "
+                         f"{TOKENIZER_FILE} is in the checkpoint or run directory; pass --tokenizer PATH to that file")
+
+
+__all__ = ["checkpoint_tokenizer", "tokenizer_training_corpus", "DOC_SEP", "TOKENIZER_FILE", "TokenizerError", "train_bpe", "doc_separator_id", "file_sha256",
            "save_tokenizer", "load_tokenizer_file"]

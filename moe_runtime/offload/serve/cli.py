@@ -24,6 +24,9 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--checkpoint", help="run directory (newest checkpoint) or a step_NNNNNNNN dir")
     src.add_argument("--hf", metavar="DIR", help="local Hugging Face MoE checkpoint directory with tokenizer.json")
+    p.add_argument("--tokenizer", default=None, metavar="PATH",
+                   help="with --checkpoint: the tokenizer.json of a model trained with `moe train --tokenizer` "
+                        "(default: the one in its run directory, sha256-checked)")
     cap = p.add_mutually_exclusive_group(required=True)
     cap.add_argument("--gpu-expert-slots", type=int, help="device expert slots (experts held at once)")
     cap.add_argument("--gpu-expert-gib", type=float, help="device memory for expert slots, in GiB")
