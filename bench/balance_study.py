@@ -16,6 +16,20 @@ of a subset of modes adds the modes to the suffix, so two calls of half the mode
     python bench/balance_study.py --preset small --device cuda --seeds 1
     python bench/balance_study.py --preset small --device cuda --seeds 1 --modes micro,global
 
+The token-level study (`--tokens`): six domains (python, C headers, English prose, and German,
+French and Spanish manual pages, which `bash scripts/study-corpus.sh` fetches first), a byte-level
+BPE of 4096 tokens trained on the train split (saved as <work>/tokenizer.json), a 4-layer all-MoE
+model of 16 experts top-2, seven arms x 3 seeds in 2 worker processes of one thread each:
+
+    bash scripts/study-corpus.sh
+    python bench/balance_study.py --tokens          # bench/results/balance_study_tokens.{md,json,_heatmaps.png}
+    python bench/balance_study.py --tokens --report-only   # re-aggregate the finished runs in --work
+
+Arms: (a) none, (b) micro-batch LBL, (c) global-batch LBL exact, (d) global-batch LBL cumulative,
+(e) aux-loss-free bias, all on domain-pure micro-batches; plus (b) and (c) on mixed micro-batches,
+the control in which the two should not differ. Finished runs are kept in --work (default
+runs/balance_tokens/), so an interrupted study resumes with the same command.
+
 Every run trains the same model from the same seed on the same batches for the same steps; only
 the balancing differs:
     (a) none      no balance loss, no bias
@@ -33,6 +47,7 @@ import argparse
 import copy
 import datetime as dt
 import json
+import math
 import os
 import platform
 import statistics
@@ -331,7 +346,7 @@ TOKEN_MODES: dict[str, tuple[str, dict[str, Any], str]] = {  # key -> (label, Mo
     "global_mixed": ("(c) global-batch LBL, mixed micro-batches", dict(balance_coef=0.01, balance_scope="global_batch",
                                                                        global_sync="exact"), "mixed"),
 }
-TOKEN_DEFAULTS = dict(steps=300, vocab=4096, max_bytes=900_000, max_doc_bytes=16_384, val_fraction=0.1)
+TOKEN_DEFAULTS = dict(steps=100, vocab=4096, max_bytes=900_000, max_doc_bytes=16_384, val_fraction=0.1)
 
 
 def token_study_run(steps: int, vocab_size: int, num_domains: int, tokenizer_sha256: str | None = None) -> RunConfig:
@@ -469,6 +484,11 @@ def markdown_tokens(report: dict[str, Any]) -> str:
              f"{d['name']} {d['train_tokens'] // 1000}k / {d['val_tokens'] // 1000}k ({d['train_bytes'] // 1000} kB "
              f"text)" for d in report["corpus"]["domains"]) + ". Domain-pure arms: micro-batch m of step t is "
          "domain (t + m) % 6; mixed arms: every sequence draws its domain.", "",
+         f"How much the token id alone says about the domain, NMI(domain; token) over the train split: "
+         f"{report['token_domain_nmi']['bpe']:.3f} with this BPE, {report['token_domain_nmi']['bytes']:.3f} for the "
+         f"same text as bytes.", "",
+         f"For scale: the train split's unigram distribution scores {report['unigram_val_loss']:.3f} nats/token on "
+         f"the validation split (all domains pooled); ln {mcfg['vocab_size']} = {math.log(mcfg['vocab_size']):.3f}.", "",
          f"Validation: {st['eval_global_batches']} x {tcfg['grad_accum']} domain-pure micro-batches of "
          f"{tcfg['batch_size']} sequences (the same windows in every run, "
          f"{st['eval_global_batches'] * tcfg['batch_size'] * tcfg['seq_len']} tokens per domain). Loss in nats/token.",
@@ -597,6 +617,7 @@ def main_tokens(args, argv: list[str] | None) -> dict[str, Any]:
         "machine": machine(), "wall_seconds": round(time.perf_counter() - t0, 1),
         "study_span_seconds": round(max(r["finished_unix"] for r in runs) - min(r["started_unix"] for r in runs), 1),
         "run_seconds_total": round(sum(r["finished_unix"] - r["started_unix"] for r in runs), 1),
+        "run_seconds_max": round(max(r["finished_unix"] - r["started_unix"] for r in runs), 1),
         "command": "python bench/balance_study.py " + " ".join(argv if argv is not None else sys.argv[1:]),
         "tokenizer": tok_info,
         "settings": {"seeds": list(range(args.seeds)), "jobs": args.jobs, "settings_key": key,
@@ -605,7 +626,9 @@ def main_tokens(args, argv: list[str] | None) -> dict[str, Any]:
                      "eval_global_batches": args.eval_global_batches, "eval_seed": EVAL_SEED,
                      "record_fraction": args.record_fraction, "model": base.to_dict()["model"],
                      "train": base.to_dict()["train"], "param_count": param_count(base.model)},
-        "corpus": corpus.describe(), "summary": summarise_tokens(runs, corpus.domains), "runs": runs}
+        "corpus": corpus.describe(), "token_domain_nmi": token_domain_nmi(corpus, args),
+        "unigram_val_loss": corpus.unigram_entropy(),
+        "summary": summarise_tokens(runs, corpus.domains), "runs": runs}
     first = {r["mode"]: r for r in runs if r["seed"] == 0}
     panels = {TOKEN_MODES[m][0].split(" ")[0] + (" mixed" if TOKEN_MODES[m][2] == "mixed" else ""):
               torch.tensor(first[m]["counts_DLE"]) for m in TOKEN_MODES if m in first}
@@ -617,6 +640,21 @@ def main_tokens(args, argv: list[str] | None) -> dict[str, Any]:
     (out / "balance_study_tokens.md").write_text(markdown_tokens(report))
     print(f"wrote {out / 'balance_study_tokens.json'} and .md ({report['wall_seconds'] / 60:.1f} min)", flush=True)
     return report
+
+
+def token_domain_nmi(corpus: DomainCorpus, args) -> dict[str, float]:
+    """NMI(domain; token id) of the train splits, for the BPE corpus and for the same text as bytes:
+    how much a router could tell about the domain from the token alone, before any context."""
+    from moe_runtime.core.domains import domain_documents, study_sources
+    from moe_runtime.core.stats import mutual_information_bits
+
+    def nmi(parts: list[torch.Tensor], V: int) -> float:
+        mi, h, _ = mutual_information_bits(torch.stack([torch.bincount(p, minlength=V) for p in parts]))
+        return round(mi / h, 4)
+    docs = domain_documents(study_sources(), max_bytes=args.max_bytes, max_doc_bytes=TOKEN_DEFAULTS["max_doc_bytes"],
+                            val_fraction=TOKEN_DEFAULTS["val_fraction"], log=lambda m: None)
+    return {"bpe": nmi(corpus.train_parts, corpus.vocab_size),
+            "bytes": nmi(build_domain_corpus(documents=docs).train_parts, 256)}
 
 
 def zlib_crc(text: str) -> int:

@@ -1,21 +1,29 @@
-"""A multi-domain byte corpus built from text already on the machine (no download).
+"""A multi-domain corpus with a domain label per sequence: bytes by default, or BPE tokens.
 
 Legend: B sequences per batch, S sequence length, D domains.
 
 Default domains (each a list of roots and file-name patterns; a missing root is skipped with a
-printed message, a domain with no readable file is dropped with a message):
+printed message, a domain with no readable file is dropped with a message), from text every
+Debian-like machine has, no download:
     python  the standard library's .py files (tests and site-packages excluded, as in core/data.py)
     c       C headers under /usr/include
     prose   English prose: license texts in /usr/share/common-licenses, and the copyright,
             README* and NEWS* files under /usr/share/doc (gzip-compressed ones are decompressed)
+The token-level balance study adds three natural languages, `study_sources()`: de, fr, es, the
+German, French and Spanish translated manual pages that scripts/study-corpus.sh puts in
+data/manpages/<lang>/ (or $MOE_STUDY_CORPUS). They are groff source: `roff_to_text` strips the
+markup (reader="roff"). Nothing here downloads; without the pages study_sources() raises an error
+naming the script.
 
 Selection and splits are deterministic: a domain's candidate files are visited in the order of
 crc32("order:" + relative path) (a fixed pseudo-random order that does not favour any directory)
 and taken until the domain holds `max_bytes` bytes, each document cut to its first
 `max_doc_bytes` bytes, so the domains are of comparable size and loading takes about a second.
 A document goes to validation when crc32(relative path) falls in the validation fraction (the
-rule of core/data.py). Documents are joined by a NUL byte within a domain, never across domains,
-so every training window, and hence every sequence, belongs to exactly one domain.
+rule of core/data.py). Documents are joined by a separator (byte 0, or the tokenizer's DOC_SEP
+token, id 0) within a domain, never across domains, so every training window, and hence every
+sequence, belongs to exactly one domain. With `tokenizer=` each document is BPE-encoded
+(core/tokenizer.py); the byte caps still apply to the text, so token counts differ by domain.
 
 Batches: `DomainCorpus.batch` has Corpus.batch's signature, so `Trainer(corpus=...)` trains on it.
 With mixing="domain" (default) every micro-batch comes from ONE domain, domain (index + micro) % D;
