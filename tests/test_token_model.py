@@ -58,6 +58,18 @@ def test_train_records_the_tokenizer_with_the_run(token_run):
     assert cfg.model.tokenizer_sha256 == sha and cfg.model.vocab_size == 320 == model.cfg.vocab_size
 
 
+def test_eval_encodes_data_with_the_run_tokenizer(token_run, capsys):
+    root, run, tok, _ = token_run
+    out = root / "eval.json"
+    assert moe_main(["eval", str(run), "--data", str(root / "data.txt"), "--device", "cpu", "--json", str(out)]) == 0
+    res = json.loads(out.read_text())
+    assert "tokenized with tokenizer.json" in res["data"] and res["val_loss"] < 7.0  # ln 320 = 5.77 at init
+    capsys.readouterr()
+    assert moe_main(["eval", str(run), "--device", "cpu"]) == 2  # the byte corpus would be the wrong vocabulary
+    err = capsys.readouterr().err.strip()
+    assert "BPE tokens" in err and "\n" not in err
+
+
 def test_generate_picks_up_the_tokenizer_and_decodes_text(token_run, capsys):
     root, run, tok, _ = token_run
     prompt = "Les experts"
