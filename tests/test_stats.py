@@ -5,8 +5,8 @@ import pytest
 import torch
 
 from moe_runtime.core.stats import (balance_by_granularity, balance_metrics, domain_expert_counts, domain_specialisation,
-                       layer_agreement, mutual_information_bits, plot_domain_expert_heatmaps, starved_experts,
-                       top_experts_per_domain)
+                       domain_topk_share, layer_agreement, mutual_information_bits, per_domain_nmi,
+                       plot_domain_expert_heatmaps, starved_experts, top_experts_per_domain)
 
 
 # ---------------------------------------------------------------- balance
@@ -178,3 +178,47 @@ def test_heatmap_figure_is_written(tmp_path):
     c = torch.tensor([[[6, 1, 3, 0], [1, 1, 1, 1]], [[0, 0, 1, 9], [2, 0, 0, 2]]])
     p = plot_domain_expert_heatmaps({"micro": c, "global": c.flip(-1)}, ["a", "b"], tmp_path / "f" / "h.png", "t")
     assert p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+# ---------------------------------------------------------------- per-domain top-k share and one-vs-rest NMI
+def test_topk_share_and_per_domain_nmi_on_a_hand_made_routing_table():
+    # 6 tokens, top-2 of E=4, one layer. Domain 0 (tokens 0-2) always picks {0, 1}; domain 1
+    # (tokens 3-5) picks {2, 3}, {2, 3}, {0, 2}.
+    idx = torch.tensor([[0, 1], [1, 0], [0, 1], [2, 3], [3, 2], [0, 2]])
+    dom = torch.tensor([0, 0, 0, 1, 1, 1])
+    c = domain_expert_counts([idx], dom, 2, 4)
+    assert c[:, 0].tolist() == [[3, 3, 0, 0], [1, 0, 3, 2]]
+    share = domain_topk_share(c, k=2)
+    # domain 0: all 6 assignments on experts 0 and 1; domain 1: 3 + 2 of its 6 on experts 2 and 3
+    assert share["per_domain"] == [pytest.approx(1.0), pytest.approx(5 / 6)]
+    assert share["mean"] == pytest.approx((1 + 5 / 6) / 2) and share["uniform"] == 0.5
+    assert domain_topk_share(c, k=1)["per_domain"] == [pytest.approx(0.5), pytest.approx(0.5)]
+    # With two domains one-vs-rest equals the two-domain NMI: I(D; E) / H(D), by hand from the joint /12.
+    p = [[3, 3, 0, 0], [1, 0, 3, 2]]
+    pe = [sum(col) / 12 for col in zip(*p)]
+    mi = sum(v / 12 * math.log2((v / 12) / (0.5 * pe[e])) for row in p for e, v in enumerate(row) if v)
+    nmi = per_domain_nmi(c)["per_domain"]
+    assert nmi == [pytest.approx(mi), pytest.approx(mi)]
+    assert domain_specialisation(c)["nmi"] == pytest.approx(mi)
+
+
+def test_per_domain_nmi_one_vs_rest_with_three_domains():
+    # Domain 0 owns expert 0 alone; domains 1 and 2 share experts 1 and 2 identically.
+    c = torch.tensor([[4, 0, 0], [0, 2, 2], [0, 2, 2]])[:, None, :]
+    nmi = per_domain_nmi(c)
+    assert nmi["per_domain"][0] == pytest.approx(1.0)  # knowing the expert tells "domain 0 or not" exactly
+    # domain 1 vs rest: the joint over (is-1, expert) is [[0, 2, 2], [4, 2, 2]] / 12
+    j = [[0, 2, 2], [4, 2, 2]]
+    px, pe = [sum(r) / 12 for r in j], [sum(col) / 12 for col in zip(*j)]
+    mi = sum(v / 12 * math.log2((v / 12) / (px[x] * pe[e])) for x, r in enumerate(j) for e, v in enumerate(r) if v)
+    hx = -sum(q * math.log2(q) for q in px)
+    assert nmi["per_domain"][1] == pytest.approx(mi / hx) and nmi["per_domain"][2] == pytest.approx(mi / hx)
+    # uniform routing: zero for every domain; a perfectly specialised table: one for every domain
+    assert per_domain_nmi(torch.ones(3, 2, 4))["per_domain"] == [pytest.approx(0.0, abs=1e-12)] * 3
+    assert per_domain_nmi(torch.eye(3)[:, None, :].repeat(1, 2, 1) * 5)["per_domain"] == [pytest.approx(1.0)] * 3
+    share = domain_topk_share(c, k=1)
+    assert share["per_domain"] == [pytest.approx(1.0), pytest.approx(0.5), pytest.approx(0.5)]
+    with pytest.raises(ValueError, match="k=4"):
+        domain_topk_share(c, k=4)
+    with pytest.raises(ValueError, match=r"expected \[D, L, E\]"):
+        per_domain_nmi(torch.ones(2, 3))

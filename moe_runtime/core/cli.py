@@ -35,6 +35,10 @@ def register_train(sub) -> None:
     src.add_argument("--config", default=None, help="TOML or JSON config with [model], [model.moe], [train]")
     p.add_argument("--data", default=None, help="text file, directory of text files, or .bin uint16 token file "
                                                 "(default: the Python standard library's .py files)")
+    p.add_argument("--tokenizer", default=None, metavar="PATH",
+                   help="tokenizer.json (e.g. a byte-level BPE from core/tokenizer.py): --data text is encoded with "
+                        "it, vocab_size becomes its vocabulary, and it is copied into the run directory, where "
+                        "moe generate / moe serve find it (default: bytes)")
     p.add_argument("--out", default=None, help="run directory (default: runs/<name>)")
     p.add_argument("--name", default=None, help="run name (default: the preset or config name)")
     p.add_argument("--max-steps", type=int, default=None, help="optimizer steps")
@@ -95,9 +99,15 @@ def build_run_config(args: argparse.Namespace) -> RunConfig:
 
 def cmd_train(args: argparse.Namespace) -> int:
     run = build_run_config(args)
+    out = Path(args.out) if args.out else Path("runs") / run.name
+    corpus = None
+    if getattr(args, "tokenizer", None):
+        if getattr(args, "workers", 0):
+            raise ConfigError("--tokenizer is single-process only; with --workers pass --data a token file (.bin)")
+        from moe_runtime.core.tokenizer import tokenizer_training_corpus
+        corpus = tokenizer_training_corpus(run, args.tokenizer, args.data, out)
     if getattr(args, "workers", 0):  # the options moe_runtime.cluster adds to this command (cluster/cli.py)
         return args.run_workers(run, args)
-    out = Path(args.out) if args.out else Path("runs") / run.name
     from moe_runtime.core.device import resolve_device
     from moe_runtime.core.footprint import check_fits
     check_fits(run, resolve_device(run.train.device))  # before the size is printed or anything is built
@@ -108,7 +118,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     trainer = None
     try:
         from moe_runtime.core.train import Trainer
-        trainer = Trainer(run, out_dir=out, data=args.data, progress=not args.no_progress)
+        trainer = Trainer(run, out_dir=out, data=args.data, corpus=corpus, progress=not args.no_progress)
         print(f"[moe] data: {trainer.corpus.source}; unigram baseline "
               f"{trainer.corpus.unigram_entropy():.4f} nats/token", flush=True)
         summary = trainer.fit(resume=not args.no_resume)

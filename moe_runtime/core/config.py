@@ -138,6 +138,9 @@ class ModelConfig:
     """RMSNorm on queries and keys: None, 'full' (over all heads at once, OLMoE) or 'head' (per head, Qwen3)."""
     init_std: float = 0.02
     """Std of the normal initialisation."""
+    tokenizer_sha256: str | None = None
+    """sha256 of the tokenizer.json the model was trained with (`moe train --tokenizer`); None = bytes
+    or ids from elsewhere. `moe generate` / `moe serve` look for that file next to the checkpoint."""
 
     def __post_init__(self) -> None:
         if isinstance(self.moe, dict):
@@ -168,6 +171,8 @@ class ModelConfig:
                f"first_dense_layers={self.first_dense_layers} must be between 0 and n_layers={self.n_layers}")
         _check(self.qk_norm in (None, "full", "head"),
                f"qk_norm={self.qk_norm!r} must be None, 'full' or 'head'")
+        _check(self.tokenizer_sha256 is None or re.fullmatch(r"[0-9a-f]{64}", self.tokenizer_sha256) is not None,
+               f"tokenizer_sha256={self.tokenizer_sha256!r} must be None or 64 lowercase hex digits")
         if self.d_dense_ffn is None:
             self.d_dense_ffn = max(8, int(8 * self.d_model / 3) // 8 * 8)
 

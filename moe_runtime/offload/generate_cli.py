@@ -43,6 +43,9 @@ def add_generate_args(p: argparse.ArgumentParser) -> None:
     src.add_argument("--checkpoint", help="run directory (newest checkpoint) or a step_NNNNNNNN dir")
     src.add_argument("--hf", metavar="DIR", help="local Hugging Face MoE checkpoint directory (Mixtral, Qwen2-MoE, "
                                                  "OLMoE, Qwen3-MoE); experts stream into host memory")
+    p.add_argument("--tokenizer", default=None, metavar="PATH",
+                   help="with --checkpoint: the tokenizer.json of a model trained with `moe train --tokenizer` "
+                        "(default: the one in its run directory, sha256-checked)")
     p.add_argument("--max-seq-len", type=int, default=None, metavar="N",
                    help="with --hf: rotary table size (default max_position_embeddings); a sliding-window model "
                         "loads when N <= its window")
@@ -170,6 +173,8 @@ def run_generate(args: argparse.Namespace) -> int:
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')}={getattr(args, name)} must be >= 1")
     tokenizer = store = chat = None
+    if args.hf and getattr(args, "tokenizer", None):
+        raise ValueError("--tokenizer goes with --checkpoint; a --hf directory uses its own tokenizer.json")
     if args.hf:
         from moe_runtime.core.hf.chat import load_chat
         from moe_runtime.offload.hf import load_hf_for_cache
@@ -177,7 +182,9 @@ def run_generate(args: argparse.Namespace) -> int:
                                                          ignore_config_fields=tuple(args.ignore_config_field))
         chat = load_chat(args.hf, tokenizer)
     else:
-        model, run, _ = load_model(args.checkpoint, device="cpu")
+        from moe_runtime.core.tokenizer import checkpoint_tokenizer
+        model, run, ck = load_model(args.checkpoint, device="cpu")
+        tokenizer = checkpoint_tokenizer(run, ck.path, getattr(args, "tokenizer", None))
     V = model.cfg.vocab_size
     prompts = prompt_lists(args, V, tokenizer, chat)
     longest = max(len(p) for p in prompts)

@@ -26,6 +26,9 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     src.add_argument("--hf", metavar="DIR", help="local Hugging Face MoE checkpoint directory; text goes through its "
                                                  "tokenizer.json when it has one (without one, the vocabulary must "
                                                  "be the 256 bytes)")
+    p.add_argument("--tokenizer", default=None, metavar="PATH",
+                   help="with --checkpoint: the tokenizer.json of a model trained with `moe train --tokenizer` "
+                        "(default: the one in its run directory, sha256-checked)")
     cap = p.add_mutually_exclusive_group(required=True)
     cap.add_argument("--gpu-expert-slots", type=int, help="device expert slots (experts held at once)")
     cap.add_argument("--gpu-expert-gib", type=float, help="device memory for expert slots, in GiB")

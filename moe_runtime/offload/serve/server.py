@@ -41,12 +41,16 @@ def build_context(args: argparse.Namespace) -> ServeContext:
 
     _check_args(args)
     store = tokenizer = None
+    if args.hf and getattr(args, "tokenizer", None):
+        raise ValueError("--tokenizer goes with --checkpoint; a --hf directory uses its own tokenizer.json")
     if args.hf:
         from moe_runtime.offload.hf import load_hf_for_cache
         model, run, tokenizer, store = load_hf_for_cache(args.hf)
         source = Path(args.hf)
     else:
-        model, run, _ = load_model(args.checkpoint, device="cpu")
+        from moe_runtime.core.tokenizer import checkpoint_tokenizer
+        model, run, ck = load_model(args.checkpoint, device="cpu")
+        tokenizer = checkpoint_tokenizer(run, ck.path, getattr(args, "tokenizer", None))
         source = Path(args.checkpoint)
     tok = TokenizerAdapter(model.cfg.vocab_size, tokenizer)
     config = OffloadConfig(gpu_expert_slots=args.gpu_expert_slots, gpu_expert_gib=args.gpu_expert_gib,
