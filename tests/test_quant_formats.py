@@ -9,6 +9,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+from tests.helpers import single_thread  # noqa: F401  (autouse: one torch thread)
+
 from moe_runtime.kernels import quant as Q
 from moe_runtime.kernels.reference import grouped_mlp_reference
 

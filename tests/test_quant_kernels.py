@@ -14,6 +14,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.helpers import single_thread  # noqa: F401  (autouse: one torch thread)
+
 CUDA = torch.cuda.is_available()
 if not CUDA:
     os.environ["TRITON_INTERPRET"] = "1"  # before the kernels are first imported (see test_kernels_triton.py)
