@@ -20,7 +20,7 @@ def register(sub) -> None:
 
 def add_serve_args(p: argparse.ArgumentParser) -> None:
     from moe_runtime.offload.cache import POLICIES
-    from moe_runtime.offload.config import add_cpu_experts_arg
+    from moe_runtime.offload.config import add_cpu_experts_arg, add_expert_dtype_arg
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--checkpoint", help="run directory (newest checkpoint) or a step_NNNNNNNN dir")
     src.add_argument("--hf", metavar="DIR", help="local Hugging Face MoE checkpoint directory; text goes through its "
@@ -31,6 +31,7 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     cap.add_argument("--gpu-expert-gib", type=float, help="device memory for expert slots, in GiB")
     p.add_argument("--policy", choices=POLICIES, default="predictive", help="slot replacement policy")
     add_cpu_experts_arg(p)
+    add_expert_dtype_arg(p)
     p.add_argument("--predictor", default="auto", choices=["auto", "none", "lookahead", "exact"])
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
