@@ -213,14 +213,18 @@ def _round_up_fp16(x: torch.Tensor) -> torch.Tensor:
     return torch.where(low, torch.nextafter(h, torch.full_like(h, torch.inf)), h)
 
 
+_E2M1_MIDPOINTS = (0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0)
+
+
 def _e2m1_encode(v: torch.Tensor) -> torch.Tensor:
-    """Nearest e2m1 code of each value (saturating at +-6; ties to the even code, as the spec says)."""
-    mags = _e2m1_lut(v.device)[:8]
-    a = v.abs().clamp_max(6.0)
-    dist = (a[..., None] - mags).abs()
-    # ties: prefer the code with mantissa bit 0 (even code): add a tiny penalty to odd codes
-    dist = dist + (torch.arange(8, device=v.device) % 2) * 1e-7
-    code = dist.argmin(-1)
+    """Nearest e2m1 code of each value, saturating at +-6, ties to the even code (the spec's rounding).
+    bucketize against the midpoints puts a tie on the lower code; ties at odd midpoints (0.75, 1.75,
+    3.5) belong to the upper, even code. O(1) extra memory per value (no distance table)."""
+    a = v.abs().clamp_max(6.0).contiguous()
+    mids = torch.tensor(_E2M1_MIDPOINTS, dtype=a.dtype, device=a.device)
+    code = torch.bucketize(a, mids, right=False)
+    tie_up = (code % 2 == 1) & (a == mids[(code).clamp_max(len(_E2M1_MIDPOINTS) - 1)])
+    code = code + tie_up.to(code.dtype)
     sign = ((v < 0) & (code > 0)).to(code.dtype) * 8
     return code + sign
 
