@@ -40,11 +40,50 @@ def quant_linear(x_NK: torch.Tensor, w: QWeight, chunk_channels: int | None = No
     if w.fmt == "int8" and x_NK.dtype == torch.bfloat16 and _INT8_OP and x_NK.shape[0] > 0:
         return torch._weight_int8pack_mm(x_NK.contiguous(), w.fields["q"][0], w.fields["scale"][0, :, 0].to(x_NK.dtype))
     c = chunk_channels or _chunk(w.K)
+    if w.fmt in ("int4", "mxfp4"):
+        return _nibble_linear(x_NK, w, c)
     x32 = x_NK.float()
     out = torch.empty(x_NK.shape[0], w.O)
     for o0 in range(0, w.O, c):
         tile_CK = w.decode_rows(slice(o0, o0 + c))[0]  # fp32, output-major: no transpose, no copy
         out[:, o0:o0 + tile_CK.shape[0]] = torch.nn.functional.linear(x32, tile_CK)
+    return out.to(x_NK.dtype)
+
+
+def _nibble_linear(x_NK: torch.Tensor, w: QWeight, c: int) -> torch.Tensor:
+    """x @ W for int4 / mxfp4 without interleaving nibbles: even k (low nibbles) and odd k (high
+    nibbles) are two half-width GEMMs against x[:, 0::2] and x[:, 1::2]; a group of G values is G/2
+    bytes, so each byte column keeps its group. int4's zero leaves the tile: x (q - z) s =
+    (x q) s - (sum_g x) z s, a [N, nG] x [nG, c] correction. Each tile is decoded in place (3 passes)."""
+    blk = w.group if w.fmt == "int4" else 32
+    half, K = blk // 2, w.K
+    nG = -(-K // blk)
+    x32 = torch.nn.functional.pad(x_NK.float(), (0, nG * blk - K))
+    x_even, x_odd = x32[:, 0::2].contiguous(), x32[:, 1::2].contiguous()  # [N, nG * half] each
+    q_all = w.fields["q"][0]
+    if q_all.shape[1] < nG * half:
+        q_all = torch.nn.functional.pad(q_all, (0, nG * half - q_all.shape[1]))
+    if w.fmt == "int4":
+        scale, zero = w.fields["scale"][0].float(), w.fields["zero"][0].float()  # [O, nG]
+        xsum_NG = x32.view(-1, nG, blk).sum(-1)
+    else:
+        pow2 = torch.ldexp(torch.ones(()), (w.fields["scale"][0].to(torch.int32) - 127).float())  # [O, nG]
+        lut = torch.tensor((0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0))
+    out = torch.empty(x_NK.shape[0], w.O)
+    for o0 in range(0, w.O, c):
+        q = q_all[o0:o0 + c]
+        n = q.shape[0]
+        acc = None
+        for codes, xs in ((q & 0x0F, x_even), (q >> 4, x_odd)):
+            if w.fmt == "int4":
+                t = codes.float().view(n, nG, half).mul_(scale[o0:o0 + n, :, None])
+            else:
+                t = lut[codes.long()].view(n, nG, half).mul_(pow2[o0:o0 + n, :, None])
+            part = torch.nn.functional.linear(xs, t.view(n, nG * half))
+            acc = part if acc is None else acc.add_(part)
+        if w.fmt == "int4":
+            acc.sub_(xsum_NG @ (zero[o0:o0 + n] * scale[o0:o0 + n]).T)
+        out[:, o0:o0 + n] = acc
     return out.to(x_NK.dtype)
 
 
