@@ -102,3 +102,38 @@ def test_config_errors():
         OffloadConfig(gpu_expert_slots=1, expert_dtype="int8", expert_group=32)
     with pytest.raises(ValueError, match="even number in 32..128"):
         OffloadConfig(gpu_expert_slots=1, expert_dtype="int4", expert_group=256)
+
+
+@pytest.mark.parametrize("policy", ["lru", "predictive"])
+def test_engine_equals_simulator_with_quantised_bytes(policy):
+    """Hits, misses, prefetches and bytes of an int4 engine equal the simulator's on the trace it
+    recorded, with the calibration's expert_bytes = the quantised expert's bytes."""
+    from moe_runtime.offload.simulate import simulate, steps_of
+    fmt = "int4"
+    nbytes = Q.expert_bytes(32, 24, fmt)
+    cal = Calibration(device="cpu", expert_bytes=nbytes, copy_s=1e-3, tokens=(1, 64), host_s=(1.0, 64.0),
+                      device_s=(1e-4, 1e-3), act_s_per_token=0.0, attn_s=3e-4)
+    _, model = twin_models(tiny_cfg())
+    prompt = torch.randint(0, 256, (1, 5), generator=torch.Generator().manual_seed(2))
+    run = dict(temperature=0.8)
+    rec = ExpertCacheEngine(model, OffloadConfig(gpu_expert_slots=24, policy="lru", device="cpu", record_trace=True,
+                                                 expert_dtype=fmt), calibration=cal, keep_banks=True)
+    rec.generate(prompt, 16, generator=torch.Generator().manual_seed(0), **run)
+    trace = rec.trace()
+    assert trace.meta["expert_bytes"] == nbytes
+    model = rec.close()
+    steps = steps_of(trace)
+    from moe_runtime.offload.predictor import LearnedPredictor
+    learned = LearnedPredictor.fit(trace, 1, steps=50) if policy == "predictive" else None
+    for slots in (1, 3, 12):
+        engine = ExpertCacheEngine(model, OffloadConfig(gpu_expert_slots=slots, policy=policy, device="cpu",
+                                                        expert_dtype=fmt, predictor=learned or "auto"),
+                                   calibration=cal, keep_banks=True)
+        engine.generate(prompt, 16, generator=torch.Generator().manual_seed(0), **run)
+        c = engine.runtime.c
+        sim = simulate(trace, policy, slots, cal, learned=learned, steps=steps)
+        got = {"hits": c.hits, "misses": c.misses, "bytes_moved": engine.copies.bytes_moved,
+               "prefetch_issued": c.prefetch_issued}
+        assert got == {k: sim[k] for k in got}, f"{policy} at {slots} slots"
+        assert sim["bytes_moved"] == sim["copies"] * nbytes > 0
+        engine.close()
