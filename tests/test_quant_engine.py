@@ -137,3 +137,30 @@ def test_engine_equals_simulator_with_quantised_bytes(policy):
         assert got == {k: sim[k] for k in got}, f"{policy} at {slots} slots"
         assert sim["bytes_moved"] == sim["copies"] * nbytes > 0
         engine.close()
+
+
+@pytest.mark.parametrize("fmt", ["int4", "mxfp4"])
+def test_transformers_integration_with_quantised_experts(fmt):
+    """enable_expert_cache(model, OffloadConfig(expert_dtype=...)): greedy tokens equal the transformers
+    model whose experts hold the same quantised weights (dequantised), a quarter of the experts in slots."""
+    import copy
+    pytest.importorskip("transformers")
+    from moe_runtime.offload import transformers_cache as tc
+    from tests.test_hf_expert_cache import _gen, hf_model
+    resident = hf_model("mixtral")
+    cached = copy.deepcopy(resident)
+    with torch.no_grad():
+        for layer in resident.model.layers:
+            ex = layer.mlp.experts  # transformers keeps [E, 2F, D] / [E, D, F] (out, in)
+            qe = Q.quantize_experts(ex.gate_up_proj.transpose(1, 2), ex.down_proj.transpose(1, 2), fmt)
+            w13, w2 = qe.dequantize(torch.float32)
+            ex.gate_up_proj.copy_(w13.transpose(1, 2))
+            ex.down_proj.copy_(w2.transpose(1, 2))
+    tc.enable_expert_cache(cached, OffloadConfig(expert_fraction=0.25, policy="predictive", device="cpu",
+                                                 expert_dtype=fmt))
+    assert cached.expert_cache.store.layout.expert_dtype == fmt
+    ids = torch.randint(1, 100, (2, 7), generator=torch.Generator().manual_seed(1))
+    want = _gen(resident, ids, max_new_tokens=10, do_sample=False).sequences
+    got = _gen(cached, ids, max_new_tokens=10, do_sample=False).sequences
+    assert torch.equal(got, want)
+    assert cached.expert_cache.report()["bytes_moved"] > 0
