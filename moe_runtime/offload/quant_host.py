@@ -19,10 +19,14 @@ from __future__ import annotations
 import torch
 
 from moe_runtime.core.experts import compute_dtype
-from moe_runtime.kernels.quant import QuantExperts, QWeight
+from moe_runtime.kernels.quant import E2M1_VALUES, QuantExperts, QWeight
 from moe_runtime.kernels.reference import swiglu
 
 _INT8_OP = hasattr(torch, "_weight_int8pack_mm")
+_E2M1 = torch.tensor(E2M1_VALUES)
+_E2M1_LO = _E2M1[torch.arange(256) & 0x0F].contiguous()
+"""e2m1 value of a byte's low nibble (even k), indexed by the byte."""
+_E2M1_HI = _E2M1[torch.arange(256) >> 4].contiguous()
 
 
 def _chunk(K: int) -> int:
@@ -68,17 +72,21 @@ def _nibble_linear(x_NK: torch.Tensor, w: QWeight, c: int) -> torch.Tensor:
         xsum_NG = x32.view(-1, nG, blk).sum(-1)
     else:
         pow2 = torch.ldexp(torch.ones(()), (w.fields["scale"][0].to(torch.int32) - 127).float())  # [O, nG]
-        lut = torch.tensor((0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0))
     out = torch.empty(x_NK.shape[0], w.O)
     for o0 in range(0, w.O, c):
         q = q_all[o0:o0 + c]
         n = q.shape[0]
         acc = None
-        for codes, xs in ((q & 0x0F, x_even), (q >> 4, x_odd)):
+        if w.fmt == "int4":
+            halves = ((q & 0x0F, x_even), (q >> 4, x_odd))
+        else:  # e2m1 values straight from the byte: an int32 index_select (int64 indexing is ~3x slower)
+            qi = q.reshape(-1).int()
+            halves = ((_E2M1_LO.index_select(0, qi), x_even), (_E2M1_HI.index_select(0, qi), x_odd))
+        for codes, xs in halves:
             if w.fmt == "int4":
                 t = codes.float().view(n, nG, half).mul_(scale[o0:o0 + n, :, None])
             else:
-                t = lut[codes.long()].view(n, nG, half).mul_(pow2[o0:o0 + n, :, None])
+                t = codes.view(n, nG, half).mul_(pow2[o0:o0 + n, :, None])
             part = torch.nn.functional.linear(xs, t.view(n, nG * half))
             acc = part if acc is None else acc.add_(part)
         if w.fmt == "int4":
