@@ -136,6 +136,41 @@ def host_speed(D: int, Fh: int, rounds: int, threads: int) -> list[dict]:
     return out
 
 
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return f"CPU {platform.machine()}"
+
+
+def _cores() -> int:
+    import os
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+
+
+SHAPES = {"Mixtral-8x7B": (4096, 14336, 32, 8), "Qwen3-30B-A3B": (2048, 768, 48, 128),
+          "gpt-oss-120b": (2880, 2880, 36, 128)}
+"""(D, F, MoE layers, experts) of the shapes in the issue (routed experts only; gpt-oss' biases left out)."""
+
+
+def bytes_table() -> list[dict]:
+    """Bytes per expert and host RAM of all routed experts per format (kernels/quant.expert_bytes), and how
+    many experts the slot memory of 25% of the experts in bf16 holds in each format."""
+    rows = []
+    for name, (D, Fh, L, E) in SHAPES.items():
+        b16 = kq.expert_bytes(D, Fh, "bf16")
+        slot_bytes = 0.25 * L * E * b16
+        for fmt, group in [("bf16", None)] + FORMATS:
+            b = kq.expert_bytes(D, Fh, fmt, group)
+            rows.append({"model": name, "format": fmt, "group": group, "expert_bytes": b, "ratio_vs_bf16": b16 / b,
+                         "host_gib": L * E * b / 2**30, "experts_in_25pct_bf16_slot_memory": int(slot_bytes // b),
+                         "total_experts": L * E})
+    return rows
+
+
 def _table(rows: list[dict]) -> str:
     s = ("| format | group | mean NLL | NLL increase | KL(float‖q) | top-1 agreement | greedy agreement |\n"
          "|---|---:|---:|---:|---:|---:|---:|\n")
@@ -159,7 +194,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     date = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    machine = f"CPU {platform.machine()} ({platform.processor() or 'unknown'}), {args.threads} torch threads"
+    machine = f"{_cpu_name()} ({torch.get_num_threads()} torch threads of {_cores()} cores, shared)"
 
     tiny, x, y, val_loss = tiny_model(args.steps, args.seq, args.windows)
     prompts = x[:8, :16]
@@ -172,7 +207,7 @@ def main(argv=None) -> int:
            "tiny": {"steps": args.steps, "val_loss_at_end_of_training": val_loss, "rows": tiny_rows},
            "hf_mixtral_random": {"config": {k: getattr(hcfg, k) for k in ("hidden_size", "intermediate_size",
                                             "num_hidden_layers", "num_local_experts", "vocab_size")}, "rows": hf_rows},
-           "host_expert_path": host}
+           "host_expert_path": host, "bytes_per_format": bytes_table()}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "quant_quality.json").write_text(json.dumps(res, indent=2))
@@ -188,7 +223,14 @@ def main(argv=None) -> int:
           f"{args.rounds} interleaved rounds, median):\n\n"
           "| format | expert bytes | time per expert | effective GB/s | speed vs bf16 |\n|---|---:|---:|---:|---:|\n"
           + "".join(f"| {h['format']} | {h['expert_bytes']:,} | {h['median_s'] * 1e3:.2f} ms | {h['gbps']:.2f} | "
-                    f"{h['speedup_vs_bf16']:.2f}x |\n" for h in host))
+                    f"{h['speedup_vs_bf16']:.2f}x |\n" for h in host)
+          + "\n**Bytes per expert and host RAM per format** (computed by kernels/quant.expert_bytes, not measured; "
+          "slot column: experts that fit in the device memory that holds 25% of the experts in bf16):\n\n"
+          "| model | format | bytes / expert | vs bf16 | host RAM, all experts | experts in 25%-of-bf16 slot memory |\n"
+          "|---|---|---:|---:|---:|---:|\n"
+          + "".join(f"| {r['model']} | {r['format']}{'/' + str(r['group']) if r['group'] else ''} | "
+                    f"{r['expert_bytes']:,} | {r['ratio_vs_bf16']:.2f}x | {r['host_gib']:.1f} GiB | "
+                    f"{r['experts_in_25pct_bf16_slot_memory']} of {r['total_experts']} |\n" for r in res["bytes_per_format"]))
     (out / "quant_quality.md").write_text(md)
     print(md)
     return 0
