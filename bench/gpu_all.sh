@@ -36,6 +36,9 @@ step() {  # step NAME TIMEOUT_S CMD...: runs CMD for at most min(TIMEOUT_S, what
 # 1. correctness first
 step gpu_tests 110 python -m pytest -q -p no:cacheprovider -m gpu tests/test_kernels_triton.py \
      tests/test_offload_equivalence.py tests/test_offload_memory.py
+# 1b. quantised experts: the fused-dequantisation kernel compiled (tests) and timed against bf16 (issue 20)
+step quant_kernel 60 sh -c "python -m pytest -q -p no:cacheprovider tests/test_quant_kernels.py -k triton && \
+     python bench/quant_kernel_bench.py --rows 16 256"
 # 2. expert cache on the real link: measured tok/s next to the projection; ours, transformers + cache, accelerate
 step offload 190 python bench/offload.py --models mixtral4 --batches 1,8 --caches 25 \
      --modes lru,predictive,predictive+cpu --hf-cache-modes predictive --new-tokens 16

@@ -7,7 +7,8 @@ compile or launch (a Triton/driver mismatch, too little shared memory on a small
 reported once with a warning and that op falls back to the reference for the rest of the process;
 input errors (ValueError, TypeError) are raised as they are.
 
-Triton kernels: kernels.grouped_gemm (grouped GEMM and the fused SwiGLU expert MLP) and
+Triton kernels: kernels.grouped_gemm (grouped GEMM and the fused SwiGLU expert MLP), kernels.quant_gemm
+(the expert MLP on quantised weights, formats in kernels.quant) and
 kernels.permutation (permute / unpermute; a submodule named `permute` would shadow the function below).
 """
 from __future__ import annotations
@@ -102,6 +103,18 @@ def grouped_mlp(x_sorted_ND: torch.Tensor, w13_EDF2: torch.Tensor, w2_EFD: torch
                      lambda: grouped_mlp_reference(x_sorted_ND, w13_EDF2, w2_EFD, counts_E))
 
 
+def grouped_mlp_quant(x_sorted_ND: torch.Tensor, experts, counts_E: torch.Tensor) -> torch.Tensor:
+    """SwiGLU expert MLP over rows sorted by expert with quantised weights (a kernels.quant.QuantExperts
+    bank): the Triton kernel decodes inside its weight loads; the reference dequantises one expert at a time."""
+    from moe_runtime.kernels.quant import grouped_mlp_quant_reference
+
+    def triton_call():
+        from moe_runtime.kernels.quant_gemm import grouped_mlp_quant_triton
+        return grouped_mlp_quant_triton(x_sorted_ND, experts, counts_E)
+    return _dispatch("grouped_mlp_quant", x_sorted_ND.device, triton_call,
+                     lambda: grouped_mlp_quant_reference(x_sorted_ND, experts, counts_E))
+
+
 def permute(x_TD: torch.Tensor, token_idx_N: torch.Tensor) -> torch.Tensor:
     """Gather rows into expert order."""
     def triton_call():
@@ -124,5 +137,5 @@ def sort_by_expert(topk_idx_TK: torch.Tensor, num_experts: int) -> tuple[torch.T
     return sort_by_expert_reference(topk_idx_TK, num_experts)
 
 
-__all__ = ["grouped_mlp", "permute", "unpermute", "sort_by_expert", "set_backend", "backend_for",
+__all__ = ["grouped_mlp", "grouped_mlp_quant", "permute", "unpermute", "sort_by_expert", "set_backend", "backend_for",
            "triton_available"]

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from moe_runtime.offload.plan import SCHEMES
-from moe_runtime.offload.store import ExpertLayout, split_views
+from moe_runtime.offload.store import ExpertLayout, alloc_buffer, quant_views, split_views
 
 Key = tuple[int, int]
 POLICIES = ("lru", "lfu", "predictive", "mixtral-offloading", "moe-infinity", "fiddler", "llama-cpp-n-cpu-moe",
@@ -29,15 +29,18 @@ adds the offline ones (belady, belady-prefetch) that need the future."""
 
 
 class SlotPool:
-    """S device expert slots in one buffer: w13_SDF2 [S, D, 2F] and w2_SFD [S, F, D] views."""
+    """S device expert slots in one buffer: w13_SDF2 [S, D, 2F] and w2_SFD [S, F, D] views, or for a
+    quantised layout a uint8 buffer sized by quantised bytes with `quant` (a QuantExperts bank of S)."""
 
     def __init__(self, num_slots: int, layout: ExpertLayout, device: torch.device | str):
         if num_slots < 1:
             raise ValueError(f"gpu_expert_slots={num_slots} must be >= 1; one slot is the least that makes "
                              f"progress (experts then pass through it one at a time)")
         self.num_slots, self.layout, self.device = num_slots, layout, torch.device(device)
-        self.buffer = torch.empty(num_slots * layout.expert_numel, dtype=layout.dtype, device=self.device)
-        self.w13_SDF2, self.w2_SFD = split_views(self.buffer, num_slots, layout)
+        self.buffer = alloc_buffer(num_slots, layout, self.device)
+        self.quant = quant_views(self.buffer, num_slots, layout) if layout.quant is not None else None
+        if self.quant is None:
+            self.w13_SDF2, self.w2_SFD = split_views(self.buffer, num_slots, layout)
 
     @staticmethod
     def slots_for_gib(gib: float, layout: ExpertLayout) -> int:

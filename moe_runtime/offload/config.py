@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 
+from moe_runtime.kernels.quant import EXPERT_DTYPES, check_format
 from moe_runtime.offload.cache import POLICIES, SlotPool
 from moe_runtime.offload.store import ExpertLayout
 
@@ -62,6 +63,12 @@ class OffloadConfig:
     """Calibration routing for the hot-set policies (ktransformers, fiddler, hybrid, hybrid-lru) and
     the predictive policy's prior: a RoutingTrace of this model, or an [L, E] array of the share of
     passes that used each expert. None: the hot-set peers profile the first forward pass (the prompt)."""
+    expert_dtype: str = "bf16"
+    """How routed experts are stored, copied and held in slots: bf16 (as the model holds them, not
+    quantised) | int8 (per channel) | int4 (group-wise) | mxfp4 (kernels/quant.py). Quantised on load
+    unless the engine is given an already quantised store (`moe quantize`)."""
+    expert_group: int | None = None
+    """int4 group size along the reduction dim (32..128; default 64)."""
 
     def __post_init__(self) -> None:
         given = [n for n in ("gpu_expert_slots", "gpu_expert_gib", "expert_fraction") if getattr(self, n) is not None]
@@ -92,6 +99,14 @@ class OffloadConfig:
             raise ValueError(f"stream_fraction={self.stream_fraction} must be in (0, 1]")
         if self.max_inflight is not None and self.max_inflight < 1:
             raise ValueError(f"max_inflight={self.max_inflight} must be >= 1")
+        if self.expert_dtype not in EXPERT_DTYPES:
+            raise ValueError(f"expert_dtype={self.expert_dtype!r} is not one of {', '.join(EXPERT_DTYPES)}; pick one "
+                             f"of those (bf16 keeps the experts as the model holds them)")
+        if self.expert_group is not None:
+            if self.expert_dtype != "int4":
+                raise ValueError(f"expert_group={self.expert_group} applies to expert_dtype='int4' only "
+                                 f"(int8 is per channel, mxfp4 has fixed blocks of 32)")
+            check_format("int4", self.expert_group)
         if not isinstance(self.cpu_experts, bool) and self.cpu_experts != "auto":
             raise ValueError(f"cpu_experts={self.cpu_experts!r} must be True, False or 'auto'")
 
@@ -148,4 +163,13 @@ def add_cpu_experts_arg(p) -> None:
                         "copied, on host cores (auto: on with a CUDA device; a bare --cpu-experts is on)")
 
 
-__all__ = ["OffloadConfig", "PREDICTORS", "ENGINE_POLICIES", "DEFAULT_CALIBRATION_TOKENS", "CPU_EXPERTS_CHOICES", "add_cpu_experts_arg"]
+def add_expert_dtype_arg(p) -> None:
+    """--expert-dtype / --expert-group for the CLIs."""
+    p.add_argument("--expert-dtype", default="bf16", choices=list(EXPERT_DTYPES),
+                   help="store, copy and hold routed experts quantised: int8 (per channel), int4 (group-wise), "
+                        "mxfp4; bf16 keeps them as loaded (a checkpoint written by `moe quantize` is used as is)")
+    p.add_argument("--expert-group", type=int, default=None, help="int4 group size (32..128, default 64)")
+
+
+__all__ = ["OffloadConfig", "PREDICTORS", "ENGINE_POLICIES", "DEFAULT_CALIBRATION_TOKENS", "CPU_EXPERTS_CHOICES",
+           "add_cpu_experts_arg", "add_expert_dtype_arg"]

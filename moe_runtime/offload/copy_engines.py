@@ -69,6 +69,10 @@ class _CopyEngineBase:
         """(first, end) of W13's rows to copy and whether W2 goes too: all (host_share 0), a split
         run's device part (rows d.. and W2) or its fill (rows ..d), d = split_row(host_share)."""
         D = self.store.layout.d_model
+        if self.store.layout.quant is not None:
+            # quantised bytes are not split by rows (int4 / MX groups run along them): a split run's
+            # device part copies the whole expert and its fill has nothing left to move
+            return (0, 0, False) if fill else (0, D, True)
         d = split_row(host_share, D)
         return (0, d, False) if fill else (d, D, True)
 
@@ -96,6 +100,11 @@ class HostCopyEngine(_CopyEngineBase):
         t = self.inflight.popleft()
         layer, expert = t.key
         lo, hi, w2 = t.rows
+        if self.pool.quant is not None:
+            if w2:
+                self.pool.quant[t.slot].copy_(self.store.quant_expert(layer, expert))
+            t.done = True
+            return
         self.pool.w13_SDF2[t.slot, lo:hi].copy_(self.store.w13(layer, expert)[lo:hi])
         if w2:
             self.pool.w2_SFD[t.slot].copy_(self.store.w2(layer, expert))
@@ -160,9 +169,13 @@ class CudaCopyEngine(_CopyEngineBase):
         with torch.cuda.stream(self.stream):
             # GPU-side wait, no host sync: the last kernel reading this slot must finish first.
             self.stream.wait_event(self.slot_free[slot])
-            self.pool.w13_SDF2[slot, lo:hi].copy_(self.store.w13(layer, expert)[lo:hi], non_blocking=True)
-            if w2:
-                self.pool.w2_SFD[slot].copy_(self.store.w2(layer, expert), non_blocking=True)
+            if self.pool.quant is not None:  # quantised bytes, one DMA per field region
+                if w2:
+                    self.pool.quant[slot].copy_(self.store.quant_expert(layer, expert), non_blocking=True)
+            else:
+                self.pool.w13_SDF2[slot, lo:hi].copy_(self.store.w13(layer, expert)[lo:hi], non_blocking=True)
+                if w2:
+                    self.pool.w2_SFD[slot].copy_(self.store.w2(layer, expert), non_blocking=True)
             self.copy_done[slot].record(self.stream)
         self.inflight.append(t)
         return t

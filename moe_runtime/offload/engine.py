@@ -39,7 +39,8 @@ from moe_runtime.core.model import KVCache, MoETransformer
 from moe_runtime.core.train import resolve_device
 from moe_runtime.offload.cache import ExpertCache, SlotPool
 from moe_runtime.offload.config import DEFAULT_CALIBRATION_TOKENS, PREDICTORS, OffloadConfig
-from moe_runtime.offload.cpu_experts import Calibration, CostModel, calibrate
+from moe_runtime.offload.cpu_experts import Calibration, CostModel
+from moe_runtime.offload.quant_host import calibrate_store
 from moe_runtime.offload.predictor import ExactPredictor, LearnedPredictor, LookaheadPredictor, moe_block_index, to_predictions
 from moe_runtime.offload.copy_engines import make_copy_engine
 from moe_runtime.offload.runtime import CachedExperts, OffloadRuntime
@@ -87,7 +88,11 @@ class ExpertCacheEngine:
         layers = [b.ffn for b in self.moe_blocks]
         self._banks = [l.experts for l in layers] if keep_banks else None
         if store is None:
-            store = HostExpertStore.from_banks([l.experts for l in layers], pin=self.device.type == "cuda")
+            store = HostExpertStore.from_banks([l.experts for l in layers], pin=self.device.type == "cuda",
+                                               expert_dtype=config.expert_dtype, group=config.expert_group)
+        elif config.expert_dtype != "bf16" and store.layout.expert_dtype != config.expert_dtype:
+            raise ValueError(f"expert_dtype={config.expert_dtype!r} but the given store holds "
+                             f"{store.layout.expert_dtype} experts; pass a store of that format or leave expert_dtype")
         self.store = store
         lay, cfg = store.layout, model.cfg
         have = (lay.num_layers, lay.num_experts, lay.d_model, lay.d_expert)
@@ -101,7 +106,7 @@ class ExpertCacheEngine:
         for m, layer in enumerate(layers):  # experts stay in the store; only dense weights move
             layer.experts = CachedExperts(lay, m)
         model.to(self.device)
-        self.calibration = calibration or calibrate(store, self.pool, self.copies, attn_probe=self._attn_probe())
+        self.calibration = calibration or calibrate_store(store, self.pool, self.copies, attn_probe=self._attn_probe())
         self.copies.copy_s = self.calibration.copy_s
         self.max_inflight = config.max_inflight or 2 * model.cfg.moe.top_k
         meta = {"source": "generate", "expert_bytes": lay.expert_bytes, "calibration": self.calibration.to_dict()}

@@ -8,6 +8,7 @@
     moe generate --hf path/to/qwen-dir --gpu-expert-gib 8 --chat "Name three rivers." --temperature 0.7 \
         --top-p 0.9 --repetition-penalty 1.1 --stop $'\n\n' --stream
     moe generate --checkpoint runs/tiny --gpu-expert-slots 8 --prompt "def " --prompt "class Foo:"
+    moe generate --checkpoint runs/tiny --expert-dtype int4 --gpu-expert-slots 8    # quantised on load
 
 Prompts are bytes for byte-level models (vocab 256), text through the checkpoint's tokenizer.json
 for --hf directories that ship one; otherwise --prompt-ids. Several --prompt run as one
@@ -26,7 +27,7 @@ from pathlib import Path
 import torch
 
 from moe_runtime.offload.config import (CPU_EXPERTS_CHOICES, DEFAULT_CALIBRATION_TOKENS, ENGINE_POLICIES, OffloadConfig,
-                                        add_cpu_experts_arg)
+                                        add_cpu_experts_arg, add_expert_dtype_arg)
 
 
 def register(sub) -> None:
@@ -56,6 +57,7 @@ def add_generate_args(p: argparse.ArgumentParser) -> None:
     cap.add_argument("--gpu-expert-gib", type=float, help="device memory for expert slots, in GiB")
     add_policy_args(p)
     add_cpu_experts_arg(p)
+    add_expert_dtype_arg(p)
     p.add_argument("--predictor", default="auto", choices=["auto", "none", "lookahead", "exact"],
                    help="auto: exact for pre-attention-routed models, else lookahead (predictive policy only)")
     p.add_argument("--learned-from", default=None, metavar="TRACE",
@@ -102,6 +104,24 @@ def policy_settings(args: argparse.Namespace) -> dict:
     profile = getattr(args, "profile", None)
     return {"policy": getattr(args, "policy", "default"), "calibration_tokens": getattr(args, "calibration_tokens", None),
             "profile": RoutingTrace.load(profile) if profile else None}
+
+
+def load_checkpoint_for_cache(path, expert_dtype: str):
+    """(model, run config, store or None, checkpoint dir) of one of our checkpoints: a `moe quantize`
+    checkpoint loads its quantised experts into the store as they are; a float one leaves quantising (if
+    asked) to the engine."""
+    from moe_runtime.core.modelio import is_uri, resolve_checkpoint
+    from moe_runtime.core.train import load_model
+    from moe_runtime.offload.quantize_cli import load_quantized, quantized_format
+    have = None if is_uri(path) else quantized_format(path)
+    if have is None:
+        model, run, ck = load_model(path, device="cpu")
+        return model, run, None, ck.path
+    if expert_dtype not in ("bf16", have[0]):
+        raise ValueError(f"{path} holds {have[0]} experts (written by `moe quantize`); drop --expert-dtype "
+                         f"{expert_dtype} or quantise the original checkpoint to {expert_dtype}")
+    model, run, store = load_quantized(path, pin=torch.cuda.is_available())
+    return model, run, store, Path(resolve_checkpoint(path))
 
 
 def prompt_lists(args: argparse.Namespace, vocab_size: int, tokenizer=None, chat=None) -> list[list[int]]:
@@ -163,7 +183,6 @@ def decode(ids: list[int], vocab_size: int, tokenizer=None) -> str:
 def run_generate(args: argparse.Namespace) -> int:
     """1. load (dense part + host expert store), 2. prompts and sampling settings, 3. the engine,
     4. generate (or stream), 5. print the text and the report."""
-    from moe_runtime.core.train import load_model
     from moe_runtime.offload.engine import ExpertCacheEngine
     from moe_runtime.offload.predictor import LearnedPredictor
     from moe_runtime.offload.report import summary_lines
@@ -179,12 +198,13 @@ def run_generate(args: argparse.Namespace) -> int:
         from moe_runtime.core.hf.chat import load_chat
         from moe_runtime.offload.hf import load_hf_for_cache
         model, run, tokenizer, store = load_hf_for_cache(args.hf, max_seq_len=args.max_seq_len,
-                                                         ignore_config_fields=tuple(args.ignore_config_field))
+                                                         ignore_config_fields=tuple(args.ignore_config_field),
+                                                         expert_dtype=args.expert_dtype, group=args.expert_group)
         chat = load_chat(args.hf, tokenizer)
     else:
         from moe_runtime.core.tokenizer import checkpoint_tokenizer
-        model, run, ck = load_model(args.checkpoint, device="cpu")
-        tokenizer = checkpoint_tokenizer(run, ck.path, getattr(args, "tokenizer", None))
+        model, run, store, ck_dir = load_checkpoint_for_cache(args.checkpoint, args.expert_dtype)
+        tokenizer = checkpoint_tokenizer(run, ck_dir, getattr(args, "tokenizer", None))
     V = model.cfg.vocab_size
     prompts = prompt_lists(args, V, tokenizer, chat)
     longest = max(len(p) for p in prompts)
@@ -198,7 +218,8 @@ def run_generate(args: argparse.Namespace) -> int:
     config = OffloadConfig(gpu_expert_slots=args.gpu_expert_slots, gpu_expert_gib=args.gpu_expert_gib,
                            cpu_experts=CPU_EXPERTS_CHOICES[args.cpu_experts], device=args.device,
                            predictor=predictor, lookahead_depth=args.lookahead_depth, record_trace=args.trace_out is not None,
-                           **policy_settings(args))
+                           expert_dtype=store.layout.expert_dtype if store is not None else args.expert_dtype,
+                           expert_group=args.expert_group, **policy_settings(args))
     engine = ExpertCacheEngine(model, config, store=store)
     text_of = lambda ids: decode(ids, V, tokenizer)  # noqa: E731
     if args.stream:
@@ -233,4 +254,5 @@ def run_generate(args: argparse.Namespace) -> int:
     return 0
 
 
-__all__ = ["register", "add_generate_args", "add_policy_args", "policy_settings", "run_generate", "prompt_lists", "prompt_tensor", "sampling_params", "decode"]
+__all__ = ["register", "add_generate_args", "add_policy_args", "policy_settings", "run_generate",
+           "load_checkpoint_for_cache", "prompt_lists", "prompt_tensor", "sampling_params", "decode"]

@@ -13,6 +13,8 @@ the runtime executes it with the copy engine. Two paths per layer:
 - planned: counts_E goes to the host once (host sync), the planner decides, the ops run.
 Each expert runs as a group of one through kernels.grouped_mlp, the same kernel the resident
 ExpertBank calls, over the same rows: on CPU the outputs match the resident model bit for bit.
+Quantised experts (store.layout.quant) run through kernels.grouped_mlp_quant from their slots and
+offload/quant_host.py on host cores, on their quantised bytes.
 """
 from __future__ import annotations
 
@@ -26,6 +28,7 @@ from moe_runtime.offload.cache import ExpertCache, Key, SlotPool, StaleSlotError
 from moe_runtime.offload.cpu_experts import CostModel, expert_forward, host_expert_forward
 from moe_runtime.offload.copy_engines import Ticket, split_row
 from moe_runtime.offload.decision import LayerPlan, Planner, Tally
+from moe_runtime.offload.quant_host import host_quant_expert_forward
 from moe_runtime.offload.store import ExpertLayout, HostExpertStore
 
 Counters = Tally
@@ -147,7 +150,12 @@ class OffloadRuntime:
         t = self.tickets.pop(key, None)
         if t is not None:
             self.copies.wait(t)  # CUDA: the compute stream waits on this copy's event only
-        out_ND.copy_(expert_forward(x_ND, self.pool.w13_SDF2[slot], self.pool.w2_SFD[slot], self._count(x_ND.shape[0])))
+        count_1 = self._count(x_ND.shape[0])
+        if self.pool.quant is not None:
+            y = kernels.grouped_mlp_quant(x_ND.to(_out_dtype(x_ND)), self.pool.quant[slot], count_1)
+        else:
+            y = expert_forward(x_ND, self.pool.w13_SDF2[slot], self.pool.w2_SFD[slot], count_1)
+        out_ND.copy_(y)
         self.copies.mark_read(slot)
 
     def _run_split(self, key: Key, slot: int, host_share: float, x_ND: torch.Tensor, out_ND: torch.Tensor) -> None:
@@ -156,6 +164,9 @@ class OffloadRuntime:
         m, e = key
         if self.loaded[slot] != key:
             raise StaleSlotError(f"plan runs {key} split from slot {slot}, whose last copy was {self.loaded[slot]}")
+        if self.pool.quant is not None:  # a quantised copy moved the whole expert (copy_engines._rows)
+            self._run_slot(key, slot, x_ND, out_ND)
+            return
         d = split_row(host_share, self.store.layout.d_model)
         dtype = _out_dtype(x_ND)
         x = x_ND.to(dtype)
@@ -171,7 +182,10 @@ class OffloadRuntime:
 
     def _run_host(self, key: Key, x_ND: torch.Tensor, out_ND: torch.Tensor) -> None:
         m, e = key
-        y = host_expert_forward(x_ND, self.store.w13(m, e), self.store.w2(m, e), self._count(x_ND.shape[0], True))
+        if self.store.layout.quant is not None:
+            y = host_quant_expert_forward(x_ND, self.store.quant_expert(m, e))
+        else:
+            y = host_expert_forward(x_ND, self.store.w13(m, e), self.store.w2(m, e), self._count(x_ND.shape[0], True))
         out_ND.copy_(y)
 
     # ---------------------------------------------------------------- the MoE step
@@ -196,8 +210,11 @@ class OffloadRuntime:
         E = counts_E.shape[0]
         lo = m * E
         dtype = _out_dtype(x_ND)
-        y = kernels.grouped_mlp(x_ND.to(dtype), self.pool.w13_SDF2[lo:lo + E].to(dtype),
-                                self.pool.w2_SFD[lo:lo + E].to(dtype), counts_E)
+        if self.pool.quant is not None:
+            y = kernels.grouped_mlp_quant(x_ND.to(dtype), self.pool.quant[lo:lo + E], counts_E)
+        else:
+            y = kernels.grouped_mlp(x_ND.to(dtype), self.pool.w13_SDF2[lo:lo + E].to(dtype),
+                                    self.pool.w2_SFD[lo:lo + E].to(dtype), counts_E)
         self._resident_counts.append(counts_E)  # counted when the tally is read: no work per layer
         if len(self._resident_counts) >= 4096:
             self._fold_resident()

@@ -15,7 +15,8 @@ there and `enable_expert_cache` switches the model to it, so the model's router,
 attention, KV cache and all of generate() (stopping criteria, sampling, beam search, streamers,
 chat templates) stay transformers'. What changes:
 1. every routed expert moves into our HostExpertStore (pinned on CUDA; each layer's parameters are
-   freed as soon as they are copied) and only the dense weights go to the device;
+   freed as soon as they are copied; quantised on the way with OffloadConfig(expert_dtype="int4"
+   etc.)) and only the dense weights go to the device;
 2. each experts call sorts its rows by expert (core.dispatch.LocalDispatcher) and runs the
    OffloadRuntime MoE step (slot cache, copy engine, host experts, streaming regime), then combines;
 3. predictors attach to the model's own routers: before MoE decoder layer l (MoE layer m) runs,
@@ -46,7 +47,8 @@ from moe_runtime.core.dispatch import LocalDispatcher
 from moe_runtime.core.train import resolve_device
 from moe_runtime.offload.cache import ExpertCache, SlotPool
 from moe_runtime.offload.config import OffloadConfig
-from moe_runtime.offload.cpu_experts import Calibration, CostModel, calibrate
+from moe_runtime.offload.cpu_experts import Calibration, CostModel
+from moe_runtime.offload.quant_host import calibrate_store
 from moe_runtime.offload.predictor import to_predictions
 from moe_runtime.offload.copy_engines import make_copy_engine
 from moe_runtime.offload.runtime import OffloadRuntime
@@ -126,8 +128,8 @@ class TransformersExpertCache:
         model.to(self.device)
         self.pool = SlotPool(config.slots_for(self.store.layout), self.store.layout, self.device)
         self.copies = make_copy_engine(self.store, self.pool)
-        self.calibration = calibration or calibrate(self.store, self.pool, self.copies,
-                                                    attn_probe=self._attn_probe(moe[0]))
+        self.calibration = calibration or calibrate_store(self.store, self.pool, self.copies,
+                                                          attn_probe=self._attn_probe(moe[0]))
         self.copies.copy_s = self.calibration.copy_s
         top_k = getattr(model.config, "num_experts_per_tok", 2)
         self.runtime = OffloadRuntime(self.store, self.pool, ExpertCache(self.pool.num_slots, scheme), self.copies,
@@ -174,8 +176,10 @@ class TransformersExpertCache:
         ex0 = moe[0].mlp.experts
         _check_experts(self.model, ex0)
         E, F2, D = ex0.gate_up_proj.shape
+        fmt = self.config.expert_dtype
         layout = ExpertLayout(num_layers=len(moe), num_experts=E, d_model=D, d_expert=F2 // 2,
-                              dtype=ex0.gate_up_proj.dtype)
+                              dtype=ex0.gate_up_proj.dtype, quant=None if fmt == "bf16" else fmt,
+                              group=self.config.expert_group or 0)
         store = HostExpertStore(layout, pin=self.device.type == "cuda")
         for m, layer in enumerate(moe):
             ex = layer.mlp.experts

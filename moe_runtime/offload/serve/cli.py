@@ -19,7 +19,7 @@ def register(sub) -> None:
 
 
 def add_serve_args(p: argparse.ArgumentParser) -> None:
-    from moe_runtime.offload.config import add_cpu_experts_arg
+    from moe_runtime.offload.config import add_cpu_experts_arg, add_expert_dtype_arg
     from moe_runtime.offload.generate_cli import add_policy_args
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--checkpoint", help="run directory (newest checkpoint) or a step_NNNNNNNN dir")
@@ -34,6 +34,7 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     cap.add_argument("--gpu-expert-gib", type=float, help="device memory for expert slots, in GiB")
     add_policy_args(p)
     add_cpu_experts_arg(p)
+    add_expert_dtype_arg(p)
     p.add_argument("--predictor", default="auto", choices=["auto", "none", "lookahead", "exact"],
                    help="auto: exact for pre-attention-routed models, else lookahead (predictive policy only)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")

@@ -1,0 +1,169 @@
+"""Cold quantised experts on host cores: the expert MLP straight from the store's quantised bytes.
+
+Legend: N token rows routed to one expert, D model dim, F expert hidden dim, K / O a weight's
+reduction / output dim, c output channels decoded at a time.
+
+The host path reads each expert at its quantised size (the point of quantising: a host GEMV is
+bound by the bytes it reads). int8 with bf16 rows goes through torch's CPU op
+`torch._weight_int8pack_mm` (int8 [O, K] weights and per-channel scales: our int8 layout as it
+is). int4 and MXFP4 (and int8 in fp32) decode c output channels at a time into a small fp32 tile
+that stays in cache and multiply it at once (fp32 products, the result rounded to the rows' dtype),
+so no dequantised copy of an expert, let alone a layer, is ever made. torch's `_weight_int4pack_mm_for_cpu` wants its own tinygemm layout
+(K a multiple of the group, a second host copy of every expert), so it is not used.
+
+Entry point for the runtime (offload/runtime.py) and for the coordinator's dispatch from
+offload/cpu_experts.py: `host_quant_expert_forward(x_ND, experts_1)`.
+"""
+from __future__ import annotations
+
+import torch
+
+from moe_runtime.core.experts import compute_dtype
+from moe_runtime.kernels.quant import E2M1_VALUES, QuantExperts, QWeight
+from moe_runtime.kernels.reference import swiglu
+
+_INT8_OP = hasattr(torch, "_weight_int8pack_mm")
+_E2M1 = torch.tensor(E2M1_VALUES)
+_E2M1_LO = _E2M1[torch.arange(256) & 0x0F].contiguous()
+"""e2m1 value of a byte's low nibble (even k), indexed by the byte."""
+_E2M1_HI = _E2M1[torch.arange(256) >> 4].contiguous()
+
+
+def _chunk(K: int) -> int:
+    """Output channels per decoded tile: about 1 MiB of fp32 weights (fewer, larger ops; measured best
+    of 64..8192 channels at K=1024 on the benchmark machine)."""
+    return max(16, (1 << 18) // max(K, 1))
+
+
+def quant_linear(x_NK: torch.Tensor, w: QWeight, chunk_channels: int | None = None) -> torch.Tensor:
+    """x_NK @ W_KO of one quantised expert weight (w holds n == 1) on the host, in x's dtype."""
+    if w.n != 1:
+        raise ValueError(f"quant_linear takes one expert's weight, got a bank of {w.n}")
+    if x_NK.shape[1] != w.K:
+        raise ValueError(f"rows have {x_NK.shape[1]} columns but the weight's reduction dim is {w.K}")
+    if w.fmt == "int8" and x_NK.dtype == torch.bfloat16 and _INT8_OP and x_NK.shape[0] > 0:
+        return torch._weight_int8pack_mm(x_NK.contiguous(), w.fields["q"][0], w.fields["scale"][0, :, 0].to(x_NK.dtype))
+    c = chunk_channels or _chunk(w.K)
+    if w.fmt in ("int4", "mxfp4"):
+        return _nibble_linear(x_NK, w, c)
+    x32 = x_NK.float()
+    out = torch.empty(x_NK.shape[0], w.O)
+    for o0 in range(0, w.O, c):
+        tile_CK = w.decode_rows(slice(o0, o0 + c))[0]  # fp32, output-major: no transpose, no copy
+        out[:, o0:o0 + tile_CK.shape[0]] = torch.nn.functional.linear(x32, tile_CK)
+    return out.to(x_NK.dtype)
+
+
+def _nibble_linear(x_NK: torch.Tensor, w: QWeight, c: int) -> torch.Tensor:
+    """x @ W for int4 / mxfp4 without interleaving nibbles: even k (low nibbles) and odd k (high
+    nibbles) are two half-width GEMMs against x[:, 0::2] and x[:, 1::2]; a group of G values is G/2
+    bytes, so each byte column keeps its group. int4's zero leaves the tile: x (q - z) s =
+    (x q) s - (sum_g x) z s, a [N, nG] x [nG, c] correction. Each tile is decoded in place (3 passes)."""
+    blk = w.group if w.fmt == "int4" else 32
+    half, K = blk // 2, w.K
+    nG = -(-K // blk)
+    x32 = torch.nn.functional.pad(x_NK.float(), (0, nG * blk - K))
+    x_even, x_odd = x32[:, 0::2].contiguous(), x32[:, 1::2].contiguous()  # [N, nG * half] each
+    q_all = w.fields["q"][0]
+    if q_all.shape[1] < nG * half:
+        q_all = torch.nn.functional.pad(q_all, (0, nG * half - q_all.shape[1]))
+    if w.fmt == "int4":
+        scale, zero = w.fields["scale"][0].float(), w.fields["zero"][0].float()  # [O, nG]
+        xsum_NG = x32.view(-1, nG, blk).sum(-1)
+    else:
+        pow2 = torch.ldexp(torch.ones(()), (w.fields["scale"][0].to(torch.int32) - 127).float())  # [O, nG]
+    out = torch.empty(x_NK.shape[0], w.O)
+    for o0 in range(0, w.O, c):
+        q = q_all[o0:o0 + c]
+        n = q.shape[0]
+        acc = None
+        if w.fmt == "int4":
+            halves = ((q & 0x0F, x_even), (q >> 4, x_odd))
+        else:  # e2m1 values straight from the byte: an int32 index_select (int64 indexing is ~3x slower)
+            qi = q.reshape(-1).int()
+            halves = ((_E2M1_LO.index_select(0, qi), x_even), (_E2M1_HI.index_select(0, qi), x_odd))
+        for codes, xs in halves:
+            if w.fmt == "int4":
+                t = codes.float().view(n, nG, half).mul_(scale[o0:o0 + n, :, None])
+            else:
+                t = codes.view(n, nG, half).mul_(pow2[o0:o0 + n, :, None])
+            part = torch.nn.functional.linear(xs, t.view(n, nG * half))
+            acc = part if acc is None else acc.add_(part)
+        if w.fmt == "int4":
+            acc.sub_(xsum_NG @ (zero[o0:o0 + n] * scale[o0:o0 + n]).T)
+        out[:, o0:o0 + n] = acc
+    return out.to(x_NK.dtype)
+
+
+def host_quant_expert_forward(x_ND: torch.Tensor, expert: QuantExperts, *,
+                              chunk_channels: int | None = None) -> torch.Tensor:
+    """One quantised expert's SwiGLU MLP on host cores from its (host) bytes; x may live on a device
+    (its rows move, the weights do not). expert: QuantExperts of n == 1 (store.quant_expert(l, e))."""
+    dtype = compute_dtype(x_ND)
+    x_host = x_ND.to("cpu", dtype)  # host sync when x is on a device: N activation rows come over
+    y = quant_linear(swiglu(quant_linear(x_host, expert.w13, chunk_channels)), expert.w2, chunk_channels)
+    return y if x_ND.device.type == "cpu" else y.to(x_ND.device, non_blocking=True)
+
+
+__all__ = ["host_quant_expert_forward", "quant_linear"]
+
+
+@torch.no_grad()
+def calibrate_store(store, pool, copy_engine, *, attn_probe=None, token_grid: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64),
+                    repeats: int = 3):
+    """The cost model's calibration for any store: offload/cpu_experts.calibrate for float experts;
+    for quantised ones the same measurements (copy of one expert's quantised bytes, one expert on the
+    host from the store and on the device from a slot, activation moves, attention) on the quantised paths."""
+    from moe_runtime import kernels
+    from moe_runtime.offload.cpu_experts import Calibration, _median_time, calibrate
+    lay = store.layout
+    if lay.quant is None:
+        return calibrate(store, pool, copy_engine, token_grid=token_grid, repeats=repeats, attn_probe=attn_probe)
+    dev = pool.device
+    # host sync: calibration must wait for the device to time it (start-up only).
+    sync = (lambda: torch.cuda.synchronize(dev)) if dev.type == "cuda" else (lambda: None)
+
+    def copy_once():
+        copy_engine.wait(copy_engine.issue((0, 0), 0))
+        copy_engine.synchronize()
+
+    copy_s = _median_time(copy_once, repeats, sync)
+    host_s, device_s = [], []
+    for n in token_grid:
+        xh = torch.randn(n, lay.d_model).to(lay.dtype)
+        host_s.append(_median_time(lambda: host_quant_expert_forward(xh, store.quant_expert(0, 0)), repeats, sync))
+        xd, cd = xh.to(dev), torch.tensor([n], device=dev)
+        device_s.append(_median_time(lambda: kernels.grouped_mlp_quant(xd, pool.quant[0], cd), repeats, sync))
+    act = 0.0
+    if dev.type != "cpu":
+        xd = torch.randn(token_grid[-1], lay.d_model, dtype=lay.dtype, device=dev)
+        act = _median_time(lambda: xd.to("cpu").to(dev), repeats, sync) / token_grid[-1]
+    attn_s = _median_time(attn_probe, repeats, sync) if attn_probe is not None else 0.0
+    copy_engine.collect_stall()  # calibration copies are not workload traffic
+    copy_engine.bytes_moved = copy_engine.copies = 0
+    copy_engine.stall_s = 0.0
+    return Calibration(device=str(dev), expert_bytes=lay.expert_bytes, copy_s=copy_s, tokens=tuple(token_grid),
+                       host_s=tuple(host_s), device_s=tuple(device_s), act_s_per_token=act, attn_s=attn_s)
+
+
+__all__ += ["calibrate_store"]
+
+
+@torch.no_grad()
+def quantize_dequantize_banks(model, expert_dtype: str, group: int | None = None) -> None:
+    """Replace every ExpertBank's weights with dequantise(quantise(w)) in place: the resident model
+    "with the same quantised weights" that an engine with expert_dtype=... must reproduce token for
+    token, and the model the quality benchmark scores. bf16: nothing changes."""
+    from moe_runtime.core.experts import ExpertBank
+    from moe_runtime.kernels.quant import quantize_experts
+    if expert_dtype == "bf16":
+        return
+    for mod in model.modules():
+        if isinstance(mod, ExpertBank):
+            qe = quantize_experts(mod.w13_EDF2, mod.w2_EFD, expert_dtype, group)
+            w13, w2 = qe.dequantize(mod.w13_EDF2.dtype)
+            mod.w13_EDF2.copy_(w13)
+            mod.w2_EFD.copy_(w2)
+
+
+__all__ += ["quantize_dequantize_banks"]
