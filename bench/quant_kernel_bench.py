@@ -26,7 +26,8 @@ from moe_runtime.kernels.reference import grouped_mlp_reference  # noqa: E402
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                 allow_abbrev=False)
     ap.add_argument("--d", type=int, default=4096)
     ap.add_argument("--f", type=int, default=14336)
     ap.add_argument("--experts", type=int, default=8)

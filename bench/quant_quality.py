@@ -181,7 +181,8 @@ def _table(rows: list[dict]) -> str:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                 allow_abbrev=False)
     ap.add_argument("--steps", type=int, default=300, help="training steps of the tiny model")
     ap.add_argument("--seq", type=int, default=128)
     ap.add_argument("--windows", type=int, default=32, help="held-out windows scored")
