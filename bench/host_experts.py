@@ -30,7 +30,6 @@ import argparse
 import datetime as dt
 import json
 import os
-import platform
 import statistics
 import sys
 import time
@@ -42,6 +41,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from moe_runtime.offload import cpu_experts  # noqa: E402
+from moe_runtime.offload.report import cpu_model  # noqa: E402
 
 SHAPES = {  # name -> (D, F)
     "scaled": (4096, 3584),     # a quarter of Mixtral's F: one bf16 expert is 88 MB (L3 is 32 MB)
@@ -64,16 +64,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.reps < 3 or min(args.tokens) < 1 or min(args.threads) < 1:
         p.error("--reps must be >= 3, --tokens and --threads >= 1")
     return args
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def timed(fn, cpu_clock: bool) -> float:
@@ -239,7 +229,7 @@ def main(argv: list[str] | None = None) -> None:
                     cases.append(c)
     report = {"date": dt.date.today().isoformat(),
               "command": "python bench/host_experts.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-              "machine": {"cpu": cpu_name(), "cores": os.cpu_count(),
+              "machine": {"cpu": cpu_model(), "cores": os.cpu_count(),
                           "torch": torch.__version__, "kernel": how,
                           "kernel_isa": kernel.isa if kernel else None,
                           "loadavg_1min_before_after": [round(load_before[0], 2), round(os.getloadavg()[0], 2)]},

@@ -22,7 +22,6 @@ import argparse
 import copy
 import datetime as dt
 import json
-import platform
 import statistics
 import sys
 import tempfile
@@ -39,6 +38,7 @@ from moe_runtime.core.train import Trainer  # noqa: E402
 from moe_runtime.kernels import quant as kq  # noqa: E402
 from moe_runtime.offload.cpu_experts import expert_forward  # noqa: E402
 from moe_runtime.offload.quant_host import host_quant_expert_forward, quantize_dequantize_banks  # noqa: E402
+from moe_runtime.offload.report import cpu_model  # noqa: E402
 
 FORMATS = [("int8", None), ("int4", 64), ("int4", 128), ("mxfp4", None)]
 
@@ -136,16 +136,6 @@ def host_speed(D: int, Fh: int, rounds: int, threads: int) -> list[dict]:
     return out
 
 
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return f"CPU {platform.machine()}"
-
-
 def _cores() -> int:
     import os
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
@@ -195,7 +185,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     date = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    machine = f"{_cpu_name()} ({torch.get_num_threads()} torch threads of {_cores()} cores, shared)"
+    machine = f"{cpu_model()} ({torch.get_num_threads()} torch threads of {_cores()} cores, shared)"
 
     tiny, x, y, val_loss = tiny_model(args.steps, args.seq, args.windows)
     prompts = x[:8, :16]

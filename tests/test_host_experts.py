@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from moe_runtime.offload import cpu_experts as ce
-from tests.helpers import assert_close
+from tests.helpers import TOL, assert_close
 
 KERNEL, HOW = ce.host_kernel()
 needs_kernel = pytest.mark.skipif(KERNEL is None, reason=f"host kernel not built here: {HOW}")
@@ -162,8 +162,21 @@ def test_engine_runs_bf16_host_misses_through_the_kernel(monkeypatch):
                                calibration=cal)
     res = engine.generate(prompt, 8, return_logits=True)
     assert res.report["decode"]["cpu_served"] > 0 and calls and max(calls) <= ce.HOST_KERNEL_MAX_ROWS
-    assert torch.equal(res.tokens, want_tokens)
-    assert_close(res.logits.float(), want_logits.float(), torch.bfloat16, what="bf16 engine with host kernel")
+    # bf16: the kernel rounds once where torch rounds three times, so a greedy near-tie may go the other
+    # way. Each row's tokens equal the resident's up to its first difference, the logits up to there are
+    # within bf16 tolerance, and a difference is only allowed where the resident's top two were a tie
+    # within that tolerance (after it the two sequences no longer see the same context).
+    rtol, atol = TOL[torch.bfloat16]
+    got, want = res.logits.float(), want_logits.float()
+    for b in range(prompt.shape[0]):
+        diff = (res.tokens[b] != want_tokens[b]).nonzero()
+        t = int(diff[0]) if len(diff) else want_tokens.shape[1]
+        assert_close(got[:t, b], want[:t, b], torch.bfloat16, what=f"bf16 engine with host kernel, row {b}")
+        if t < want_tokens.shape[1]:
+            w = want[t, b]
+            gap = float(w[want_tokens[b, t]] - w[res.tokens[b, t]])
+            assert gap <= atol + rtol * float(w.abs().max()), \
+                f"row {b} step {t}: tokens differ where the resident's margin {gap:.3e} is no bf16 tie"
 
 
 def test_a_damaged_cached_kernel_is_rebuilt_not_loaded(tmp_path, monkeypatch):

@@ -271,18 +271,11 @@ class Trainer:
             run = RunConfig.from_dict(d, source=str(ck.path))
             if not is_uri(path):
                 kw.setdefault("out_dir", ck.path.parent.parent)
-            if run.model.tokenizer_sha256 is not None and kw.get("corpus") is None:  # trained with --tokenizer
-                from moe_runtime.core.data import TOKEN_SUFFIXES
-                from moe_runtime.core.hf.load import tokenized_corpus
+            if run.model.tokenizer_sha256 is not None:  # trained with --tokenizer
+                from moe_runtime.core.hf.load import tokenized_data_kwargs
                 from moe_runtime.core.tokenizer import checkpoint_tokenizer
-                data = kw.pop("data", None)
-                if data is None:
-                    raise ValueError(f"{ck.path}: the model was trained on BPE tokens; pass data= (--data) text "
-                                     f"to encode with its tokenizer.json, or a token file")
-                if Path(data).suffix in TOKEN_SUFFIXES:
-                    kw["data"] = data
-                else:
-                    kw["corpus"] = tokenized_corpus(checkpoint_tokenizer(run, ck.path), data, run.model.vocab_size)
+                tokenized_data_kwargs(kw, lambda: checkpoint_tokenizer(run, ck.path), run.model.vocab_size,
+                                      f"{ck.path}: the model was trained on BPE tokens (tokenizer.json)")
             t = cls(run, **kw)
             t.load(ck)
         return t

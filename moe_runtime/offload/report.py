@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import platform
 from datetime import datetime, timezone
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -24,6 +25,17 @@ def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
     return f"cpu ({platform.processor() or platform.machine()}, torch threads={torch.get_num_threads()})"
+
+
+def cpu_model() -> str:
+    """The host CPU's model name (/proc/cpuinfo), else what platform knows."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def utc_now() -> str:

@@ -5,7 +5,7 @@ import dataclasses
 import math
 from contextlib import ExitStack
 from pathlib import Path
-from typing import Any, Iterator, NamedTuple
+from typing import Any, Callable, Iterator, NamedTuple
 
 import torch
 from safetensors import safe_open
@@ -228,15 +228,25 @@ def hf_trainer_inputs(path: str | Path, train_config: TrainConfig | None = None,
     ck, run = hf_run_config(path, train_config, moe_overrides=moe_overrides, max_seq_len=max_seq_len,
                             ignore_config_fields=ignore_config_fields)
     tokenizer = load_tokenizer(ck.path)
-    if tokenizer is not None and "corpus" not in trainer_kwargs:
-        data = trainer_kwargs.pop("data", None)
-        if data is None:
-            raise ValueError(f"{ck.path} has a {TOKENIZER}: pass data= (text, tokenized with it) or a token file; "
-                             f"the default byte-level corpus does not match this vocabulary")
-        if Path(data).suffix in TOKEN_SUFFIXES:
-            trainer_kwargs["data"] = data
-        else:
-            trainer_kwargs["corpus"] = tokenized_corpus(tokenizer, data, run.model.vocab_size)
+    if tokenizer is not None:
+        tokenized_data_kwargs(trainer_kwargs, lambda: tokenizer, run.model.vocab_size,
+                              f"{ck.path} has a {TOKENIZER}")
     return ck, run, trainer_kwargs
+
+
+def tokenized_data_kwargs(kw: dict[str, Any], tokenizer: Callable[[], Any], vocab_size: int, why: str) -> None:
+    """Trainer keywords for a model with a tokenizer, in place: `data` text is encoded with it into a
+    corpus, a token file (.bin/.npy) is kept as is, no data is an error (the default byte-level corpus
+    does not match the vocabulary). `why` says where the tokenizer comes from."""
+    if "corpus" in kw and kw["corpus"] is not None:
+        return
+    data = kw.pop("data", None)
+    if data is None:
+        raise ValueError(f"{why}: pass data= (--data) text to encode with it, or a token file; the default "
+                         f"byte-level corpus does not match this vocabulary")
+    if Path(data).suffix in TOKEN_SUFFIXES:
+        kw["data"] = data
+    else:
+        kw["corpus"] = tokenized_corpus(tokenizer(), data, vocab_size)
 
 
