@@ -42,7 +42,8 @@ _MODEL = {"d_model": _pos, "n_layers": _pos, "n_heads": _pos, "vocab_size": _pos
           "rope_theta": lambda v: _num(v) and v > 0, "norm_eps": lambda v: _num(v) and v > 0,
           "first_dense_layers": lambda v: _int(v) and v >= 0, "d_dense_ffn": lambda v: v is None or _pos(v),
           "tie_embeddings": lambda v: isinstance(v, bool), "qkv_bias": lambda v: isinstance(v, bool),
-          "qk_norm": lambda v: v in (None, "full", "head"), "init_std": _nonneg_num}
+          "qk_norm": lambda v: v in (None, "full", "head"), "init_std": _nonneg_num,
+          "tokenizer_sha256": lambda v: v is None or (isinstance(v, str) and re.fullmatch(r"[0-9a-f]{64}", v) is not None)}
 _TRAIN = {**{k: _pos for k in ("max_steps", "batch_size", "seq_len", "grad_accum", "eval_batches", "log_interval",
                                "eval_interval")},
           "lr": lambda v: _num(v) and v > 0, "min_lr_ratio": lambda v: _num(v) and 0 <= v <= 1,
