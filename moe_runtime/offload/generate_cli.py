@@ -44,9 +44,7 @@ def add_generate_args(p: argparse.ArgumentParser) -> None:
     src.add_argument("--checkpoint", help="run directory (newest checkpoint) or a step_NNNNNNNN dir")
     src.add_argument("--hf", metavar="DIR", help="local Hugging Face MoE checkpoint directory (Mixtral, Qwen2-MoE, "
                                                  "OLMoE, Qwen3-MoE); experts stream into host memory")
-    p.add_argument("--tokenizer", default=None, metavar="PATH",
-                   help="with --checkpoint: the tokenizer.json of a model trained with `moe train --tokenizer` "
-                        "(default: the one in its run directory, sha256-checked)")
+    add_tokenizer_arg(p)
     p.add_argument("--max-seq-len", type=int, default=None, metavar="N",
                    help="with --hf: rotary table size (default max_position_embeddings); a sliding-window model "
                         "loads when N <= its window")
@@ -104,6 +102,32 @@ def policy_settings(args: argparse.Namespace) -> dict:
     profile = getattr(args, "profile", None)
     return {"policy": getattr(args, "policy", "default"), "calibration_tokens": getattr(args, "calibration_tokens", None),
             "profile": RoutingTrace.load(profile) if profile else None}
+
+
+def add_tokenizer_arg(p: argparse.ArgumentParser) -> None:
+    """--tokenizer (moe generate and moe serve)."""
+    p.add_argument("--tokenizer", default=None, metavar="PATH",
+                   help="with --checkpoint: the tokenizer.json of a model trained with `moe train --tokenizer` "
+                        "(default: the one in its run directory, sha256-checked)")
+
+
+def load_for_cache(args: argparse.Namespace, **hf_kw):
+    """(model, run config, tokenizer or None, store or None) from --checkpoint [--tokenizer] or --hf
+    (quantised on load per --expert-dtype); hf_kw go to load_hf_for_cache (moe generate and moe serve)."""
+    if args.hf and getattr(args, "tokenizer", None):
+        raise ValueError("--tokenizer goes with --checkpoint; a --hf directory uses its own tokenizer.json")
+    if args.hf:
+        from moe_runtime.offload.hf import load_hf_for_cache
+        return load_hf_for_cache(args.hf, expert_dtype=args.expert_dtype, group=args.expert_group, **hf_kw)
+    from moe_runtime.core.tokenizer import checkpoint_tokenizer
+    model, run, store, ck_dir = load_checkpoint_for_cache(args.checkpoint, args.expert_dtype)
+    return model, run, checkpoint_tokenizer(run, ck_dir, getattr(args, "tokenizer", None)), store
+
+
+def expert_settings(args: argparse.Namespace, store) -> dict:
+    """OffloadConfig keywords for the expert format: a `moe quantize` store's own, else --expert-dtype."""
+    return {"expert_dtype": store.layout.expert_dtype if store is not None else args.expert_dtype,
+            "expert_group": args.expert_group}
 
 
 def load_checkpoint_for_cache(path, expert_dtype: str):
@@ -191,20 +215,12 @@ def run_generate(args: argparse.Namespace) -> int:
     for name in ("batch", "max_new_tokens"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')}={getattr(args, name)} must be >= 1")
-    tokenizer = store = chat = None
-    if args.hf and getattr(args, "tokenizer", None):
-        raise ValueError("--tokenizer goes with --checkpoint; a --hf directory uses its own tokenizer.json")
+    model, run, tokenizer, store = load_for_cache(args, max_seq_len=args.max_seq_len,
+                                                  ignore_config_fields=tuple(args.ignore_config_field))
+    chat = None
     if args.hf:
         from moe_runtime.core.hf.chat import load_chat
-        from moe_runtime.offload.hf import load_hf_for_cache
-        model, run, tokenizer, store = load_hf_for_cache(args.hf, max_seq_len=args.max_seq_len,
-                                                         ignore_config_fields=tuple(args.ignore_config_field),
-                                                         expert_dtype=args.expert_dtype, group=args.expert_group)
         chat = load_chat(args.hf, tokenizer)
-    else:
-        from moe_runtime.core.tokenizer import checkpoint_tokenizer
-        model, run, store, ck_dir = load_checkpoint_for_cache(args.checkpoint, args.expert_dtype)
-        tokenizer = checkpoint_tokenizer(run, ck_dir, getattr(args, "tokenizer", None))
     V = model.cfg.vocab_size
     prompts = prompt_lists(args, V, tokenizer, chat)
     longest = max(len(p) for p in prompts)
@@ -218,8 +234,7 @@ def run_generate(args: argparse.Namespace) -> int:
     config = OffloadConfig(gpu_expert_slots=args.gpu_expert_slots, gpu_expert_gib=args.gpu_expert_gib,
                            cpu_experts=CPU_EXPERTS_CHOICES[args.cpu_experts], device=args.device,
                            predictor=predictor, lookahead_depth=args.lookahead_depth, record_trace=args.trace_out is not None,
-                           expert_dtype=store.layout.expert_dtype if store is not None else args.expert_dtype,
-                           expert_group=args.expert_group, **policy_settings(args))
+                           **expert_settings(args, store), **policy_settings(args))
     engine = ExpertCacheEngine(model, config, store=store)
     text_of = lambda ids: decode(ids, V, tokenizer)  # noqa: E731
     if args.stream:
@@ -255,4 +270,4 @@ def run_generate(args: argparse.Namespace) -> int:
 
 
 __all__ = ["register", "add_generate_args", "add_policy_args", "policy_settings", "run_generate",
-           "load_checkpoint_for_cache", "prompt_lists", "prompt_tensor", "sampling_params", "decode"]
+           "add_tokenizer_arg", "load_for_cache", "expert_settings", "load_checkpoint_for_cache", "prompt_lists", "prompt_tensor", "sampling_params", "decode"]

@@ -20,15 +20,13 @@ def register(sub) -> None:
 
 def add_serve_args(p: argparse.ArgumentParser) -> None:
     from moe_runtime.offload.config import add_cpu_experts_arg, add_expert_dtype_arg
-    from moe_runtime.offload.generate_cli import add_policy_args
+    from moe_runtime.offload.generate_cli import add_policy_args, add_tokenizer_arg
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--checkpoint", help="run directory (newest checkpoint) or a step_NNNNNNNN dir")
     src.add_argument("--hf", metavar="DIR", help="local Hugging Face MoE checkpoint directory; text goes through its "
                                                  "tokenizer.json when it has one (without one, the vocabulary must "
                                                  "be the 256 bytes)")
-    p.add_argument("--tokenizer", default=None, metavar="PATH",
-                   help="with --checkpoint: the tokenizer.json of a model trained with `moe train --tokenizer` "
-                        "(default: the one in its run directory, sha256-checked)")
+    add_tokenizer_arg(p)
     cap = p.add_mutually_exclusive_group(required=True)
     cap.add_argument("--gpu-expert-slots", type=int, help="device expert slots (experts held at once)")
     cap.add_argument("--gpu-expert-gib", type=float, help="device memory for expert slots, in GiB")

@@ -36,28 +36,15 @@ def build_context(args: argparse.Namespace) -> ServeContext:
     """Model -> expert-cache engine -> decode batch -> scheduler; tokenizer, chat template, EOS ids."""
     from moe_runtime.offload.config import CPU_EXPERTS_CHOICES, OffloadConfig
     from moe_runtime.offload.engine import ExpertCacheEngine
-    from moe_runtime.offload.generate_cli import load_checkpoint_for_cache, policy_settings
+    from moe_runtime.offload.generate_cli import expert_settings, load_for_cache, policy_settings
 
     _check_args(args)
-    store = tokenizer = None
-    if args.hf and getattr(args, "tokenizer", None):
-        raise ValueError("--tokenizer goes with --checkpoint; a --hf directory uses its own tokenizer.json")
-    if args.hf:
-        from moe_runtime.offload.hf import load_hf_for_cache
-        model, run, tokenizer, store = load_hf_for_cache(args.hf, expert_dtype=args.expert_dtype,
-                                                         group=args.expert_group)
-        source = Path(args.hf)
-    else:
-        from moe_runtime.core.tokenizer import checkpoint_tokenizer
-        model, run, store, ck_dir = load_checkpoint_for_cache(args.checkpoint, args.expert_dtype)
-        tokenizer = checkpoint_tokenizer(run, ck_dir, getattr(args, "tokenizer", None))
-        source = Path(args.checkpoint)
+    model, run, tokenizer, store = load_for_cache(args)
+    source = Path(args.hf or args.checkpoint)
     tok = TokenizerAdapter(model.cfg.vocab_size, tokenizer)
     config = OffloadConfig(gpu_expert_slots=args.gpu_expert_slots, gpu_expert_gib=args.gpu_expert_gib,
                            cpu_experts=CPU_EXPERTS_CHOICES[args.cpu_experts], device=args.device,
-                           predictor=args.predictor, **policy_settings(args),
-                           expert_dtype=store.layout.expert_dtype if store is not None else args.expert_dtype,
-                           expert_group=args.expert_group)
+                           predictor=args.predictor, **policy_settings(args), **expert_settings(args, store))
     engine = ExpertCacheEngine(model, config, store=store)
     engine.reset_stats()  # /metrics counts from here: cumulative over the server's life
     metrics = ServerMetrics(cache_source=lambda: engine_cache_stats(engine))
