@@ -325,44 +325,52 @@ def _cpu_id() -> str:
         return platform.processor() + platform.machine()
 
 
-def build_host_kernel(extra_flags: tuple[str, ...] = ()) -> tuple[HostKernel | None, str]:
-    """Compile (once per source, compiler, flags and CPU; cached under MOE_RUNTIME_CACHE or
-    ~/.cache/moe_runtime) and load the kernel. Returns (kernel, how) or (None, why not)."""
+def build_c_library(src: str, stem: str, extra_flags: tuple[str, ...] = ()) -> tuple[ctypes.CDLL | None, str]:
+    """Compile C source `src` into a shared library (once per source, compiler, flags and CPU; cached
+    under MOE_RUNTIME_CACHE or ~/.cache/moe_runtime as <stem>_<key>.so with a sha256 sidecar checked
+    before every load) and load it. Returns (library, compiler name) or (None, why not)."""
     cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
     if not cc:
         return None, "no C compiler (cc, gcc or clang) on PATH; set CC to use the host kernel"
     flags = ["-O3", "-march=native", "-fPIC", "-shared", *extra_flags]
     try:
         version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=60).stdout
-        key = hashlib.sha256("\0".join([_KERNEL_SRC, cc, version, *flags, _cpu_id()]).encode()).hexdigest()[:20]
-        so = _cache_dir() / f"host_kernel_{key}.so"
+        key = hashlib.sha256("\0".join([src, cc, version, *flags, _cpu_id()]).encode()).hexdigest()[:20]
+        so = _cache_dir() / f"{stem}_{key}.so"
         digest = so.with_name(so.name + ".sha256")  # over the whole library, checked before every load
         if not (so.exists() and digest.exists() and _sha256_file(so) == digest.read_text().strip()):
             so.parent.mkdir(parents=True, exist_ok=True)
             with tempfile.TemporaryDirectory(dir=so.parent) as tmp:
-                src, out = Path(tmp) / "host_kernel.c", Path(tmp) / "host_kernel.so"
-                src.write_text(_KERNEL_SRC)
-                r = subprocess.run([cc, *flags, str(src), "-o", str(out)], capture_output=True, text=True,
+                c_file, out = Path(tmp) / f"{stem}.c", Path(tmp) / f"{stem}.so"
+                c_file.write_text(src)
+                r = subprocess.run([cc, *flags, str(c_file), "-o", str(out)], capture_output=True, text=True,
                                    timeout=300)
                 if r.returncode != 0:
                     last = (r.stderr.strip().splitlines() or ["no message"])[-1]
-                    return None, f"{cc} could not build the host kernel ({last[:200]})"
+                    return None, f"{cc} could not build the {stem} ({last[:200]})"
                 (Path(tmp) / "digest").write_text(_sha256_file(out) + "\n")
                 # atomic renames, digest first: a concurrent load sees a whole pair or rebuilds
                 os.replace(Path(tmp) / "digest", digest)
                 os.replace(out, so)
             if _sha256_file(so) != digest.read_text().strip():
-                return None, f"host kernel {so} changed while it was being built (a concurrent build?); " \
+                return None, f"{stem} {so} changed while it was being built (a concurrent build?); " \
                              "run again or set MOE_HOST_KERNEL=torch"
-        lib = ctypes.CDLL(str(so))
+        return ctypes.CDLL(str(so)), Path(cc).name
     except (OSError, subprocess.SubprocessError) as e:
-        return None, f"host kernel unavailable ({type(e).__name__}: {e})"
+        return None, f"{stem} unavailable ({type(e).__name__}: {e})"
+
+
+def build_host_kernel(extra_flags: tuple[str, ...] = ()) -> tuple[HostKernel | None, str]:
+    """Compile (cached, build_c_library) and load the bf16 kernel. Returns (kernel, how) or (None, why not)."""
+    lib, how = build_c_library(_KERNEL_SRC, "host_kernel", extra_flags)
+    if lib is None:
+        return None, how
     lib.moe_host_matmul_bf16.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_long, ctypes.c_void_p] \
         + [ctypes.c_long] * 5
     lib.moe_host_matmul_bf16.restype = None
     lib.moe_host_kernel_isa.restype = ctypes.c_int
     isa = "avx512bf16" if lib.moe_host_kernel_isa() else "portable C"
-    return HostKernel(lib, isa, str(so)), f"C kernel ({isa}, {Path(cc).name})"
+    return HostKernel(lib, isa, lib._name), f"C kernel ({isa}, {how})"
 
 
 @functools.lru_cache(maxsize=1)
@@ -458,5 +466,5 @@ def kernel_expert_forward(x_ND: torch.Tensor, w13_DF2: torch.Tensor, w2_FD: torc
 
 
 __all__ = ["Calibration", "CostModel", "calibrate", "expert_forward", "host_expert_forward", "interpolate",
-           "DECISIONS", "HOST_KERNEL_MAX_ROWS", "HostKernel", "build_host_kernel", "host_kernel", "host_path",
+           "DECISIONS", "HOST_KERNEL_MAX_ROWS", "HostKernel", "build_c_library", "build_host_kernel", "host_kernel", "host_path",
            "host_matmul", "kernel_expert_forward"]

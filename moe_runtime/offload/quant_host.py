@@ -4,12 +4,18 @@ Legend: N token rows routed to one expert, D model dim, F expert hidden dim, K /
 reduction / output dim, c output channels decoded at a time.
 
 The host path reads each expert at its quantised size (the point of quantising: a host GEMV is
-bound by the bytes it reads). int8 with bf16 rows goes through torch's CPU op
-`torch._weight_int8pack_mm` (int8 [O, K] weights and per-channel scales: our int8 layout as it
-is). int4 and MXFP4 (and int8 in fp32) decode c output channels at a time into a small fp32 tile
-that stays in cache and multiply it at once (fp32 products, the result rounded to the rows' dtype),
-so no dequantised copy of an expert, let alone a layer, is ever made. torch's `_weight_int4pack_mm_for_cpu` wants its own tinygemm layout
-(K a multiple of the group, a second host copy of every expert), so it is not used.
+bound by the bytes it reads). Where the system C compiler builds it (offload/quant_kernel.py), a C
+kernel multiplies rows straight from the store's int4 / MXFP4 / int8 bytes: each group's 16-entry
+fp32 table, one AVX-512 lookup per 16 nibbles, fp32 FMA, no dequantised copy and no layout
+conversion (bench/results/quant_quality.md, "Host expert path"). Without a compiler (or with
+MOE_HOST_KERNEL=torch) the torch path runs: int8 with bf16 rows through torch's CPU op
+`torch._weight_int8pack_mm` (int8 [O, K] weights and per-channel scales: our int8 layout as it is);
+int4 and MXFP4 (and int8 in fp32) decode c output channels at a time into a small fp32 tile that
+stays in cache and multiply it at once. Both paths: fp32 products and sums, each GEMV's result
+rounded to the rows' dtype, SwiGLU in that dtype in between (the same roundings as the resident
+model's expert). torch's `_weight_int4pack_mm_for_cpu` wants its own tinygemm layout (K a multiple of
+the group, a second host copy of every expert, an affine zero convention of its own) and cannot
+serve MXFP4, so it is not used.
 
 Entry point for the runtime (offload/runtime.py) and for the coordinator's dispatch from
 offload/cpu_experts.py: `host_quant_expert_forward(x_ND, experts_1)`.
@@ -21,6 +27,7 @@ import torch
 from moe_runtime.core.experts import compute_dtype
 from moe_runtime.kernels.quant import E2M1_VALUES, QuantExperts, QWeight
 from moe_runtime.kernels.reference import swiglu
+from moe_runtime.offload.quant_kernel import kernel_quant_linear, quant_kernel
 
 _INT8_OP = hasattr(torch, "_weight_int8pack_mm")
 _E2M1 = torch.tensor(E2M1_VALUES)
@@ -35,12 +42,40 @@ def _chunk(K: int) -> int:
     return max(16, (1 << 18) // max(K, 1))
 
 
-def quant_linear(x_NK: torch.Tensor, w: QWeight, chunk_channels: int | None = None) -> torch.Tensor:
-    """x_NK @ W_KO of one quantised expert weight (w holds n == 1) on the host, in x's dtype."""
+IMPLS = ("kernel", "portable", "torch")
+"""quant_linear's paths: the C kernel (AVX-512 where built), its portable C loop, torch ops."""
+
+
+def _impl(x_NK: torch.Tensor, impl: str | None) -> str:
+    """The path for these rows: `impl`, or the C kernel where it is built and no gradient is wanted."""
+    if impl is not None:
+        if impl not in IMPLS:
+            raise ValueError(f"impl={impl!r} is not one of {', '.join(IMPLS)}")
+        return impl
+    grads = torch.is_grad_enabled() and x_NK.requires_grad
+    return "kernel" if not grads and x_NK.device.type == "cpu" and quant_kernel()[0] is not None else "torch"
+
+
+def host_quant_path(fmt: str) -> str:
+    """What host_quant_expert_forward runs for experts of format `fmt` (recorded in the calibration)."""
+    kernel, how = quant_kernel()
+    if kernel is not None:
+        return f"{fmt}: {how}, {torch.get_num_threads()} thread(s)"
+    torch_path = "torch._weight_int8pack_mm for bf16 rows" if fmt == "int8" and _INT8_OP else "torch decode tiles"
+    return f"{fmt}: {torch_path} ({how})"
+
+
+def quant_linear(x_NK: torch.Tensor, w: QWeight, chunk_channels: int | None = None, *,
+                 impl: str | None = None) -> torch.Tensor:
+    """x_NK @ W_KO of one quantised expert weight (w holds n == 1) on the host, in x's dtype.
+    impl: one of IMPLS (default: the C kernel where built, else torch); chunk_channels: torch path only."""
     if w.n != 1:
         raise ValueError(f"quant_linear takes one expert's weight, got a bank of {w.n}")
     if x_NK.shape[1] != w.K:
         raise ValueError(f"rows have {x_NK.shape[1]} columns but the weight's reduction dim is {w.K}")
+    path = _impl(x_NK, impl)
+    if path != "torch":
+        return kernel_quant_linear(x_NK, w, portable=path == "portable").to(x_NK.dtype)
     if w.fmt == "int8" and x_NK.dtype == torch.bfloat16 and _INT8_OP and x_NK.shape[0] > 0:
         return torch._weight_int8pack_mm(x_NK.contiguous(), w.fields["q"][0], w.fields["scale"][0, :, 0].to(x_NK.dtype))
     c = chunk_channels or _chunk(w.K)
@@ -96,16 +131,18 @@ def _nibble_linear(x_NK: torch.Tensor, w: QWeight, c: int) -> torch.Tensor:
 
 
 def host_quant_expert_forward(x_ND: torch.Tensor, expert: QuantExperts, *,
-                              chunk_channels: int | None = None) -> torch.Tensor:
+                              chunk_channels: int | None = None, impl: str | None = None) -> torch.Tensor:
     """One quantised expert's SwiGLU MLP on host cores from its (host) bytes; x may live on a device
-    (its rows move, the weights do not). expert: QuantExperts of n == 1 (store.quant_expert(l, e))."""
+    (its rows move, the weights do not). expert: QuantExperts of n == 1 (store.quant_expert(l, e)).
+    impl: quant_linear's path (default: the C kernel where built, else torch)."""
     dtype = compute_dtype(x_ND)
     x_host = x_ND.to("cpu", dtype)  # host sync when x is on a device: N activation rows come over
-    y = quant_linear(swiglu(quant_linear(x_host, expert.w13, chunk_channels)), expert.w2, chunk_channels)
+    h = quant_linear(x_host, expert.w13, chunk_channels, impl=impl)
+    y = quant_linear(swiglu(h), expert.w2, chunk_channels, impl=impl)
     return y if x_ND.device.type == "cpu" else y.to(x_ND.device, non_blocking=True)
 
 
-__all__ = ["host_quant_expert_forward", "quant_linear"]
+__all__ = ["IMPLS", "host_quant_expert_forward", "host_quant_path", "quant_linear"]
 
 
 @torch.no_grad()
@@ -143,7 +180,8 @@ def calibrate_store(store, pool, copy_engine, *, attn_probe=None, token_grid: tu
     copy_engine.bytes_moved = copy_engine.copies = 0
     copy_engine.stall_s = 0.0
     return Calibration(device=str(dev), expert_bytes=lay.expert_bytes, copy_s=copy_s, tokens=tuple(token_grid),
-                       host_s=tuple(host_s), device_s=tuple(device_s), act_s_per_token=act, attn_s=attn_s)
+                       host_s=tuple(host_s), device_s=tuple(device_s), act_s_per_token=act, attn_s=attn_s,
+                       host_path=host_quant_path(lay.quant))
 
 
 __all__ += ["calibrate_store"]
