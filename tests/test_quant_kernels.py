@@ -103,8 +103,8 @@ def test_host_path_equals_dequantised_reference(fmt, N, D, F):
 def test_host_path_chunks_output_channels():
     """The host path decodes a few output channels at a time; a chunk smaller than F gives the same."""
     x, qe, c = _case("int4", [4], 64, 40, group=32)
-    full = quant_host.host_quant_expert_forward(x, qe[0])
-    small = quant_host.host_quant_expert_forward(x, qe[0], chunk_channels=7)
+    full = quant_host.host_quant_expert_forward(x, qe[0], impl="torch")
+    small = quant_host.host_quant_expert_forward(x, qe[0], chunk_channels=7, impl="torch")
     _assert_close(small, full, "host int4 with 7-channel chunks")
 
 
@@ -114,6 +114,6 @@ def test_host_path_bf16_int8_uses_torch_op():
     x, qe, c = _case("int8", [3], 64, 32)
     w13, w2 = qe.dequantize(torch.float32)
     expected = grouped_mlp_reference(x, w13, w2, c)
-    y = quant_host.host_quant_expert_forward(x.bfloat16(), qe[0])
+    y = quant_host.host_quant_expert_forward(x.bfloat16(), qe[0], impl="torch")
     assert y.dtype == torch.bfloat16
     _assert_close(y.float(), expected, "host int8 bf16", tol=3e-2)
