@@ -2,6 +2,7 @@
 
     python bench/quant_quality.py                      # writes bench/results/quant_quality.{json,md}
     python bench/quant_quality.py --steps 60 --host-d 256 --host-f 704   # a quick look
+    python bench/quant_quality.py --host-only          # only the host rows, into the existing results
 
 Quality: a tiny model trained here (the `tiny` preset on the stdlib corpus, --steps steps, in a
 temp dir) and a random-weight HF Mixtral (transformers, saved and loaded through core/hf). For each
@@ -11,10 +12,12 @@ float model on held-out windows: mean token NLL (and its relative increase), mea
 of the next-token distributions, top-1 agreement (teacher forced) and free-running greedy agreement
 (the fraction of N greedy tokens equal to the float model's). The float baseline is the model's own
 dtype (fp32 here), written "float".
-Host path: one expert (D=--host-d, F=--host-f) run on host cores at N=1 token from its store bytes:
-float (bf16 weights, the engine's host_expert_forward), int8 (torch._weight_int8pack_mm), int4 and
-mxfp4 (offload/quant_host.py's chunked decode); rounds interleaved, median per format; effective GB/s =
-the expert's bytes / time.
+Host path: one expert (D=--host-d, F=--host-f) run on host cores at N in --host-tokens token rows from
+its store bytes, per format the path the engine runs (bf16: offload/cpu_experts.host_expert_forward;
+int8 / int4 / mxfp4: offload/quant_host.host_quant_expert_forward, the C kernels where built) and at
+N=1 the torch paths too; rounds interleaved, median per row, speed vs the engine's bf16 path in the
+same rounds; effective GB/s = the expert's bytes / time. --host-only re-measures just these rows into
+the existing results.
 """
 from __future__ import annotations
 
@@ -22,6 +25,7 @@ import argparse
 import copy
 import datetime as dt
 import json
+import os
 import statistics
 import sys
 import tempfile
@@ -36,8 +40,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from moe_runtime.core.config import get_preset  # noqa: E402
 from moe_runtime.core.train import Trainer  # noqa: E402
 from moe_runtime.kernels import quant as kq  # noqa: E402
-from moe_runtime.offload.cpu_experts import expert_forward  # noqa: E402
-from moe_runtime.offload.quant_host import host_quant_expert_forward, quantize_dequantize_banks  # noqa: E402
+from moe_runtime.offload.cpu_experts import expert_forward, host_expert_forward, host_path  # noqa: E402
+from moe_runtime.offload.quant_host import host_quant_expert_forward, host_quant_path, quantize_dequantize_banks  # noqa: E402
 from moe_runtime.offload.report import cpu_model  # noqa: E402
 
 FORMATS = [("int8", None), ("int4", 64), ("int4", 128), ("mxfp4", None)]
@@ -106,34 +110,65 @@ def hf_mixtral(seq: int, windows: int):
     return model.eval(), toks[:, :-1], toks[:, 1:], cfg
 
 
-def host_speed(D: int, Fh: int, rounds: int, threads: int) -> list[dict]:
-    """Median seconds per expert at N=1 per format, rounds interleaved."""
-    torch.set_num_threads(threads)
+def _host_paths(D: int, Fh: int, n: int) -> dict:
+    """{row name: (fn, expert bytes, format, path)} for one expert at n token rows: what the engine runs
+    on the host per format (offload/cpu_experts.host_expert_forward for bf16, quant_host for the rest:
+    the C kernels where built), and at n == 1 the torch paths as well (the bf16 expert through torch's
+    matmul, the quantised ones through quant_host's torch fallback)."""
     g = torch.Generator().manual_seed(0)
     w13 = torch.randn(1, D, 2 * Fh, generator=g) / D ** 0.5
     w2 = torch.randn(1, Fh, D, generator=g) / Fh ** 0.5
-    x = torch.randn(1, D, generator=g).bfloat16()
-    one = torch.tensor([1])
+    x = torch.randn(n, D, generator=g).bfloat16()
+    cnt = torch.tensor([n])
     w13b, w2b = w13[0].bfloat16().contiguous(), w2[0].bfloat16().contiguous()
-    paths = {"bf16": (lambda: expert_forward(x, w13b, w2b, one), kq.expert_bytes(D, Fh, "bf16"))}
+    nb = kq.expert_bytes(D, Fh, "bf16")
+    paths = {"bf16": (lambda: host_expert_forward(x, w13b, w2b, cnt), nb, "bf16", host_path(torch.bfloat16))}
+    if n == 1:
+        paths["bf16-torch"] = (lambda: expert_forward(x, w13b, w2b, cnt), nb, "bf16", "torch matmul")
     for fmt, group in (("int8", None), ("int4", 64), ("mxfp4", None)):
         qe = kq.quantize_experts(w13, w2, fmt, group)
-        paths[fmt] = ((lambda qe=qe: host_quant_expert_forward(x, qe[0])), kq.expert_bytes(D, Fh, fmt, group))
+        nb = kq.expert_bytes(D, Fh, fmt, group)
+        paths[fmt] = ((lambda qe=qe: host_quant_expert_forward(x, qe[0])), nb, fmt, host_quant_path(fmt))
+        if n == 1:
+            paths[f"{fmt}-torch"] = ((lambda qe=qe: host_quant_expert_forward(x, qe[0], impl="torch")), nb, fmt,
+                                     "torch fallback (MOE_HOST_KERNEL=torch)")
+    return paths
+
+
+def host_speed(D: int, Fh: int, rounds: int, threads: int, n: int = 1) -> list[dict]:
+    """Median seconds per expert at n token rows per path, rounds interleaved (one round runs every
+    path once, in turn); speed vs the engine's bf16 host path in the same rounds."""
+    torch.set_num_threads(threads)
+    paths = _host_paths(D, Fh, n)
     times = {k: [] for k in paths}
-    for fn, _ in paths.values():
-        fn()  # warm-up
+    for fn, *_ in paths.values():
+        fn()  # warm-up (and builds the C kernels)
     for _ in range(rounds):
-        for k, (fn, _) in paths.items():
+        for k, (fn, *_) in paths.items():
             t0 = time.perf_counter()
             fn()
             times[k].append(time.perf_counter() - t0)
     base = statistics.median(times["bf16"])
     out = []
-    for k, (_, nbytes) in paths.items():
+    for k, (_, nbytes, fmt, path) in paths.items():
         med = statistics.median(times[k])
         out.append({"format": k, "expert_bytes": nbytes, "median_s": med, "gbps": nbytes / med / 1e9,
-                    "speedup_vs_bf16": base / med, "rounds": rounds})
+                    "speedup_vs_bf16": base / med, "rounds": rounds, "n_tokens": n, "base_format": fmt,
+                    "path": path})
     return out
+
+
+def host_section(args) -> dict:
+    """The host rows of the results: N=1 (`host_expert_path`, rows keyed by "format") and every N in
+    --host-tokens (`host_expert_path_by_tokens`), with the date, load average and machine they ran at."""
+    load0 = os.getloadavg()
+    by_n = {str(n): host_speed(args.host_d, args.host_f, args.rounds, args.threads, n) for n in args.host_tokens}
+    ones = by_n.get("1") or host_speed(args.host_d, args.host_f, args.rounds, args.threads, 1)
+    return {"host_expert_path": ones, "host_expert_path_by_tokens": by_n,
+            "host_speed_vs_bf16": {r["format"]: r["speedup_vs_bf16"] for r in ones},
+            "host_measured": {"date": _now(), "load_avg_1m_before_after": [load0[0], os.getloadavg()[0]],
+                              "machine": _machine(), "D": args.host_d, "F": args.host_f, "rounds": args.rounds,
+                              "threads": args.threads}}
 
 
 def _cores() -> int:
@@ -170,58 +205,88 @@ def _table(rows: list[dict]) -> str:
     return s
 
 
+def _now() -> str:
+    return dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+
+
+def _machine() -> str:
+    return f"{cpu_model()} ({torch.get_num_threads()} torch threads of {_cores()} cores, shared)"
+
+
+def _host_md(res: dict) -> str:
+    h = res["host_measured"]
+    s = (f"\n**Host expert path** (one expert D={h['D']}, F={h['F']}, bf16 rows, {h['rounds']} interleaved rounds, "
+         f"median; measured {h['date']} on {h['machine']}, load average "
+         f"{h['load_avg_1m_before_after'][0]:.2f} before / {h['load_avg_1m_before_after'][1]:.2f} after; every row "
+         "reads the same expert each round, so it is served from cache where it fits (L2 / L3), not from DRAM). "
+         "The unsuffixed rows are what the engine runs on the host; `-torch` rows are the torch paths (no C "
+         "compiler or MOE_HOST_KERNEL=torch); speed vs the engine's bf16 path in the same rounds:\n\n"
+         "| N | format | path | expert bytes | time per expert | effective GB/s | speed vs bf16 |\n"
+         "|---:|---|---|---:|---:|---:|---:|\n")
+    for n, rows in res["host_expert_path_by_tokens"].items():
+        s += "".join(f"| {n} | {r['format']} | {r['path']} | {r['expert_bytes']:,} | {r['median_s'] * 1e3:.2f} ms | "
+                     f"{r['gbps']:.2f} | {r['speedup_vs_bf16']:.2f}x |\n" for r in rows)
+    return s
+
+
+def _markdown(res: dict) -> str:
+    a = res["args"]
+    hcfg = res["hf_mixtral_random"]["config"]
+    return (f"Quantised experts, measured {res['date']} on {res['machine']}, torch {res['torch']} "
+            f"(a shared machine: timings are noisy; ratios come from interleaved rounds).\n\n"
+            f"**Tiny model** (`tiny` preset, {a['steps']} steps on the stdlib corpus, val loss "
+            f"{res['tiny']['val_loss_at_end_of_training']:.4f}); {a['windows']} held-out windows x {a['seq']} bytes; "
+            f"greedy agreement over 8 prompts x {a['gen']} tokens.\n\n" + _table(res["tiny"]["rows"]) +
+            f"\n**Random HF Mixtral** (transformers MixtralForCausalLM, D={hcfg['hidden_size']}, "
+            f"F={hcfg['intermediate_size']}, {hcfg['num_hidden_layers']} layers, {hcfg['num_local_experts']} experts, "
+            "random weights, random token windows: NLL is ~log V, KL and agreement are the signal).\n\n"
+            + _table(res["hf_mixtral_random"]["rows"]) + _host_md(res)
+            + "\n**Bytes per expert and host RAM per format** (computed by kernels/quant.expert_bytes, not measured; "
+            "slot column: experts that fit in the device memory that holds 25% of the experts in bf16):\n\n"
+            "| model | format | bytes / expert | vs bf16 | host RAM, all experts | experts in 25%-of-bf16 slot memory |\n"
+            "|---|---|---:|---:|---:|---:|\n"
+            + "".join(f"| {r['model']} | {r['format']}{'/' + str(r['group']) if r['group'] else ''} | "
+                      f"{r['expert_bytes']:,} | {r['ratio_vs_bf16']:.2f}x | {r['host_gib']:.1f} GiB | "
+                      f"{r['experts_in_25pct_bf16_slot_memory']} of {r['total_experts']} |\n"
+                      for r in res["bytes_per_format"]))
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
                                  allow_abbrev=False)
     ap.add_argument("--steps", type=int, default=300, help="training steps of the tiny model")
-    ap.add_argument("--seq", type=int, default=128)
+    ap.add_argument("--seq", type=int, default=128, help="bytes per held-out window")
     ap.add_argument("--windows", type=int, default=32, help="held-out windows scored")
     ap.add_argument("--gen", type=int, default=64, help="free-running greedy tokens per prompt (8 prompts)")
-    ap.add_argument("--host-d", type=int, default=1024)
-    ap.add_argument("--host-f", type=int, default=2816)
-    ap.add_argument("--rounds", type=int, default=15)
-    ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--out", default=str(Path(__file__).parent / "results"))
+    ap.add_argument("--host-d", type=int, default=1024, help="model dim D of the host-path expert")
+    ap.add_argument("--host-f", type=int, default=2816, help="hidden dim F of the host-path expert")
+    ap.add_argument("--host-tokens", type=int, nargs="+", default=[1, 8], help="token rows N of the host rows")
+    ap.add_argument("--host-only", action="store_true",
+                    help="re-measure only the host rows and rewrite them into the existing results")
+    ap.add_argument("--rounds", type=int, default=15, help="interleaved rounds of the host rows")
+    ap.add_argument("--threads", type=int, default=1, help="torch (and host kernel) threads")
+    ap.add_argument("--out", default=str(Path(__file__).parent / "results"), help="results folder")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
-    date = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    machine = f"{cpu_model()} ({torch.get_num_threads()} torch threads of {_cores()} cores, shared)"
-
-    tiny, x, y, val_loss = tiny_model(args.steps, args.seq, args.windows)
-    prompts = x[:8, :16]
-    tiny_rows = quality(tiny, x, y, prompts, args.gen)
-    hf, hx, hy, hcfg = hf_mixtral(args.seq, args.windows)
-    hf_rows = quality(hf, hx, hy, hx[:8, :16], args.gen)
-    host = host_speed(args.host_d, args.host_f, args.rounds, args.threads)
-
-    res = {"date": date, "machine": machine, "torch": torch.__version__, "args": vars(args),
-           "tiny": {"steps": args.steps, "val_loss_at_end_of_training": val_loss, "rows": tiny_rows},
-           "hf_mixtral_random": {"config": {k: getattr(hcfg, k) for k in ("hidden_size", "intermediate_size",
-                                            "num_hidden_layers", "num_local_experts", "vocab_size")}, "rows": hf_rows},
-           "host_expert_path": host, "bytes_per_format": bytes_table()}
     out = Path(args.out)
+    if args.host_only:
+        res = json.loads((out / "quant_quality.json").read_text())
+        res.update(host_section(args))
+        res["args"].update({k: getattr(args, k) for k in ("host_d", "host_f", "host_tokens", "rounds", "threads")})
+    else:
+        tiny, x, y, val_loss = tiny_model(args.steps, args.seq, args.windows)
+        tiny_rows = quality(tiny, x, y, x[:8, :16], args.gen)
+        hf, hx, hy, hcfg = hf_mixtral(args.seq, args.windows)
+        hf_rows = quality(hf, hx, hy, hx[:8, :16], args.gen)
+        res = {"date": _now(), "machine": _machine(), "torch": torch.__version__, "args": vars(args),
+               "tiny": {"steps": args.steps, "val_loss_at_end_of_training": val_loss, "rows": tiny_rows},
+               "hf_mixtral_random": {"config": {k: getattr(hcfg, k) for k in (
+                   "hidden_size", "intermediate_size", "num_hidden_layers", "num_local_experts", "vocab_size")},
+                   "rows": hf_rows},
+               **host_section(args), "bytes_per_format": bytes_table()}
     out.mkdir(parents=True, exist_ok=True)
     (out / "quant_quality.json").write_text(json.dumps(res, indent=2))
-    md = (f"Quantised experts, measured {date} on {machine}, torch {torch.__version__} "
-          f"(a shared machine: timings are noisy; ratios come from interleaved rounds).\n\n"
-          f"**Tiny model** (`tiny` preset, {args.steps} steps on the stdlib corpus, val loss {val_loss:.4f}); "
-          f"{args.windows} held-out windows x {args.seq} bytes; greedy agreement over 8 prompts x {args.gen} tokens.\n\n"
-          + _table(tiny_rows) +
-          f"\n**Random HF Mixtral** (transformers MixtralForCausalLM, D={hcfg.hidden_size}, F={hcfg.intermediate_size}, "
-          f"{hcfg.num_hidden_layers} layers, {hcfg.num_local_experts} experts, random weights, random token windows: "
-          f"NLL is ~log V, KL and agreement are the signal).\n\n" + _table(hf_rows) +
-          f"\n**Host expert path** (one expert D={args.host_d}, F={args.host_f}, N=1 token, bf16 rows, "
-          f"{args.rounds} interleaved rounds, median):\n\n"
-          "| format | expert bytes | time per expert | effective GB/s | speed vs bf16 |\n|---|---:|---:|---:|---:|\n"
-          + "".join(f"| {h['format']} | {h['expert_bytes']:,} | {h['median_s'] * 1e3:.2f} ms | {h['gbps']:.2f} | "
-                    f"{h['speedup_vs_bf16']:.2f}x |\n" for h in host)
-          + "\n**Bytes per expert and host RAM per format** (computed by kernels/quant.expert_bytes, not measured; "
-          "slot column: experts that fit in the device memory that holds 25% of the experts in bf16):\n\n"
-          "| model | format | bytes / expert | vs bf16 | host RAM, all experts | experts in 25%-of-bf16 slot memory |\n"
-          "|---|---|---:|---:|---:|---:|\n"
-          + "".join(f"| {r['model']} | {r['format']}{'/' + str(r['group']) if r['group'] else ''} | "
-                    f"{r['expert_bytes']:,} | {r['ratio_vs_bf16']:.2f}x | {r['host_gib']:.1f} GiB | "
-                    f"{r['experts_in_25pct_bf16_slot_memory']} of {r['total_experts']} |\n" for r in res["bytes_per_format"]))
+    md = _markdown(res)
     (out / "quant_quality.md").write_text(md)
     print(md)
     return 0

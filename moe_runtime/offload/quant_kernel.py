@@ -29,11 +29,12 @@ FMT_CODE = {"int4": 0, "mxfp4": 1, "int8": 2}
 
 _SRC = r"""
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 /* q    [O, H] uint8 codes (int8: int8 [O, K], H = K);  sc: int4 fp16 [O, nG] scales, mxfp4 uint8 [O, nG]
    exponents, int8 fp32 [O];  zr: int4 fp16 [O, nG] zeros (else unused);  lut: mxfp4 fp32 [256, 16]
    e2m1(i) * 2^(e - 127) (else unused);  xe, xo: fp32 [N, ldx] x's even / odd columns, zero past K
-   (int8: xe = x itself, zero past K);  y: fp32 [N, ldy], columns o0..o1 written. */
+   (int8: xe = x itself, zero past K; split_rows below makes them);  y: fp32 [N, ldy], columns o0..o1 written. */
 typedef struct { int fmt; const uint8_t* q; long H; const void* sc; const uint16_t* zr; const float* lut;
                  long nG, G; const float* xe; const float* xo; long ldx; float* y; long ldy; } QA;
 #if defined(__F16C__)
@@ -147,12 +148,34 @@ static void run_avx(const QA* a, long N, long o0, long o1) { (void)a; (void)N; (
 int moe_quant_kernel_isa(void) { return 0; }
 #endif
 /* y[n][o] = sum_k x[n][k] W[k][o] for n < N, o0 <= o < o1 (see QA above); portable = 1 forces the C loop. */
-void moe_quant_matmul(int fmt, const uint8_t* q, long H, const void* sc, const uint16_t* zr, const float* lut,
-                      long nG, long G, const float* xe, const float* xo, long ldx, float* y, long ldy,
-                      long N, long o0, long o1, int portable) {
-  QA a = {fmt, q, H, sc, zr, lut, nG, G, xe, xo, ldx, y, ldy};
-  if (!portable && moe_quant_kernel_isa() && (fmt != 0 || G % 32 == 0)) { run_avx(&a, N, o0, o1); return; }
-  for (long o = o0; o < o1; o++) for (long n = 0; n < N; n += 8) rows_portable(&a, o, n, N - n < 8 ? N - n : 8);
+/* x: [N, K] fp32 (x_bf16 = 0) or bf16 (1) rows, contiguous; split here into xe / xo (int8: one padded
+   copy), zero past K, in a scratch buffer of this call's own (each worker splits its own: N * K floats). */
+static float* split_rows(int fmt, const void* x, int x_bf16, long N, long K, long ldx) {
+  long nb = (fmt == 2 ? 1 : 2) * N * ldx;
+  float* buf = (float*)calloc((size_t)nb, sizeof(float));
+  if (!buf) return 0;
+  for (long n = 0; n < N; n++) for (long k = 0; k < K; k++) {
+    float v;
+    if (x_bf16) { uint32_t u = (uint32_t)((const uint16_t*)x)[n * K + k] << 16; memcpy(&v, &u, 4); }
+    else v = ((const float*)x)[n * K + k];
+    if (fmt == 2) buf[n * ldx + k] = v;
+    else buf[(k & 1) * N * ldx + n * ldx + (k >> 1)] = v;
+  }
+  return buf;
+}
+/* y[n][o] = sum_k x[n][k] W[k][o] for n < N, o0 <= o < o1 (see QA above); portable = 1 forces the C
+   loop. Returns 0, or -1 when the scratch buffer could not be allocated. */
+int moe_quant_matmul(int fmt, const uint8_t* q, long H, const void* sc, const uint16_t* zr, const float* lut,
+                     long nG, long G, const void* x, int x_bf16, long N, long K, float* y, long ldy,
+                     long o0, long o1, int portable) {
+  long ldx = fmt == 2 ? (K + 15) / 16 * 16 : nG * G / 2;
+  float* xs = split_rows(fmt, x, x_bf16, N, K, ldx);
+  if (!xs) return -1;
+  QA a = {fmt, q, H, sc, zr, lut, nG, G, xs, fmt == 2 ? xs : xs + N * ldx, ldx, y, ldy};
+  if (!portable && moe_quant_kernel_isa() && (fmt != 0 || G % 32 == 0)) run_avx(&a, N, o0, o1);
+  else for (long o = o0; o < o1; o++) for (long n = 0; n < N; n += 8) rows_portable(&a, o, n, N - n < 8 ? N - n : 8);
+  free(xs);
+  return 0;
 }
 """
 
@@ -172,9 +195,9 @@ def build_quant_kernel(extra_flags: tuple[str, ...] = ()) -> tuple[QuantKernel |
     if lib is None:
         return None, how
     lib.moe_quant_matmul.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_long] + [ctypes.c_void_p] * 3 \
-        + [ctypes.c_long] * 2 + [ctypes.c_void_p] * 2 + [ctypes.c_long, ctypes.c_void_p] + [ctypes.c_long] * 4 \
-        + [ctypes.c_int]
-    lib.moe_quant_matmul.restype = None
+        + [ctypes.c_long] * 2 + [ctypes.c_void_p, ctypes.c_int, ctypes.c_long, ctypes.c_long, ctypes.c_void_p] \
+        + [ctypes.c_long] * 3 + [ctypes.c_int]
+    lib.moe_quant_matmul.restype = ctypes.c_int
     lib.moe_quant_kernel_isa.restype = ctypes.c_int
     isa = "avx512" if lib.moe_quant_kernel_isa() else "portable C"
     return QuantKernel(lib, isa), f"C kernel ({isa}, {how})"
@@ -197,18 +220,6 @@ def _mxfp4_table() -> torch.Tensor:
     return torch.ldexp(e2m1[None, :], (torch.arange(256, dtype=torch.int32) - 127).float()[:, None]).contiguous()
 
 
-def _split_columns(x_NK: torch.Tensor, w: QWeight) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """fp32 (xe, xo, ldx): x's even and odd columns, zero-padded to whole groups (the codes past K are
-    padding whose decoded value is not zero: a zero x column cancels it). int8: (x padded, x padded, ldx)."""
-    if w.fmt == "int8":
-        xp = torch.nn.functional.pad(x_NK.float(), (0, -w.K % 16)).contiguous()
-        return xp, xp, xp.shape[1]
-    blk = w.group if w.fmt == "int4" else 32
-    padded = -(-w.K // blk) * blk
-    x32 = torch.nn.functional.pad(x_NK.float(), (0, padded - w.K))
-    return x32[:, 0::2].contiguous(), x32[:, 1::2].contiguous(), padded // 2
-
-
 def kernel_quant_linear(x_NK: torch.Tensor, w: QWeight, *, threads: int | None = None,
                         kernel: QuantKernel | None = None, portable: bool = False) -> torch.Tensor:
     """fp32 [N, O] = x_NK @ W_KO for one quantised expert weight (w.n == 1, host tensors), through the C
@@ -222,26 +233,30 @@ def kernel_quant_linear(x_NK: torch.Tensor, w: QWeight, *, threads: int | None =
         raise ValueError(f"kernel_quant_linear needs host rows [N, {w.K}] and one host expert weight; got x "
                          f"{tuple(x_NK.shape)} on {x_NK.device} and a bank of {w.n}")
     N, O = x_NK.shape[0], w.O
-    y = torch.zeros(N, O, dtype=torch.float32)
+    y = torch.empty(N, O, dtype=torch.float32)
     if N == 0 or O == 0:
         return y
-    xe, xo, ldx = _split_columns(x_NK, w)
-    f = {k: v[0].contiguous() for k, v in w.fields.items()}
+    x = x_NK.contiguous() if x_NK.dtype == torch.bfloat16 else x_NK.float().contiguous()
+    f = w.fields
     q, sc = f["q"], f["scale"]
+    if not all(t.is_contiguous() for t in f.values()):  # the store's expert views are; anything else is copied
+        f = {k: v.contiguous() for k, v in f.items()}
     zr = f["zero"].data_ptr() if w.fmt == "int4" else None
     lut = _mxfp4_table().data_ptr() if w.fmt == "mxfp4" else None
-    nG, G = (sc.shape[1], w.group if w.fmt == "int4" else 32) if w.fmt != "int8" else (1, w.K)
-    args = (FMT_CODE[w.fmt], q.data_ptr(), q.shape[1], sc.data_ptr(), zr, lut, nG, G, xe.data_ptr(),
-            xo.data_ptr(), ldx, y.data_ptr(), O, N)
+    nG, G = (sc.shape[2], w.group if w.fmt == "int4" else 32) if w.fmt != "int8" else (1, w.K)
+    args = (FMT_CODE[w.fmt], f["q"].data_ptr(), q.shape[2], f["scale"].data_ptr(), zr, lut, nG, G, x.data_ptr(),
+            int(x.dtype == torch.bfloat16), N, w.K, y.data_ptr(), O)
     call = kernel.lib.moe_quant_matmul
     t = max(1, min(threads or torch.get_num_threads(), O // 64))
     if t == 1:
-        call(*args, 0, O, int(portable))
+        rcs = [call(*args, 0, O, int(portable))]
     else:  # ctypes drops the GIL for the call: the parts run in parallel, each on its own columns
         from moe_runtime.offload.cpu_experts import _threads
         cuts = [O * i // t // 4 * 4 for i in range(t)] + [O]
-        for fut in [_threads().submit(call, *args, a, b, int(portable)) for a, b in zip(cuts, cuts[1:]) if a < b]:
-            fut.result()
+        rcs = [fut.result() for fut in [_threads().submit(call, *args, a, b, int(portable))
+                                        for a, b in zip(cuts, cuts[1:]) if a < b]]
+    if any(rcs):
+        raise MemoryError(f"the quantised host kernel could not allocate {N} x {w.K} floats of scratch")
     return y
 
 
