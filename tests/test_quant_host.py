@@ -119,6 +119,19 @@ def test_bf16_rows_and_path_names(monkeypatch):
         qk.quant_kernel.cache_clear()
 
 
+@needs_kernel
+def test_int8_bf16_rows_past_the_limit_use_torchs_op():
+    """bf16 rows on int8 go to the kernel up to INT8_KERNEL_MAX_ROWS, to torch._weight_int8pack_mm above;
+    int4 / MXFP4 stay on the kernel; fp32 rows and gradients as documented."""
+    lim = quant_host.INT8_KERNEL_MAX_ROWS
+    w8, w4 = Q.quantize(torch.randn(1, 32, 16), "int8"), Q.quantize(torch.randn(1, 32, 16), "int4", 32)
+    xb = torch.randn(lim + 1, 32).bfloat16()
+    want_big = "torch" if quant_host._INT8_OP else "kernel"
+    assert quant_host._impl(xb[:lim], w8, None) == "kernel" and quant_host._impl(xb, w8, None) == want_big
+    assert quant_host._impl(xb, w4, None) == "kernel" and quant_host._impl(xb.float(), w8, None) == "kernel"
+    assert quant_host._impl(torch.randn(2, 32, requires_grad=True), w4, None) == "torch"
+
+
 def test_errors():
     qe = _expert("int4", 64, 64, 40)
     with pytest.raises(ValueError, match="impl='cuda' is not one of kernel, portable, torch"):

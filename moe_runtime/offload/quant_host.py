@@ -46,21 +46,32 @@ IMPLS = ("kernel", "portable", "torch")
 """quant_linear's paths: the C kernel (AVX-512 where built), its portable C loop, torch ops."""
 
 
-def _impl(x_NK: torch.Tensor, impl: str | None) -> str:
+INT8_KERNEL_MAX_ROWS = 16
+"""bf16 rows on int8 experts: up to this many the C kernel, above it torch._weight_int8pack_mm (its
+blocking reuses each weight load across rows; at 32 rows it matched the kernel, at 64 it was ~1.3x faster
+on the benchmark machine). int4 / MXFP4 run the kernel at every N (~1.4x faster than torch's decode
+tiles even at 64 rows there)."""
+
+
+def _impl(x_NK: torch.Tensor, w: QWeight, impl: str | None) -> str:
     """The path for these rows: `impl`, or the C kernel where it is built and no gradient is wanted."""
     if impl is not None:
         if impl not in IMPLS:
             raise ValueError(f"impl={impl!r} is not one of {', '.join(IMPLS)}")
         return impl
     grads = torch.is_grad_enabled() and x_NK.requires_grad
-    return "kernel" if not grads and x_NK.device.type == "cpu" and quant_kernel()[0] is not None else "torch"
+    if grads or x_NK.device.type != "cpu" or quant_kernel()[0] is None:
+        return "torch"
+    big_int8 = w.fmt == "int8" and x_NK.dtype == torch.bfloat16 and _INT8_OP and x_NK.shape[0] > INT8_KERNEL_MAX_ROWS
+    return "torch" if big_int8 else "kernel"
 
 
 def host_quant_path(fmt: str) -> str:
     """What host_quant_expert_forward runs for experts of format `fmt` (recorded in the calibration)."""
     kernel, how = quant_kernel()
     if kernel is not None:
-        return f"{fmt}: {how}, {torch.get_num_threads()} thread(s)"
+        above = f"; torch._weight_int8pack_mm above {INT8_KERNEL_MAX_ROWS} bf16 rows" if fmt == "int8" and _INT8_OP else ""
+        return f"{fmt}: {how}, {torch.get_num_threads()} thread(s){above}"
     torch_path = "torch._weight_int8pack_mm for bf16 rows" if fmt == "int8" and _INT8_OP else "torch decode tiles"
     return f"{fmt}: {torch_path} ({how})"
 
@@ -73,7 +84,7 @@ def quant_linear(x_NK: torch.Tensor, w: QWeight, chunk_channels: int | None = No
         raise ValueError(f"quant_linear takes one expert's weight, got a bank of {w.n}")
     if x_NK.shape[1] != w.K:
         raise ValueError(f"rows have {x_NK.shape[1]} columns but the weight's reduction dim is {w.K}")
-    path = _impl(x_NK, impl)
+    path = _impl(x_NK, w, impl)
     if path != "torch":
         return kernel_quant_linear(x_NK, w, portable=path == "portable").to(x_NK.dtype)
     if w.fmt == "int8" and x_NK.dtype == torch.bfloat16 and _INT8_OP and x_NK.shape[0] > 0:

@@ -123,11 +123,14 @@ static void tile8_##RR##_##NN(const QA* a, long o, long n0) { \
 }
 #define BOTH(RR, NN) QTILE(RR, NN) Q8TILE(RR, NN)
 BOTH(4, 1) BOTH(2, 2) BOTH(2, 4) BOTH(2, 8) BOTH(1, 1) BOTH(1, 2) BOTH(1, 4) BOTH(1, 8)
+#ifndef RR_WIDE
+#define RR_WIDE 2  /* output rows per tile when N > 1 (1 or 2) */
+#endif
 typedef void (*tile_fn)(const QA*, long, long);
 static void run_avx(const QA* a, long N, long o0, long o1) {
   int i8 = a->fmt == 2;
   for (long o = o0; o < o1;) {
-    int rr = o1 - o >= 4 && N == 1 ? 4 : o1 - o >= 2 ? 2 : 1;
+    int rr = o1 - o >= 4 && N == 1 ? 4 : o1 - o >= 2 && RR_WIDE == 2 ? 2 : 1;
     for (long n = 0; n < N;) {
       long r = N - n; int nn = r >= 8 ? 8 : r >= 4 ? 4 : r >= 2 ? 2 : 1;
       tile_fn f;
