@@ -346,7 +346,8 @@ def build_c_library(src: str, stem: str, extra_flags: tuple[str, ...] = ()) -> t
                 r = subprocess.run([cc, *flags, str(c_file), "-o", str(out)], capture_output=True, text=True,
                                    timeout=300)
                 if r.returncode != 0:
-                    last = (r.stderr.strip().splitlines() or ["no message"])[-1]
+                    lines = r.stderr.strip().splitlines() or ["no message"]
+                    last = next((ln for ln in lines if "error" in ln), lines[-1])  # the first error, else the end
                     return None, f"{cc} could not build the {stem} ({last[:200]})"
                 (Path(tmp) / "digest").write_text(_sha256_file(out) + "\n")
                 # atomic renames, digest first: a concurrent load sees a whole pair or rebuilds

@@ -33,10 +33,12 @@ _SRC = r"""
 #include <string.h>
 /* q    [O, H] uint8 codes (int8: int8 [O, K], H = K);  sc: int4 fp16 [O, nG] scales, mxfp4 uint8 [O, nG]
    exponents, int8 fp32 [O];  zr: int4 fp16 [O, nG] zeros (else unused);  lut: mxfp4 fp32 [256, 16]
-   e2m1(i) * 2^(e - 127) (else unused);  xe, xo: fp32 [N, ldx] x's even / odd columns, zero past K
-   (int8: xe = x itself, zero past K; split_rows below makes them);  y: fp32 [N, ldy], columns o0..o1 written. */
+   e2m1(i) * 2^(e - 127) (else unused);  xe, xo: fp32 x's even / odd columns, zero past K (int8: xe = x
+   itself), chunk-major [ldx / 16, N, 16] so one pointer and fixed offsets reach a chunk of every row
+   (split_rows below makes them);  y: fp32 [N, ldy], columns o0..o1 written. */
 typedef struct { int fmt; const uint8_t* q; long H; const void* sc; const uint16_t* zr; const float* lut;
-                 long nG, G; const float* xe; const float* xo; long ldx; float* y; long ldy; } QA;
+                 long nG, G; const float* xe; const float* xo; long N; float* y; long ldy; } QA;
+#define XI(a, n, j) (((j) >> 4) * (a)->N * 16 + (n) * 16 + ((j) & 15))  /* x column j of row n */
 #if defined(__F16C__)
 #include <immintrin.h>
 static inline float h2f(uint16_t h) { return _cvtsh_ss(h); }  /* IEEE fp16 -> fp32, exact */
@@ -58,7 +60,7 @@ static void rows_portable(const QA* a, long o, long n0, long nn) {
   for (int n = 0; n < nn; n++) acc[n] = 0.f;
   if (a->fmt == 2) {
     const int8_t* q = (const int8_t*)a->q + o * a->H;
-    for (long k = 0; k < a->H; k++) for (int n = 0; n < nn; n++) acc[n] += (float)q[k] * a->xe[(n0 + n) * a->ldx + k];
+    for (long k = 0; k < a->H; k++) for (int n = 0; n < nn; n++) acc[n] += (float)q[k] * a->xe[XI(a, n0 + n, k)];
     for (int n = 0; n < nn; n++) a->y[(n0 + n) * a->ldy + o] = acc[n] * ((const float*)a->sc)[o];
     return;
   }
@@ -68,7 +70,7 @@ static void rows_portable(const QA* a, long o, long n0, long nn) {
     long j1 = (g + 1) * gb < a->H ? (g + 1) * gb : a->H;
     for (long j = g * gb; j < j1; j++) {
       uint8_t b = a->q[o * a->H + j]; float lo = T[b & 15], hi = T[b >> 4];
-      for (int n = 0; n < nn; n++) acc[n] += lo * a->xe[(n0 + n) * a->ldx + j] + hi * a->xo[(n0 + n) * a->ldx + j];
+      for (int n = 0; n < nn; n++) acc[n] += lo * a->xe[XI(a, n0 + n, j)] + hi * a->xo[XI(a, n0 + n, j)];
     }
   }
   for (int n = 0; n < nn; n++) a->y[(n0 + n) * a->ldy + o] = acc[n];
@@ -86,38 +88,44 @@ static inline __m512 vtable(const QA* a, long o, long g) {
 }
 /* constant-trip loops unrolled, so the RR x NN accumulators stay in registers */
 #define U _Pragma("GCC unroll 16")
+/* one 16-byte chunk at byte `off` of every row: 32 codes looked up in the group's table, times x */
+#define QCHUNK(LOAD, RR, NN) \
+  U for (int r = 0; r < RR; r++) { \
+    __m512i v = _mm512_cvtepu8_epi32(LOAD(qr[r] + off)); \
+    __m512 lo = _mm512_permutexvar_ps(v, T[r]), hi = _mm512_permutexvar_ps(_mm512_srli_epi32(v, 4), T[r]); \
+    U for (int n = 0; n < NN; n++) { \
+      acc[r][n] = _mm512_fmadd_ps(lo, _mm512_loadu_ps(xe + n * 16), acc[r][n]); \
+      acc[r][n] = _mm512_fmadd_ps(hi, _mm512_loadu_ps(xo + n * 16), acc[r][n]); } }
+#define LD_FULL(p) _mm_loadu_si128((const __m128i*)(p))
+#define LD_TAIL(p) _mm_maskz_loadu_epi8(m, (p))
 #define QTILE(RR, NN) \
 static void tile_##RR##_##NN(const QA* a, long o, long n0) { \
-  __m512 acc[RR][NN], T[RR]; \
-  U for (int r = 0; r < RR; r++) U for (int n = 0; n < NN; n++) acc[r][n] = _mm512_setzero_ps(); \
-  long gb = a->G / 2; \
-  for (long g = 0; g < a->nG; g++) { \
+  __m512 acc[RR][NN], T[RR]; const uint8_t* qr[RR]; const long cs = a->N * 16; \
+  const long H = a->H, gb = a->G / 2, nG = a->nG; \
+  U for (int r = 0; r < RR; r++) { qr[r] = a->q + (o + r) * H; U for (int n = 0; n < NN; n++) acc[r][n] = _mm512_setzero_ps(); } \
+  for (long g = 0; g < nG; g++) { \
     U for (int r = 0; r < RR; r++) T[r] = vtable(a, o + r, g); \
-    for (long off = g * gb; off < (g + 1) * gb; off += 16) { \
-      __mmask16 m = tail(a->H - off); \
-      U for (int r = 0; r < RR; r++) { \
-        __m512i v = _mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(m, a->q + (o + r) * a->H + off)); \
-        __m512 lo = _mm512_permutexvar_ps(v, T[r]), hi = _mm512_permutexvar_ps(_mm512_srli_epi32(v, 4), T[r]); \
-        U for (int n = 0; n < NN; n++) { const long xi = (n0 + n) * a->ldx + off; \
-          acc[r][n] = _mm512_fmadd_ps(lo, _mm512_loadu_ps(a->xe + xi), acc[r][n]); \
-          acc[r][n] = _mm512_fmadd_ps(hi, _mm512_loadu_ps(a->xo + xi), acc[r][n]); } \
-      } \
-    } \
+    const long end = (g + 1) * gb; \
+    const float *xe = a->xe + (g * gb >> 4) * cs + n0 * 16, *xo = a->xo + (g * gb >> 4) * cs + n0 * 16; \
+    if (end <= H) { for (long off = g * gb; off < end; off += 16, xe += cs, xo += cs) { QCHUNK(LD_FULL, RR, NN) } } \
+    else for (long off = g * gb; off < end; off += 16, xe += cs, xo += cs) { __mmask16 m = tail(H - off); QCHUNK(LD_TAIL, RR, NN) } \
   } \
   U for (int r = 0; r < RR; r++) U for (int n = 0; n < NN; n++) a->y[(n0 + n) * a->ldy + o + r] = _mm512_reduce_add_ps(acc[r][n]); \
 }
+#define Q8CHUNK(LOAD, XLOAD, RR, NN) \
+  U for (int r = 0; r < RR; r++) { \
+    __m512 w = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(LOAD(qr[r] + off))); \
+    U for (int n = 0; n < NN; n++) acc[r][n] = _mm512_fmadd_ps(w, XLOAD(xe + n * 16), acc[r][n]); }
+#define XL_FULL(p) _mm512_loadu_ps(p)
+#define XL_TAIL(p) _mm512_maskz_loadu_ps(m, (p))
 #define Q8TILE(RR, NN) \
 static void tile8_##RR##_##NN(const QA* a, long o, long n0) { \
-  __m512 acc[RR][NN]; \
-  U for (int r = 0; r < RR; r++) U for (int n = 0; n < NN; n++) acc[r][n] = _mm512_setzero_ps(); \
-  for (long off = 0; off < a->H; off += 16) { \
-    __mmask16 m = tail(a->H - off); \
-    U for (int r = 0; r < RR; r++) { \
-      __m512 w = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(m, a->q + (o + r) * a->H + off))); \
-      U for (int n = 0; n < NN; n++) \
-        acc[r][n] = _mm512_fmadd_ps(w, _mm512_maskz_loadu_ps(m, a->xe + (n0 + n) * a->ldx + off), acc[r][n]); \
-    } \
-  } \
+  __m512 acc[RR][NN]; const uint8_t* qr[RR]; const long cs = a->N * 16; \
+  const long H = a->H; long off = 0; \
+  U for (int r = 0; r < RR; r++) { qr[r] = a->q + (o + r) * H; U for (int n = 0; n < NN; n++) acc[r][n] = _mm512_setzero_ps(); } \
+  const float* xe = a->xe + n0 * 16; \
+  for (; off + 16 <= H; off += 16, xe += cs) { Q8CHUNK(LD_FULL, XL_FULL, RR, NN) } \
+  if (off < H) { __mmask16 m = tail(H - off); Q8CHUNK(LD_TAIL, XL_TAIL, RR, NN) } \
   U for (int r = 0; r < RR; r++) U for (int n = 0; n < NN; n++) \
     a->y[(n0 + n) * a->ldy + o + r] = _mm512_reduce_add_ps(acc[r][n]) * ((const float*)a->sc)[o + r]; \
 }
@@ -161,8 +169,8 @@ static float* split_rows(int fmt, const void* x, int x_bf16, long N, long K, lon
     float v;
     if (x_bf16) { uint32_t u = (uint32_t)((const uint16_t*)x)[n * K + k] << 16; memcpy(&v, &u, 4); }
     else v = ((const float*)x)[n * K + k];
-    if (fmt == 2) buf[n * ldx + k] = v;
-    else buf[(k & 1) * N * ldx + n * ldx + (k >> 1)] = v;
+    long j = fmt == 2 ? k : k >> 1;
+    buf[(fmt == 2 ? 0 : (k & 1) * N * ldx) + (j >> 4) * N * 16 + n * 16 + (j & 15)] = v;
   }
   return buf;
 }
@@ -171,10 +179,10 @@ static float* split_rows(int fmt, const void* x, int x_bf16, long N, long K, lon
 int moe_quant_matmul(int fmt, const uint8_t* q, long H, const void* sc, const uint16_t* zr, const float* lut,
                      long nG, long G, const void* x, int x_bf16, long N, long K, float* y, long ldy,
                      long o0, long o1, int portable) {
-  long ldx = fmt == 2 ? (K + 15) / 16 * 16 : nG * G / 2;
+  long ldx = ((fmt == 2 ? K : nG * G / 2) + 15) / 16 * 16;  /* whole chunks */
   float* xs = split_rows(fmt, x, x_bf16, N, K, ldx);
   if (!xs) return -1;
-  QA a = {fmt, q, H, sc, zr, lut, nG, G, xs, fmt == 2 ? xs : xs + N * ldx, ldx, y, ldy};
+  QA a = {fmt, q, H, sc, zr, lut, nG, G, xs, fmt == 2 ? xs : xs + N * ldx, N, y, ldy};
   if (!portable && moe_quant_kernel_isa() && (fmt != 0 || G % 32 == 0)) run_avx(&a, N, o0, o1);
   else for (long o = o0; o < o1; o++) for (long n = 0; n < N; n += 8) rows_portable(&a, o, n, N - n < 8 ? N - n : 8);
   free(xs);
