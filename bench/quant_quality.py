@@ -141,20 +141,26 @@ def host_speed(D: int, Fh: int, rounds: int, threads: int, n: int = 1) -> list[d
     torch.set_num_threads(threads)
     paths = _host_paths(D, Fh, n)
     times = {k: [] for k in paths}
+    cpu = {k: [] for k in paths}
     for fn, *_ in paths.values():
         fn()  # warm-up (and builds the C kernels)
     for _ in range(rounds):
         for k, (fn, *_) in paths.items():
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.thread_time()
             fn()
+            cpu[k].append(time.thread_time() - c0)
             times[k].append(time.perf_counter() - t0)
-    base = statistics.median(times["bf16"])
+    base, cbase = statistics.median(times["bf16"]), statistics.median(cpu["bf16"])
     out = []
     for k, (_, nbytes, fmt, path) in paths.items():
-        med = statistics.median(times[k])
+        med, cmed = statistics.median(times[k]), statistics.median(cpu[k])
+        # CPU time of the calling thread: with one thread every path computes there, and it is what the
+        # other processes on a shared machine do not inflate (wall time includes their time slices)
+        one = threads == 1
         out.append({"format": k, "expert_bytes": nbytes, "median_s": med, "gbps": nbytes / med / 1e9,
                     "speedup_vs_bf16": base / med, "rounds": rounds, "n_tokens": n, "base_format": fmt,
-                    "path": path})
+                    "path": path, "cpu_median_s": cmed if one else None,
+                    "cpu_speedup_vs_bf16": cbase / cmed if one else None})
     return out
 
 
@@ -166,6 +172,7 @@ def host_section(args) -> dict:
     ones = by_n.get("1") or host_speed(args.host_d, args.host_f, args.rounds, args.threads, 1)
     return {"host_expert_path": ones, "host_expert_path_by_tokens": by_n,
             "host_speed_vs_bf16": {r["format"]: r["speedup_vs_bf16"] for r in ones},
+            "host_cpu_speed_vs_bf16": {r["format"]: r["cpu_speedup_vs_bf16"] for r in ones},
             "host_measured": {"date": _now(), "load_avg_1m_before_after": [load0[0], os.getloadavg()[0]],
                               "machine": _machine(), "D": args.host_d, "F": args.host_f, "rounds": args.rounds,
                               "threads": args.threads}}
@@ -220,12 +227,15 @@ def _host_md(res: dict) -> str:
          f"{h['load_avg_1m_before_after'][0]:.2f} before / {h['load_avg_1m_before_after'][1]:.2f} after; every row "
          "reads the same expert each round, so it is served from cache where it fits (L2 / L3), not from DRAM). "
          "The unsuffixed rows are what the engine runs on the host; `-torch` rows are the torch paths (no C "
-         "compiler or MOE_HOST_KERNEL=torch); speed vs the engine's bf16 path in the same rounds:\n\n"
-         "| N | format | path | expert bytes | time per expert | effective GB/s | speed vs bf16 |\n"
-         "|---:|---|---|---:|---:|---:|---:|\n")
+         "compiler or MOE_HOST_KERNEL=torch); speed vs the engine's bf16 path in the same rounds; CPU time: the "
+         "calling thread's (one thread: all the work), which other processes' time slices do not inflate:\n\n"
+         "| N | format | path | expert bytes | time per expert | effective GB/s | speed vs bf16 | CPU time | "
+         "CPU speed vs bf16 |\n|---:|---|---|---:|---:|---:|---:|---:|---:|\n")
     for n, rows in res["host_expert_path_by_tokens"].items():
         s += "".join(f"| {n} | {r['format']} | {r['path']} | {r['expert_bytes']:,} | {r['median_s'] * 1e3:.2f} ms | "
-                     f"{r['gbps']:.2f} | {r['speedup_vs_bf16']:.2f}x |\n" for r in rows)
+                     f"{r['gbps']:.2f} | {r['speedup_vs_bf16']:.2f}x | " + (
+                         f"{r['cpu_median_s'] * 1e3:.2f} ms | {r['cpu_speedup_vs_bf16']:.2f}x |\n"
+                         if r.get("cpu_median_s") else "| |\n") for r in rows)
     return s
 
 
@@ -260,7 +270,7 @@ def main(argv=None) -> int:
     ap.add_argument("--gen", type=int, default=64, help="free-running greedy tokens per prompt (8 prompts)")
     ap.add_argument("--host-d", type=int, default=1024, help="model dim D of the host-path expert")
     ap.add_argument("--host-f", type=int, default=2816, help="hidden dim F of the host-path expert")
-    ap.add_argument("--host-tokens", type=int, nargs="+", default=[1, 8], help="token rows N of the host rows")
+    ap.add_argument("--host-tokens", type=int, nargs="+", default=[1, 8, 16], help="token rows N of the host rows")
     ap.add_argument("--host-only", action="store_true",
                     help="re-measure only the host rows and rewrite them into the existing results")
     ap.add_argument("--rounds", type=int, default=15, help="interleaved rounds of the host rows")

@@ -79,6 +79,10 @@ static void rows_portable(const QA* a, long o, long n0, long nn) {
 #include <immintrin.h>
 static inline __mmask16 tail(long rem) { return rem >= 16 ? 0xFFFF : rem <= 0 ? 0 : (__mmask16)((1u << rem) - 1); }
 /* the group's table in a register: the same fp32 ops as table() (no store-to-load round trip) */
+static inline __m512 int4_table(float s, float z) {
+  const __m512 iota = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  return _mm512_mul_ps(_mm512_sub_ps(iota, _mm512_set1_ps(z)), _mm512_set1_ps(s));
+}
 static inline __m512 vtable(const QA* a, long o, long g) {
   long i = o * a->nG + g;
   if (a->fmt == 1) return _mm512_loadu_ps(a->lut + 16 * (long)((const uint8_t*)a->sc)[i]);
@@ -89,8 +93,13 @@ static inline __m512 vtable(const QA* a, long o, long g) {
 /* constant-trip loops unrolled, so the RR x NN accumulators stay in registers */
 #define U _Pragma("GCC unroll 16")
 /* one 16-byte chunk at byte `off` of every row: 32 codes looked up in the group's table, times x */
+#ifndef PF_TILES
+#define PF_TILES 1  /* prefetch the rows this many tiles ahead: a row is short, so hardware prefetch barely starts */
+#endif
+#define PREFETCH(p, RR) if (PF_TILES && !(off & 63)) _mm_prefetch((const char*)(p) + PF_TILES * RR * H, _MM_HINT_T0)
 #define QCHUNK(LOAD, RR, NN) \
   U for (int r = 0; r < RR; r++) { \
+    PREFETCH(qr[r] + off, RR); \
     __m512i v = _mm512_cvtepu8_epi32(LOAD(qr[r] + off)); \
     __m512 lo = _mm512_permutexvar_ps(v, T[r]), hi = _mm512_permutexvar_ps(_mm512_srli_epi32(v, 4), T[r]); \
     U for (int n = 0; n < NN; n++) { \
@@ -103,8 +112,14 @@ static void tile_##RR##_##NN(const QA* a, long o, long n0) { \
   __m512 acc[RR][NN], T[RR]; const uint8_t* qr[RR]; const long cs = a->N * 16; \
   const long H = a->H, gb = a->G / 2, nG = a->nG; \
   U for (int r = 0; r < RR; r++) { qr[r] = a->q + (o + r) * H; U for (int n = 0; n < NN; n++) acc[r][n] = _mm512_setzero_ps(); } \
+  /* int4: the tile's scales and zeros in fp32 first, so each group's broadcasts are plain loads */ \
+  float sz[a->fmt == 0 ? 2 * RR * nG : 1]; \
+  if (a->fmt == 0) U for (int r = 0; r < RR; r++) for (long g = 0; g < nG; g++) { \
+    sz[2 * r * nG + g] = h2f(((const uint16_t*)a->sc)[(o + r) * nG + g]); \
+    sz[(2 * r + 1) * nG + g] = h2f(a->zr[(o + r) * nG + g]); } \
   for (long g = 0; g < nG; g++) { \
-    U for (int r = 0; r < RR; r++) T[r] = vtable(a, o + r, g); \
+    U for (int r = 0; r < RR; r++) T[r] = a->fmt == 0 ? int4_table(sz[2 * r * nG + g], sz[(2 * r + 1) * nG + g]) \
+                                                     : vtable(a, o + r, g); \
     const long end = (g + 1) * gb; \
     const float *xe = a->xe + (g * gb >> 4) * cs + n0 * 16, *xo = a->xo + (g * gb >> 4) * cs + n0 * 16; \
     if (end <= H) { for (long off = g * gb; off < end; off += 16, xe += cs, xo += cs) { QCHUNK(LD_FULL, RR, NN) } } \
@@ -114,6 +129,7 @@ static void tile_##RR##_##NN(const QA* a, long o, long n0) { \
 }
 #define Q8CHUNK(LOAD, XLOAD, RR, NN) \
   U for (int r = 0; r < RR; r++) { \
+    PREFETCH(qr[r] + off, RR); \
     __m512 w = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(LOAD(qr[r] + off))); \
     U for (int n = 0; n < NN; n++) acc[r][n] = _mm512_fmadd_ps(w, XLOAD(xe + n * 16), acc[r][n]); }
 #define XL_FULL(p) _mm512_loadu_ps(p)
