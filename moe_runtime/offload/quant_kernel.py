@@ -79,6 +79,11 @@ static void rows_portable(const QA* a, long o, long n0, long nn) {
 #include <immintrin.h>
 static inline __mmask16 tail(long rem) { return rem >= 16 ? 0xFFFF : rem <= 0 ? 0 : (__mmask16)((1u << rem) - 1); }
 /* the group's table in a register: the same fp32 ops as table() (no store-to-load round trip) */
+static inline void halves_to_float(const uint16_t* h, float* f, long n) {  /* exact, 16 at a time */
+  long i = 0;
+  for (; i + 16 <= n; i += 16) _mm512_storeu_ps(f + i, _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)(h + i))));
+  for (; i < n; i++) f[i] = h2f(h[i]);
+}
 static inline __m512 int4_table(float s, float z) {
   const __m512 iota = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
   return _mm512_mul_ps(_mm512_sub_ps(iota, _mm512_set1_ps(z)), _mm512_set1_ps(s));
@@ -114,9 +119,9 @@ static void tile_##RR##_##NN(const QA* a, long o, long n0) { \
   U for (int r = 0; r < RR; r++) { qr[r] = a->q + (o + r) * H; U for (int n = 0; n < NN; n++) acc[r][n] = _mm512_setzero_ps(); } \
   /* int4: the tile's scales and zeros in fp32 first, so each group's broadcasts are plain loads */ \
   float sz[a->fmt == 0 ? 2 * RR * nG : 1]; \
-  if (a->fmt == 0) U for (int r = 0; r < RR; r++) for (long g = 0; g < nG; g++) { \
-    sz[2 * r * nG + g] = h2f(((const uint16_t*)a->sc)[(o + r) * nG + g]); \
-    sz[(2 * r + 1) * nG + g] = h2f(a->zr[(o + r) * nG + g]); } \
+  if (a->fmt == 0) U for (int r = 0; r < RR; r++) { \
+    halves_to_float((const uint16_t*)a->sc + (o + r) * nG, sz + 2 * r * nG, nG); \
+    halves_to_float(a->zr + (o + r) * nG, sz + (2 * r + 1) * nG, nG); } \
   for (long g = 0; g < nG; g++) { \
     U for (int r = 0; r < RR; r++) T[r] = a->fmt == 0 ? int4_table(sz[2 * r * nG + g], sz[(2 * r + 1) * nG + g]) \
                                                      : vtable(a, o + r, g); \
