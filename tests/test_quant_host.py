@@ -106,8 +106,8 @@ def test_bf16_rows_and_path_names(monkeypatch):
     y = quant_host.host_quant_expert_forward(x.bfloat16(), qe[0])
     assert y.dtype == torch.bfloat16
     _assert_close(y.float(), grouped_mlp_reference(x, w13, w2, torch.tensor([3])), "bf16 rows", tol=3e-2)
-    if KERNEL is not None:
-        assert quant_host.host_quant_path("int4").startswith(f"int4: C kernel ({KERNEL.isa}")
+    if KERNEL is not None and KERNEL.isa == "avx512":
+        assert quant_host.host_quant_path("int4").startswith("int4: C kernel (avx512")
     monkeypatch.setenv("MOE_HOST_KERNEL", "torch")
     qk.quant_kernel.cache_clear()
     try:
@@ -130,6 +130,18 @@ def test_int8_bf16_rows_past_the_limit_use_torchs_op():
     assert quant_host._impl(xb[:lim], w8, None) == "kernel" and quant_host._impl(xb, w8, None) == want_big
     assert quant_host._impl(xb, w4, None) == "kernel" and quant_host._impl(xb.float(), w8, None) == "kernel"
     assert quant_host._impl(torch.randn(2, 32, requires_grad=True), w4, None) == "torch"
+    w48 = Q.quantize(torch.randn(1, 96, 16), "int4", 48)  # the AVX-512 tiles need whole 32-value chunks
+    assert quant_host._impl(torch.randn(2, 96), w48, None) == "torch"
+
+
+@needs_kernel
+def test_portable_only_build_leaves_the_default_to_torch(monkeypatch):
+    """Without AVX-512 the kernel's C loop is slower than torch's path: the default is torch there."""
+    portable, how = qk.build_quant_kernel(("-mno-avx512f",))
+    monkeypatch.setattr(quant_host, "quant_kernel", lambda: (portable, how))
+    w4 = Q.quantize(torch.randn(1, 32, 16), "int4", 32)
+    assert quant_host._impl(torch.randn(2, 32), w4, None) == "torch"
+    assert "has no AVX-512 path" in quant_host.host_quant_path("int4")
 
 
 def test_errors():

@@ -53,6 +53,13 @@ on the benchmark machine). int4 / MXFP4 run the kernel at every N (~1.4x faster 
 tiles even at 64 rows there)."""
 
 
+def _kernel_is_fast(kernel, w: QWeight) -> bool:
+    """The AVX-512 build on a format / group it vectorises. Its portable C loop (no AVX-512, or an int4
+    group that is not a multiple of 32) was slower than the torch path on the benchmark machine (int4
+    ~1.05x, int8 ~10x torch's time at N=1), so those run torch's path by default."""
+    return kernel is not None and kernel.isa == "avx512" and (w.fmt != "int4" or w.group % 32 == 0)
+
+
 def _impl(x_NK: torch.Tensor, w: QWeight, impl: str | None) -> str:
     """The path for these rows: `impl`, or the C kernel where it is built and no gradient is wanted."""
     if impl is not None:
@@ -60,7 +67,8 @@ def _impl(x_NK: torch.Tensor, w: QWeight, impl: str | None) -> str:
             raise ValueError(f"impl={impl!r} is not one of {', '.join(IMPLS)}")
         return impl
     grads = torch.is_grad_enabled() and x_NK.requires_grad
-    if grads or x_NK.device.type != "cpu" or quant_kernel()[0] is None:
+    kernel = quant_kernel()[0]
+    if grads or x_NK.device.type != "cpu" or not _kernel_is_fast(kernel, w):
         return "torch"
     big_int8 = w.fmt == "int8" and x_NK.dtype == torch.bfloat16 and _INT8_OP and x_NK.shape[0] > INT8_KERNEL_MAX_ROWS
     return "torch" if big_int8 else "kernel"
@@ -69,11 +77,13 @@ def _impl(x_NK: torch.Tensor, w: QWeight, impl: str | None) -> str:
 def host_quant_path(fmt: str) -> str:
     """What host_quant_expert_forward runs for experts of format `fmt` (recorded in the calibration)."""
     kernel, how = quant_kernel()
-    if kernel is not None:
+    if kernel is not None and kernel.isa == "avx512":
         above = f"; torch._weight_int8pack_mm above {INT8_KERNEL_MAX_ROWS} bf16 rows" if fmt == "int8" and _INT8_OP else ""
-        return f"{fmt}: {how}, {torch.get_num_threads()} thread(s){above}"
+        groups = "; torch for groups not a multiple of 32" if fmt == "int4" else ""
+        return f"{fmt}: {how}, {torch.get_num_threads()} thread(s){above}{groups}"
     torch_path = "torch._weight_int8pack_mm for bf16 rows" if fmt == "int8" and _INT8_OP else "torch decode tiles"
-    return f"{fmt}: {torch_path} ({how})"
+    why = how if kernel is None else f"the {how} has no AVX-512 path, slower than torch's"
+    return f"{fmt}: {torch_path} ({why})"
 
 
 def quant_linear(x_NK: torch.Tensor, w: QWeight, chunk_channels: int | None = None, *,
