@@ -16,6 +16,7 @@ from moe_runtime.offload import quant_host, quant_kernel as qk
 
 KERNEL, HOW = qk.quant_kernel()
 needs_kernel = pytest.mark.skipif(KERNEL is None, reason=f"no quantised host kernel here: {HOW}")
+needs_avx512 = pytest.mark.skipif(KERNEL is None or KERNEL.isa != "avx512", reason=f"no AVX-512 kernel here: {HOW}")
 FP32_TOL = 2e-5  # fp32 sums of the same products in another order
 CASES = [("int4", 32), ("int4", 64), ("int4", 128), ("int4", 48), ("mxfp4", None), ("int8", None)]
 SHAPES = [(64, 48), (37, 29), (130, 70), (200, 33)]  # D, F: odd, and not multiples of 16 / 32 / the group
@@ -119,7 +120,7 @@ def test_bf16_rows_and_path_names(monkeypatch):
         qk.quant_kernel.cache_clear()
 
 
-@needs_kernel
+@needs_avx512
 def test_int8_bf16_rows_past_the_limit_use_torchs_op():
     """bf16 rows on int8 go to the kernel up to INT8_KERNEL_MAX_ROWS, to torch._weight_int8pack_mm above;
     int4 / MXFP4 stay on the kernel; fp32 rows and gradients as documented."""

@@ -11,8 +11,13 @@ in it with one vpermps (its index uses the low 4 bits, so the low nibble needs n
 odd codes of a byte multiply x's even and odd columns (split once per call), so nibbles are never
 interleaved. int8 widens 16 codes to fp32 and applies the channel's scale after the sum. Products and
 sums are fp32. RR output rows x NN token rows are computed together: each weight byte is read from
-memory once per call and decoded once per token tile. Without AVX-512 (or for an int4 group that is
-not a multiple of 32) a portable C loop does the same arithmetic.
+memory once per call and decoded once per token tile (up to 8 rows; N = 16 decodes twice). The rows
+are short (K / 2 bytes), so the hardware prefetcher barely starts on one: the kernel prefetches the
+next tile's rows itself (from L3 this halved the int4 / MXFP4 time on the benchmark machine). x is
+split per call, in C, into a chunk-major scratch [chunks, N, 16] so one pointer reaches a chunk of
+every token row. Without AVX-512 (or for an int4 group that is not a multiple of 32) a portable C loop
+does the same arithmetic; it is slower than quant_host's torch path, which is therefore the default
+there (quant_host._kernel_is_fast).
 """
 from __future__ import annotations
 
