@@ -69,6 +69,19 @@ def test_kernel_decodes_exactly(fmt, group, portable):
 
 
 @needs_kernel
+@pytest.mark.parametrize("fmt,group", CASES)
+def test_long_rows(fmt, group):
+    """K long enough for the int4 scales / zeros to be converted 16 groups at a time (plus a tail of
+    groups) and for many 16-byte chunks per group row; prefetches run past the last row."""
+    K, O = 1030, 21
+    w = Q.quantize(torch.randn(1, K, O) / K ** 0.5, fmt, group)
+    x = torch.randn(3, K)
+    want = x.double() @ w.dequantize(torch.float64)[0]
+    for portable in (False, True):
+        _assert_close(qk.kernel_quant_linear(x, w, portable=portable), want, f"{fmt}/{group} K={K}")
+
+
+@needs_kernel
 def test_mxfp4_table_is_the_formats_decode():
     """The kernel's [256, 16] MXFP4 table is exactly e2m1 * 2^(e - 127) as kernels/quant.py decodes it."""
     codes = torch.arange(16, dtype=torch.uint8)
