@@ -22,6 +22,8 @@ offload/cpu_experts.py: `host_quant_expert_forward(x_ND, experts_1)`.
 """
 from __future__ import annotations
 
+import itertools
+
 import torch
 
 from moe_runtime.core.experts import compute_dtype
@@ -187,9 +189,13 @@ def calibrate_store(store, pool, copy_engine, *, attn_probe=None, token_grid: tu
 
     copy_s = _median_time(copy_once, repeats, sync)
     host_s, device_s = [], []
+    # each host run reads another expert, as a miss does (cpu_experts.calibrate does the same): one
+    # expert timed back to back is served from cache
+    keys = itertools.cycle([(m, e) for m in range(lay.num_layers) for e in range(lay.num_experts)])
     for n in token_grid:
         xh = torch.randn(n, lay.d_model).to(lay.dtype)
-        host_s.append(_median_time(lambda: host_quant_expert_forward(xh, store.quant_expert(0, 0)), repeats, sync))
+        host_s.append(_median_time(lambda: host_quant_expert_forward(xh, store.quant_expert(*next(keys))), repeats,
+                                   sync))
         xd, cd = xh.to(dev), torch.tensor([n], device=dev)
         device_s.append(_median_time(lambda: kernels.grouped_mlp_quant(xd, pool.quant[0], cd), repeats, sync))
     act = 0.0
