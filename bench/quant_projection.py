@@ -119,15 +119,18 @@ def summary(tg: list[dict]) -> list[dict]:
     """Per (shape, link, format): min / median of default tok/s vs bf16's default over the traces."""
     out = []
     for k in sorted({(t["shape"], t["link"], t["format"]) for t in tg}, key=lambda k: (k[0], k[1], _order(k[2]))):
-        v = [t["default_vs_bf16"] for t in tg if (t["shape"], t["link"], t["format"]) == k]
-        out.append({"shape": k[0], "link": k[1], "format": k[2], "traces": len(v), "min_vs_bf16": min(v),
+        sel = [t for t in tg if (t["shape"], t["link"], t["format"]) == k]
+        v = [t["default_vs_bf16"] for t in sel]
+        out.append({"shape": k[0], "link": k[1], "format": k[2], "traces": len(v), "host_ram_gib": sel[0]["host_ram_gib"],
+                    "median_default_tps": statistics.median(t["default"] for t in sel), "min_vs_bf16": min(v),
                     "median_vs_bf16": statistics.median(v), "max_vs_bf16": max(v), "at_least_3x": sum(x >= 3 for x in v)})
     return out
 
 
 def markdown(out: dict) -> str:
     lines = [f"# Projected tokens/s and host RAM per expert format at equal slot memory ({out['date']})", "",
-             f"Projections (not GPU measurements) made on {out['host']}; slot memory = the memory that holds "
+             f"Projections (not GPU measurements; the simulation is deterministic given its constants, only the "
+             f"split run's CPU-side cost is measured on the machine) made on {out['host']}; slot memory = the memory that holds "
              f"{out['cache']:.0%} of the experts in bf16, filled with as many experts of each format as fit. Each "
              "trace's first half fits the predictor and profiles the hot sets; the default planner chooses its plan "
              "on it; every policy is judged on the second half. Command: `python bench/quant_projection.py`.", "",
@@ -138,9 +141,13 @@ def markdown(out: dict) -> str:
              f"{out['host_ratios_machine']}; assumed to carry over to the H100 machine's cores). Device time per "
              f"quantised format: {out['device_assumption']}.", "",
              "## Default tok/s vs bf16 at equal slot memory, per shape, link and format (over the traces)", "",
-             "| shape | link | format | traces | min | median | max | traces >= 3x |", "|---|---|---|---:|---:|---:|---:|---:|"]
+             "| shape | link | format | host RAM GiB | slots of the shape at equal GiB | traces | median default tok/s "
+             "| min vs bf16 | median | max | traces >= 3x |", "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for s in out["summary"]:
-        lines.append(f"| {s['shape']} | {s['link']} | {s['format']} | {s['traces']} | {s['min_vs_bf16']:.2f}x | "
+        c = out["constants"][f"{s['shape']}/{s['link']}/{s['format']}"]
+        lines.append(f"| {s['shape']} | {s['link']} | {s['format']} | {s['host_ram_gib']:.1f} | {c['equal_gib_slots']} of "
+                     f"{SHAPES[s['shape']].num_layers * SHAPES[s['shape']].num_experts} | {s['traces']} | "
+                     f"{s['median_default_tps']:.2f} | {s['min_vs_bf16']:.2f}x | "
                      f"{s['median_vs_bf16']:.2f}x | {s['max_vs_bf16']:.2f}x | {s['at_least_3x']} |")
     lines += ["", "## Every case", "",
               "| shape | link | trace | format | slots (bf16 slots) | host RAM GiB | default tok/s | chosen | best peer "
@@ -184,7 +191,9 @@ def main(argv=None) -> int:
         outs = [json.loads(Path(f).read_text()) for f in args.merge.split(",") if f]
         out = {**outs[0], "date": max(o["date"] for o in outs), "shapes": [s for o in outs for s in o["shapes"]],
                "rows": [r for o in outs for r in o["rows"]], "wall_s": max(o["wall_s"] for o in outs),
-               "constants": {k: v for o in outs for k, v in o["constants"].items()}}
+               "constants": {k: v for o in outs for k, v in o["constants"].items()},
+               "parts": [{"shapes": o["shapes"], "host": o["host"], "wall_s": o["wall_s"]} for o in outs]}
+        out["host"] = "; ".join(f"{'+'.join(o['shapes'])}: {o['host']}, {o['wall_s'] / 60:.0f} min" for o in outs)
         finish(out, True)
         return 0
     torch.set_num_threads(1)
