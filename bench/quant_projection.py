@@ -62,8 +62,12 @@ def sealed_traces(shape: str, quick: bool) -> dict[str, RoutingTrace]:
     return dict(list(out.items())[:2]) if quick else out
 
 
+def label(f: ExpertFormat, slow: float) -> str:
+    return f.label if slow == 1.0 or f.dtype == "bf16" else f"{f.label} device x{slow:g}"
+
+
 def project_trace(shape: str, name: str, trace: RoutingTrace, links: list[str], fmts, frac: float,
-                  split_s: float) -> list[dict]:
+                  split_s: float, slow: float = 1.0) -> list[dict]:
     """Every format x link on one trace's held-out half: the default plan and every peer."""
     calib, held = split_trace(trace)
     steps = steps_of(held)
@@ -74,8 +78,8 @@ def project_trace(shape: str, name: str, trace: RoutingTrace, links: list[str], 
     bf16_slots = max(1, round(frac * total))
     for link in links:
         for f in fmts:
-            c = format_constants(shape, link, f)
-            cal = format_calibration(shape, link, f)
+            c = format_constants(shape, link, f, device_slowdown=slow)
+            cal = format_calibration(shape, link, f, device_slowdown=slow)
             slots = equal_gib_slots(bf16_slots, total, c["expert_bytes"], c["bf16_expert_bytes"])
             t0 = time.perf_counter()
             choice, scores = choose_policy(calib, slots, cal, predictor=predictor, split_s=split_s, fit=cp.fit_learned)
@@ -87,12 +91,12 @@ def project_trace(shape: str, name: str, trace: RoutingTrace, links: list[str], 
                              memo=memo, predictor=predictor if sim == "predictive" else "learned", split_s=split_s)
                 p = project(r, trace.num_layers, shape)
                 tps[policy] = p["tokens_per_s"]
-                rows.append({"shape": shape, "link": link, "trace": name, "format": f.label, "policy": policy,
+                rows.append({"shape": shape, "link": link, "trace": name, "format": label(f, slow), "policy": policy,
                              "bf16_slots": bf16_slots, "slots": slots, "total_experts": total,
                              "host_ram_gib": c["host_ram_gib"], "hit_rate": r["hit_rate"], **p,
                              "cpu_served": r["cpu_served"],
                              **({"chosen": choice, "calibration_tok_s": scores} if policy == "default" else {})})
-            print(f"  {shape} {link} {name} {f.label} ({slots}/{total} slots, {time.perf_counter() - t0:.0f} s): "
+            print(f"  {shape} {link} {name} {label(f, slow)} ({slots}/{total} slots, {time.perf_counter() - t0:.0f} s): "
                   + ", ".join(f"{k} {v:.2f}" for k, v in tps.items()), flush=True)
     return rows
 
@@ -184,6 +188,10 @@ def main(argv=None) -> int:
     p.add_argument("--links", default="h100-pcie5")
     p.add_argument("--cache", type=float, default=0.25, help="slot memory: this share of all experts in bf16")
     p.add_argument("--quick", action="store_true", help="two traces per shape, bf16 and int4; prints, writes nothing")
+    p.add_argument("--formats", default=",".join(f.label for f in FORMATS),
+                   help="expert formats, comma-separated labels (bf16, int8, int4/G, mxfp4)")
+    p.add_argument("--device-slowdown", type=float, default=1.0,
+                   help="sensitivity: quantised experts' device time x this (the fused kernel is not measured)")
     p.add_argument("--part", help="write this run's JSON here (a part for --merge)")
     p.add_argument("--merge", help="comma-separated --part files: one bench/results/quant_projection.{json,md}")
     args = p.parse_args(argv)
@@ -199,22 +207,26 @@ def main(argv=None) -> int:
     torch.set_num_threads(1)
     t0, load = time.perf_counter(), os.getloadavg()
     shapes, links = [s for s in args.shapes.split(",") if s], [x for x in args.links.split(",") if x]
-    fmts = (FORMATS[0], FORMATS[2]) if args.quick else FORMATS
+    fmts = [ExpertFormat(n.split("/")[0], int(n.split("/")[1]) if "/" in n else None)
+            for n in args.formats.split(",") if n]
+    fmts = [f for f in fmts if f.dtype in ("bf16", "int4")] if args.quick else fmts
+    slow = args.device_slowdown
     split = cp.split_overhead(60 if args.quick else 400)
     split_s = split["cpu_overhead_s"] + SPLIT_GPU_S
     rows = []
     for shape in shapes:
         for name, trace in sealed_traces(shape, args.quick).items():
-            rows += project_trace(shape, name, trace, links, fmts, args.cache, split_s)
+            rows += project_trace(shape, name, trace, links, fmts, args.cache, split_s, slow)
     hr = json.loads(Path(RESULTS / "quant_quality.json").read_text())
     out = {"date": utc_now(), "host": f"{cpu_model()} ({platform.machine()}, 1 torch thread; load average "
            f"{', '.join(f'{x:.1f}' for x in load)} at the start)",
            "shapes": shapes, "links": links, "cache": args.cache, "formats": [f.label for f in fmts],
            "host_ratios_date": hr.get("date"), "host_ratios_machine": hr.get("machine"),
-           "host_ratios": {f.label: format_constants(shapes[0], links[0], f)["host_ratio_vs_bf16"] for f in fmts},
+           "host_ratios": {f.label: format_constants(shapes[0], links[0], f)["host_ratio_vs_bf16"] for f in FORMATS},
            "device_assumption": format_constants(shapes[0], links[0], FORMATS[2])["expert_source"],
            "split": {**split, "split_s": split_s},
-           "constants": {f"{s}/{l}/{f.label}": format_constants(s, l, f, bf16_fraction=args.cache)
+           "constants": {f"{s}/{l}/{label(f, slow)}": format_constants(s, l, f, bf16_fraction=args.cache,
+                                                                          device_slowdown=slow)
                          for s in shapes for l in links for f in fmts},
            "rows": rows, "wall_s": time.perf_counter() - t0}
     if args.part:

@@ -129,3 +129,14 @@ def test_cli_refusals(tmp_path, ratios, capsys):
     assert main(["trace", "simulate", t, "--model-shape", "gpt-oss-120b", "--link", "pcie4", "--expert-dtype", "mxfp4",
                  "--host-ratios", str(ratios)]) == 2
     assert "no 'mxfp4' time" in capsys.readouterr().err
+
+
+def test_device_slowdown_is_a_sensitivity_on_quantised_formats_only():
+    base = P.format_calibration("mixtral-8x7b", "h100-pcie5", P.ExpertFormat("int8"))
+    slow = P.format_calibration("mixtral-8x7b", "h100-pcie5", P.ExpertFormat("int8"), device_slowdown=2.0)
+    assert slow.device_s == pytest.approx(tuple(2 * t for t in base.device_s))
+    assert (slow.copy_s, slow.host_s) == (base.copy_s, base.host_s)
+    b16 = P.format_calibration("mixtral-8x7b", "h100-pcie5", P.ExpertFormat("bf16"), device_slowdown=2.0)
+    assert b16.device_s == P.projection_calibration("mixtral-8x7b", "h100-pcie5").device_s
+    c = P.format_constants("mixtral-8x7b", "h100-pcie5", P.ExpertFormat("int8"), device_slowdown=2.0)
+    assert c["expert_source"].startswith("sensitivity: 2x")

@@ -230,9 +230,12 @@ def equal_gib_slots(bf16_slots: int, total: int, fmt_bytes: int, bf16_bytes: int
 
 
 def format_calibration(shape: str | ModelShape, link: str | Link, fmt: ExpertFormat, *,
-                       host_ratios: str | Path | None = None, host_s_per_byte: float | None = None) -> Calibration:
+                       host_ratios: str | Path | None = None, host_s_per_byte: float | None = None,
+                       device_slowdown: float = 1.0) -> Calibration:
     """projection_calibration with experts in `fmt`: copy over the link and device run by the format's bytes,
-    host run = the bf16 host time x the format's measured host-time ratio (host_time_ratio)."""
+    host run = the bf16 host time x the format's measured host-time ratio (host_time_ratio).
+    `device_slowdown` multiplies a quantised expert's device time (a sensitivity row for DEVICE_FORMAT_SOURCE's
+    assumption; bf16 keeps its own)."""
     s = _lookup(SHAPES, shape, "model-shape") if isinstance(shape, str) else shape
     k = _lookup(LINKS, link, "link") if isinstance(link, str) else link
     ratio, _ = host_time_ratio(fmt, host_ratios)
@@ -242,16 +245,18 @@ def format_calibration(shape: str | ModelShape, link: str | Link, fmt: ExpertFor
     # bytes_per_param chosen so that ModelShape.expert_bytes is the format's (copies, device reads)
     fs = replace(s, bytes_per_param=nbytes / (3 * s.d_model * s.d_expert))
     # host: the bf16 time of this shape's expert times the ratio, expressed per byte of the format's expert
-    return replace(projection_calibration(fs, k, host_s_per_byte=hs * bf16 * ratio / fs.expert_bytes),
-                   device=f"projection: {s.name} on {k.name}, experts {fmt.label}")
+    cal = projection_calibration(fs, k, host_s_per_byte=hs * bf16 * ratio / fs.expert_bytes)
+    slow = device_slowdown if fmt.dtype != "bf16" else 1.0
+    return replace(cal, device=f"projection: {s.name} on {k.name}, experts {fmt.label}",
+                   device_s=tuple(slow * t for t in cal.device_s))
 
 
 def format_constants(shape: str, link: str, fmt: ExpertFormat, *, host_ratios: str | Path | None = None,
-                     bf16_fraction: float | None = None) -> dict[str, Any]:
+                     bf16_fraction: float | None = None, device_slowdown: float = 1.0) -> dict[str, Any]:
     """constants() for experts in `fmt`, with bytes, host RAM and (with `bf16_fraction`) the experts the slot
     memory of that share of the experts in bf16 holds in this format; every value with its source."""
     s = SHAPES[shape]
-    cal = format_calibration(shape, link, fmt, host_ratios=host_ratios)
+    cal = format_calibration(shape, link, fmt, host_ratios=host_ratios, device_slowdown=device_slowdown)
     ratio, src = host_time_ratio(fmt, host_ratios)
     bf16, nbytes, total = expert_bytes(s.d_model, s.d_expert, "bf16"), fmt.expert_bytes(s), s.num_layers * s.num_experts
     out = {**constants(shape, link), "expert_dtype": fmt.dtype, "expert_format": fmt.label,
@@ -263,7 +268,9 @@ def format_constants(shape: str, link: str, fmt: ExpertFormat, *, host_ratios: s
            "host_ms_1_token": cal.host_s[0] * 1e3, "host_ratio_vs_bf16": ratio,
            "host_source": "8.3 ms per 352 MB bf16 Mixtral expert at batch 1, 16 host cores of the lent H100 machine "
                           f"(measured November 2026), scaled by bf16 expert bytes, x {ratio:.2f}: {src}",
-           "expert_source": DEVICE_FORMAT_SOURCE if fmt.dtype != "bf16" else constants(shape, link)["expert_source"]}
+           "expert_source": constants(shape, link)["expert_source"] if fmt.dtype == "bf16" else DEVICE_FORMAT_SOURCE
+           if device_slowdown == 1.0 else f"sensitivity: {device_slowdown:g}x the time of this assumption: "
+           + DEVICE_FORMAT_SOURCE, "device_slowdown": device_slowdown if fmt.dtype != "bf16" else 1.0}
     if bf16_fraction is not None:
         slots = equal_gib_slots(round(bf16_fraction * total), total, nbytes, bf16)
         out.update(bf16_fraction=bf16_fraction, slot_gib=round(bf16_fraction * total) * bf16 / 2**30,

@@ -56,7 +56,8 @@ def add_trace_args(p: argparse.ArgumentParser) -> None:
                                    "planner and cost\nmodel) for every policy and capacity: hits, copies, bytes and "
                                    "modelled time per token,\nunder the trace's recorded calibration (or "
                                    "--copy-ms/--attn-ms/--expert-ms), or projected onto\na real model shape and "
-                                   "host link (--model-shape with --link). Policies:\n" + policy_help())
+                                   "host link (--model-shape with --link), per expert format at equal slot memory with\n"
+                                   "--expert-dtype. Policies:\n" + policy_help())
     s.add_argument("trace", help="trace file")
     s.add_argument("--capacities", default="25%,50%,75%", help="slots or percentages of all experts, comma-separated")
     s.add_argument("--policies", default=",".join(SIM_POLICIES),
