@@ -49,8 +49,11 @@ FORMATS = (ExpertFormat("bf16"), ExpertFormat("int8"), ExpertFormat("int4", 64),
            ExpertFormat("mxfp4"))
 
 
-def _order(label: str) -> int:
-    return [f.label for f in FORMATS].index(label) if label in [f.label for f in FORMATS] else len(FORMATS)
+def _order(label: str) -> tuple[int, float]:
+    """Table order: FORMATS' order, then the device-slowdown sensitivity rows of a format by their factor."""
+    base, _, slow = label.partition(" device x")
+    names = [f.label for f in FORMATS]
+    return (names.index(base) if base in names else len(names), float(slow or 1))
 
 
 def sealed_traces(shape: str, quick: bool) -> dict[str, RoutingTrace]:
@@ -143,7 +146,8 @@ def markdown(out: dict) -> str:
              + ", ".join(f"{f} x {r:.2f}" for f, r in out["host_ratios"].items())
              + f" (`bench/results/quant_quality.json` host rows, measured {out['host_ratios_date']} on "
              f"{out['host_ratios_machine']}; assumed to carry over to the H100 machine's cores). Device time per "
-             f"quantised format: {out['device_assumption']}.", "",
+             f"quantised format: {out['device_assumption']}. Rows `device xN`: a sensitivity, that device time "
+             "times N.", "",
              "## Default tok/s vs bf16 at equal slot memory, per shape, link and format (over the traces)", "",
              "| shape | link | format | host RAM GiB | slots of the shape at equal GiB | traces | median default tok/s "
              "| min vs bf16 | median | max | traces >= 3x |", "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
