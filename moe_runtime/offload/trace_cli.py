@@ -219,10 +219,11 @@ def _simulate_formats(args: argparse.Namespace, trace, policies: list[str], caps
     total = trace.num_layers * trace.num_experts
     print(f"trace {args.trace}: {len(trace)} records, {trace.num_layers} layers x {trace.num_experts} experts; "
           f"experts projected onto {args.model_shape} on {args.link} in {', '.join(f.label for f in fmts)}")
-    rows, consts = [], {}
+    rows, consts, cals = [], {}, {}
     for f in fmts:
         c = consts[f.label] = format_constants(args.model_shape, args.link, f, host_ratios=args.host_ratios)
         cal = format_calibration(args.model_shape, args.link, f, host_ratios=args.host_ratios)
+        cals[f.label] = cal.to_dict()
         fewer = f" ({c['bytes_vs_bf16']:.2f}x fewer bytes than bf16)" if f.dtype != "bf16" else ""
         print(f"{f.label}: {c['expert_mb']:.1f} MB per expert{fewer}, "
               f"host RAM for all experts {c['host_ram_gib']:.1f} GiB (bf16 {c['bf16_host_ram_gib']:.1f}); copy "
@@ -238,7 +239,7 @@ def _simulate_formats(args: argparse.Namespace, trace, policies: list[str], caps
                          projection=project(r, trace.num_layers, args.model_shape))
                 rows.append(r)
     print(format_projection(rows))
-    _write_json(args, {"trace": str(args.trace), "constants": consts, "rows": rows})
+    _write_json(args, {"trace": str(args.trace), "calibrations": cals, "constants": consts, "rows": rows})
     return 0
 
 
