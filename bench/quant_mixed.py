@@ -151,10 +151,13 @@ def study(name: str, model, calib_BS, x_BS, y_BS, prompts_BS, n_gen: int, seed: 
             "frequency_share_min": float(share.min()), "rows": rows}
 
 
-def tiny_model(steps: int, seq: int, windows: int):
-    """bench/quant_quality.py's tiny model, plus calibration windows from the training split."""
+def tiny_model(steps: int, seq: int, windows: int, balance_coef: float | None = None):
+    """bench/quant_quality.py's tiny model, plus calibration windows from the training split
+    (`balance_coef`: the load-balancing loss weight instead of the preset's; 0 lets routing skew)."""
     run = get_preset("tiny")
     run.train.device, run.train.max_steps, run.train.eval_interval = "cpu", steps, steps
+    if balance_coef is not None:
+        run.model.moe.balance_coef = balance_coef
     with tempfile.TemporaryDirectory() as tmp:
         trainer = Trainer(run, out_dir=tmp, progress=False, plots=False)
         trainer.fit(resume=False)
@@ -191,6 +194,8 @@ def verdict(res: dict) -> dict:
             continue
         per = []
         for m in res["models"]:
+            if not m.get("in_verdict", True):
+                continue
             r = {x["scheme"]: x for x in m["rows"]}
             u = r[f"uniform int4/{budget[1]}"]
             mx = r[label]
@@ -217,16 +222,26 @@ def markdown(res: dict) -> str:
                      f"top-1 agreement {v['mean_top1_gain']:+.4f} on average ("
                      + "; ".join(f"{p['model']}: KL {p['kl_mixed']:.3e} vs {p['kl_uniform']:.3e}, top-1 "
                                      f"{p['top1_mixed']:.4f} vs {p['top1_uniform']:.4f}" for p in v["per_model"]) + ")")
-    hot = [r["int8_traffic_share"] for m in res["models"] for r in m["rows"] if r["scheme"].startswith("mixed")
+    hot = [r["int8_traffic_share"] for m in res["models"] if m.get("in_verdict", True) for r in m["rows"]
+           if r["scheme"].startswith("mixed")
            and "int4/128 @ int4/32" in r["scheme"]]
     if not any(v["beats"] for v in res["verdict"].values()):
         lines += ["", "**Verdict: the mixed scheme is not shipped** (no `--expert-dtype mixed`): at equal bytes it does not "
                   "beat uniform int4 under the rule above. Why: routing is balanced (the load-balancing loss of the "
                   "trained model; random routers), so the int8 experts that fit the budget (~20% of them at the int4/32 "
                   f"budget) carry only {min(hot):.0%}-{max(hot):.0%} of the routed tokens, while the other ~80% "
-                  "move to a coarser int4 group and lose more than the hot ones gain. A model with skewed routing "
-                  "(few experts taking most tokens) could differ; this study has none."]
+                  "move to a coarser int4 group and lose more than the hot ones gain."]
+    for m in (m for m in res["models"] if not m.get("in_verdict", True)):
+        r = {x["scheme"]: x for x in m["rows"]}
+        cmp = [f"{lab}: KL {r[lab]['kl']:.3e} vs {r[f'uniform int4/{b[1]}']['kl']:.3e} "
+               f"({'lower' if r[lab]['kl'] < r[f'uniform int4/{b[1]}']['kl'] else 'not lower'}; int8 experts carry "
+               f"{r[lab]['int8_traffic_share']:.0%} of tokens)" for lab, b, hot_fmt, _ in SCHEMES if hot_fmt is not None]
+        lines += ["", f"With skewed routing ({m['model']}, busiest expert {m['frequency_share_max']:.1%} of routed "
+                  "tokens; outside the verdict): " + "; ".join(cmp) + "."]
     for m in res["models"]:
+        if not m.get("in_verdict", True):
+            lines += ["", "Outside the verdict (added after it was set): a tiny model trained without the "
+                      "load-balancing loss, whose routing is skewed, to see whether skew changes the answer."]
         lines += ["", f"## {m['model']} (D={m['D']}, F={m['F']}, {m['layers']} MoE layers x {m['experts_per_layer']} "
                   f"experts; calibration {m['calibration_tokens']} tokens; busiest expert {m['frequency_share_max']:.1%} "
                   f"of routed tokens, idlest {m['frequency_share_min']:.1%})", "",
@@ -249,6 +264,9 @@ def main(argv=None) -> int:
     ap.add_argument("--seed", type=int, default=0, help="seed of the random-hot control")
     ap.add_argument("--hf-seeds", type=int, default=3, help="random HF Mixtrals scored (weight seeds 0..N-1)")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results"), help="results directory")
+    ap.add_argument("--unbalanced", action=argparse.BooleanOptionalAction, default=True,
+                    help="also score a tiny model trained without the load-balancing loss (skewed routing; "
+                         "reported beside the verdict, not in it)")
     ap.add_argument("--render", action="store_true", help="rewrite quant_mixed.md from --out's quant_mixed.json only")
     args = ap.parse_args(argv)
     if args.render:
@@ -260,6 +278,10 @@ def main(argv=None) -> int:
     load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
     tiny, calib, x, y = tiny_model(args.steps, args.seq, args.windows)
     models = [study(f"tiny ({args.steps} steps)", tiny, calib, x, y, x[:8, :16], args.gen, args.seed)]
+    if args.unbalanced:  # an extra observation, outside the verdict (its rule names the models above)
+        ub, ucal, ux, uy = tiny_model(args.steps, args.seq, args.windows, balance_coef=0.0)
+        models.append({**study(f"tiny, no balance loss ({args.steps} steps)", ub, ucal, ux, uy, ux[:8, :16], args.gen,
+                               args.seed), "in_verdict": False})
     for s in range(args.hf_seeds):
         hf, hx, hy, hcfg = hf_mixtral(args.seq, args.windows, s)
         hcal = torch.randint(0, hcfg.vocab_size, (args.windows, args.seq), generator=torch.Generator().manual_seed(99))
