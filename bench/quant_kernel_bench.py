@@ -40,17 +40,19 @@ def main(argv=None) -> int:
     from moe_runtime.kernels.grouped_gemm import grouped_mlp_triton
     from moe_runtime.kernels.quant_gemm import grouped_mlp_quant_triton
     D, F, E = args.d, args.f, args.experts
-    g = torch.Generator().manual_seed(0)
-    w13 = torch.randn(E, D, 2 * F, generator=g) / D ** 0.5
-    w2 = torch.randn(E, F, D, generator=g) / F ** 0.5
     dev = "cuda"
-    banks = {"bf16": (w13.to(dev, torch.bfloat16), w2.to(dev, torch.bfloat16))}
+    # drawn on the GPU: 1.4 G fp32 values at the Mixtral shape take ~10 s on host cores, of a 100 s step
+    g = torch.Generator(device=dev).manual_seed(0)
+    w13 = torch.randn(E, D, 2 * F, generator=g, device=dev).div_(D ** 0.5)
+    w2 = torch.randn(E, F, D, generator=g, device=dev).div_(F ** 0.5)
+    banks = {"bf16": (w13.to(torch.bfloat16), w2.to(torch.bfloat16))}
     for fmt in kq.FORMATS:
-        banks[fmt] = kq.quantize_experts(w13.to(dev), w2.to(dev), fmt)  # on the GPU: the host has little time
+        banks[fmt] = kq.quantize_experts(w13, w2, fmt)  # on the GPU: the host has little time
+    del w13, w2
     rows = []
     for N in args.rows:
         counts = torch.bincount(torch.arange(N) % E, minlength=E).to(dev)
-        x = torch.randn(N, D, generator=g).to(dev, torch.bfloat16)
+        x = torch.randn(N, D, generator=g, device=dev).to(torch.bfloat16)
         for fmt, bank in banks.items():
             if fmt == "bf16":
                 fn = lambda: grouped_mlp_triton(x, bank[0], bank[1], counts)  # noqa: E731

@@ -12,9 +12,12 @@ sampling are left out (a few % at batch 1).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+import json
+from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Any
 
+from moe_runtime.kernels.quant import EXPERT_DTYPES, check_format, expert_bytes
 from moe_runtime.offload.cpu_experts import Calibration
 
 HBM_BYTES_PER_S = 2.6e12
@@ -46,8 +49,8 @@ class ModelShape:
     d_expert: int
     bytes_per_param: float = 2
     """2: bf16 weights; 1: FP8 (DeepSeek-V3 as released); 4.25 / 8: MXFP4 (4-bit values plus one
-    8-bit scale per 32 values; gpt-oss). The store holds bf16 / fp32 only today, so a quantised
-    shape's bytes are modelled here, not measured."""
+    8-bit scale per 32 values; gpt-oss): the shape's own format as released, modelled. A projection
+    in another format (format_calibration, `--expert-dtype`) takes its bytes from kernels/quant.py."""
     shared_experts: int = 0
     """Always-used experts (DeepSeek-V3's shared expert): resident on the device, their run is added
     to every layer's non-expert time."""
@@ -150,4 +153,131 @@ def project(row: dict[str, Any], trace_layers: int, shape: str) -> dict[str, Any
             "copies_per_token": d["copies"] / tok * scale}
 
 
-__all__ = ["SPLIT_GPU_S", "SPLIT_GPU_SOURCE", "ModelShape", "Link", "SHAPES", "LINKS", "projection_calibration", "constants", "project"]
+# ---------------------------------------------------------------- expert formats (issue 20 item 3)
+
+HOST_RATIOS_FILE = Path(__file__).resolve().parents[2] / "bench" / "results" / "quant_quality.json"
+"""Where the host-time ratio of each expert format vs bf16 is read: bench/quant_quality.py's host rows
+(`host_expert_path`: one expert at one token on this project's CPU, formats interleaved, medians)."""
+DEVICE_FORMAT_SOURCE = ("assumption, not measured: the fused-dequantisation kernel (kernels/quant_gemm.py) reads "
+                        "the quantised bytes at the same achieved HBM bandwidth as a bf16 expert GEMV and hides the "
+                        "decode under the loads (memory-bound scaling by bytes); FLOPs as bf16. "
+                        "bench/quant_kernel_bench.py measures it on a GPU")
+
+
+@dataclass(frozen=True)
+class ExpertFormat:
+    """One expert format of a projection: its bytes per expert on a shape and its host-time ratio."""
+
+    dtype: str
+    group: int | None = None
+    """int4 group size (None: the format's default, kernels/quant.DEFAULT_GROUP)."""
+
+    @property
+    def label(self) -> str:
+        return self.dtype if self.dtype != "int4" else f"int4/{check_format('int4', self.group)}"
+
+    def expert_bytes(self, s: ModelShape) -> int:
+        return expert_bytes(s.d_model, s.d_expert, self.dtype, self.group)
+
+
+def parse_formats(spec: str, group: int | None = None) -> list[ExpertFormat]:
+    """'bf16,int4' (--expert-dtype) -> formats; `group` (--expert-group) applies to int4 only."""
+    names = [n.strip() for n in spec.split(",") if n.strip()]
+    bad = [n for n in names if n not in EXPERT_DTYPES]
+    if bad or not names:
+        raise ValueError(f"--expert-dtype {spec!r}: each of a comma-separated list must be one of "
+                         f"{', '.join(EXPERT_DTYPES)}")
+    if group is not None:
+        if "int4" not in names:
+            raise ValueError(f"--expert-group {group} applies to int4 only; add int4 to --expert-dtype or drop it")
+        check_format("int4", group)
+    return [ExpertFormat(n, group if n == "int4" else None) for n in names]
+
+
+def host_time_ratio(fmt: ExpertFormat, path: str | Path | None = None) -> tuple[float, str]:
+    """(host seconds per expert in `fmt` / in bf16, its source), from bench/quant_quality.json's host rows
+    (`path` replaces that file). bf16 is 1 by definition. A file without the format is refused."""
+    if fmt.dtype == "bf16":
+        return 1.0, "bf16: the host constant itself"
+    p = Path(path) if path is not None else HOST_RATIOS_FILE
+    if not p.is_file():
+        raise ValueError(f"{p}: no such file; the host time of {fmt.label} experts comes from its host rows: "
+                         "run `python bench/quant_quality.py` or pass --host-ratios PATH")
+    data = json.loads(p.read_text())
+    rows = data.get("host_expert_path")
+    if not isinstance(rows, list):
+        raise ValueError(f"{p}: no 'host_expert_path' rows (the host time per expert format); "
+                         "run `python bench/quant_quality.py` to write them")
+    by = {r.get("format"): r for r in rows if isinstance(r, dict)}
+    for need in ("bf16", fmt.dtype):
+        if need not in by or not by[need].get("median_s"):
+            raise ValueError(f"{p}: its host rows have no {need!r} time (they hold {', '.join(map(str, by))}); "
+                             f"a projection of {fmt.label} experts needs it: run `python bench/quant_quality.py`")
+    r, b = by[fmt.dtype], by["bf16"]
+    ratio = r["median_s"] / b["median_s"]
+    a = data.get("args", {})
+    shape = f"D={a['host_d']} F={a['host_f']}, " if "host_d" in a and "host_f" in a else ""
+    grp = f" (measured at group {r['group']})" if r.get("group") is not None else ""
+    src = (f"{p.name} host_expert_path, measured {data.get('date', '?')} on {data.get('machine', '?')}: one expert "
+           f"({shape}1 token) {r['median_s'] * 1e3:.2f} ms in {fmt.dtype}{grp} vs {b['median_s'] * 1e3:.2f} ms in bf16, "
+           f"ratio {ratio:.2f}; assumed to carry over to the projected host's cores")
+    return ratio, src
+
+
+def equal_gib_slots(bf16_slots: int, total: int, fmt_bytes: int, bf16_bytes: int) -> int:
+    """Experts of `fmt_bytes` that fit in the slot memory of `bf16_slots` bf16 experts (at most `total`)."""
+    return max(1, min(total, bf16_slots * bf16_bytes // fmt_bytes))
+
+
+def format_calibration(shape: str | ModelShape, link: str | Link, fmt: ExpertFormat, *,
+                       host_ratios: str | Path | None = None, host_s_per_byte: float | None = None,
+                       device_slowdown: float = 1.0) -> Calibration:
+    """projection_calibration with experts in `fmt`: copy over the link and device run by the format's bytes,
+    host run = the bf16 host time x the format's measured host-time ratio (host_time_ratio).
+    `device_slowdown` multiplies a quantised expert's device time (a sensitivity row for DEVICE_FORMAT_SOURCE's
+    assumption; bf16 keeps its own)."""
+    s = _lookup(SHAPES, shape, "model-shape") if isinstance(shape, str) else shape
+    k = _lookup(LINKS, link, "link") if isinstance(link, str) else link
+    ratio, _ = host_time_ratio(fmt, host_ratios)
+    hs = HOST_S_PER_TOKEN_PER_BYTE if host_s_per_byte is None else host_s_per_byte
+    bf16 = expert_bytes(s.d_model, s.d_expert, "bf16")
+    nbytes = fmt.expert_bytes(s)
+    # bytes_per_param chosen so that ModelShape.expert_bytes is the format's (copies, device reads)
+    fs = replace(s, bytes_per_param=nbytes / (3 * s.d_model * s.d_expert))
+    # host: the bf16 time of this shape's expert times the ratio, expressed per byte of the format's expert
+    cal = projection_calibration(fs, k, host_s_per_byte=hs * bf16 * ratio / fs.expert_bytes)
+    slow = device_slowdown if fmt.dtype != "bf16" else 1.0
+    return replace(cal, device=f"projection: {s.name} on {k.name}, experts {fmt.label}",
+                   device_s=tuple(slow * t for t in cal.device_s))
+
+
+def format_constants(shape: str, link: str, fmt: ExpertFormat, *, host_ratios: str | Path | None = None,
+                     bf16_fraction: float | None = None, device_slowdown: float = 1.0) -> dict[str, Any]:
+    """constants() for experts in `fmt`, with bytes, host RAM and (with `bf16_fraction`) the experts the slot
+    memory of that share of the experts in bf16 holds in this format; every value with its source."""
+    s = SHAPES[shape]
+    cal = format_calibration(shape, link, fmt, host_ratios=host_ratios, device_slowdown=device_slowdown)
+    ratio, src = host_time_ratio(fmt, host_ratios)
+    bf16, nbytes, total = expert_bytes(s.d_model, s.d_expert, "bf16"), fmt.expert_bytes(s), s.num_layers * s.num_experts
+    out = {**constants(shape, link), "expert_dtype": fmt.dtype, "expert_format": fmt.label,
+           "expert_bytes": nbytes, "bf16_expert_bytes": bf16, "expert_mb": nbytes / 1e6, "bf16_expert_mb": bf16 / 1e6,
+           "bytes_vs_bf16": bf16 / nbytes,
+           "bytes_source": "kernels/quant.expert_bytes (codes + scales (+ zeros) of W13 [D, 2F] and W2 [F, D])",
+           "host_ram_gib": total * nbytes / 2**30, "bf16_host_ram_gib": total * bf16 / 2**30,
+           "copy_ms": cal.copy_s * 1e3, "expert_ms_1_token": cal.device_s[0] * 1e3,
+           "host_ms_1_token": cal.host_s[0] * 1e3, "host_ratio_vs_bf16": ratio,
+           "host_source": "8.3 ms per 352 MB bf16 Mixtral expert at batch 1, 16 host cores of the lent H100 machine "
+                          f"(measured November 2026), scaled by bf16 expert bytes, x {ratio:.2f}: {src}",
+           "expert_source": constants(shape, link)["expert_source"] if fmt.dtype == "bf16" else DEVICE_FORMAT_SOURCE
+           if device_slowdown == 1.0 else f"sensitivity: {device_slowdown:g}x the time of this assumption: "
+           + DEVICE_FORMAT_SOURCE, "device_slowdown": device_slowdown if fmt.dtype != "bf16" else 1.0}
+    if bf16_fraction is not None:
+        slots = equal_gib_slots(round(bf16_fraction * total), total, nbytes, bf16)
+        out.update(bf16_fraction=bf16_fraction, slot_gib=round(bf16_fraction * total) * bf16 / 2**30,
+                   equal_gib_slots=slots, equal_gib_fraction=slots / total)
+    return out
+
+
+__all__ = ["SPLIT_GPU_S", "SPLIT_GPU_SOURCE", "ModelShape", "Link", "SHAPES", "LINKS", "projection_calibration", "constants", "project",
+           "HOST_RATIOS_FILE", "DEVICE_FORMAT_SOURCE", "ExpertFormat", "parse_formats", "host_time_ratio",
+           "equal_gib_slots", "format_calibration", "format_constants"]

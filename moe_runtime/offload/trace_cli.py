@@ -5,6 +5,7 @@ and compare routing predictors.
     moe trace record --checkpoint runs/tiny --out runs/tiny/trace.msgpack --corpus-batches 8   # corpus text
     moe trace simulate runs/tiny/trace.msgpack --capacities 25%,50%,75% --policies lru,lfu,predictive,oracle
     moe trace simulate runs/tiny/trace.msgpack --model-shape mixtral-8x7b --link h100-pcie5   # projected tokens/s
+    moe trace simulate runs/tiny/trace.msgpack --model-shape mixtral-8x7b --link h100-pcie5 --expert-dtype bf16,int4
     moe trace predictors --checkpoint runs/tiny --trace runs/tiny/trace.msgpack
 """
 from __future__ import annotations
@@ -16,6 +17,7 @@ from pathlib import Path
 import torch
 
 from moe_runtime.core.cli import RawDescriptionDefaultsFormatter
+from moe_runtime.kernels.quant import EXPERT_DTYPES
 from moe_runtime.offload.projection import LINKS, SHAPES
 from moe_runtime.offload.simulate import SIM_POLICIES
 
@@ -54,7 +56,8 @@ def add_trace_args(p: argparse.ArgumentParser) -> None:
                                    "planner and cost\nmodel) for every policy and capacity: hits, copies, bytes and "
                                    "modelled time per token,\nunder the trace's recorded calibration (or "
                                    "--copy-ms/--attn-ms/--expert-ms), or projected onto\na real model shape and "
-                                   "host link (--model-shape with --link). Policies:\n" + policy_help())
+                                   "host link (--model-shape with --link), per expert format at equal slot memory with\n"
+                                   "--expert-dtype. Policies:\n" + policy_help())
     s.add_argument("trace", help="trace file")
     s.add_argument("--capacities", default="25%,50%,75%", help="slots or percentages of all experts, comma-separated")
     s.add_argument("--policies", default=",".join(SIM_POLICIES),
@@ -68,6 +71,15 @@ def add_trace_args(p: argparse.ArgumentParser) -> None:
                                                                   "trace's recorded calibration)")
     s.add_argument("--model-shape", default=None, help="project onto a real shape: " + ", ".join(SHAPES))
     s.add_argument("--link", default=None, help="with --model-shape: the host link, one of " + ", ".join(LINKS))
+    s.add_argument("--expert-dtype", default=None, metavar="FORMATS",
+                   help="with --model-shape: experts in these formats, comma-separated from "
+                        f"{', '.join(EXPERT_DTYPES)} (bytes per expert from kernels/quant.py; --capacities then "
+                        "name slot memory in bf16 experts and each format gets the slots that memory holds; host "
+                        "time per format from --host-ratios). Default: the shape's own format, no format rows")
+    s.add_argument("--expert-group", type=int, default=None, help="int4 group size (32..128, default 64)")
+    s.add_argument("--host-ratios", default=None, metavar="PATH",
+                   help="JSON whose host_expert_path rows give each format's host time vs bf16 (default: "
+                        "bench/results/quant_quality.json, written by bench/quant_quality.py)")
     s.add_argument("--cpu-experts", action="store_true",
                    help="let the cost model run misses, or part of one while the rest is copied, on host cores "
                         "(the engine's default beside a GPU)")
@@ -164,14 +176,17 @@ def _simulate(args: argparse.Namespace) -> int:
         raise ValueError(f"--policies {bad} not in {', '.join(SIM_POLICIES)}")
     if (args.model_shape is None) != (args.link is None):
         raise ValueError("give --model-shape and --link together (a projection needs both), or neither")
+    if (args.expert_dtype or args.expert_group is not None or args.host_ratios) and not args.model_shape:
+        raise ValueError("--expert-dtype/--expert-group/--host-ratios project onto a real shape: add --model-shape "
+                         "and --link (a recorded calibration was measured in its own format)")
     caps = parse_capacities(args.capacities, trace.num_layers * trace.num_experts)
-    if args.model_shape:
-        cal = projection_calibration(args.model_shape, args.link)
-        if any(x is not None for x in (args.copy_ms, args.attn_ms, args.expert_ms)):
-            raise ValueError("--copy-ms/--attn-ms/--expert-ms override a recorded calibration; a projection "
-                             "takes its constants from --model-shape and --link")
-    else:
-        cal = trace_timing(trace, args.copy_ms, args.attn_ms, args.expert_ms)
+    if args.model_shape and any(x is not None for x in (args.copy_ms, args.attn_ms, args.expert_ms)):
+        raise ValueError("--copy-ms/--attn-ms/--expert-ms override a recorded calibration; a projection "
+                         "takes its constants from --model-shape and --link")
+    if args.expert_dtype:
+        return _simulate_formats(args, trace, policies, caps)
+    cal = projection_calibration(args.model_shape, args.link) if args.model_shape else \
+        trace_timing(trace, args.copy_ms, args.attn_ms, args.expert_ms)
     rows = simulate_grid(trace, policies, caps, cal, depth=args.depth, cpu_experts=args.cpu_experts)
     print(f"trace {args.trace}: {len(trace)} records, {trace.num_layers} layers x {trace.num_experts} experts; "
           f"copy {cal.copy_s * 1e3:.3f} ms/expert, attention {cal.attn_s * 1e3:.3f} ms/layer")
@@ -185,25 +200,67 @@ def _simulate(args: argparse.Namespace) -> int:
         print(format_projection(rows))
     else:
         print(format_table(rows))
+    _write_json(args, {"trace": str(args.trace), "calibration": cal.to_dict(), "constants": consts, "rows": rows})
+    return 0
+
+
+def _write_json(args: argparse.Namespace, obj: dict) -> None:
     if args.json:
-        Path(args.json).write_text(json.dumps({"trace": str(args.trace), "calibration": cal.to_dict(),
-                                               "constants": consts, "rows": rows}, indent=2, default=list))
+        Path(args.json).write_text(json.dumps(obj, indent=2, default=list))
+
+
+def _simulate_formats(args: argparse.Namespace, trace, policies: list[str], caps: list[int]) -> int:
+    """One projection per expert format at equal slot memory: --capacities name bf16 experts' GiB."""
+    from moe_runtime.offload.projection import (equal_gib_slots, format_calibration, format_constants,
+                                                 parse_formats, project)
+    from moe_runtime.offload.simulate import simulate_grid
+
+    fmts = parse_formats(args.expert_dtype, args.expert_group)
+    total = trace.num_layers * trace.num_experts
+    print(f"trace {args.trace}: {len(trace)} records, {trace.num_layers} layers x {trace.num_experts} experts; "
+          f"experts projected onto {args.model_shape} on {args.link} in {', '.join(f.label for f in fmts)}")
+    rows, consts, cals = [], {}, {}
+    for f in fmts:
+        c = consts[f.label] = format_constants(args.model_shape, args.link, f, host_ratios=args.host_ratios)
+        cal = format_calibration(args.model_shape, args.link, f, host_ratios=args.host_ratios)
+        cals[f.label] = cal.to_dict()
+        fewer = f" ({c['bytes_vs_bf16']:.2f}x fewer bytes than bf16)" if f.dtype != "bf16" else ""
+        print(f"{f.label}: {c['expert_mb']:.1f} MB per expert{fewer}, "
+              f"host RAM for all experts {c['host_ram_gib']:.1f} GiB (bf16 {c['bf16_host_ram_gib']:.1f}); copy "
+              f"{c['copy_ms']:.3f} ms, host run {c['host_ms_1_token']:.3f} ms, device run {c['expert_ms_1_token']:.3f} ms"
+              f"\n  host: {c['host_source']}\n  device: {c['expert_source']}")
+        for cap in caps:
+            slots = equal_gib_slots(cap, total, c["expert_bytes"], c["bf16_expert_bytes"])
+            if f.dtype != "bf16":
+                print(f"  the slot memory of {cap} bf16 experts ({cap / total:.0%}) holds {slots} {f.label} experts "
+                      f"({slots / total:.0%})")
+            for r in simulate_grid(trace, policies, [slots], cal, depth=args.depth, cpu_experts=args.cpu_experts):
+                r.update(expert_format=f.label, bf16_slots=cap, host_ram_gib=c["host_ram_gib"],
+                         projection=project(r, trace.num_layers, args.model_shape))
+                rows.append(r)
+    print(format_projection(rows))
+    _write_json(args, {"trace": str(args.trace), "calibrations": cals, "constants": consts, "rows": rows})
     return 0
 
 
 def format_projection(rows) -> str:
-    """tokens/s and bytes/token lead; hit rate is a diagnostic."""
-    head = (f"{'policy':>18} {'slots':>6} {'tok/s':>8} {'MiB/token':>10} {'copies/tok':>10} {'stall ms/tok':>12} "
-            f"{'hit rate':>9}")
+    """tokens/s and bytes/token lead; hit rate is a diagnostic. Rows of a format projection (expert_format)
+    also show the format, the bf16 slots whose memory they use, and the host RAM of all experts."""
+    fm = any("expert_format" in r for r in rows)
+    pre = f"{'format':>8} {'bf16 slots':>10} " if fm else ""
+    head = (f"{pre}{'policy':>18} {'slots':>6} {'tok/s':>8} {'MiB/token':>10} {'copies/tok':>10} {'stall ms/tok':>12} "
+            f"{'hit rate':>9}" + (f" {'host RAM GiB':>12}" if fm else ""))
     lines = [head, "-" * len(head)]
     for r in rows:
         p = r["projection"]
+        lead = f"{r['expert_format']:>8} {r['bf16_slots']:>10} " if fm else ""
         if p["tokens_per_s"] is None:
-            lines.append(f"{r['policy']:>18} {r['capacity']:>6}  (no decode pass in the trace)")
+            lines.append(f"{lead}{r['policy']:>18} {r['capacity']:>6}  (no decode pass in the trace)")
             continue
         hr = "n/a" if r["hit_rate"] is None else f"{r['hit_rate']:.3f}"
-        lines.append(f"{r['policy']:>18} {r['capacity']:>6} {p['tokens_per_s']:>8.2f} {p['bytes_per_token'] / 2**20:>10.1f} "
-                     f"{p['copies_per_token']:>10.1f} {p['stall_ms_per_token']:>12.2f} {hr:>9}")
+        lines.append(f"{lead}{r['policy']:>18} {r['capacity']:>6} {p['tokens_per_s']:>8.2f} "
+                     f"{p['bytes_per_token'] / 2**20:>10.1f} {p['copies_per_token']:>10.1f} "
+                     f"{p['stall_ms_per_token']:>12.2f} {hr:>9}" + (f" {r['host_ram_gib']:>12.1f}" if fm else ""))
     return "\n".join(lines)
 
 
