@@ -140,3 +140,17 @@ def test_device_slowdown_is_a_sensitivity_on_quantised_formats_only():
     assert b16.device_s == P.projection_calibration("mixtral-8x7b", "h100-pcie5").device_s
     c = P.format_constants("mixtral-8x7b", "h100-pcie5", P.ExpertFormat("int8"), device_slowdown=2.0)
     assert c["expert_source"].startswith("sensitivity: 2x")
+
+
+def test_cpu_time_preferred_and_fastest_bf16_path_is_the_baseline(tmp_path):
+    """Rows with the thread's CPU time use it (wall time on a loaded host inflates long calls), and the
+    ratio is taken against the fastest bf16 host path (torch's matmul where the C kernel is slower)."""
+    path = tmp_path / "quant_quality.json"
+    path.write_text(json.dumps({"host_measured": {"date": "2026-12-08 00:18 UTC", "machine": "cpu B"},
+                                "host_expert_path": [
+                                    {"format": "bf16", "median_s": 9e-3, "cpu_median_s": 4e-3},
+                                    {"format": "bf16-torch", "median_s": 8e-3, "cpu_median_s": 2e-3},
+                                    {"format": "int4", "median_s": 1e-3, "cpu_median_s": 1e-3}]}))
+    r, src = P.host_time_ratio(P.ExpertFormat("int4"), path)
+    assert r == pytest.approx(0.5)
+    assert "CPU time" in src and "2026-12-08 00:18" in src and "cpu B" in src
