@@ -1,0 +1,269 @@
+"""gpt-oss (GptOssForCausalLM) against transformers' own model, dense and through the expert cache.
+
+A tiny random gpt-oss made by transformers (its defaults: YaRN RoPE factor 32, alternating sliding /
+full attention starting with sliding, attention and router biases, sinks, clamped SwiGLU with
+interleaved gate/up) with its zero-initialised biases, sinks and norms randomised so each of them
+moves the logits, and swiglu_limit=1.5 (default 7.0) so the clamp bites at these small weights.
+The prompt (20 tokens) is 4x the sliding window (5). Nothing downloads.
+MXFP4: the same model's experts are packed here into gpt-oss' *_blocks / *_scales (e2m1 + E8M0,
+kernels/quant.py's mxfp4 quantiser), and the reference is transformers' model on what
+transformers' own dequantiser (integrations/mxfp4.py convert_moe_packed_tensors) makes of them.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+from safetensors import safe_open  # noqa: E402
+from safetensors.torch import save_file  # noqa: E402
+
+from moe_runtime.core.hf import HFCheckpointError, load_hf, read_hf  # noqa: E402
+from moe_runtime.core.model import MoETransformer  # noqa: E402
+from moe_runtime.kernels import quant as kq  # noqa: E402
+from moe_runtime.offload.cpu_experts import Calibration  # noqa: E402
+from moe_runtime.offload.engine import ExpertCacheEngine  # noqa: E402
+from moe_runtime.offload.hf import load_hf_for_cache  # noqa: E402
+from tests.helpers import single_thread  # noqa: F401,E402  (autouse: one torch thread)
+
+V, WINDOW, MAX_LEN = 100, 5, 64
+
+
+def gpt_oss_model(**kw):
+    args = dict(num_hidden_layers=4, num_local_experts=8, num_experts_per_tok=2, hidden_size=64, intermediate_size=32,
+                head_dim=16, num_attention_heads=4, num_key_value_heads=2, vocab_size=V, sliding_window=WINDOW,
+                max_position_embeddings=256, initializer_range=0.1, bos_token_id=None, eos_token_id=None,
+                pad_token_id=None, swiglu_limit=1.5)
+    cfg = transformers.GptOssConfig(**{**args, **kw})
+    torch.manual_seed(0)
+    model = transformers.GptOssForCausalLM(cfg).eval()
+    with torch.no_grad():  # transformers initialises these to zeros / ones: make every one of them count
+        for name, p in model.named_parameters():
+            if name.endswith(("bias", "sinks")) or "norm" in name:
+                p.add_(torch.randn_like(p) * 0.5)
+    return model
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    model = gpt_oss_model()
+    path = tmp_path_factory.mktemp("gpt_oss")
+    model.save_pretrained(path)
+    return model, path
+
+
+def tokens(B: int = 2, S: int = 20, seed: int = 1) -> torch.Tensor:
+    return torch.randint(0, V, (B, S), generator=torch.Generator().manual_seed(seed))
+
+
+def hf_greedy(hf, prompt: torch.Tensor, n: int) -> torch.Tensor:
+    out = hf.generate(prompt, max_new_tokens=n, do_sample=False, eos_token_id=None, pad_token_id=0)
+    return out[:, prompt.shape[1]:]
+
+
+@torch.no_grad()
+def test_config_maps_every_gpt_oss_difference(saved):
+    _, path = saved
+    m = read_hf(path, max_seq_len=MAX_LEN).run.model
+    assert (m.qkv_bias, m.o_bias, m.attn_sinks, m.sliding_window, m.window_layers) == (True, True, True, WINDOW, "even")
+    assert (m.rope_yarn_factor, m.rope_yarn_original_max, m.rope_yarn_truncate, m.rope_theta) == (32.0, 4096, False,
+                                                                                                150000.0)
+    assert (m.moe.router_bias, m.moe.expert_bias, m.moe.expert_act, m.moe.norm_topk_prob) == (True, True,
+                                                                                              "clamped_swiglu", True)
+    assert [m.window_of(i) for i in range(4)] == [WINDOW, None, WINDOW, None]
+
+
+@torch.no_grad()
+def test_yarn_tables_equal_transformers(saved):
+    hf, path = saved
+    model, _, _ = load_hf(path, max_seq_len=MAX_LEN)
+    pos = torch.arange(MAX_LEN)[None]
+    cos, sin = hf.model.rotary_emb(torch.zeros(1, dtype=torch.float32), pos)
+    assert torch.allclose(model.rope_cos, cos[0], atol=1e-6) and torch.allclose(model.rope_sin, sin[0], atol=1e-6)
+
+
+@torch.no_grad()
+def test_logits_match_transformers_fp32_past_the_window(saved):
+    hf, path = saved
+    model, _, _ = load_hf(path, max_seq_len=MAX_LEN)
+    x = tokens()
+    want = hf(input_ids=x).logits.float()
+    got = model(x).logits
+    err = (got - want).abs().max().item()
+    assert err < 2e-5, f"max |ours - transformers| = {err}"
+    # each gpt-oss feature moves the logits far more than that: the comparison can fail
+    moe = model.cfg.moe
+    for change in (dict(sliding_window=None), dict(attn_sinks=False), dict(rope_yarn_factor=None),
+                   dict(moe=dataclasses.replace(moe, swiglu_limit=100.0)),
+                   dict(moe=dataclasses.replace(moe, swiglu_alpha=1.0))):
+        other = MoETransformer(dataclasses.replace(model.cfg, **change))
+        other.load_state_dict(model.state_dict(), strict=False)
+        assert (other.eval()(x).logits - want).abs().max() > 1e-2, change
+
+
+def test_clamped_swiglu_equals_transformers_gate():
+    """Our [gate | up] activation on de-interleaved h equals GptOssExperts._apply_gate on interleaved h,
+    at the default limit 7 with values on both sides of it."""
+    from moe_runtime.core.experts import ExpertActivation
+    from moe_runtime.core.hf.gpt_oss import deinterleave
+    experts = gpt_oss_model(swiglu_limit=7.0).model.layers[0].mlp.experts
+    h = torch.randn(50, 64, generator=torch.Generator().manual_seed(0)) * 6
+    want = experts._apply_gate(h)
+    got = ExpertActivation("clamped_swiglu", 1.702, 7.0)(deinterleave(h, 1))
+    assert (h.abs() > 7).any() and torch.allclose(got, want, atol=1e-6)
+
+
+def test_greedy_generation_identical(saved):
+    hf, path = saved
+    model, _, _ = load_hf(path, max_seq_len=MAX_LEN)
+    prompt = tokens(1, 8, seed=2)
+    ours, theirs = model.generate(prompt, 24), hf_greedy(hf, prompt, 24)
+    assert torch.equal(ours, theirs), f"ours {ours.tolist()} vs transformers {theirs.tolist()}"
+
+
+def _forced(copy_s: float, host_s: float, device_s: float) -> Calibration:
+    """A cost model that makes one decision win, to drive every path (not a performance claim)."""
+    return Calibration(device="cpu", expert_bytes=1, copy_s=copy_s, tokens=(1, 64), host_s=(host_s, 64 * host_s),
+                       device_s=(device_s, 64 * device_s), act_s_per_token=0.0, attn_s=0.0)
+
+
+@pytest.mark.parametrize("policy,slots,cpu,cal", [("lru", 4, False, None), ("predictive", 8, True, None),
+                                                  ("predictive", 6, True, _forced(1.0, 1e-6, 1e-3)),
+                                                  ("lfu", 32, False, None)])
+def test_expert_cache_generates_transformers_tokens(saved, policy, slots, cpu, cal):
+    """Experts streamed from the shards into the host store; a few slots so experts move (32 = every
+    expert resident: the resident path); forced host runs exercise the host path."""
+    hf, path = saved
+    model, _, _, store = load_hf_for_cache(path, max_seq_len=MAX_LEN, pin=False)
+    engine = ExpertCacheEngine(model, gpu_expert_slots=slots, policy=policy, cpu_experts=cpu, device="cpu",
+                               store=store, calibration=cal)
+    prompt = tokens(1, 8, seed=2)
+    res = engine.generate(prompt, 24)
+    theirs = hf_greedy(hf, prompt, 24)
+    assert torch.equal(res.tokens, theirs), f"engine {res.tokens.tolist()} vs transformers {theirs.tolist()}"
+    if cal is not None:
+        assert res.report["decisions"]["cpu"] > 0, res.report["decisions"]
+
+
+def test_moe_generate_hf_cli_matches_transformers(saved, tmp_path):
+    from moe_runtime.core.cli import main
+    hf, path = saved
+    out = tmp_path / "report.json"
+    assert main(["generate", "--hf", str(path), "--gpu-expert-slots", "5", "--prompt-ids", "5,17,42,8,9,3",
+                 "--max-new-tokens", "16", "--max-seq-len", str(MAX_LEN), "--device", "cpu", "--json", str(out)]) == 0
+    theirs = hf_greedy(hf, torch.tensor([[5, 17, 42, 8, 9, 3]]), 16)[0]
+    assert json.loads(out.read_text())["tokens"][0] == theirs.tolist()
+
+
+# ---------------------------------------------------------------- MXFP4 checkpoints
+def _pack(w_nKO: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """gpt-oss blocks [n, O, K/32, 16] and scales [n, O, K/32] of [n, K, O] weights (rows as given)."""
+    qw = kq.quantize(w_nKO, "mxfp4")
+    n, O, half = qw.fields["q"].shape
+    return qw.fields["q"].reshape(n, O, half // 16, 16).contiguous(), qw.fields["scale"].contiguous()
+
+
+@pytest.fixture(scope="module")
+def mx_saved(saved, tmp_path_factory):
+    """(transformers model on the dequantised experts, MXFP4 checkpoint dir)."""
+    from transformers.integrations.mxfp4 import convert_moe_packed_tensors
+    hf, path = saved
+    out = tmp_path_factory.mktemp("gpt_oss_mx")
+    shutil.copy(path / "config.json", out)
+    cfg = json.loads((out / "config.json").read_text())
+    cfg["quantization_config"] = {"quant_method": "mxfp4", "modules_to_not_convert": [
+        "model.layers.*.self_attn", "model.layers.*.mlp.router", "model.embed_tokens", "lm_head"]}
+    (out / "config.json").write_text(json.dumps(cfg))
+    ref = gpt_oss_model()
+    ref.load_state_dict(hf.state_dict())
+    tensors = {}
+    with safe_open(str(path / "model.safetensors"), "pt") as h:
+        for name in h.keys():
+            t = h.get_tensor(name)
+            if name.endswith(("experts.gate_up_proj", "experts.down_proj")):
+                blocks, scales = _pack(t)
+                tensors[name + "_blocks"], tensors[name + "_scales"] = blocks, scales
+                layer, proj = int(name.split(".")[2]), name.rsplit(".", 1)[1]
+                with torch.no_grad():  # the reference runs on transformers' own decode of the blocks
+                    getattr(ref.model.layers[layer].mlp.experts, proj).copy_(
+                        convert_moe_packed_tensors(blocks, scales, dtype=torch.float32))
+            else:
+                tensors[name] = t
+    save_file(tensors, str(out / "model.safetensors"))
+    return ref, out
+
+
+@torch.no_grad()
+def test_mxfp4_checkpoint_logits_match_transformers_decode(mx_saved, saved):
+    ref, path = mx_saved
+    ck = read_hf(path, max_seq_len=MAX_LEN)
+    assert ck.layout == "mxfp4"
+    model, _, _ = load_hf(path, max_seq_len=MAX_LEN)
+    x = tokens()
+    want = ref(input_ids=x).logits.float()
+    err = (model(x).logits - want).abs().max().item()
+    assert err < 2e-5, f"max |ours - transformers on dequantised MXFP4| = {err}"
+    assert (saved[0](input_ids=x).logits - want).abs().max() > 1e-3, "MXFP4 rounding should be visible"
+
+
+def test_mxfp4_checkpoint_serves_its_own_bytes_through_the_cache(mx_saved):
+    ref, path = mx_saved
+    model, _, _, store = load_hf_for_cache(path, max_seq_len=MAX_LEN, pin=False)  # default: as stored
+    assert store.layout.quant == "mxfp4"
+    with safe_open(str(path / "model.safetensors"), "pt") as h:  # layer 1, expert 3: rows de-interleaved only
+        blocks = h.get_tensor("model.layers.1.mlp.experts.gate_up_proj_blocks")[3]
+        down = h.get_tensor("model.layers.1.mlp.experts.down_proj_scales")[3]
+    q = store.quant_expert(1, 3)
+    assert torch.equal(q.w13.fields["q"][0], torch.cat([blocks[0::2], blocks[1::2]]).flatten(1))
+    assert torch.equal(q.w2.fields["scale"][0], down)
+    for slots, cpu, cal in ((5, False, None), (6, True, _forced(1.0, 1e-6, 1e-3)), (32, False, None)):
+        model, _, _, store = load_hf_for_cache(path, max_seq_len=MAX_LEN, pin=False)
+        engine = ExpertCacheEngine(model, gpu_expert_slots=slots, policy="lru", cpu_experts=cpu, device="cpu",
+                                   store=store, calibration=cal, expert_dtype="mxfp4")
+        prompt = tokens(1, 8, seed=2)
+        got, theirs = engine.generate(prompt, 20).tokens, hf_greedy(ref, prompt, 20)
+        assert torch.equal(got, theirs), f"slots={slots}: engine {got.tolist()} vs transformers {theirs.tolist()}"
+
+
+# ---------------------------------------------------------------- refusals
+def _edit(saved_path: Path, tmp: Path, **changes) -> Path:
+    out = tmp / "ck"
+    shutil.copytree(saved_path, out)
+    cfg = json.loads((out / "config.json").read_text())
+    for k, v in changes.items():
+        if v is None:
+            cfg.pop(k, None)
+        else:
+            cfg[k] = v
+    (out / "config.json").write_text(json.dumps(cfg))
+    return out
+
+
+@pytest.mark.parametrize("changes,pattern", [
+    (dict(rope_parameters={"rope_type": "longrope", "rope_theta": 1e4}), "plain or YaRN RoPE"),
+    (dict(rope_parameters={"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64,
+                           "mscale": 0.7}), r"mscale=0.7 is not supported"),
+    (dict(layer_types=["sliding_attention", "sliding_attention", "full_attention", "sliding_attention"]),
+     r"slides on layers \[0, 1, 3\]"),
+    (dict(quantization_config={"quant_method": "bitsandbytes"}), "float or MXFP4"),
+    (dict(experts_per_token=3), "experts_per_token=3 and num_experts_per_tok=2 disagree"),
+    (dict(sliding_window=None), "sliding_window=None must be a positive int"),
+])
+def test_unsupported_gpt_oss_fields_are_refused(saved, tmp_path, changes, pattern):
+    path = _edit(saved[1], tmp_path, **changes)
+    with pytest.raises(HFCheckpointError, match=pattern):
+        read_hf(path, max_seq_len=MAX_LEN)
+
+
+def test_export_refuses_gpt_oss(saved, tmp_path):
+    from moe_runtime.core.hf import export_hf
+    model, run, _ = load_hf(saved[1], max_seq_len=MAX_LEN)
+    with pytest.raises(ValueError, match="gpt-oss only"):
+        export_hf(model, run, tmp_path / "out")
+    with pytest.raises(ValueError, match="export as gpt_oss is not implemented"):
+        export_hf(model, run, tmp_path / "out", "gpt_oss")
