@@ -150,6 +150,19 @@ def test_expert_cache_generates_transformers_tokens(saved, policy, slots, cpu, c
         assert res.report["decisions"]["cpu"] > 0, res.report["decisions"]
 
 
+def test_batch_of_prompts_of_different_lengths(saved):
+    """Rows at different positions in one KV cache (the masked attention path, windows per row)
+    give each prompt's own transformers tokens."""
+    hf, path = saved
+    model, _, _, store = load_hf_for_cache(path, max_seq_len=MAX_LEN, pin=False)
+    engine = ExpertCacheEngine(model, gpu_expert_slots=6, policy="lru", device="cpu", store=store)
+    prompts = [tokens(1, 9, seed=4)[0].tolist(), tokens(1, 3, seed=5)[0].tolist()]
+    res = engine.generate(prompts, 14)
+    for b, p in enumerate(prompts):
+        theirs = hf_greedy(hf, torch.tensor([p]), 14)[0]
+        assert res.tokens[b].tolist() == theirs.tolist(), f"row {b}"
+
+
 def test_moe_generate_hf_cli_matches_transformers(saved, tmp_path):
     from moe_runtime.core.cli import main
     hf, path = saved
