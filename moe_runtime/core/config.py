@@ -434,9 +434,10 @@ def param_count(cfg: ModelConfig) -> dict[str, int]:
     attn += 2 * cfg.head_dim * (1 if cfg.qk_norm == "head" else 0) + (cfg.n_heads + cfg.n_kv_heads) * cfg.head_dim * (
         1 if cfg.qk_norm == "full" else 0)
     attn += (cfg.n_heads + 2 * cfg.n_kv_heads) * cfg.head_dim if cfg.qkv_bias else 0
-    expert = 3 * D * m.d_expert
+    attn += (D if cfg.o_bias else 0) + (cfg.n_heads if cfg.attn_sinks else 0)
+    expert = 3 * D * m.d_expert + ((2 * m.d_expert + D) if m.expert_bias else 0)
     shared = 3 * D * m.d_shared_expert + (D if m.shared_expert_gate else 0)
-    moe_layer = m.num_experts * expert + shared + D * m.num_experts
+    moe_layer = m.num_experts * expert + shared + (D + (1 if m.router_bias else 0)) * m.num_experts
     dense_layer = 3 * D * cfg.d_dense_ffn
     emb = cfg.vocab_size * D * (1 if cfg.tie_embeddings else 2)
     L_moe, L_dense = cfg.num_moe_layers, cfg.first_dense_layers
