@@ -313,3 +313,29 @@ def test_export_refuses_gpt_oss(saved, tmp_path):
         export_hf(model, run, tmp_path / "out")
     with pytest.raises(ValueError, match="export as gpt_oss is not implemented"):
         export_hf(model, run, tmp_path / "out", "gpt_oss")
+
+
+@pytest.mark.parametrize("mx", [False, True])
+def test_expert_parallel_rank_loads_its_rows(saved, mx_saved, mx):
+    """An expert-parallel rank's shard (init_model(expert_rows=...)) gets exactly its rows of the weights
+    AND the expert biases, float or MXFP4, and reads only its rows of the expert stacks."""
+    from moe_runtime.core.hf import load_hf_weights
+    from moe_runtime.core.model import init_model
+    path = mx_saved[1] if mx else saved[1]
+    ck = read_hf(path, max_seq_len=MAX_LEN)
+    full, run, _ = load_hf(path, max_seq_len=MAX_LEN)
+    want = dict(full.named_parameters())
+    rows = slice(2, 6)
+    shard = init_model(run.model, seed=0, expert_rows=rows)
+    read = load_hf_weights(ck, shard, expert_rows=rows)
+    for name, p in shard.named_parameters():
+        expert = name.endswith(("w13_EDF2", "w2_EFD", "b13_EF2", "b2_ED"))
+        assert torch.equal(p.detach(), want[name][rows] if expert else want[name]), name
+    assert all(span == (2, 6) for n, span in read if ".experts." in n)
+
+
+def test_training_expert_offload_refuses_gpt_oss_experts(saved):
+    from moe_runtime.cluster.offload import enable_expert_offload
+    model, _, _ = load_hf(saved[1], max_seq_len=MAX_LEN)
+    with pytest.raises(ValueError, match="biases or a clamped SwiGLU"):
+        enable_expert_offload(model, torch.device("cpu"))
