@@ -220,7 +220,7 @@ def mx_saved(saved, tmp_path_factory):
     from transformers.integrations.mxfp4 import convert_moe_packed_tensors
     hf, path = saved
     out = tmp_path_factory.mktemp("gpt_oss_mx")
-    shutil.copy(path / "config.json", out)
+    shutil.copy(path / "config.json", out)  # (no model.safetensors: the index below names the shards)
     cfg = json.loads((out / "config.json").read_text())
     cfg["quantization_config"] = {"quant_method": "mxfp4", "modules_to_not_convert": [
         "model.layers.*.self_attn", "model.layers.*.mlp.router", "model.embed_tokens", "lm_head"]}
@@ -240,7 +240,13 @@ def mx_saved(saved, tmp_path_factory):
                         convert_moe_packed_tensors(blocks, scales, dtype=torch.float32))
             else:
                 tensors[name] = t
-    save_file(tensors, str(out / "model.safetensors"))
+    # two shards, every *_scales apart from its *_blocks: nothing assumes they share a file
+    shards = {"model-00001-of-00002.safetensors": {k: v for k, v in tensors.items() if not k.endswith("_scales")},
+              "model-00002-of-00002.safetensors": {k: v for k, v in tensors.items() if k.endswith("_scales")}}
+    for file, part in shards.items():
+        save_file(part, str(out / file))
+    (out / "model.safetensors.index.json").write_text(json.dumps(
+        {"metadata": {}, "weight_map": {k: f for f, part in shards.items() for k in part}}))
     return ref, out
 
 
@@ -261,8 +267,9 @@ def test_mxfp4_checkpoint_serves_its_own_bytes_through_the_cache(mx_saved):
     ref, path = mx_saved
     model, _, _, store = load_hf_for_cache(path, max_seq_len=MAX_LEN, pin=False)  # default: as stored
     assert store.layout.quant == "mxfp4"
-    with safe_open(str(path / "model.safetensors"), "pt") as h:  # layer 1, expert 3: rows de-interleaved only
-        blocks = h.get_tensor("model.layers.1.mlp.experts.gate_up_proj_blocks")[3]
+    with safe_open(str(path / "model-00001-of-00002.safetensors"), "pt") as h:  # layer 1, expert 3: rows
+        blocks = h.get_tensor("model.layers.1.mlp.experts.gate_up_proj_blocks")[3]  # de-interleaved, bytes kept
+    with safe_open(str(path / "model-00002-of-00002.safetensors"), "pt") as h:
         down = h.get_tensor("model.layers.1.mlp.experts.down_proj_scales")[3]
     q = store.quant_expert(1, 3)
     assert torch.equal(q.w13.fields["q"][0], torch.cat([blocks[0::2], blocks[1::2]]).flatten(1))

@@ -48,16 +48,17 @@ def _place(param: torch.Tensor, slot: _Slot, t: torch.Tensor) -> None:
     dst.copy_(t.transpose(*slot.transpose) if slot.transpose else t)
 
 
-def _read_mx(h, name: str, slot: _Slot, rows: slice | None, dtype: torch.dtype) -> torch.Tensor:
-    """gpt-oss MXFP4 blocks + their scales (same shard, as transformers saves them) -> [n, K, O] float,
-    gate/up de-interleaved for gate_up_proj. rows: only these experts leave the file."""
+def _read_mx(ck: HFCheckpoint, h, fp: Path, name: str, rows: slice | None, dtype: torch.dtype) -> torch.Tensor:
+    """gpt-oss MXFP4 blocks + their scales (from whichever shard holds them) -> [n, K, O] float,
+    gate/up de-interleaved for gate_up_proj. rows: only these experts leave the file(s)."""
     scales = name.removesuffix("_blocks") + "_scales"
-    if scales not in h.keys():
-        raise HFCheckpointError(f"tensor {name} and {scales} must be in the same shard file")
-    if rows is None:
-        blocks, sc = h.get_tensor(name), h.get_tensor(scales)
-    else:
-        blocks, sc = h.get_slice(name)[rows.start:rows.stop], h.get_slice(scales)[rows.start:rows.stop]
+    with ExitStack() as stack:
+        sfp = ck.tensors[scales].file
+        hs = h if sfp == fp else stack.enter_context(safe_open(str(sfp), framework="pt"))
+        if rows is None:
+            blocks, sc = h.get_tensor(name), hs.get_tensor(scales)
+        else:
+            blocks, sc = h.get_slice(name)[rows.start:rows.stop], hs.get_slice(scales)[rows.start:rows.stop]
     w = dequantize_mx(blocks, sc, dtype)
     return deinterleave(w, 2) if name.endswith("gate_up_proj_blocks") else w
 
@@ -88,7 +89,7 @@ def load_hf_weights(ck: HFCheckpoint, model: MoETransformer, *, expert_rows: sli
                 if slot is None or params[slot.param].is_meta or slot.mx == "scales":
                     continue
                 if slot.mx == "blocks":  # decoded with its scales; rows of an expert-parallel shard only
-                    w = _read_mx(h, name, slot, expert_rows, params[slot.param].dtype)
+                    w = _read_mx(ck, h, fp, name, expert_rows, params[slot.param].dtype)
                     params[slot.param].data.copy_(w)
                     read.append((name, None if expert_rows is None else (expert_rows.start, expert_rows.stop)))
                 elif expert_rows is None or slot.param not in expert_params:
