@@ -350,3 +350,32 @@ def test_training_expert_offload_refuses_gpt_oss_experts(saved):
     model, _, _ = load_hf(saved[1], max_seq_len=MAX_LEN)
     with pytest.raises(ValueError, match="biases or a clamped SwiGLU"):
         enable_expert_offload(model, torch.device("cpu"))
+
+
+def test_real_gpt_oss_config_fields_load(mx_saved, tmp_path):
+    """The field set of the released config.json (openai/gpt-oss-120b: rope_scaling + top-level rope_theta,
+    experts_per_token, initial_context_length, swiglu_limit without swiglu_alpha, quantization_config,
+    torch_dtype), at this test's sizes, maps to the same model as transformers' own save."""
+    ref, path = mx_saved
+    want = read_hf(path, max_seq_len=MAX_LEN).run.model
+    c = ref.config
+    real = {"architectures": ["GptOssForCausalLM"], "attention_bias": True, "attention_dropout": 0.0,
+            "eos_token_id": 7, "experts_per_token": 2, "head_dim": 16, "hidden_act": "silu", "hidden_size": 64,
+            "initial_context_length": 4096, "initializer_range": 0.1, "intermediate_size": 32,
+            "layer_types": ["sliding_attention", "full_attention"] * 2, "max_position_embeddings": 256,
+            "model_type": "gpt_oss", "num_attention_heads": 4, "num_experts_per_tok": 2, "num_hidden_layers": 4,
+            "num_key_value_heads": 2, "num_local_experts": 8, "output_router_logits": False, "pad_token_id": 9,
+            "quantization_config": {"modules_to_not_convert": ["model.layers.*.self_attn", "model.layers.*.mlp.router",
+                                                               "model.embed_tokens", "lm_head"],
+                                    "quant_method": "mxfp4"},
+            "rms_norm_eps": 1e-05, "rope_scaling": {"beta_fast": 32.0, "beta_slow": 1.0, "factor": 32.0,
+                                                    "original_max_position_embeddings": 4096, "rope_type": "yarn",
+                                                    "truncate": False},
+            "rope_theta": 150000, "router_aux_loss_coef": 0.9, "sliding_window": WINDOW, "swiglu_limit": c.swiglu_limit,
+            "tie_word_embeddings": False, "torch_dtype": "float32", "transformers_version": "4.55.0.dev0",
+            "use_cache": True, "vocab_size": V}
+    out = tmp_path / "real"
+    shutil.copytree(path, out)
+    (out / "config.json").write_text(json.dumps(real))
+    got = read_hf(out, max_seq_len=MAX_LEN).run.model
+    assert dataclasses.replace(got, init_std=want.init_std) == want
