@@ -379,3 +379,40 @@ def test_real_gpt_oss_config_fields_load(mx_saved, tmp_path):
     (out / "config.json").write_text(json.dumps(real))
     got = read_hf(out, max_seq_len=MAX_LEN).run.model
     assert dataclasses.replace(got, init_std=want.init_std) == want
+
+
+def test_moe_serve_hf_mxfp4_completion_equals_transformers(mx_saved, tmp_path):
+    """`moe serve --hf` on the MXFP4 checkpoint (its own bytes: an mxfp4 store) answers a completion of
+    prompt ids with transformers' greedy tokens on the dequantised model."""
+    import threading
+
+    import httpx
+
+    from moe_runtime.core.cli import build_parser
+    from moe_runtime.offload.serve.server import build_context, make_server
+    from tests.serve_support import wait_for
+    tokenizers = pytest.importorskip("tokenizers")
+    ref, src = mx_saved
+    path = tmp_path / "served"
+    shutil.copytree(src, path)  # with a tokenizer.json (moe serve speaks text): one word per id
+    tok = tokenizers.Tokenizer(tokenizers.models.WordLevel({f"w{i}": i for i in range(V)}, unk_token="w0"))
+    tok.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
+    tok.save(str(path / "tokenizer.json"))
+    args = build_parser().parse_args(["serve", "--hf", str(path), "--gpu-expert-slots", "5", "--device", "cpu",
+                                      "--port", "0", "--model-name", "gpt-oss-tiny", "--max-model-len", str(MAX_LEN)])
+    ctx = build_context(args)
+    server = make_server(ctx, host="127.0.0.1", port=0, shutdown_timeout=1.0)
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    wait_for(lambda: server.started, "the server did not start")
+    try:
+        port = server.servers[0].sockets[0].getsockname()[1]
+        prompt = tokens(1, 8, seed=2)
+        r = httpx.post(f"http://127.0.0.1:{port}/v1/completions", timeout=60, json={
+            "model": "gpt-oss-tiny", "prompt": prompt[0].tolist(), "max_tokens": 12, "temperature": 0,
+            "return_token_ids": True})
+        assert r.status_code == 200, r.text
+        assert r.json()["choices"][0]["token_ids"] == hf_greedy(ref, prompt, 12)[0].tolist()
+    finally:
+        server.should_exit = True
+        thread.join(20)
