@@ -23,10 +23,10 @@ expert at a time first.
 """
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import torch.nn as nn
-
-from typing import NamedTuple
 
 from moe_runtime import kernels
 from moe_runtime.core.experts import ExpertActivation, ExpertBank, expert_mlp
