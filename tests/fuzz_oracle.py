@@ -36,13 +36,21 @@ _MOE = {"num_experts": lambda v: _int(v) and 1 <= v <= 65536, "top_k": _pos, "d_
         "z_loss_coef": _nonneg_num, "aux_free_bias": lambda v: isinstance(v, bool), "bias_update_rate": _nonneg_num,
         "capacity_factor": lambda v: v is None or (_num(v) and v > 0),
         "router_position": lambda v: v in ("post_attention", "pre_attention"),
-        "balance_pooling": lambda v: v in ("per_layer", "pooled")}
+        "balance_pooling": lambda v: v in ("per_layer", "pooled"),
+        "router_bias": lambda v: isinstance(v, bool), "expert_bias": lambda v: isinstance(v, bool),
+        "expert_act": lambda v: v in ("swiglu", "clamped_swiglu"), "swiglu_alpha": _num,
+        "swiglu_limit": lambda v: _num(v) and v > 0}
 _MODEL = {"d_model": _pos, "n_layers": _pos, "n_heads": _pos, "vocab_size": _pos, "max_seq_len": _pos,
           "n_kv_heads": lambda v: v is None or _pos(v), "head_dim": lambda v: v is None or (_pos(v) and v % 2 == 0),
           "rope_theta": lambda v: _num(v) and v > 0, "norm_eps": lambda v: _num(v) and v > 0,
           "first_dense_layers": lambda v: _int(v) and v >= 0, "d_dense_ffn": lambda v: v is None or _pos(v),
           "tie_embeddings": lambda v: isinstance(v, bool), "qkv_bias": lambda v: isinstance(v, bool),
           "qk_norm": lambda v: v in (None, "full", "head"), "init_std": _nonneg_num,
+          "o_bias": lambda v: isinstance(v, bool), "attn_sinks": lambda v: isinstance(v, bool),
+          "sliding_window": lambda v: v is None or _pos(v), "window_layers": lambda v: v in ("all", "even", "odd"),
+          "rope_yarn_factor": lambda v: v is None or (_num(v) and v > 0), "rope_yarn_original_max": _pos,
+          "rope_yarn_beta_fast": lambda v: _num(v) and v > 0, "rope_yarn_beta_slow": lambda v: _num(v) and v > 0,
+          "rope_yarn_truncate": lambda v: isinstance(v, bool),
           "tokenizer_sha256": lambda v: v is None or (isinstance(v, str) and re.fullmatch(r"[0-9a-f]{64}", v) is not None)}
 _TRAIN = {**{k: _pos for k in ("max_steps", "batch_size", "seq_len", "grad_accum", "eval_batches", "log_interval",
                                "eval_interval")},

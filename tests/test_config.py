@@ -89,7 +89,10 @@ def test_load_config_errors(tmp_path):
                                 dict(qk_norm="head", first_dense_layers=1, head_dim=6),
                                 dict(tie_embeddings=True, moe=dict(num_experts=4, top_k=2, d_expert=24,
                                                                    num_shared_experts=1, d_shared_expert=16,
-                                                                   shared_expert_gate=True))])
+                                                                   shared_expert_gate=True)),
+                                dict(qkv_bias=True, o_bias=True, attn_sinks=True, sliding_window=4,
+                                     moe=dict(num_experts=4, top_k=2, d_expert=24, router_bias=True, expert_bias=True,
+                                              expert_act="clamped_swiglu"))])
 def test_param_count_matches_the_built_model(kw):
     from moe_runtime.core.model import MoETransformer
     from tests.helpers import small_model, small_moe

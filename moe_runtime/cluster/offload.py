@@ -20,7 +20,7 @@ import torch
 import torch.nn as nn
 
 from moe_runtime import kernels
-from moe_runtime.core.experts import ExpertBank, compute_dtype
+from moe_runtime.core.experts import ExpertActivation, ExpertBank, compute_dtype
 from moe_runtime.core.model import MoETransformer
 
 
@@ -91,6 +91,9 @@ class HostExpertBank(nn.Module):
 
     def __init__(self, bank: ExpertBank, index: int):
         super().__init__()
+        if getattr(bank, "b13_EF2", None) is not None or getattr(bank, "act", None) not in (None, ExpertActivation()):
+            raise ValueError("expert offload in training streams plain SwiGLU experts; this model's experts have "
+                             "biases or a clamped SwiGLU (gpt-oss): train it without expert offload")
         self.num_experts, self.d_model, self.d_expert = bank.num_experts, bank.d_model, bank.d_expert
         self.expert_offset, self.index = bank.expert_offset, index
         pin = bank.w13_EDF2.is_cuda  # page-locked host memory: async copies at full PCIe speed

@@ -24,6 +24,8 @@ else:  # pragma: no cover - exercised on 3.10 only
     import tomli as tomllib
 
 SCORE_FUNCS = ("softmax", "sigmoid")
+EXPERT_ACTS = ("swiglu", "clamped_swiglu")
+WINDOW_LAYERS = ("all", "even", "odd")
 BALANCE_SCOPES = ("micro_batch", "global_batch")
 GLOBAL_SYNCS = ("exact", "cumulative")
 ROUTER_POSITIONS = ("post_attention", "pre_attention")
@@ -73,6 +75,17 @@ class MoEConfig:
     balance_pooling: str = "per_layer"
     """'per_layer': mean over layers of N_E * sum_i f_i p_i; 'pooled': f and p pooled over all layers
     first (transformers' load_balancing_loss_func; used when fine-tuning a Hugging Face checkpoint)."""
+    router_bias: bool = False
+    """A learned bias on the router logits (gpt-oss); it changes selection and weights alike."""
+    expert_bias: bool = False
+    """Biases on each routed expert's W13 and W2 outputs (gpt-oss)."""
+    expert_act: str = "swiglu"
+    """Routed experts' activation: 'swiglu' silu(g) * u, or 'clamped_swiglu' (gpt-oss)
+    (u.clamp(-limit, limit) + 1) * g' * sigmoid(alpha * g') with g' = g.clamp(max=limit)."""
+    swiglu_alpha: float = 1.702
+    """clamped_swiglu: the sigmoid's gain alpha."""
+    swiglu_limit: float = 7.0
+    """clamped_swiglu: the clamp limit."""
 
     def __post_init__(self) -> None:
         _check_types(self)
@@ -95,6 +108,8 @@ class MoEConfig:
         _choice("global_sync", self.global_sync, GLOBAL_SYNCS)
         _choice("router_position", self.router_position, ROUTER_POSITIONS)
         _choice("balance_pooling", self.balance_pooling, BALANCE_POOLINGS)
+        _choice("expert_act", self.expert_act, EXPERT_ACTS)
+        _positive("swiglu_limit", self.swiglu_limit)
         _check(self.balance_coef >= 0, f"balance_coef={self.balance_coef} must be >= 0")
         _check(self.z_loss_coef >= 0, f"z_loss_coef={self.z_loss_coef} must be >= 0")
         _check(self.bias_update_rate >= 0, f"bias_update_rate={self.bias_update_rate} must be >= 0")
@@ -138,6 +153,24 @@ class ModelConfig:
     """RMSNorm on queries and keys: None, 'full' (over all heads at once, OLMoE) or 'head' (per head, Qwen3)."""
     init_std: float = 0.02
     """Std of the normal initialisation."""
+    o_bias: bool = False
+    """A bias on the attention output projection (gpt-oss)."""
+    attn_sinks: bool = False
+    """A learned logit per query head added to each softmax's denominator (gpt-oss attention sinks)."""
+    sliding_window: int | None = None
+    """Keys a query sees in sliding-window layers, itself included (None: full attention everywhere)."""
+    window_layers: str = "all"
+    """Which layers slide when sliding_window is set: 'all', 'even' (0, 2, ...; gpt-oss) or 'odd'."""
+    rope_yarn_factor: float | None = None
+    """YaRN RoPE scaling factor (gpt-oss: 32); None = plain RoPE. The yarn fields follow transformers."""
+    rope_yarn_original_max: int = 4096
+    """YaRN: the pre-training context length (original_max_position_embeddings)."""
+    rope_yarn_beta_fast: float = 32.0
+    """YaRN: rotations bounding the extrapolated dims (beta_fast)."""
+    rope_yarn_beta_slow: float = 1.0
+    """YaRN: rotations bounding the interpolated dims (beta_slow)."""
+    rope_yarn_truncate: bool = True
+    """YaRN: round the correction range to whole dims (gpt-oss: False)."""
     tokenizer_sha256: str | None = None
     """sha256 of the tokenizer.json the model was trained with (`moe train --tokenizer`); None = bytes
     or ids from elsewhere. `moe generate` / `moe serve` look for that file next to the checkpoint."""
@@ -173,8 +206,23 @@ class ModelConfig:
                f"qk_norm={self.qk_norm!r} must be None, 'full' or 'head'")
         _check(self.tokenizer_sha256 is None or re.fullmatch(r"[0-9a-f]{64}", self.tokenizer_sha256) is not None,
                f"tokenizer_sha256={self.tokenizer_sha256!r} must be None or 64 lowercase hex digits")
+        _check(self.sliding_window is None or self.sliding_window >= 1,
+               f"sliding_window={self.sliding_window} must be >= 1 (or None for full attention)")
+        _choice("window_layers", self.window_layers, WINDOW_LAYERS)
+        _check(self.rope_yarn_factor is None or self.rope_yarn_factor > 0,
+               f"rope_yarn_factor={self.rope_yarn_factor} must be > 0 (or None for plain RoPE)")
+        _positive("rope_yarn_original_max", self.rope_yarn_original_max)
+        _positive("rope_yarn_beta_fast", self.rope_yarn_beta_fast)
+        _positive("rope_yarn_beta_slow", self.rope_yarn_beta_slow)
         if self.d_dense_ffn is None:
             self.d_dense_ffn = max(8, int(8 * self.d_model / 3) // 8 * 8)
+
+    def window_of(self, layer: int) -> int | None:
+        """The sliding window of block `layer`, or None (full causal attention)."""
+        if self.sliding_window is None or (self.window_layers == "even" and layer % 2) or \
+                (self.window_layers == "odd" and layer % 2 == 0):
+            return None
+        return self.sliding_window
 
     def is_moe_layer(self, layer: int) -> bool:
         return layer >= self.first_dense_layers
@@ -386,9 +434,10 @@ def param_count(cfg: ModelConfig) -> dict[str, int]:
     attn += 2 * cfg.head_dim * (1 if cfg.qk_norm == "head" else 0) + (cfg.n_heads + cfg.n_kv_heads) * cfg.head_dim * (
         1 if cfg.qk_norm == "full" else 0)
     attn += (cfg.n_heads + 2 * cfg.n_kv_heads) * cfg.head_dim if cfg.qkv_bias else 0
-    expert = 3 * D * m.d_expert
+    attn += (D if cfg.o_bias else 0) + (cfg.n_heads if cfg.attn_sinks else 0)
+    expert = 3 * D * m.d_expert + ((2 * m.d_expert + D) if m.expert_bias else 0)
     shared = 3 * D * m.d_shared_expert + (D if m.shared_expert_gate else 0)
-    moe_layer = m.num_experts * expert + shared + D * m.num_experts
+    moe_layer = m.num_experts * expert + shared + (D + (1 if m.router_bias else 0)) * m.num_experts
     dense_layer = 3 * D * cfg.d_dense_ffn
     emb = cfg.vocab_size * D * (1 if cfg.tie_embeddings else 2)
     L_moe, L_dense = cfg.num_moe_layers, cfg.first_dense_layers

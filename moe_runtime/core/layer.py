@@ -11,7 +11,7 @@ import torch.nn as nn
 
 from moe_runtime.core.config import MoEConfig
 from moe_runtime.core.dispatch import Dispatcher, LocalDispatcher
-from moe_runtime.core.experts import ExpertBank, SwiGLUMLP
+from moe_runtime.core.experts import ExpertActivation, ExpertBank, SwiGLUMLP
 from moe_runtime.core.router import RouterOutput, TopKRouter
 
 
@@ -23,7 +23,8 @@ class MoELayer(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.router = TopKRouter(d_model, cfg, init_std)
-        self.experts = ExpertBank(cfg.num_experts, d_model, cfg.d_expert, init_std=init_std, out_std=out_std)
+        self.experts = ExpertBank(cfg.num_experts, d_model, cfg.d_expert, init_std=init_std, out_std=out_std,
+                                  bias=cfg.expert_bias, act=ExpertActivation.of(cfg))
         self.shared = (SwiGLUMLP(d_model, cfg.d_shared_expert, init_std=init_std, out_std=out_std)
                        if cfg.num_shared_experts else None)
         self.shared_gate = nn.Linear(d_model, 1, bias=False) if cfg.shared_expert_gate else None

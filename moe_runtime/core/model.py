@@ -18,6 +18,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from moe_runtime.core.attention_variants import model_rotary_tables, variant_attention
 from moe_runtime.core.config import ModelConfig
 from moe_runtime.core.experts import SwiGLUMLP
 from moe_runtime.core.layer import MoELayer, out_proj_std
@@ -124,14 +125,19 @@ class AttentionBatch:
 
 
 class Attention(nn.Module):
-    def __init__(self, cfg: ModelConfig, out_std: float):
+    def __init__(self, cfg: ModelConfig, out_std: float, layer: int = 0):
         super().__init__()
         self.n_heads, self.n_kv, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
         D = cfg.d_model
         self.wq = nn.Linear(D, self.n_heads * self.head_dim, bias=cfg.qkv_bias)
         self.wk = nn.Linear(D, self.n_kv * self.head_dim, bias=cfg.qkv_bias)
         self.wv = nn.Linear(D, self.n_kv * self.head_dim, bias=cfg.qkv_bias)
-        self.wo = nn.Linear(self.n_heads * self.head_dim, D, bias=False)
+        self.wo = nn.Linear(self.n_heads * self.head_dim, D, bias=cfg.o_bias)
+        if self.wo.bias is not None:
+            nn.init.zeros_(self.wo.bias)
+        # gpt-oss (core/attention_variants.py): this layer's sliding window and per-head sink logits
+        self.window = cfg.window_of(layer)
+        self.sinks = nn.Parameter(torch.zeros(self.n_heads)) if cfg.attn_sinks else None
         for lin in (self.wq, self.wk, self.wv):
             nn.init.normal_(lin.weight, std=cfg.init_std)
             if lin.bias is not None:
@@ -167,7 +173,9 @@ class Attention(nn.Module):
             cache.v[layer, :, :, start:start + S] = v
             k, v = cache.k[layer, :, :, :start + S], cache.v[layer, :, :, :start + S]
         k, v = self._repeat_kv(k), self._repeat_kv(v)
-        if start == 0:
+        if self.window is not None or self.sinks is not None:
+            o = variant_attention(q, k.to(q.dtype), v.to(q.dtype), None, start, True, self.window, self.sinks)
+        elif start == 0:
             o = F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), is_causal=S > 1)
         else:
             # Decoding after a prefix: query i sees keys 0 .. start+i.
@@ -201,6 +209,10 @@ class Attention(nn.Module):
             else:
                 k, v = kl[batch.rows_B, :, :batch.keys], vl[batch.rows_B, :, :batch.keys]
         k, v = self._repeat_kv(k), self._repeat_kv(v)
+        if self.window is not None or self.sinks is not None:
+            slots = batch.slots_BS if batch.slots_BS is not None else batch.write_at
+            return variant_attention(q, k.to(q.dtype), v.to(q.dtype), batch.mask_B1SK, slots, False, self.window,
+                                     self.sinks)
         return F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), attn_mask=batch.mask_B1SK)
 
 
@@ -210,7 +222,7 @@ class Block(nn.Module):
         out_std = out_proj_std(cfg.init_std, cfg.n_layers)
         self.layer = layer
         self.attn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
-        self.attn = Attention(cfg, out_std)
+        self.attn = Attention(cfg, out_std, layer)
         self.ffn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.is_moe = cfg.is_moe_layer(layer)
         self.pre_attention_router = self.is_moe and cfg.moe.router_position == "pre_attention"
@@ -262,7 +274,7 @@ class MoETransformer(nn.Module):
             self.head.weight = self.embed.weight
         else:
             nn.init.normal_(self.head.weight, std=cfg.init_std)
-        cos, sin = rotary_tables(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta)
+        cos, sin = model_rotary_tables(cfg)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
         self._mask_cache: dict[tuple, torch.Tensor] = {}
@@ -546,7 +558,8 @@ def init_model(cfg: ModelConfig, *, seed: int, device: str | torch.device = "cpu
             for layer in model.moe_layers():
                 full = layer.experts
                 layer.experts = ExpertBank(expert_rows.stop - expert_rows.start, full.d_model, full.d_expert,
-                                           expert_offset=expert_rows.start)
+                                           expert_offset=expert_rows.start, bias=full.b13_EF2 is not None,
+                                           act=full.act)
     model.to_empty(device=device)
     out_std = out_proj_std(cfg.init_std, cfg.n_layers)
     with torch.no_grad():
@@ -555,8 +568,7 @@ def init_model(cfg: ModelConfig, *, seed: int, device: str | torch.device = "cpu
         for name, b in model.named_buffers():
             if name.endswith("bias_E"):
                 b.zero_()
-        model.rope_cos, model.rope_sin = (t.to(device) for t in rotary_tables(cfg.head_dim, cfg.max_seq_len,
-                                                                              cfg.rope_theta))
+        model.rope_cos, model.rope_sin = (t.to(device) for t in model_rotary_tables(cfg))
     return model
 
 
@@ -567,7 +579,7 @@ def _init_param(model: MoETransformer, name: str, p: torch.Tensor, seed: int, st
     """The same distributions as the constructors (normal, zeros for biases, ones for norms),
     drawn on the CPU from a generator seeded by the name (or the expert), then copied over."""
     leaf = name.rsplit(".", 1)[-1]
-    if "norm" in name.rsplit(".", 2)[-2] or leaf == "bias":
+    if "norm" in name.rsplit(".", 2)[-2] or leaf in ("bias", "b13_EF2", "b2_ED", "sinks", "logit_bias_E"):
         p.fill_(1.0 if leaf == "weight" else 0.0)
         return
     s = out_std if any(k in name for k in _OUT_PROJ) else std

@@ -96,10 +96,13 @@ class TopKRouter(nn.Module):
         # Aux-free bias shifts which experts are *selected*; it never touches the combine weights.
         self.register_buffer("bias_E", torch.zeros(cfg.num_experts), persistent=cfg.aux_free_bias)
         self.aux_free_bias = cfg.aux_free_bias
+        # gpt-oss: a learned bias on the logits (selection AND weights); None for every other family
+        self.logit_bias_E = nn.Parameter(torch.zeros(cfg.num_experts)) if cfg.router_bias else None
 
     def logits(self, x_TD: torch.Tensor) -> torch.Tensor:
         # Routing in fp32: bf16 logits flip near-ties between experts and break exact replays.
-        return F.linear(x_TD.float(), self.weight_ED.float())
+        bias = self.logit_bias_E.float() if self.logit_bias_E is not None else None
+        return F.linear(x_TD.float(), self.weight_ED.float(), bias)
 
     def forward(self, x_TD: torch.Tensor) -> RouterOutput:
         logits_TE = self.logits(x_TD)

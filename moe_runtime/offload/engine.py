@@ -104,7 +104,7 @@ class ExpertCacheEngine:
         self.pool = SlotPool(slots, lay, self.device)
         self.copies = make_copy_engine(store, self.pool)
         for m, layer in enumerate(layers):  # experts stay in the store; only dense weights move
-            layer.experts = CachedExperts(lay, m)
+            layer.experts = CachedExperts(lay, m, layer.experts)
         model.to(self.device)
         self.calibration = calibration or calibrate_store(store, self.pool, self.copies, attn_probe=self._attn_probe())
         self.copies.copy_s = self.calibration.copy_s

@@ -43,7 +43,7 @@ def add_generate_args(p: argparse.ArgumentParser) -> None:
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--checkpoint", help="run directory (newest checkpoint) or a step_NNNNNNNN dir")
     src.add_argument("--hf", metavar="DIR", help="local Hugging Face MoE checkpoint directory (Mixtral, Qwen2-MoE, "
-                                                 "OLMoE, Qwen3-MoE); experts stream into host memory")
+                                                 "OLMoE, Qwen3-MoE, gpt-oss); experts stream into host memory")
     add_tokenizer_arg(p)
     p.add_argument("--max-seq-len", type=int, default=None, metavar="N",
                    help="with --hf: rotary table size (default max_position_embeddings); a sliding-window model "

@@ -15,13 +15,21 @@ Each expert runs as a group of one through kernels.grouped_mlp, the same kernel 
 ExpertBank calls, over the same rows: on CPU the outputs match the resident model bit for bit.
 Quantised experts (store.layout.quant) run through kernels.grouped_mlp_quant from their slots and
 offload/quant_host.py on host cores, on their quantised bytes.
+gpt-oss experts (biases on both matmuls, clamped SwiGLU; an ExpertExtra) keep their biases with
+the dense weights (on the device, [E, 2F + D] a layer) and run every path in torch
+(core.experts.expert_mlp math): from a slot, split, on the host (torch matmuls on the store's
+weights, not the bf16 C kernel of cpu_experts.py), resident; quantised ones are dequantised one
+expert at a time first.
 """
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import torch
 import torch.nn as nn
 
 from moe_runtime import kernels
+from moe_runtime.core.experts import ExpertActivation, ExpertBank, expert_mlp
 from moe_runtime.kernels.reference import swiglu
 
 from moe_runtime.offload.cache import ExpertCache, Key, SlotPool, StaleSlotError
@@ -35,22 +43,41 @@ Counters = Tally
 """The engine's counters are the planner's tally (kept under the engine's old name)."""
 
 
-class CachedExperts(nn.Module):
-    """Stands in for one MoE layer's ExpertBank; its weights live in the store and the slot pool."""
+class ExpertExtra(NamedTuple):
+    """What a gpt-oss expert adds to plain SwiGLU: y = act(x W13 + b13[e]) W2 + b2[e]."""
 
-    def __init__(self, layout: ExpertLayout, moe_layer: int):
+    b13_EF2: torch.Tensor | None
+    b2_ED: torch.Tensor | None
+    act: ExpertActivation
+
+
+class CachedExperts(nn.Module):
+    """Stands in for one MoE layer's ExpertBank; its weights live in the store and the slot pool.
+    bank: the ExpertBank it replaces; its biases (gpt-oss) are kept here as buffers (they move with
+    the dense weights) and its activation is passed to the runtime."""
+
+    def __init__(self, layout: ExpertLayout, moe_layer: int, bank: ExpertBank | None = None):
         super().__init__()
         self.moe_layer = moe_layer
         self.num_experts, self.d_model, self.d_expert = layout.num_experts, layout.d_model, layout.d_expert
         self._runtime: list[OffloadRuntime] = []  # a list, so nn.Module does not adopt it as a submodule
+        biased = bank is not None and bank.b13_EF2 is not None
+        self.act = bank.act if bank is not None else ExpertActivation()
+        self.register_buffer("b13_EF2", bank.b13_EF2.detach().clone() if biased else None)
+        self.register_buffer("b2_ED", bank.b2_ED.detach().clone() if biased else None)
 
     def bind(self, runtime: "OffloadRuntime") -> None:
         self._runtime[:] = [runtime]
 
+    def extra(self) -> ExpertExtra | None:
+        if self.b13_EF2 is None and self.act.kind == "swiglu":
+            return None
+        return ExpertExtra(self.b13_EF2, self.b2_ED, self.act)
+
     def forward(self, x_sorted_ND: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
         if not self._runtime:
             raise RuntimeError("CachedExperts used before ExpertCacheEngine finished setting up (bind not called)")
-        return self._runtime[0].run_experts(self.moe_layer, x_sorted_ND, counts_E)
+        return self._runtime[0].run_experts(self.moe_layer, x_sorted_ND, counts_E, self.extra())
 
     def extra_repr(self) -> str:
         return f"moe_layer={self.moe_layer}, num_experts={self.num_experts} (offloaded)"
@@ -143,7 +170,15 @@ class OffloadRuntime:
                 self._counts_dev = buf
         return buf[n:n + 1]
 
-    def _run_slot(self, key: Key, slot: int, x_ND: torch.Tensor, out_ND: torch.Tensor) -> None:
+    def _slot_weights(self, slot: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """(w13_DF2, w2_FD) of a slot in `dtype` (a quantised slot dequantised: one expert)."""
+        if self.pool.quant is not None:
+            w13, w2 = self.pool.quant[slot].dequantize(dtype)
+            return w13[0], w2[0]
+        return self.pool.w13_SDF2[slot].to(dtype), self.pool.w2_SFD[slot].to(dtype)
+
+    def _run_slot(self, key: Key, slot: int, x_ND: torch.Tensor, out_ND: torch.Tensor,
+                  extra: ExpertExtra | None = None) -> None:
         if self.loaded[slot] != key:
             raise StaleSlotError(f"plan runs {key} from slot {slot}, whose last copy was {self.loaded[slot]}; "
                                  f"reading it would use the wrong expert's weights")
@@ -151,21 +186,25 @@ class OffloadRuntime:
         if t is not None:
             self.copies.wait(t)  # CUDA: the compute stream waits on this copy's event only
         count_1 = self._count(x_ND.shape[0])
-        if self.pool.quant is not None:
+        if extra is not None:
+            dtype = _out_dtype(x_ND)
+            y = _extra_forward(x_ND.to(dtype), *self._slot_weights(slot, dtype), key[1], extra)
+        elif self.pool.quant is not None:
             y = kernels.grouped_mlp_quant(x_ND.to(_out_dtype(x_ND)), self.pool.quant[slot], count_1)
         else:
             y = expert_forward(x_ND, self.pool.w13_SDF2[slot], self.pool.w2_SFD[slot], count_1)
         out_ND.copy_(y)
         self.copies.mark_read(slot)
 
-    def _run_split(self, key: Key, slot: int, host_share: float, x_ND: torch.Tensor, out_ND: torch.Tensor) -> None:
+    def _run_split(self, key: Key, slot: int, host_share: float, x_ND: torch.Tensor, out_ND: torch.Tensor,
+                   extra: ExpertExtra | None = None) -> None:
         """A split run: host cores compute x[:, :d] W13[:d] from the store while the device part
         (W13 rows d.. and W2) lands; the device adds x[:, d:] W13[d:], then SwiGLU and W2."""
         m, e = key
         if self.loaded[slot] != key:
             raise StaleSlotError(f"plan runs {key} split from slot {slot}, whose last copy was {self.loaded[slot]}")
         if self.pool.quant is not None:  # a quantised copy moved the whole expert (copy_engines._rows)
-            self._run_slot(key, slot, x_ND, out_ND)
+            self._run_slot(key, slot, x_ND, out_ND, extra)
             return
         d = split_row(host_share, self.store.layout.d_model)
         dtype = _out_dtype(x_ND)
@@ -177,11 +216,23 @@ class OffloadRuntime:
         if t is not None:
             self.copies.wait(t)  # CUDA: the compute stream waits on the device part's event only
         h = torch.addmm(h, x[:, d:], self.pool.w13_SDF2[slot, d:].to(dtype))
-        out_ND.copy_(swiglu(h) @ self.pool.w2_SFD[slot].to(dtype))
+        if extra is not None:
+            out_ND.copy_(_extra_finish(h, self.pool.w2_SFD[slot].to(dtype), e, extra))
+        else:
+            out_ND.copy_(swiglu(h) @ self.pool.w2_SFD[slot].to(dtype))
         self.copies.mark_read(slot)
 
-    def _run_host(self, key: Key, x_ND: torch.Tensor, out_ND: torch.Tensor) -> None:
+    def _run_host(self, key: Key, x_ND: torch.Tensor, out_ND: torch.Tensor, extra: ExpertExtra | None = None) -> None:
         m, e = key
+        if extra is not None:  # torch on the host cores, on the store's weights (one expert dequantised)
+            dtype = _out_dtype(x_ND)
+            if self.store.layout.quant is not None:
+                w13, w2 = (t[0] for t in self.store.quant_expert(m, e).dequantize(dtype))
+            else:
+                w13, w2 = self.store.w13(m, e).to(dtype), self.store.w2(m, e).to(dtype)
+            x_host = x_ND.to("cpu", dtype)  # host sync (CUDA): the rows go to the host
+            out_ND.copy_(_extra_forward(x_host, w13, w2, e, extra))
+            return
         if self.store.layout.quant is not None:
             y = host_quant_expert_forward(x_ND, self.store.quant_expert(m, e))
         else:
@@ -189,11 +240,12 @@ class OffloadRuntime:
         out_ND.copy_(y)
 
     # ---------------------------------------------------------------- the MoE step
-    def run_experts(self, m: int, x_ND: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
+    def run_experts(self, m: int, x_ND: torch.Tensor, counts_E: torch.Tensor,
+                    extra: ExpertExtra | None = None) -> torch.Tensor:
         """y_sorted_ND for MoE layer m: the resident path, or 1. which experts (host sync), 2. the
-        planner's plan, 3. its ops in order."""
+        planner's plan, 3. its ops in order. extra: gpt-oss biases and activation (None: SwiGLU)."""
         if self.resident[m]:
-            return self._run_resident(m, x_ND, counts_E)
+            return self._run_resident(m, x_ND, counts_E, extra)
         counts = counts_E.tolist()  # host sync: the planner must know the layer's experts
         starts, at = [], 0
         for n in counts:
@@ -201,16 +253,22 @@ class OffloadRuntime:
             at += n
         plan = self.planner.serve(m, {e: n for e, n in enumerate(counts) if n > 0})
         y_ND = torch.empty_like(x_ND, dtype=_out_dtype(x_ND))
-        self.execute(plan, lambda e: (starts[e], starts[e] + counts[e]), x_ND, y_ND)
+        self.execute(plan, lambda e: (starts[e], starts[e] + counts[e]), x_ND, y_ND, extra)
         self.resident[m] = self.planner.layer_resident(m)
         return y_ND
 
-    def _run_resident(self, m: int, x_ND: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
+    def _run_resident(self, m: int, x_ND: torch.Tensor, counts_E: torch.Tensor,
+                      extra: ExpertExtra | None = None) -> torch.Tensor:
         """Layer m's experts are slots m*E .. m*E+E-1: one grouped call, exactly ExpertBank's."""
         E = counts_E.shape[0]
         lo = m * E
         dtype = _out_dtype(x_ND)
-        if self.pool.quant is not None:
+        if extra is not None and self.pool.quant is not None:
+            y = self._run_resident_quant_extra(lo, x_ND.to(dtype), counts_E, extra)
+        elif extra is not None:
+            y = expert_mlp(x_ND.to(dtype), self.pool.w13_SDF2[lo:lo + E].to(dtype), self.pool.w2_SFD[lo:lo + E].to(dtype),
+                           counts_E, extra.b13_EF2, extra.b2_ED, extra.act)
+        elif self.pool.quant is not None:
             y = kernels.grouped_mlp_quant(x_ND.to(dtype), self.pool.quant[lo:lo + E], counts_E)
         else:
             y = kernels.grouped_mlp(x_ND.to(dtype), self.pool.w13_SDF2[lo:lo + E].to(dtype),
@@ -218,6 +276,17 @@ class OffloadRuntime:
         self._resident_counts.append(counts_E)  # counted when the tally is read: no work per layer
         if len(self._resident_counts) >= 4096:
             self._fold_resident()
+        return y
+
+    def _run_resident_quant_extra(self, lo: int, x_ND: torch.Tensor, counts_E: torch.Tensor,
+                                  extra: ExpertExtra) -> torch.Tensor:
+        """gpt-oss experts in quantised slots: one expert dequantised at a time (never a whole layer)."""
+        y = torch.empty_like(x_ND)
+        at = 0
+        for e, n in enumerate(counts_E.tolist()):  # host sync: the loop needs the counts
+            if n:
+                y[at:at + n] = _extra_forward(x_ND[at:at + n], *self._slot_weights(lo + e, x_ND.dtype), e, extra)
+            at += n
         return y
 
     def _fold_resident(self) -> None:
@@ -231,7 +300,8 @@ class OffloadRuntime:
             t.cache_steps += len(self._resident_counts)
             self._resident_counts.clear()
 
-    def execute(self, plan: LayerPlan, rows, x_ND: torch.Tensor, y_ND: torch.Tensor) -> None:
+    def execute(self, plan: LayerPlan, rows, x_ND: torch.Tensor, y_ND: torch.Tensor,
+                extra: ExpertExtra | None = None) -> None:
         """Run a plan's ops in order: copies go to the copy engine, runs wait only on their own copy."""
         for op in plan.ops:
             if op.kind in ("copy", "fill"):
@@ -239,11 +309,11 @@ class OffloadRuntime:
                 continue
             a, b = rows(op.key[1])
             if op.kind == "run":
-                self._run_slot(op.key, op.slot, x_ND[a:b], y_ND[a:b])
+                self._run_slot(op.key, op.slot, x_ND[a:b], y_ND[a:b], extra)
             elif op.kind == "split":
-                self._run_split(op.key, op.slot, op.host_share, x_ND[a:b], y_ND[a:b])
+                self._run_split(op.key, op.slot, op.host_share, x_ND[a:b], y_ND[a:b], extra)
             else:
-                self._run_host(op.key, x_ND[a:b], y_ND[a:b])
+                self._run_host(op.key, x_ND[a:b], y_ND[a:b], extra)
 
     def _issue(self, op) -> None:
         """A copy (whole, or a split run's device part) or a split run's fill; the key's next run
@@ -271,9 +341,25 @@ class OffloadRuntime:
         self.copies.collect_stall()
 
 
+def _extra_finish(h_NF2: torch.Tensor, w2_FD: torch.Tensor, e: int, extra: ExpertExtra) -> torch.Tensor:
+    """act(h + b13[e]) W2 + b2[e] on h's device (biases brought there: a few hundred values)."""
+    if extra.b13_EF2 is not None:
+        h_NF2 = h_NF2 + extra.b13_EF2[e].to(h_NF2.device, h_NF2.dtype)
+    y = extra.act(h_NF2) @ w2_FD
+    if extra.b2_ED is not None:
+        y = y + extra.b2_ED[e].to(y.device, y.dtype)
+    return y
+
+
+def _extra_forward(x_ND: torch.Tensor, w13_DF2: torch.Tensor, w2_FD: torch.Tensor, e: int,
+                   extra: ExpertExtra) -> torch.Tensor:
+    """One gpt-oss expert: act(x W13 + b13[e]) W2 + b2[e], the math of core.experts.expert_mlp."""
+    return _extra_finish(x_ND @ w13_DF2, w2_FD, e, extra)
+
+
 def _out_dtype(x: torch.Tensor) -> torch.dtype:
     from moe_runtime.core.experts import compute_dtype
     return compute_dtype(x)
 
 
-__all__ = ["CachedExperts", "OffloadRuntime", "Counters"]
+__all__ = ["CachedExperts", "OffloadRuntime", "Counters", "ExpertExtra"]

@@ -9,6 +9,8 @@ Families (config.json `architectures[0]`), each mapped field by field and tensor
     qwen2_moe  Qwen2MoeForCausalLM   q/k/v bias                    experts + shared expert * sigmoid gate
     olmoe      OlmoeForCausalLM      RMSNorm on q, k (all heads)   experts, norm_topk_prob from config
     qwen3_moe  Qwen3MoeForCausalLM   RMSNorm on q, k (per head)    experts, norm_topk_prob from config
+    gpt_oss    GptOssForCausalLM     q/k/v/o bias, sinks, sliding  biased router; biased clamped-SwiGLU experts,
+                                     window, YaRN (core/hf/gpt_oss.py)   float or MXFP4 (see gpt_oss.py)
 
 Routed experts come in two layouts; both load and `export_hf` writes either:
     per_expert  what save_pretrained writes by default and what the Hub holds

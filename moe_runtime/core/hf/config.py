@@ -12,9 +12,11 @@ from moe_runtime.core.config import MoEConfig, ModelConfig, RunConfig, TrainConf
 CONFIG, INDEX, SINGLE, TOKENIZER = "config.json", "model.safetensors.index.json", "model.safetensors", "tokenizer.json"
 
 ARCHITECTURES = {"MixtralForCausalLM": "mixtral", "Qwen2MoeForCausalLM": "qwen2_moe",
-                 "OlmoeForCausalLM": "olmoe", "Qwen3MoeForCausalLM": "qwen3_moe"}
+                 "OlmoeForCausalLM": "olmoe", "Qwen3MoeForCausalLM": "qwen3_moe", "GptOssForCausalLM": "gpt_oss"}
 FAMILY_ARCH = {family: arch for arch, family in ARCHITECTURES.items()}
 EXPERT_LAYOUTS = ("per_expert", "fused")
+GPT_OSS_LAYOUTS = ("fused", "mxfp4")
+"""gpt-oss experts: 'fused' float stacks (save_pretrained of a float model) or 'mxfp4' *_blocks / *_scales."""
 TRAIN_ONLY_MOE_FIELDS = ("balance_coef", "balance_scope", "global_sync", "z_loss_coef", "aux_free_bias",
                          "bias_update_rate", "balance_pooling")
 _ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
@@ -25,6 +27,7 @@ _DEFAULTS = {
     "qwen2_moe": dict(rope_theta=1e4, rms_norm_eps=1e-6, max_position_embeddings=32768),
     "olmoe": dict(rope_theta=1e4, rms_norm_eps=1e-5, max_position_embeddings=4096),
     "qwen3_moe": dict(rope_theta=1e4, rms_norm_eps=1e-6, max_position_embeddings=32768),
+    "gpt_oss": dict(rope_theta=150000.0, rms_norm_eps=1e-5, max_position_embeddings=131072),
 }
 # Fields that never change the forward math: ids, bookkeeping, output flags.
 _HARMLESS = {"_name_or_path", "architectures", "model_type", "transformers_version", "dtype", "torch_dtype",
@@ -92,6 +95,11 @@ def _rope_theta(f: _Fields) -> float:
     return float(theta)
 
 
+def gpt_oss_rope(f: _Fields, max_pos: int) -> dict[str, Any]:
+    from moe_runtime.core.hf.gpt_oss import yarn_fields
+    return yarn_fields(f, max_pos, _DEFAULTS["gpt_oss"]["rope_theta"])
+
+
 def _sliding_window(f: _Fields) -> int | None:
     """The attention window if sliding-window attention is on in any layer, else None."""
     if f.family == "mixtral":
@@ -120,7 +128,7 @@ def _attention_fields(f: _Fields, max_seq_len: int | None) -> dict[str, Any]:
              "the experts and MLPs of MoETransformer are SwiGLU with silu; only hidden_act='silu' loads")
     f.expect("attention_dropout", 0.0, lambda v: v == 0, "attention dropout is not implemented; set it to 0.0")
     for key in ("quantization_config", "auto_map"):
-        if key in f.d:
+        if key in f.d and not (key == "quantization_config" and f.family == "gpt_oss"):
             raise HFCheckpointError(f"{f.file}: field {key} is not supported: quantized checkpoints and "
                                     f"remote-code models do not load")
     max_pos = f.get("max_position_embeddings", _DEFAULTS[f.family]["max_position_embeddings"], int)
@@ -134,8 +142,9 @@ def _attention_fields(f: _Fields, max_seq_len: int | None) -> dict[str, Any]:
                                 f"that never leave the window" if window else
                                 f"{f.file}: field layer_types enables sliding-window attention, which is not "
                                 f"implemented")
+    rope = gpt_oss_rope(f, max_pos) if f.family == "gpt_oss" else dict(rope_theta=_rope_theta(f))
     return dict(vocab_size=f.get("vocab_size", kind=int), d_model=D, n_layers=f.get("num_hidden_layers", kind=int),
-                n_heads=H, n_kv_heads=Hk, head_dim=head_dim, max_seq_len=seq, rope_theta=_rope_theta(f),
+                n_heads=H, n_kv_heads=Hk, head_dim=head_dim, max_seq_len=seq, **rope,
                 norm_eps=f.get("rms_norm_eps", _DEFAULTS[f.family]["rms_norm_eps"], float),
                 tie_embeddings=f.get("tie_word_embeddings", False, bool),
                 init_std=f.get("initializer_range", 0.02, float))
@@ -171,6 +180,9 @@ def _family_config(f: _Fields, max_seq_len: int | None) -> ModelConfig:
     kw = _attention_fields(f, max_seq_len)
     fam = f.family
     top_k = f.get("num_experts_per_tok", kind=int)
+    if fam == "gpt_oss":
+        from moe_runtime.core.hf.gpt_oss import gpt_oss_config
+        return gpt_oss_config(f, kw, top_k, _moe_fields(f, top_k, True))
     if fam == "mixtral":
         f.expect("router_jitter_noise", 0.0, lambda v: v == 0, "router jitter is not implemented; set it to 0.0")
         moe = MoEConfig(num_experts=f.alias(("num_local_experts", "num_experts")),

@@ -90,7 +90,9 @@ def _read_headers(files: list[Path], weight_map: dict[str, str] | None) -> dict[
     return found
 
 
-def _expert_layout(found: dict[str, _Found], path: Path) -> str:
+def _expert_layout(found: dict[str, _Found], path: Path, family: str) -> str:
+    if family == "gpt_oss":  # always stacked: float (fused) or MXFP4 blocks / scales
+        return "mxfp4" if any(n.endswith(".experts.gate_up_proj_blocks") for n in found) else "fused"
     fused = any(n.endswith(".experts.gate_up_proj") for n in found)
     split = any(".experts.0." in n for n in found)
     if fused and split:
@@ -133,7 +135,11 @@ def _check_tensors(path: Path, plan: dict[str, _Slot], found: dict[str, _Found],
         if t.shape != slot.hf_shape:
             raise HFCheckpointError(f"{t.file}: tensor {name} has shape {list(t.shape)}, but {CONFIG} implies "
                                     f"{list(slot.hf_shape)}")
-        if _ST_DTYPES.get(t.dtype) != dtype:
+        if slot.st_dtype is not None:
+            if t.dtype != slot.st_dtype:
+                raise HFCheckpointError(f"{t.file}: tensor {name} has dtype {t.dtype}; MXFP4 blocks and scales are "
+                                        f"{slot.st_dtype}")
+        elif _ST_DTYPES.get(t.dtype) != dtype:
             raise HFCheckpointError(f"{t.file}: tensor {name} has dtype {t.dtype}, but {dtype_source} says "
                                     f"{str(dtype).removeprefix('torch.')}")
 
@@ -149,9 +155,12 @@ def read_hf(path: str | Path, *, max_seq_len: int | None = None,
     found = _read_headers(files, weight_map)
     if not found:
         raise HFCheckpointError(f"{files[0]}: holds no tensors")
-    layout = _expert_layout(found, path)
+    layout = _expert_layout(found, path, family)
     dtype, dtype_source = _checkpoint_dtype(fields, found)
-    plan = tensor_plan(family, run.model, layout)
+    try:
+        plan = tensor_plan(family, run.model, layout)
+    except ValueError as e:
+        raise HFCheckpointError(f"{path}: {e}") from None
     _check_tensors(path, plan, found, dtype, dtype_source, run.model.tie_embeddings)
     return HFCheckpoint(path, family, run, dtype, layout, tuple(files), found, plan, dict(fields.d))
 

@@ -20,6 +20,12 @@ from moe_runtime.core.hf.load import _as_dtype
 def _family_problems(cfg: ModelConfig, family: str) -> list[str]:
     """Why cfg cannot be written as `family` (empty: it can, with identical math)."""
     m, p = cfg.moe, []
+    if family == "gpt_oss":
+        return ["export as gpt_oss is not implemented (gpt-oss checkpoints load; they do not write back)"]
+    gpt_oss = {"o_bias": cfg.o_bias, "attn_sinks": cfg.attn_sinks, "sliding_window": cfg.sliding_window,
+               "rope_yarn_factor": cfg.rope_yarn_factor, "router_bias": m.router_bias, "expert_bias": m.expert_bias,
+               "expert_act": m.expert_act if m.expert_act != "swiglu" else None}
+    p += [f"{k}={v!r} (gpt-oss only)" for k, v in gpt_oss.items() if v not in (None, False)]
     want_qk = {"mixtral": None, "qwen2_moe": None, "olmoe": "full", "qwen3_moe": "head"}[family]
     if cfg.qk_norm != want_qk:
         p.append(f"qk_norm={cfg.qk_norm!r} (needs {want_qk!r})")

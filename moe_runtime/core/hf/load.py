@@ -13,10 +13,12 @@ from safetensors import safe_open
 from moe_runtime.core.config import ModelConfig, RunConfig, TrainConfig
 from moe_runtime.core.data import TOKEN_SUFFIXES, Corpus
 from moe_runtime.core.experts import ExpertBank
-from moe_runtime.core.model import MoETransformer, rotary_tables
+from moe_runtime.core.attention_variants import model_rotary_tables
+from moe_runtime.core.model import MoETransformer
 from moe_runtime.core.hf.config import TOKENIZER, HFCheckpointError, TRAIN_ONLY_MOE_FIELDS, _DTYPES
 from moe_runtime.core.hf.plan import _Slot, _expert_names, _moe_prefix
 from moe_runtime.core.hf.disk import HFCheckpoint, read_hf
+from moe_runtime.core.hf.gpt_oss import deinterleave, dequantize_mx, mx_experts
 
 
 # ---------------------------------------------------------------- loading
@@ -27,9 +29,12 @@ def _empty_model(cfg: ModelConfig, dtype: torch.dtype, device: torch.device, loa
     for module in model.modules():
         if load_experts or not isinstance(module, ExpertBank):
             module.to_empty(device=device, recurse=False)
+        elif module.b13_EF2 is not None:  # gpt-oss expert biases: small, they stay with the dense weights
+            module.b13_EF2 = torch.nn.Parameter(torch.empty_like(module.b13_EF2, device=device))
+            module.b2_ED = torch.nn.Parameter(torch.empty_like(module.b2_ED, device=device))
     if cfg.tie_embeddings:
         model.head.weight = model.embed.weight
-    cos, sin = rotary_tables(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta)
+    cos, sin = model_rotary_tables(cfg)
     model.rope_cos, model.rope_sin = cos.to(device), sin.to(device)
     for layer in model.moe_layers():
         layer.router.bias_E = torch.zeros(cfg.moe.num_experts, device=device)
@@ -38,7 +43,24 @@ def _empty_model(cfg: ModelConfig, dtype: torch.dtype, device: torch.device, loa
 
 def _place(param: torch.Tensor, slot: _Slot, t: torch.Tensor) -> None:
     dst = param.data[slot.index] if slot.index else param.data
+    if slot.deinterleave is not None:
+        t = deinterleave(t, slot.deinterleave)
     dst.copy_(t.transpose(*slot.transpose) if slot.transpose else t)
+
+
+def _read_mx(ck: HFCheckpoint, h, fp: Path, name: str, rows: slice | None, dtype: torch.dtype) -> torch.Tensor:
+    """gpt-oss MXFP4 blocks + their scales (from whichever shard holds them) -> [n, K, O] float,
+    gate/up de-interleaved for gate_up_proj. rows: only these experts leave the file(s)."""
+    scales = name.removesuffix("_blocks") + "_scales"
+    with ExitStack() as stack:
+        sfp = ck.tensors[scales].file
+        hs = h if sfp == fp else stack.enter_context(safe_open(str(sfp), framework="pt"))
+        if rows is None:
+            blocks, sc = h.get_tensor(name), hs.get_tensor(scales)
+        else:
+            blocks, sc = h.get_slice(name)[rows.start:rows.stop], hs.get_slice(scales)[rows.start:rows.stop]
+    w = dequantize_mx(blocks, sc, dtype)
+    return deinterleave(w, 2) if name.endswith("gate_up_proj_blocks") else w
 
 
 @torch.no_grad()
@@ -64,9 +86,13 @@ def load_hf_weights(ck: HFCheckpoint, model: MoETransformer, *, expert_rows: sli
         with safe_open(str(fp), framework="pt") as h:
             for name in h.keys():
                 slot = ck.plan.get(name)
-                if slot is None or params[slot.param].is_meta:
+                if slot is None or params[slot.param].is_meta or slot.mx == "scales":
                     continue
-                if expert_rows is None or slot.param not in expert_params:
+                if slot.mx == "blocks":  # decoded with its scales; rows of an expert-parallel shard only
+                    w = _read_mx(ck, h, fp, name, expert_rows, params[slot.param].dtype)
+                    params[slot.param].data.copy_(w)
+                    read.append((name, None if expert_rows is None else (expert_rows.start, expert_rows.stop)))
+                elif expert_rows is None or slot.param not in expert_params:
                     _place(params[slot.param], slot, h.get_tensor(name))
                     read.append((name, None))
                 elif not slot.index:  # fused [E, ...] stack: only this rank's rows leave the file
@@ -81,13 +107,13 @@ def load_hf_weights(ck: HFCheckpoint, model: MoETransformer, *, expert_rows: sli
 
 
 def _is_expert(param: str) -> bool:
-    return param.endswith(("experts.w13_EDF2", "experts.w2_EFD"))
+    return param.endswith(("experts.w13_EDF2", "experts.w2_EFD", "experts.b13_EF2", "experts.b2_ED"))
 
 
 def _coverage(plan: dict[str, _Slot]) -> dict[str, int]:
     out: dict[str, int] = {}
     for slot in plan.values():
-        out[slot.param] = out.get(slot.param, 0) + math.prod(slot.hf_shape)
+        out[slot.param] = out.get(slot.param, 0) + (math.prod(slot.hf_shape) if slot.covers is None else slot.covers)
     return out
 
 
@@ -129,11 +155,14 @@ class HFExpert(NamedTuple):
 
 
 def iter_hf_expert_tensors(path: str | Path | HFCheckpoint, *, dtype: torch.dtype | str | None = None,
-                           max_seq_len: int | None = None, ignore_config_fields: tuple[str, ...] = ()
-                           ) -> Iterator[HFExpert]:
+                           max_seq_len: int | None = None, ignore_config_fields: tuple[str, ...] = (),
+                           raw_mxfp4: bool = False) -> Iterator[Any]:
     """Yield every routed expert, layer-major, reading only that expert's bytes from its shard(s).
 
     Memory: one expert at a time (plus the OS page cache of the memory-mapped shards).
+    raw_mxfp4: an MXFP4 gpt-oss checkpoint's experts come as (moe_layer, expert, QuantExperts bank of
+    one) with the bytes as stored (gate/up rows de-interleaved) instead of dequantised HFExperts.
+    Expert biases (gpt-oss) are not streamed: they load with the dense weights.
     """
     ck = path if isinstance(path, HFCheckpoint) else read_hf(path, max_seq_len=max_seq_len,
                                                              ignore_config_fields=ignore_config_fields)
@@ -154,6 +183,9 @@ def iter_hf_expert_tensors(path: str | Path | HFCheckpoint, *, dtype: torch.dtyp
         for l, block in enumerate(range(cfg.first_dense_layers, cfg.n_layers)):
             moe = _moe_prefix(ck.family, ck.layout, block) + "experts."
             for e in range(E):
+                if ck.family == "gpt_oss":
+                    yield _gpt_oss_expert(ck, read, moe, l, e, dt, raw_mxfp4)
+                    continue
                 if ck.layout == "fused":
                     w13 = read(moe + "gate_up_proj", e).T  # [2F, D] -> [D, 2F]
                     w2 = read(moe + "down_proj", e).T  # [D, F] -> [F, D]
@@ -163,6 +195,19 @@ def iter_hf_expert_tensors(path: str | Path | HFCheckpoint, *, dtype: torch.dtyp
                     w2 = read(f"{x}{down}.weight").T
                 assert w13.shape == (cfg.d_model, 2 * F), w13.shape
                 yield HFExpert(l, e, w13.to(dt).contiguous(), w2.to(dt).contiguous())
+
+
+def _gpt_oss_expert(ck: HFCheckpoint, read, moe: str, l: int, e: int, dt: torch.dtype, raw: bool) -> Any:
+    """One gpt-oss expert: float stacks de-interleaved, or MXFP4 decoded (raw: kept as bytes)."""
+    if ck.layout != "mxfp4":
+        return HFExpert(l, e, deinterleave(read(moe + "gate_up_proj", e), 1).to(dt).contiguous(),
+                        read(moe + "down_proj", e).to(dt).contiguous())
+    t = [read(moe + n, e)[None] for n in ("gate_up_proj_blocks", "gate_up_proj_scales", "down_proj_blocks",
+                                          "down_proj_scales")]
+    if raw:
+        return l, e, mx_experts(*t)
+    w13 = deinterleave(dequantize_mx(t[0], t[1], dt)[0], 1)
+    return HFExpert(l, e, w13.contiguous(), dequantize_mx(t[2], t[3], dt)[0].contiguous())
 
 
 # ---------------------------------------------------------------- tokenizer

@@ -6,7 +6,7 @@ from typing import Any
 
 
 from moe_runtime.core.config import ModelConfig
-from moe_runtime.core.hf.config import EXPERT_LAYOUTS
+from moe_runtime.core.hf.config import EXPERT_LAYOUTS, GPT_OSS_LAYOUTS
 
 
 # ---------------------------------------------------------------- tensor plan (HF name -> our parameter)
@@ -18,6 +18,14 @@ class _Slot:
     hf_shape: tuple[int, ...]
     index: tuple = ()
     transpose: tuple[int, int] | None = None
+    deinterleave: int | None = None
+    """gpt-oss: the tensor's gate/up alternate along this dim; placed as [gate | up]."""
+    mx: str | None = None
+    """gpt-oss MXFP4: 'blocks' (decoded together with its '<name>_scales' tensor) or 'scales'."""
+    st_dtype: str | None = None
+    """The safetensors dtype this tensor must have (default: the checkpoint's float dtype)."""
+    covers: int | None = None
+    """Elements of `param` this tensor fills (default: its own element count)."""
 
 
 def _whole(param: str, *shape: int) -> _Slot:
@@ -39,6 +47,10 @@ def _attention_plan(hf: str, ours: str, cfg: ModelConfig) -> dict[str, _Slot]:
         if cfg.qkv_bias:
             plan[f"{hf}{name}.bias"] = _whole(f"{ours}{mine}.bias", out)
     plan[hf + "o_proj.weight"] = _whole(ours + "wo.weight", D, Dq)
+    if cfg.o_bias:
+        plan[hf + "o_proj.bias"] = _whole(ours + "wo.bias", D)
+    if cfg.attn_sinks:
+        plan[hf + "sinks"] = _whole(ours + "sinks", cfg.n_heads)
     if cfg.qk_norm is not None:
         per_head = cfg.qk_norm == "head"
         plan[hf + "q_norm.weight"] = _whole(ours + "q_norm.weight", cfg.head_dim if per_head else Dq)
@@ -56,7 +68,31 @@ def _expert_names(family: str) -> tuple[str, str, str]:
     return ("w1", "w3", "w2") if family == "mixtral" else ("gate_proj", "up_proj", "down_proj")
 
 
+def _gpt_oss_moe_plan(layout: str, block: int, cfg: ModelConfig) -> dict[str, _Slot]:
+    """gpt-oss: router with bias; fused experts with biases, gate/up interleaved along 2F; float or MXFP4."""
+    E, F, D = cfg.moe.num_experts, cfg.moe.d_expert, cfg.d_model
+    hf, ours = f"model.layers.{block}.mlp.", f"blocks.{block}.ffn."
+    x = hf + "experts."
+    plan = {hf + "router.weight": _whole(ours + "router.weight_ED", E, D),
+            hf + "router.bias": _whole(ours + "router.logit_bias_E", E),
+            x + "gate_up_proj_bias": _Slot(ours + "experts.b13_EF2", (E, 2 * F), deinterleave=1),
+            x + "down_proj_bias": _whole(ours + "experts.b2_ED", E, D)}
+    w13, w2 = ours + "experts.w13_EDF2", ours + "experts.w2_EFD"
+    if layout != "mxfp4":
+        plan[x + "gate_up_proj"] = _Slot(w13, (E, D, 2 * F), deinterleave=2)
+        plan[x + "down_proj"] = _whole(w2, E, F, D)
+        return plan
+    if D % 32 or F % 32:
+        raise ValueError(f"MXFP4 experts need hidden_size ({D}) and intermediate_size ({F}) to be multiples of 32")
+    for name, O, K, param in (("gate_up_proj", 2 * F, D, w13), ("down_proj", D, F, w2)):
+        plan[x + name + "_blocks"] = _Slot(param, (E, O, K // 32, 16), mx="blocks", st_dtype="U8", covers=E * O * K)
+        plan[x + name + "_scales"] = _Slot(param, (E, O, K // 32), mx="scales", st_dtype="U8", covers=0)
+    return plan
+
+
 def _moe_plan(family: str, layout: str, block: int, cfg: ModelConfig) -> dict[str, _Slot]:
+    if family == "gpt_oss":
+        return _gpt_oss_moe_plan(layout, block, cfg)
     m, D = cfg.moe, cfg.d_model
     E, F = m.num_experts, m.d_expert
     moe, ours = _moe_prefix(family, layout, block), f"blocks.{block}.ffn."
@@ -82,7 +118,7 @@ def _moe_plan(family: str, layout: str, block: int, cfg: ModelConfig) -> dict[st
 
 def tensor_plan(family: str, cfg: ModelConfig, layout: str = "per_expert") -> dict[str, Any]:
     """HF tensor name -> _Slot (our parameter, index, transpose, HF shape), explicit per family."""
-    if layout not in EXPERT_LAYOUTS:
+    if layout not in (GPT_OSS_LAYOUTS if family == "gpt_oss" else EXPERT_LAYOUTS):
         raise ValueError(f"expert_layout={layout!r} is not one of {', '.join(EXPERT_LAYOUTS)}")
     D, V = cfg.d_model, cfg.vocab_size
     plan = {"model.embed_tokens.weight": _whole("embed.weight", V, D), "model.norm.weight": _whole("norm.weight", D)}
