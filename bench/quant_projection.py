@@ -225,7 +225,8 @@ def main(argv=None) -> int:
     out = {"date": utc_now(), "host": f"{cpu_model()} ({platform.machine()}, 1 torch thread; load average "
            f"{', '.join(f'{x:.1f}' for x in load)} at the start)",
            "shapes": shapes, "links": links, "cache": args.cache, "formats": [f.label for f in fmts],
-           "host_ratios_date": hr.get("date"), "host_ratios_machine": hr.get("machine"),
+           "host_ratios_date": hr.get("host_measured", hr).get("date"),
+           "host_ratios_machine": hr.get("host_measured", hr).get("machine"),
            "host_ratios": {f.label: format_constants(shapes[0], links[0], f)["host_ratio_vs_bf16"] for f in FORMATS},
            "device_assumption": format_constants(shapes[0], links[0], FORMATS[2])["expert_source"],
            "split": {**split, "split_s": split_s},
