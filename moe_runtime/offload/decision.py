@@ -134,6 +134,8 @@ class Planner:
         self.t = Tally()
         self.decisions = {"wait": 0, "copy": 0, "cpu": 0}
         self.now = self.link_free = self.stall_s = 0.0
+        self.parts = dict.fromkeys(("attn", "device", "host", "split_host", "split_sync", "stall", "link"), 0.0)
+        """Modelled seconds by cause (diagnostic; `link`: the link's busy time, which overlaps the rest)."""
         self.ready_at: dict[Key, float] = {}
         self.prefetched: set[Key] = set()
         self.passes, self.pos, self._serving = 0, 0, 0
@@ -287,6 +289,7 @@ class Planner:
         old = self._assign(key, slot)
         self._copies += 1
         self.link_free = self.ready_at[key] = max(self.link_free, self.now) + (1 - r_w13(host_share)) * self.copy_s
+        self.parts["link"] += (1 - r_w13(host_share)) * self.copy_s
         return Op("copy", key, slot, old, host_share)
 
     # ---------------------------------------------------------------- 1. prefetch
@@ -316,10 +319,10 @@ class Planner:
                 ops = self._warm(self.profile)
             else:
                 return []
-            self.link_free, self.ready_at = 0.0, {}
+            self.link_free, self.ready_at, self.parts["link"] = 0.0, {}, 0.0
             return ops
         ops = [self._copy((m, e), m * self.E + e) for m in range(self.L) for e in range(self.E)]
-        self.link_free, self.ready_at = 0.0, {}  # landed before the first step; not workload traffic
+        self.link_free, self.ready_at, self.parts["link"] = 0.0, {}, 0.0  # landed before the first step; not workload traffic
         return ops
 
     def layer_resident(self, m: int) -> bool:
@@ -431,6 +434,7 @@ class Planner:
         self.t.prefetch_cancelled += len(cancelled)
         self.queue.layer_done(m)
         self.now += self.attn_s
+        self.parts["attn"] += self.attn_s
         plan = LayerPlan()
         hits = [e for e in needed if (m, e) in self.cache]
         misses = [e for e in needed if (m, e) not in self.cache]
@@ -463,10 +467,14 @@ class Planner:
         its share of W13 on host cores (while the device part lands), then fills the slot."""
         if host_share:
             self.now += r_w13(host_share) * self.cost.host_time(n) + self.split_s
+            self.parts["split_host"] += r_w13(host_share) * self.cost.host_time(n)
+            self.parts["split_sync"] += self.split_s
             self.t.split_runs += 1
         wait = max(0.0, self.ready_at.pop(key, 0.0) - self.now)
         self.stall_s += wait
         self.now += wait + self.cost.device_time(n)
+        self.parts["stall"] += wait
+        self.parts["device"] += self.cost.device_time(n)
         self.table.on_access(key)
         if key in self.prefetched:
             self.prefetched.discard(key)
@@ -475,6 +483,7 @@ class Planner:
         plan.ops.append(Op("split" if host_share else "run", key, slot, host_share=host_share))
         if host_share:  # the rest of W13, behind whatever is queued; the next use waits for it
             self.link_free = self.ready_at[key] = max(self.link_free, self.now) + r_w13(host_share) * self.copy_s
+            self.parts["link"] += r_w13(host_share) * self.copy_s
             plan.ops.append(Op("fill", key, slot, host_share=host_share))
 
     def _split_share(self, n: int, host_busy: float) -> float:
@@ -490,6 +499,7 @@ class Planner:
 
     def _host(self, key: Key, n: int, plan: LayerPlan) -> None:
         self.now += self.cost.host_time(n)
+        self.parts["host"] += self.cost.host_time(n)
         self.t.cpu_served += 1
         plan.ops.append(Op("cpu", key))
 
