@@ -388,16 +388,19 @@ class Planner:
         return out
 
     def _gain(self, deadline: int, p: float, window_end: float) -> float:
-        """Expected seconds a prefetch saves, before its eviction's cost. Right (P): it moves link
-        work into time the link would idle before the use (attention now; the layers before the
-        deadline beyond their expected demand copies), so it saves min(copy, idle). Wrong (1 - P):
-        the part of its copy outside idle time delays demand copies by as much."""
+        """Expected seconds a prefetch saves, before its eviction's cost. Right (P): the use is a
+        hit instead of a miss, which would have cost miss_s (a copy, or with host cores whichever of
+        copy and host run is faster), less the part of the copy that does not fit in the time the
+        link would idle before the use (attention now; the layers before the deadline beyond their
+        expected demand copies): max(0, miss_s - (copy - idle)), which is min(copy, idle) without
+        host cores. Wrong (1 - P): the part of its copy outside idle time delays demand copies by
+        as much."""
         start = max(self.link_free, self.now)
         ahead = deadline - self.pos
         idle = max(0.0, window_end - start) + max(0.0, ahead * (self.layer_s - self.copies_per_layer * self.copy_s))
-        used = min(self.copy_s, idle)
-        taken = (self.copy_s - used) * min(1.0, self.demand_per_layer)
-        return p * used - (1 - p) * taken
+        over = max(0.0, self.copy_s - idle)
+        taken = over * min(1.0, self.demand_per_layer)
+        return p * max(0.0, self.miss_s - over) - (1 - p) * taken
 
     def _evict_cost(self, victim: Key | None, deadline: int, p: float) -> float:
         """The miss an eviction may cause: P(victim used again) x copy. For the layer about to run it
