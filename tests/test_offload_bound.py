@@ -19,8 +19,7 @@ def _cal(copy_s: float, host_s: float, attn_s: float = 3e-4) -> Calibration:
                        device_s=(1e-4, 1e-3), act_s_per_token=0.0, attn_s=attn_s)
 
 
-@pytest.mark.parametrize("copy_s,host_s", [(1e-3, 1.5e-3), (2e-3, 0.5e-3), (0.2e-3, 3e-3)])
-@pytest.mark.parametrize("batch", [1, 3])
+@pytest.mark.parametrize("copy_s,host_s,batch", [(1e-3, 1.5e-3, 1), (2e-3, 0.5e-3, 3), (0.2e-3, 3e-3, 1)])
 def test_no_policy_beats_the_bound(copy_s, host_s, batch):
     trace = synthetic_trace(num_layers=3, num_experts=8, top_k=2, tokens=24, batch=batch, zipf=1.0,
                             locality=0.3, transition=0.2, seed=batch)
@@ -30,21 +29,23 @@ def test_no_policy_beats_the_bound(copy_s, host_s, batch):
     cal = _cal(copy_s, host_s)
     for cap in (1, 4, 12):
         b = upper_bound(steps, 3, cap, cal)
-        for policy, cpu in [("lru", False), ("predictive", True), ("predictive", False), ("belady", False),
-                            *((p, False) for p in PEERS)]:
+        for policy, cpu in [("lru", False), ("oracle", True), ("oracle", False), ("belady", False),
+                            ("belady-prefetch", False), *((p, False) for p in PEERS)]:
+            # oracle: the planner with host cores and exact predictions (no predictor to fit)
             r = simulate(held, policy, cap, cal, steps=steps, cpu_experts=cpu, profile=profile, split_s=1e-5)
             assert b["time_s"] <= r["decode"]["time_s"] * (1 + 1e-9), (policy, cap, b, r["decode"])
         assert b["tokens"] == r["decode"]["tokens"]
 
 
-def test_the_bound_is_exact_when_every_expert_fits():
-    """All experts in slots: every use is a hit, the time is attention plus device runs."""
+def test_the_bound_is_near_exact_when_every_expert_fits():
+    """All experts in slots: every use is a hit, the time is attention plus device runs; the bound
+    is below it only by what sharing each run between device and host cores (a split) could save."""
     trace = synthetic_trace(num_layers=2, num_experts=4, top_k=2, tokens=10, seed=0)
     steps = steps_of(trace)
     cal = _cal(1e-3, 1.5e-3)
     b = upper_bound(steps, 2, 8, cal)
     r = simulate(trace, "lru", 8, cal, steps=steps)
-    assert b["time_s"] == pytest.approx(r["decode"]["time_s"], rel=1e-9)
+    assert 0.95 * r["decode"]["time_s"] <= b["time_s"] <= r["decode"]["time_s"]
 
 
 def _brute_kept(uses, S: int) -> int:
