@@ -72,7 +72,7 @@ Why the planner lost to them (issue 19, replayed on the sealed traces, Mixtral s
 Why it is only ~1.04x the best peer in the median case, measured against the upper bound on any
 planner under this cost model (offload/bound.py: perfect knowledge of the routing, host cores,
 link and device each at full use; bench/results/cache_policies.md has it per case). Per-token
-breakdowns (simulate's `parts`, held-out halves, 2026-12-08):
+breakdowns (simulate's `parts`, held-out halves, split run 75 us, 2026-12-08):
 - Qwen3-30B-A3B / gpt-oss-120b shapes (44 of the 72 measured-host cases): attention is 0.3 ms x 48 (36) layers,
   and an expert copies in 0.17-0.53 ms, so the bound is the attention floor (Qwen, no locality,
   25%, PCIe 5: bound 16.0 ms/token = attention 14.4 + device 1.1; planner 35.1, hybrid 36.3). The
