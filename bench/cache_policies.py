@@ -42,6 +42,7 @@ from moe_runtime.offload.predictor import LearnedPredictor  # noqa: E402
 from moe_runtime.offload.projection import SHAPES, constants, project, projection_calibration  # noqa: E402
 from moe_runtime.offload.plan import PEERS  # noqa: E402
 from moe_runtime.offload.projection import SPLIT_GPU_S, SPLIT_GPU_SOURCE  # noqa: E402
+from moe_runtime.offload.bound import upper_bound  # noqa: E402
 from moe_runtime.offload.simulate import CHOICES, choose_policy, profile_of, simulate, split_trace, steps_of  # noqa: E402
 from moe_runtime.offload.synthetic import synthetic_trace  # noqa: E402
 from moe_runtime.offload.trace import RoutingTrace, TraceRecorder  # noqa: E402
@@ -167,6 +168,9 @@ def project_all(shape: str, traces: dict[str, RoutingTrace], links: list[str], f
                 t0 = time.perf_counter()
                 choice, scores = choose_policy(calib, cap, cal, predictor=predictor, split_s=split_s, fit=fit_learned)
                 choose_s = time.perf_counter() - t0
+                b = upper_bound(steps, trace.num_layers, cap, cal)
+                bound_tps = project({"decode": {"time_s": b["time_s"], "tokens": b["tokens"], "bytes_moved": 0,
+                                                "stall_s": 0.0, "copies": 0}}, trace.num_layers, shape)["tokens_per_s"]
                 for policy in pols:
                     t0 = time.perf_counter()
                     plan = choice if policy == "default" else policy
@@ -180,6 +184,7 @@ def project_all(shape: str, traces: dict[str, RoutingTrace], links: list[str], f
                                  "prefetch_issued": r["prefetch_issued"], "prefetch_used": r["prefetch_used"],
                                  "cpu_served": r["cpu_served"], "split_runs": r["split_runs"],
                                  "predictor": predictor if sim_policy == "predictive" else "learned" if sim_policy == "mixtral-offloading" else None,
+                                 "bound_tokens_per_s": bound_tps, "bound_weights": b["weights"],
                                  "sim_s": time.perf_counter() - t0 + (choose_s if policy == "default" else 0.0),
                                  **({"chosen": choice, "calibration_tok_s": scores} if policy == "default" else {})})
                 print(f"  {shape} {frac:.0%} {link} {host} host, {name}: " + ", ".join(
@@ -205,7 +210,9 @@ def targets(rows: list[dict]) -> list[dict]:
                     "vs_best_peer": tps["default"] / tps[best_peer], "rival": rival,
                     "vs_all": tps["default"] / tps[rival], "vs_lru": tps["default"] / tps["lru"],
                     "predictive_vs_best_peer": tps["predictive"] / tps[best_peer],
-                    "predictive_vs_all": tps["predictive"] / tps[rival]})
+                    "predictive_vs_all": tps["predictive"] / tps[rival],
+                    "bound": sel[0]["bound_tokens_per_s"], "best_peer_vs_bound": tps[best_peer] / sel[0]["bound_tokens_per_s"],
+                    "default_vs_bound": tps["default"] / sel[0]["bound_tokens_per_s"]})
     return out
 
 
@@ -220,7 +227,11 @@ def summary(tg: list[dict], host: str) -> dict:
             "median_vs_lru": statistics.median(x["vs_lru"] for x in t),
             "predictive_min_vs_all": min(p), "predictive_below_1": sum(v < 1 for v in p),
             "predictive_median_vs_best_peer": statistics.median(x["predictive_vs_best_peer"] for x in t),
-            "chosen": {c: sum(x["chosen"] == c for x in t) for c in sorted({x["chosen"] for x in t})}}
+            "chosen": {c: sum(x["chosen"] == c for x in t) for c in sorted({x["chosen"] for x in t})},
+            "median_best_peer_vs_bound": statistics.median(x["best_peer_vs_bound"] for x in t),
+            "median_default_vs_bound": statistics.median(x["default_vs_bound"] for x in t),
+            "median_bound_vs_best_peer": statistics.median(x["bound"] / x["best_peer_tps"] for x in t),
+            "min_bound_vs_best_peer": min(x["bound"] / x["best_peer_tps"] for x in t)}
 
 
 @torch.no_grad()
@@ -304,15 +315,22 @@ def markdown(out: dict) -> str:
                          f"**{sm['median_vs_best_peer']:.3f}**; / LRU median {sm['median_vs_lru']:.2f}. The adaptive "
                          f"planner alone (predictive): min {sm['predictive_min_vs_all']:.3f} ({sm['predictive_below_1']} "
                          f"below 1), median / best peer {sm['predictive_median_vs_best_peer']:.3f}. Plans chosen: "
-                         + ", ".join(f"{k} {v}" for k, v in sm["chosen"].items()) + ".")
-    lines += ["", "## Default policy vs the best peer", "",
-              "default = the plan the planner chose from the calibration half alone (simulate.choose_policy).", "",
+                         + ", ".join(f"{k} {v}" for k, v in sm["chosen"].items()) + ". Upper bound (any planner, "
+                         f"perfect foresight, offload/bound.py): best peer / bound median {sm['median_best_peer_vs_bound']:.3f}, "
+                         f"default / bound median {sm['median_default_vs_bound']:.3f}; bound / best peer median "
+                         f"{sm['median_bound_vs_best_peer']:.2f}, min {sm['min_bound_vs_best_peer']:.2f}.")
+    lines += ["", "## Default policy vs the best peer and the bound", "",
+              "default = the plan the planner chose from the calibration half alone (simulate.choose_policy). bound = "
+              "offload/bound.py: the most tokens/s that any planner could reach under the same cost model with perfect "
+              "knowledge of the routing (every relaxation in the planner's favour: a ceiling, not a target).", "",
               "| shape | link | cache | host | trace | default tok/s | chosen | predictive tok/s | best peer | its tok/s "
-              "| default / best peer | default / max(peers, LRU, LFU) |", "|---|---|---:|---|---|---:|---|---:|---|---:|---:|---:|"]
+              "| default / best peer | default / max(peers, LRU, LFU) | bound tok/s | best peer / bound | default / bound |",
+              "|---|---|---:|---|---|---:|---|---:|---|---:|---:|---:|---:|---:|---:|"]
     for t in out["targets"]:
         lines.append(f"| {t['shape']} | {t['link']} | {t['cache_fraction']:.0%} | {t['host']} | {t['trace']} | "
                      f"{t['default']:.2f} | {t['chosen']} | {t['predictive']:.2f} | {t['best_peer']} | "
-                     f"{t['best_peer_tps']:.2f} | {t['vs_best_peer']:.3f} | {t['vs_all']:.3f} |")
+                     f"{t['best_peer_tps']:.2f} | {t['vs_best_peer']:.3f} | {t['vs_all']:.3f} | {t['bound']:.2f} | "
+                     f"{t['best_peer_vs_bound']:.3f} | {t['default_vs_bound']:.3f} |")
     for shape in out["shapes"]:
         for link in out["links"]:
             c = constants(shape, link)

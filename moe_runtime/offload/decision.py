@@ -69,6 +69,42 @@ Why the planner lost to them (issue 19, replayed on the sealed traces, Mixtral s
    the calibration misleads (measured: bench/results/cache_policies.md). Split runs pay split_s
    (activation rows to the host, the partial sum back, the host sync) in their choice and time.
 
+Why it is only ~1.04x the best peer in the median case, measured against the upper bound on any
+planner under this cost model (offload/bound.py: perfect knowledge of the routing, host cores,
+link and device each at full use; bench/results/cache_policies.md has it per case). Per-token
+breakdowns (simulate's `parts`, held-out halves, split run 75 us, 2026-12-08):
+- Qwen3-30B-A3B / gpt-oss-120b shapes (44 of the 72 measured-host cases): attention is 0.3 ms x 48 (36) layers,
+  and an expert copies in 0.17-0.53 ms, so the bound is the attention floor (Qwen, no locality,
+  25%, PCIe 5: bound 16.0 ms/token = attention 14.4 + device 1.1; planner 35.1, hybrid 36.3). The
+  planner's host cores and link are already within ~12% of a perfect balance at its own hit
+  count (208 of 384 uses a token vs 283 for Belady with bypass); what is left is foresight: a
+  miss is known one attention (0.3 ms) before it is needed, so a copy can hide behind attention
+  only where it was predicted, and on the synthetic traces 13-18% of the prefetches are used
+  (prefetching is still worth 1-10% on the trained-model Qwen traces: tried without). Where the best peer already sits near that
+  floor the target cannot be met by any planner (Qwen greedy, PCIe 5: bound / hybrid = 1.04).
+- Mixtral shape (E = 8, copy 6.4 / 14 ms, host run 8.3 ms): no temporal locality, 25%, PCIe 5:
+  planner 203 ms/token (attention 9.6, device 6.8, host 116 + split host parts 67, stall 2; link
+  busy 178), hybrid 230 (108 of it stall on the link), bound 101. Of the gap to the bound about
+  half is hits (23.5 a token against 36.5 for Belady with bypass: foresight again) and half is
+  balance: at its own hit count a perfect host/link split would take ~151 ms. The largest item of
+  that half is the split's fill (the rest of W13 copied after the run so the slot holds the whole
+  expert): 8 expert copies a token, 51 ms of link. Dropping the partial expert instead when its
+  reuse (P x miss_s, net of the victim it spares) is worth less than the fill's link time was
+  tried: +18% on greedy PCIe 4 25%, -2..-27% on the sampled and strong-locality PCIe 4 cases (the
+  usage statistics underrate reuse under locality), so not adopted; it would also need a new op.
+- Fast host (3 ms / Mixtral expert): host cores are the bottleneck (PCIe 4, no locality: 119 of
+  132 ms/token) and the link idles; the bound moves 1 miss in 6 onto the link, which needs the
+  future (a 14 ms copy replaces 3 ms host runs only if the expert is reused ~5 times before it is
+  evicted). Online that is KTransformers' plan, which the planner matches (132.2 vs 132.4) or the
+  per-run choice picks; the cases below 1 are that choice misled by its calibration half.
+- Tried and not adopted: pricing a right prefetch at the miss it saves (miss_s, a host run where
+  that is cheaper) instead of the link time it moves (min(copy, idle)). No bench case moved, and
+  on a cyclic toy run (tests/test_offload_decision.py) it stopped the prefetches whose worth is
+  the expert staying cached for later passes, which min(copy, idle) happens to stand in for.
+So within this cost model the planner is limited by what it cannot know (the next token's
+routing), not by a choice the peers make better; 1.2x the best peer in the median case would
+need most of the bound's foresight (median bound / best peer: bench/results/cache_policies.md).
+
 Eviction rules (offload/eviction.py): lru, lfu, next-use (expected distance to the next use from
 calibrated usage probabilities: aware of the layer cycle), belady (the simulator's future),
 layer-lru (mixtral-offloading), frequency (MoE-Infinity). The predictive policy evicts by whichever
@@ -134,6 +170,8 @@ class Planner:
         self.t = Tally()
         self.decisions = {"wait": 0, "copy": 0, "cpu": 0}
         self.now = self.link_free = self.stall_s = 0.0
+        self.parts = dict.fromkeys(("attn", "device", "host", "split_host", "split_sync", "stall", "link"), 0.0)
+        """Modelled seconds by cause (diagnostic; `link`: the link's busy time, which overlaps the rest)."""
         self.ready_at: dict[Key, float] = {}
         self.prefetched: set[Key] = set()
         self.passes, self.pos, self._serving = 0, 0, 0
@@ -287,6 +325,7 @@ class Planner:
         old = self._assign(key, slot)
         self._copies += 1
         self.link_free = self.ready_at[key] = max(self.link_free, self.now) + (1 - r_w13(host_share)) * self.copy_s
+        self.parts["link"] += (1 - r_w13(host_share)) * self.copy_s
         return Op("copy", key, slot, old, host_share)
 
     # ---------------------------------------------------------------- 1. prefetch
@@ -316,10 +355,10 @@ class Planner:
                 ops = self._warm(self.profile)
             else:
                 return []
-            self.link_free, self.ready_at = 0.0, {}
+            self.link_free, self.ready_at, self.parts["link"] = 0.0, {}, 0.0
             return ops
         ops = [self._copy((m, e), m * self.E + e) for m in range(self.L) for e in range(self.E)]
-        self.link_free, self.ready_at = 0.0, {}  # landed before the first step; not workload traffic
+        self.link_free, self.ready_at, self.parts["link"] = 0.0, {}, 0.0  # landed before the first step; not workload traffic
         return ops
 
     def layer_resident(self, m: int) -> bool:
@@ -431,6 +470,7 @@ class Planner:
         self.t.prefetch_cancelled += len(cancelled)
         self.queue.layer_done(m)
         self.now += self.attn_s
+        self.parts["attn"] += self.attn_s
         plan = LayerPlan()
         hits = [e for e in needed if (m, e) in self.cache]
         misses = [e for e in needed if (m, e) not in self.cache]
@@ -463,10 +503,14 @@ class Planner:
         its share of W13 on host cores (while the device part lands), then fills the slot."""
         if host_share:
             self.now += r_w13(host_share) * self.cost.host_time(n) + self.split_s
+            self.parts["split_host"] += r_w13(host_share) * self.cost.host_time(n)
+            self.parts["split_sync"] += self.split_s
             self.t.split_runs += 1
         wait = max(0.0, self.ready_at.pop(key, 0.0) - self.now)
         self.stall_s += wait
         self.now += wait + self.cost.device_time(n)
+        self.parts["stall"] += wait
+        self.parts["device"] += self.cost.device_time(n)
         self.table.on_access(key)
         if key in self.prefetched:
             self.prefetched.discard(key)
@@ -475,6 +519,7 @@ class Planner:
         plan.ops.append(Op("split" if host_share else "run", key, slot, host_share=host_share))
         if host_share:  # the rest of W13, behind whatever is queued; the next use waits for it
             self.link_free = self.ready_at[key] = max(self.link_free, self.now) + r_w13(host_share) * self.copy_s
+            self.parts["link"] += r_w13(host_share) * self.copy_s
             plan.ops.append(Op("fill", key, slot, host_share=host_share))
 
     def _split_share(self, n: int, host_busy: float) -> float:
@@ -490,6 +535,7 @@ class Planner:
 
     def _host(self, key: Key, n: int, plan: LayerPlan) -> None:
         self.now += self.cost.host_time(n)
+        self.parts["host"] += self.cost.host_time(n)
         self.t.cpu_served += 1
         plan.ops.append(Op("cpu", key))
 

@@ -279,6 +279,7 @@ def simulate(trace: RoutingTrace, policy: str, capacity: int, cal: Calibration, 
             "bytes_moved": copies * cal.expert_bytes, "stall_s": planner.stall_s, "time_s": planner.now,
             "passes": len(steps), "prefetch_issued": t.prefetch_issued, "prefetch_used": t.prefetch_used,
             "prefetch_cancelled": t.prefetch_cancelled, "cpu_served": t.cpu_served, "split_runs": t.split_runs, "decode": dec,
+            "parts": dict(planner.parts),
             "preload_copies": preloaded}
 
 
