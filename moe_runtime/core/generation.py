@@ -47,6 +47,7 @@ from typing import Callable, Iterator, Sequence as Seq
 
 import torch
 
+from moe_runtime.core.cuda_graphs import GraphDecoder, check_graph_device
 from moe_runtime.core.model import KVCache
 
 FINISH_REASONS = ("stop", "length", "cancelled")
@@ -181,7 +182,8 @@ class DecodeBatch:
     """See the module docstring. `decode(ids) -> str` is needed for stop strings and event text."""
 
     def __init__(self, model, *, max_batch: int, max_len: int, decode: Callable[[list[int]], str] | None = None,
-                 generator: torch.Generator | None = None, pad_id: int = 0, max_prefill_tokens: int | None = None):
+                 generator: torch.Generator | None = None, pad_id: int = 0, max_prefill_tokens: int | None = None,
+                 cuda_graphs: bool = False):
         if max_batch < 1 or max_len < 2:
             raise ValueError(f"max_batch={max_batch} must be >= 1 and max_len={max_len} >= 2")
         if max_prefill_tokens is not None and max_prefill_tokens < 1:
@@ -189,12 +191,17 @@ class DecodeBatch:
         self.model, self.decode, self.generator, self.pad_id = model, decode, generator, pad_id
         self.max_prefill_tokens = max_prefill_tokens
         self.device = model.embed.weight.device
+        if cuda_graphs:
+            check_graph_device(self.device)
         self.max_len = min(max_len, model.cfg.max_seq_len)
         # deferred prefills of several rows share a pass right-padded to the longest chunk: the
         # scratch tail lands past a row's end, so the cache keeps one chunk of slack (without
         # max_prefill_tokens, rows whose tail would not fit are prefilled one per pass)
         slack = min(max_prefill_tokens, self.max_len) if max_prefill_tokens is not None else 0
+        slack = max(slack, 1) if cuda_graphs else slack  # the graphs' scratch slot (core/cuda_graphs.py)
         self.cache = KVCache.empty(model.cfg, max_batch, max_len + slack, self.device, model.embed.weight.dtype)
+        self.graphs = GraphDecoder(model, self.cache, max_batch) if cuda_graphs else None
+        """cuda_graphs=True: decode passes replay a CUDA graph per batch-size bucket."""
         self.slots: list[Sequence | None] = [None] * max_batch
         self._ids = itertools.count()
         self.forward_passes = 0
@@ -246,7 +253,7 @@ class DecodeBatch:
         width = max(len(p) for p in prompts)
         for p, sp in zip(prompts, params_list):
             self.check(p, sp)
-            if width + sp.max_new_tokens > self.cache.max_len:
+            if width + sp.max_new_tokens > self.cache.max_len - (self.graphs is not None):
                 raise ValueError(f"left-padded to {width} tokens, a sequence with max_new_tokens={sp.max_new_tokens} "
                                  f"does not fit the {self.cache.max_len} cache slots; add it on its own")
         rows = [r for r, s in enumerate(self.slots) if s is None][:len(prompts)]
@@ -275,7 +282,10 @@ class DecodeBatch:
         seqs = [s for s in self.running if not s.prefilling]
         events: list[TokenEvent] = []
         t0 = time.perf_counter()
-        if seqs:
+        if seqs and self.graphs is not None:
+            self.forward_passes += 1
+            events = self._advance(seqs, self.graphs.decode([s.row for s in seqs], [s.tokens[-1] for s in seqs]))
+        elif seqs:
             last = torch.tensor([[s.tokens[-1]] for s in seqs], device=self.device)
             logits = self._forward(last, None, [s.row for s in seqs])
             events = self._advance(seqs, logits[:, -1])
@@ -463,21 +473,22 @@ class DecodeBatch:
         self.cache.reset_row(s.row)
 
 
-def _batch_for(model, prompts, params, decode, generator, max_len) -> tuple[DecodeBatch, list[SamplingParams]]:
+def _batch_for(model, prompts, params, decode, generator, max_len, cuda_graphs=False
+               ) -> tuple[DecodeBatch, list[SamplingParams]]:
     params_list = [params] * len(prompts) if isinstance(params, SamplingParams) else list(params)
     if max_len is None:
         width = max((len(p) for p in prompts), default=0)
         max_len = width + max((sp.max_new_tokens for sp in params_list), default=1)
     return DecodeBatch(model, max_batch=max(1, len(prompts)), max_len=max_len, decode=decode,
-                       generator=generator), params_list
+                       generator=generator, cuda_graphs=cuda_graphs), params_list
 
 
 def stream(model, prompts: Seq[Seq[int]], params: SamplingParams | Seq[SamplingParams], *,
            decode: Callable[[list[int]], str] | None = None, generator: torch.Generator | None = None,
-           max_len: int | None = None) -> Iterator[TokenEvent]:
+           max_len: int | None = None, cuda_graphs: bool = False) -> Iterator[TokenEvent]:
     """Prompts of any lengths as one left-padded batch; yields every token as it is drawn
-    (TokenEvent.seq_id is the prompt's index)."""
-    batch, params_list = _batch_for(model, prompts, params, decode, generator, max_len)
+    (TokenEvent.seq_id is the prompt's index). cuda_graphs: decode steps replay CUDA graphs."""
+    batch, params_list = _batch_for(model, prompts, params, decode, generator, max_len, cuda_graphs)
     _, events = batch.add(prompts, params_list)
     yield from events
     while batch.running:
@@ -486,9 +497,10 @@ def stream(model, prompts: Seq[Seq[int]], params: SamplingParams | Seq[SamplingP
 
 def generate(model, prompts: Seq[Seq[int]], params: SamplingParams | Seq[SamplingParams], *,
              decode: Callable[[list[int]], str] | None = None, generator: torch.Generator | None = None,
-             max_len: int | None = None) -> list[SequenceOutput]:
-    """Every sequence to its stop; one SequenceOutput per prompt, in order."""
-    batch, params_list = _batch_for(model, prompts, params, decode, generator, max_len)
+             max_len: int | None = None, cuda_graphs: bool = False) -> list[SequenceOutput]:
+    """Every sequence to its stop; one SequenceOutput per prompt, in order. cuda_graphs: decode
+    steps replay CUDA graphs (core/cuda_graphs.py)."""
+    batch, params_list = _batch_for(model, prompts, params, decode, generator, max_len, cuda_graphs)
     seqs, _ = batch.add(prompts, params_list)
     while batch.running:
         batch.step()

@@ -68,7 +68,11 @@ def sort_by_expert_reference(topk_idx_TK: torch.Tensor, num_experts: int) -> tup
     """
     flat_N = topk_idx_TK.reshape(-1)
     order_N = torch.argsort(flat_N, stable=True)
-    counts_E = torch.bincount(flat_N, minlength=num_experts)
+    if flat_N.is_cuda:  # bincount reads the max on the host: a sync, which no CUDA graph can hold
+        counts_E = torch.zeros(num_experts, dtype=torch.long, device=flat_N.device)
+        counts_E.scatter_add_(0, flat_N, torch.ones_like(flat_N))
+    else:
+        counts_E = torch.bincount(flat_N, minlength=num_experts)
     return order_N, counts_E
 
 

@@ -309,12 +309,18 @@ class ExpertCacheEngine:
     def forward(self, tokens_BS: torch.Tensor, cache: KVCache | None = None):
         return self.model(tokens_BS.to(self.device), cache)
 
-    def decode_batch(self, *, max_batch: int, max_len: int, decode=None,
-                     generator: torch.Generator | None = None, max_prefill_tokens: int | None = None) -> DecodeBatch:
+    def decode_batch(self, *, max_batch: int, max_len: int, decode=None, generator: torch.Generator | None = None,
+                     max_prefill_tokens: int | None = None, cuda_graphs: bool = False) -> DecodeBatch:
         """A step-wise DecodeBatch over this engine's model (sequences join and leave between
-        steps; see core/generation.py). Statistics accumulate until reset_stats()."""
+        steps; see core/generation.py). Statistics accumulate until reset_stats(). cuda_graphs:
+        decode steps replay CUDA graphs (core/cuda_graphs.py), which needs every expert in a slot
+        (replayed steps are not counted in the statistics)."""
+        if cuda_graphs and not self.runtime.all_resident:
+            need = self.store.layout.total_experts
+            raise ValueError(f"--cuda-graphs needs every expert in a device slot ({need}; this engine has "
+                             f"{self.pool.num_slots}): raise --gpu-expert-slots to {need} or drop --cuda-graphs")
         return DecodeBatch(self.model, max_batch=max_batch, max_len=max_len, decode=decode, generator=generator,
-                           max_prefill_tokens=max_prefill_tokens)
+                           max_prefill_tokens=max_prefill_tokens, cuda_graphs=cuda_graphs)
 
     def stream(self, prompts, params: SamplingParams | Sequence[SamplingParams], *, decode=None,
                generator: torch.Generator | None = None) -> Iterator[TokenEvent]:

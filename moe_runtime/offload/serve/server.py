@@ -49,9 +49,12 @@ def build_context(args: argparse.Namespace) -> ServeContext:
     engine.reset_stats()  # /metrics counts from here: cumulative over the server's life
     metrics = ServerMetrics(cache_source=lambda: engine_cache_stats(engine))
     context = min(args.max_model_len or model.cfg.max_seq_len, model.cfg.max_seq_len)
+    graphs = getattr(args, "cuda_graphs", False)
     batch = engine.decode_batch(max_batch=args.max_batch, max_len=context, decode=tok.decode,
-                                max_prefill_tokens=args.max_prefill_tokens or None)
+                                max_prefill_tokens=args.max_prefill_tokens or None, cuda_graphs=graphs)
     batch.tune_threads()  # CPU: one intra-op thread for the pass sizes where that is faster (measured here)
+    if batch.graphs is not None:
+        batch.graphs.capture_all()  # every bucket now, not during the first requests
     engine.reset_stats()
     scheduler = Scheduler(batch, max_queue=args.max_queue, metrics=metrics)
     render_chat, eos_ids = load_server_chat(source, tokenizer)
@@ -72,6 +75,10 @@ def _check_args(args: argparse.Namespace) -> None:
         raise ValueError(f"--max-model-len={args.max_model_len} must be >= 2 (a prompt token and an answer token)")
     if args.shutdown_timeout < 0:
         raise ValueError(f"--shutdown-timeout={args.shutdown_timeout} must be >= 0")
+    if getattr(args, "cuda_graphs", False):  # before the model loads
+        from moe_runtime.core.cuda_graphs import check_graph_device
+        from moe_runtime.core.device import resolve_device
+        check_graph_device(resolve_device(args.device))
 
 
 def listen_socket(host: str, port: int) -> socket.socket:
