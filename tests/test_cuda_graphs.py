@@ -117,3 +117,12 @@ def test_graph_decode_through_the_expert_cache_engine_on_cuda():
     while batch.running:
         batch.step()
     assert [s.tokens for s in seqs] == want
+
+
+def test_moe_serve_refuses_cuda_graphs_on_the_cpu_before_loading(tmp_path, capsys):
+    from moe_runtime.core.cli import main as moe_main
+    missing = tmp_path / "no_such_run"  # the refusal comes first: nothing is loaded
+    assert moe_main(["serve", "--checkpoint", str(missing), "--gpu-expert-slots", "4", "--device", "cpu",
+                     "--cuda-graphs", "--port", "0"]) == 2
+    err = capsys.readouterr().err
+    assert CUDA_GRAPHS_NEED_CUDA in err and "drop --cuda-graphs" in err
