@@ -429,7 +429,9 @@ class MoETransformer(nn.Module):
             write_at = u if contiguous else None
         else:
             slots_BS = torch.tensor(used, device=dev)[:, None] + torch.arange(S, device=dev)
-            mask = torch.arange(top, device=dev)[None, None, None, :] <= slots_BS[:, None, :, None]
+            seen = torch.arange(top, device=dev)[None, None, None, :] <= slots_BS[:, None, :, None]
+            # additive, in the activations' dtype: SDPA would turn a bool mask into this in every layer
+            mask = torch.zeros(seen.shape, dtype=self.embed.weight.dtype, device=dev).masked_fill_(~seen, float("-inf"))
             rows_col = (torch.arange(rows[0], rows[0] + B, device=dev) if contiguous else rows_t)[:, None]
             cache.valid_BS[rows_col, slots_BS] = True
             if contiguous:
