@@ -87,6 +87,30 @@ def test_static_body_with_left_padded_rows_and_the_bucket_below(model):
     assert sorted(batch.graphs.graphs) == [1, 3]  # rows 1, 2 stop first: row 0 alone runs in bucket 1
 
 
+def test_static_body_through_the_expert_cache_engine(model):
+    """The engine's resident path (every expert in a slot) inside the static body: the tokens of
+    the plain model's eager decode."""
+    from moe_runtime.offload.engine import ExpertCacheEngine
+    want = _served(model, False)
+    torch.manual_seed(0)
+    m = MoETransformer(small_model(n_kv_heads=2, max_seq_len=64, init_std=0.2)).eval()
+    m.load_state_dict(model.state_dict())
+    eng = ExpertCacheEngine(m, gpu_expert_slots=m.cfg.n_layers * m.cfg.moe.num_experts, device="cpu")
+    assert eng.runtime.all_resident
+    real = DecodeBatch.__init__
+
+    def with_static_body(self, *a, **kw):
+        real(self, *a, **kw)
+        self.graphs = GraphDecoder(self.model, self.cache, self.cache.batch, capture=False)
+
+    DecodeBatch.__init__ = with_static_body
+    try:
+        got = _served(eng.model, False)
+    finally:
+        DecodeBatch.__init__ = real
+    assert got == want
+
+
 def test_engine_refuses_graphs_without_every_expert_in_a_slot(model):
     from moe_runtime.offload.engine import ExpertCacheEngine
     eng = ExpertCacheEngine(MoETransformer(small_model(max_seq_len=64)).eval(), gpu_expert_slots=2, device="cpu")
