@@ -198,9 +198,9 @@ class Attention(nn.Module):
         """[wq; wk; wv] (and biases) as one matrix, rebuilt when a weight is replaced, moved or
         changed in place (its version counter); a copy of the attention weights in host memory."""
         lins = (self.wq, self.wk, self.wv)
-        key = tuple((l.weight.data_ptr(), l.weight._version) for l in lins)
-        if self.wq.bias is not None:
-            key += tuple((l.bias.data_ptr(), l.bias._version) for l in lins)
+        ts = [l.weight for l in lins] + ([l.bias for l in lins] if self.wq.bias is not None else [])
+        # inference tensors (made under torch.inference_mode) keep no version counter: their address only
+        key = tuple((t.data_ptr(), -1 if t.is_inference() else t._version) for t in ts)
         got = self.__dict__.get("_qkv_stack")
         if got is None or got[0] != key:
             bias = torch.cat([l.bias for l in lins]) if self.wq.bias is not None else None
