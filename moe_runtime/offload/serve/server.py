@@ -143,8 +143,11 @@ class _Server(uvicorn.Server):
         await super().startup(sockets)
         if self.started:  # bound: say where (the real port, also with --port 0)
             host, port = self.servers[0].sockets[0].getsockname()[:2]
+            batch = self.ctx.scheduler.batch
+            # pass_threads: the intra-op threads tune_threads chose per pass size (benchmarks depend on it)
             print(json.dumps({"event": "serving", "url": f"http://{host}:{port}/v1", "model": self.ctx.model_name,
-                              "max_batch": self.ctx.scheduler.max_batch, "max_seq_len": self.ctx.max_seq_len}),
+                              "max_batch": self.ctx.scheduler.max_batch, "max_seq_len": self.ctx.max_seq_len,
+                              "pass_threads": batch.pass_threads, "cuda_graphs": batch.graphs is not None}),
                   flush=True)
 
     def handle_exit(self, sig, frame) -> None:
