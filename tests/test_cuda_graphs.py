@@ -116,6 +116,11 @@ def test_engine_refuses_graphs_without_every_expert_in_a_slot(model):
     eng = ExpertCacheEngine(MoETransformer(small_model(max_seq_len=64)).eval(), gpu_expert_slots=2, device="cpu")
     with pytest.raises(ValueError, match="needs every expert in a device slot"):
         eng.decode_batch(max_batch=2, max_len=16, cuda_graphs=True)
+    with pytest.raises(ValueError, match="needs every expert in a device slot"):
+        eng.generate([[1, 2]], 3, cuda_graphs=True)
+    full = ExpertCacheEngine(MoETransformer(small_model(max_seq_len=64)).eval(), gpu_expert_slots=99, device="cpu")
+    with pytest.raises(ValueError, match=CUDA_GRAPHS_NEED_CUDA):
+        full.generate([[1, 2]], 3, cuda_graphs=True)
 
 
 @pytest.mark.gpu
@@ -140,7 +145,8 @@ def test_graph_decode_through_the_expert_cache_engine_on_cuda():
     seqs, _ = batch.add(prompts, [params] * 3)
     while batch.running:
         batch.step()
-    assert [s.tokens for s in seqs] == want
+    assert [s.tokens for s in seqs] == want and batch.graphs.replays > 0
+    assert eng.generate(prompts, params=params, cuda_graphs=True).tokens.tolist() == want
 
 
 def test_moe_serve_refuses_cuda_graphs_on_the_cpu_before_loading(tmp_path, capsys):
