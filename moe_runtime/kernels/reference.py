@@ -45,8 +45,10 @@ def grouped_matmul_reference(x_ND: torch.Tensor, w_EDO: torch.Tensor, counts_E: 
     # unbind once: indexing w_EDO[e] per expert makes backward scatter E full-size gradients (O(E^2)).
     ws = w_EDO.unbind(0)
     # experts without rows are skipped: a decode step leaves most of them empty, and an empty
-    # matmul still costs a dispatch (their gradients stay zero through unbind's backward)
-    outs = [xe @ ws[e] for e, xe in enumerate(torch.split(x_ND, sizes, dim=0)) if sizes[e]]
+    # matmul still costs a dispatch (their gradients stay zero through unbind's backward); with no
+    # rows at all every expert runs, so the (empty) output stays connected to the graph
+    busy = any(sizes)
+    outs = [xe @ ws[e] for e, xe in enumerate(torch.split(x_ND, sizes, dim=0)) if sizes[e] or not busy]
     return torch.cat(outs, dim=0) if outs else x_ND.new_zeros(0, w_EDO.shape[-1])
 
 
