@@ -6,7 +6,8 @@
 #                                           # steps' limits add up to more: the last ones are skipped
 #                                           # when the budget is spent)
 #     QUICK=1 bash bench/gpu_all.sh         # the test tier and the offload check only (~4 min)
-# Order: (1) the GPU test tier (compiled Triton kernels, CUDA copy stream, pinned memory), then
+# Order: (1) the GPU test tier (compiled Triton kernels, CUDA copy stream, pinned memory, CUDA-graph
+# decode), (1b) quantised kernels, (1c) eager vs CUDA-graph decode step time, then
 # (2) the expert cache measured next to the simulator's projection for the same routing (issue 14:
 # checks offload/decision.py's cost model on a real link) with ours vs transformers + our cache vs
 # accelerate rows (issue 11), (3) kernels, (4) MoE layer vs transformers, (5) training tokens/s,
@@ -37,7 +38,7 @@ step() {  # step NAME TIMEOUT_S CMD...: runs CMD for at most min(TIMEOUT_S, what
 }
 # 1. correctness first
 step gpu_tests 110 python -m pytest -q -p no:cacheprovider -m gpu tests/test_kernels_triton.py \
-     tests/test_offload_equivalence.py tests/test_offload_memory.py
+     tests/test_offload_equivalence.py tests/test_offload_memory.py tests/test_cuda_graphs.py
 # 1b. quantised experts (issue 20): the fused-dequantisation kernel compiled and checked against
 # dequantise-then-reference (one case per format: odd D, F and an expert with no rows; the interpreter
 # tests cover the other shapes on CPU), then timed against the bf16 grouped MLP at the Mixtral shape.
@@ -47,8 +48,11 @@ step gpu_tests 110 python -m pytest -q -p no:cacheprovider -m gpu tests/test_ker
 step quant_kernel_tests 60 python -m pytest -q -p no:cacheprovider tests/test_quant_kernels.py \
      -k "triton_equals and counts0"
 step quant_kernel_bench 100 python bench/quant_kernel_bench.py --rows 16 256
+# 1c. CUDA-graph decode (issue 23 item 3): eager vs graph step time, batches 1/8/16, tokens must match
+#     (-> bench/results/cuda_graph_decode_cuda.{json,md}; the offload step gave 30 s of its budget for it)
+step cuda_graphs 50 python bench/cuda_graph_decode.py --batches 1 8 16 --reps 4 --steps 10
 # 2. expert cache on the real link: measured tok/s next to the projection; ours, transformers + cache, accelerate
-step offload 190 python bench/offload.py --models mixtral4 --batches 1,8 --caches 25 \
+step offload 160 python bench/offload.py --models mixtral4 --batches 1,8 --caches 25 \
      --modes lru,predictive,predictive+cpu --hf-cache-modes predictive --new-tokens 16
 if [ -z "${QUICK:-}" ]; then
 # 3. kernels: Triton vs torch._grouped_mm vs per-expert loop vs dense GEMM

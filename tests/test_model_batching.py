@@ -201,3 +201,18 @@ def test_right_padded_chunks_of_several_rows_equal_each_prompt_alone(model):
         model(torch.tensor([[1, 2]]), padded, cache_rows=[1], new_tokens=[1])
     with pytest.raises(ValueError, match=r"new_tokens=\[3\] must give each of the 1 rows 1..2 real tokens"):
         model(torch.tensor([[1, 2]]), cache, cache_rows=[0], new_tokens=[3])
+
+
+def test_stacked_qkv_inference_path_equals_the_three_projections_and_sees_weight_changes():
+    """CPU inference runs q/k/v as one GEMM on a cached stacked weight: the same logits as the
+    three projections (the gradient path), rebuilt when a weight changes in place or is replaced."""
+    torch.manual_seed(0)
+    m = MoETransformer(small_model(n_kv_heads=2, max_seq_len=48)).eval()
+    x = torch.tensor([PROMPTS[0], PROMPTS[0][::-1]])
+    for change in (lambda a: a.wq.weight.mul_(1.5), lambda a: setattr(a.wv, "weight", torch.nn.Parameter(a.wv.weight * 2))):
+        with torch.no_grad():
+            fused = m(x).logits
+            change(m.blocks[0].attn)
+            changed = m(x).logits
+        assert not torch.equal(fused, changed), "the stacked weight was not rebuilt"
+        assert torch.equal(changed, m(x).logits.detach())  # grad enabled: wq, wk, wv one by one

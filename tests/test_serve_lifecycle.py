@@ -196,6 +196,7 @@ def test_cli_serve_and_sigterm_finishes_running_stream(ckpt):
     try:
         first = json.loads(proc.stdout.readline())
         assert first["event"] == "serving" and first["url"].startswith("http://127.0.0.1:")
+        assert isinstance(first["pass_threads"], list) and first["cuda_graphs"] is False
         port = int(first["url"].rsplit(":", 1)[1].split("/")[0])
         body = {"model": NAME, "prompt": "abc", "max_tokens": CTX - 4, "temperature": 0, "stream": True}
         lines = []

@@ -30,6 +30,8 @@ The step-wise object, for a server (one decode forward per step over every runni
 - TokenEvent.text is the new text safe to show: text that could still become a stop string, or an
   incomplete UTF-8 character, is held back; a stop string and what follows it are never shown.
   Sequence.tokens includes the token that stopped it (as transformers' generate does).
+- cuda_graphs=True (DecodeBatch, generate, stream): on CUDA, decode passes replay one CUDA graph
+  per batch-size bucket (core/cuda_graphs.py); refused on the CPU.
 - Logits processing order is transformers': repetition penalty (over prompt + generated tokens),
   temperature, top-k, top-p; temperature 0 is greedy. Sampling draws each row from its own
   generator, so a sequence samples the same tokens alone or in any batch. A batch-wide
@@ -47,87 +49,12 @@ from typing import Callable, Iterator, Sequence as Seq
 
 import torch
 
+from moe_runtime.core.cuda_graphs import GraphDecoder, check_graph_device
 from moe_runtime.core.model import KVCache
+from moe_runtime.core.sampling import FINISH_REASONS, SamplingParams, SequenceOutput, TokenEvent, process_logits
 
-FINISH_REASONS = ("stop", "length", "cancelled")
-
-
-@dataclass(kw_only=True, frozen=True)
-class SamplingParams:
-    max_new_tokens: int = 64
-    """Tokens generated at most (the stopping token included)."""
-    temperature: float = 0.0
-    """0: greedy (argmax); > 0: sample from softmax(logits / temperature)."""
-    top_k: int | None = None
-    """Sample only from the k most likely tokens."""
-    top_p: float | None = None
-    """Nucleus sampling: the smallest set of tokens whose probability reaches top_p."""
-    repetition_penalty: float = 1.0
-    """> 1 discourages tokens already in the prompt or output (CTRL / transformers rule)."""
-    seed: int | None = None
-    """This sequence's own torch.Generator seed (None: the batch generator, or torch's global one)."""
-    eos_token_ids: tuple[int, ...] = ()
-    """End-of-sequence ids (the checkpoint's); ignored when ignore_eos."""
-    stop_token_ids: tuple[int, ...] = ()
-    """More ids that end the sequence."""
-    stop: tuple[str, ...] = ()
-    """Strings that end the sequence when they appear in the decoded output (needs `decode`)."""
-    ignore_eos: bool = False
-
-    def __post_init__(self) -> None:
-        checks = [(self.max_new_tokens >= 1, f"max_new_tokens={self.max_new_tokens} must be >= 1"),
-                  (self.temperature >= 0, f"temperature={self.temperature} must be >= 0 (0 is greedy)"),
-                  (self.top_k is None or self.top_k >= 1, f"top_k={self.top_k} must be >= 1 or None"),
-                  (self.top_p is None or 0 < self.top_p <= 1, f"top_p={self.top_p} must be in (0, 1] or None"),
-                  (self.repetition_penalty > 0, f"repetition_penalty={self.repetition_penalty} must be > 0"),
-                  (all(s for s in self.stop), "stop strings must not be empty")]
-        for ok, msg in checks:
-            if not ok:
-                raise ValueError(msg)
-        for name in ("eos_token_ids", "stop_token_ids", "stop"):  # lists are accepted, stored as tuples
-            object.__setattr__(self, name, tuple(getattr(self, name)))
-
-    @property
-    def greedy(self) -> bool:
-        return self.temperature == 0
-
-    def end_ids(self) -> frozenset[int]:
-        return frozenset(self.stop_token_ids) | (frozenset() if self.ignore_eos else frozenset(self.eos_token_ids))
-
-
-def process_logits(logits_V: torch.Tensor, params: SamplingParams, history: Seq[int]) -> torch.Tensor:
-    """transformers' order: repetition penalty, temperature, top-k, top-p. Returns float logits
-    with removed tokens at -inf (temperature 0: only the penalty is applied)."""
-    logits_V = logits_V.float()
-    if params.repetition_penalty != 1.0 and len(history):
-        ids = torch.tensor(sorted(set(history)), device=logits_V.device)
-        score = logits_V[ids]
-        logits_V = logits_V.clone()
-        logits_V[ids] = torch.where(score < 0, score * params.repetition_penalty, score / params.repetition_penalty)
-    if params.greedy:
-        return logits_V
-    logits_V = logits_V / params.temperature
-    if params.top_k is not None:
-        kth = logits_V.topk(min(params.top_k, logits_V.shape[-1])).values[-1]
-        logits_V = logits_V.masked_fill(logits_V < kth, float("-inf"))
-    if params.top_p is not None and params.top_p < 1:
-        sorted_V, order_V = logits_V.sort(descending=False)
-        cum_V = sorted_V.softmax(-1).cumsum(-1)
-        drop_V = cum_V <= 1 - params.top_p
-        drop_V[-1] = False  # keep at least the most likely token
-        logits_V = logits_V.masked_fill(drop_V.scatter(0, order_V, drop_V), float("-inf"))
-    return logits_V
-
-
-@dataclass
-class TokenEvent:
-    seq_id: int
-    token: int
-    text: str
-    """New text safe to show (may be empty while a possible stop string is held back)."""
-    finished: bool
-    finish_reason: str | None
-    """'stop' (EOS, stop token or stop string), 'length' or 'cancelled'; None while running."""
+# SamplingParams, TokenEvent, SequenceOutput, process_logits and FINISH_REASONS live in core/sampling.py;
+# they are imported from here as before.
 
 
 @dataclass
@@ -169,19 +96,12 @@ class StepStats:
     prefill_s: float = 0.0
 
 
-@dataclass
-class SequenceOutput:
-    tokens: list[int]
-    text: str
-    finish_reason: str
-    stop_reason: int | str | None
-
-
 class DecodeBatch:
     """See the module docstring. `decode(ids) -> str` is needed for stop strings and event text."""
 
     def __init__(self, model, *, max_batch: int, max_len: int, decode: Callable[[list[int]], str] | None = None,
-                 generator: torch.Generator | None = None, pad_id: int = 0, max_prefill_tokens: int | None = None):
+                 generator: torch.Generator | None = None, pad_id: int = 0, max_prefill_tokens: int | None = None,
+                 cuda_graphs: bool = False):
         if max_batch < 1 or max_len < 2:
             raise ValueError(f"max_batch={max_batch} must be >= 1 and max_len={max_len} >= 2")
         if max_prefill_tokens is not None and max_prefill_tokens < 1:
@@ -189,12 +109,17 @@ class DecodeBatch:
         self.model, self.decode, self.generator, self.pad_id = model, decode, generator, pad_id
         self.max_prefill_tokens = max_prefill_tokens
         self.device = model.embed.weight.device
+        if cuda_graphs:
+            check_graph_device(self.device)
         self.max_len = min(max_len, model.cfg.max_seq_len)
         # deferred prefills of several rows share a pass right-padded to the longest chunk: the
         # scratch tail lands past a row's end, so the cache keeps one chunk of slack (without
         # max_prefill_tokens, rows whose tail would not fit are prefilled one per pass)
         slack = min(max_prefill_tokens, self.max_len) if max_prefill_tokens is not None else 0
+        slack = max(slack, 1) if cuda_graphs else slack  # the graphs' scratch slot (core/cuda_graphs.py)
         self.cache = KVCache.empty(model.cfg, max_batch, max_len + slack, self.device, model.embed.weight.dtype)
+        self.graphs = GraphDecoder(model, self.cache, max_batch) if cuda_graphs else None
+        """cuda_graphs=True: decode passes replay a CUDA graph per batch-size bucket."""
         self.slots: list[Sequence | None] = [None] * max_batch
         self._ids = itertools.count()
         self.forward_passes = 0
@@ -246,7 +171,7 @@ class DecodeBatch:
         width = max(len(p) for p in prompts)
         for p, sp in zip(prompts, params_list):
             self.check(p, sp)
-            if width + sp.max_new_tokens > self.cache.max_len:
+            if width + sp.max_new_tokens > self.cache.max_len - (self.graphs is not None):
                 raise ValueError(f"left-padded to {width} tokens, a sequence with max_new_tokens={sp.max_new_tokens} "
                                  f"does not fit the {self.cache.max_len} cache slots; add it on its own")
         rows = [r for r, s in enumerate(self.slots) if s is None][:len(prompts)]
@@ -275,7 +200,10 @@ class DecodeBatch:
         seqs = [s for s in self.running if not s.prefilling]
         events: list[TokenEvent] = []
         t0 = time.perf_counter()
-        if seqs:
+        if seqs and self.graphs is not None:
+            self.forward_passes += 1
+            events = self._advance(seqs, self.graphs.decode([s.row for s in seqs], [s.tokens[-1] for s in seqs]))
+        elif seqs:
             last = torch.tensor([[s.tokens[-1]] for s in seqs], device=self.device)
             logits = self._forward(last, None, [s.row for s in seqs])
             events = self._advance(seqs, logits[:, -1])
@@ -463,21 +391,22 @@ class DecodeBatch:
         self.cache.reset_row(s.row)
 
 
-def _batch_for(model, prompts, params, decode, generator, max_len) -> tuple[DecodeBatch, list[SamplingParams]]:
+def _batch_for(model, prompts, params, decode, generator, max_len, cuda_graphs=False
+               ) -> tuple[DecodeBatch, list[SamplingParams]]:
     params_list = [params] * len(prompts) if isinstance(params, SamplingParams) else list(params)
     if max_len is None:
         width = max((len(p) for p in prompts), default=0)
         max_len = width + max((sp.max_new_tokens for sp in params_list), default=1)
     return DecodeBatch(model, max_batch=max(1, len(prompts)), max_len=max_len, decode=decode,
-                       generator=generator), params_list
+                       generator=generator, cuda_graphs=cuda_graphs), params_list
 
 
 def stream(model, prompts: Seq[Seq[int]], params: SamplingParams | Seq[SamplingParams], *,
            decode: Callable[[list[int]], str] | None = None, generator: torch.Generator | None = None,
-           max_len: int | None = None) -> Iterator[TokenEvent]:
+           max_len: int | None = None, cuda_graphs: bool = False) -> Iterator[TokenEvent]:
     """Prompts of any lengths as one left-padded batch; yields every token as it is drawn
-    (TokenEvent.seq_id is the prompt's index)."""
-    batch, params_list = _batch_for(model, prompts, params, decode, generator, max_len)
+    (TokenEvent.seq_id is the prompt's index). cuda_graphs: decode steps replay CUDA graphs."""
+    batch, params_list = _batch_for(model, prompts, params, decode, generator, max_len, cuda_graphs)
     _, events = batch.add(prompts, params_list)
     yield from events
     while batch.running:
@@ -486,9 +415,10 @@ def stream(model, prompts: Seq[Seq[int]], params: SamplingParams | Seq[SamplingP
 
 def generate(model, prompts: Seq[Seq[int]], params: SamplingParams | Seq[SamplingParams], *,
              decode: Callable[[list[int]], str] | None = None, generator: torch.Generator | None = None,
-             max_len: int | None = None) -> list[SequenceOutput]:
-    """Every sequence to its stop; one SequenceOutput per prompt, in order."""
-    batch, params_list = _batch_for(model, prompts, params, decode, generator, max_len)
+             max_len: int | None = None, cuda_graphs: bool = False) -> list[SequenceOutput]:
+    """Every sequence to its stop; one SequenceOutput per prompt, in order. cuda_graphs: decode
+    steps replay CUDA graphs (core/cuda_graphs.py)."""
+    batch, params_list = _batch_for(model, prompts, params, decode, generator, max_len, cuda_graphs)
     seqs, _ = batch.add(prompts, params_list)
     while batch.running:
         batch.step()

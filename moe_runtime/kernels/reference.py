@@ -44,7 +44,11 @@ def grouped_matmul_reference(x_ND: torch.Tensor, w_EDO: torch.Tensor, counts_E: 
     sizes = counts_E.tolist()
     # unbind once: indexing w_EDO[e] per expert makes backward scatter E full-size gradients (O(E^2)).
     ws = w_EDO.unbind(0)
-    outs = [xe @ ws[e] for e, xe in enumerate(torch.split(x_ND, sizes, dim=0))]
+    # experts without rows are skipped: a decode step leaves most of them empty, and an empty
+    # matmul still costs a dispatch (their gradients stay zero through unbind's backward); with no
+    # rows at all every expert runs, so the (empty) output stays connected to the graph
+    busy = any(sizes)
+    outs = [xe @ ws[e] for e, xe in enumerate(torch.split(x_ND, sizes, dim=0)) if sizes[e] or not busy]
     return torch.cat(outs, dim=0) if outs else x_ND.new_zeros(0, w_EDO.shape[-1])
 
 
@@ -66,7 +70,11 @@ def sort_by_expert_reference(topk_idx_TK: torch.Tensor, num_experts: int) -> tup
     """
     flat_N = topk_idx_TK.reshape(-1)
     order_N = torch.argsort(flat_N, stable=True)
-    counts_E = torch.bincount(flat_N, minlength=num_experts)
+    if flat_N.is_cuda:  # bincount reads the max on the host: a sync, which no CUDA graph can hold
+        counts_E = torch.zeros(num_experts, dtype=torch.long, device=flat_N.device)
+        counts_E.scatter_add_(0, flat_N, torch.ones_like(flat_N))
+    else:
+        counts_E = torch.bincount(flat_N, minlength=num_experts)
     return order_N, counts_E
 
 

@@ -309,26 +309,33 @@ class ExpertCacheEngine:
     def forward(self, tokens_BS: torch.Tensor, cache: KVCache | None = None):
         return self.model(tokens_BS.to(self.device), cache)
 
-    def decode_batch(self, *, max_batch: int, max_len: int, decode=None,
-                     generator: torch.Generator | None = None, max_prefill_tokens: int | None = None) -> DecodeBatch:
+    def decode_batch(self, *, max_batch: int, max_len: int, decode=None, generator: torch.Generator | None = None,
+                     max_prefill_tokens: int | None = None, cuda_graphs: bool = False) -> DecodeBatch:
         """A step-wise DecodeBatch over this engine's model (sequences join and leave between
-        steps; see core/generation.py). Statistics accumulate until reset_stats()."""
+        steps; see core/generation.py). Statistics accumulate until reset_stats(). cuda_graphs:
+        decode steps replay CUDA graphs (core/cuda_graphs.py), which needs every expert in a slot
+        (replayed steps are not counted in the statistics)."""
+        if cuda_graphs and not self.runtime.all_resident:
+            need = self.store.layout.total_experts
+            raise ValueError(f"--cuda-graphs needs every expert in a device slot ({need}; this engine has "
+                             f"{self.pool.num_slots}): raise --gpu-expert-slots to {need} or drop --cuda-graphs")
         return DecodeBatch(self.model, max_batch=max_batch, max_len=max_len, decode=decode, generator=generator,
-                           max_prefill_tokens=max_prefill_tokens)
+                           max_prefill_tokens=max_prefill_tokens, cuda_graphs=cuda_graphs)
 
     def stream(self, prompts, params: SamplingParams | Sequence[SamplingParams], *, decode=None,
-               generator: torch.Generator | None = None) -> Iterator[TokenEvent]:
+               generator: torch.Generator | None = None, cuda_graphs: bool = False) -> Iterator[TokenEvent]:
         """Prompts of any lengths (left-padded into one batch); a TokenEvent per token as it is
         drawn. The report afterwards covers this generation (its times include the consumer's)."""
-        for _, events in self._generation(prompts, params, decode, generator, None):
+        for _, events in self._generation(prompts, params, decode, generator, None, cuda_graphs):
             yield from events
 
     @torch.no_grad()
     def generate(self, prompts, max_new_tokens: int | None = None, *,
                  params: SamplingParams | Sequence[SamplingParams] | None = None,
                  temperature: float = 0.0, top_k: int | None = None, generator: torch.Generator | None = None,
-                 return_logits: bool = False, decode=None, **sampling) -> GenerationResult:
-        """Generate with the cache and report on it.
+                 return_logits: bool = False, decode=None, cuda_graphs: bool = False, **sampling) -> GenerationResult:
+        """Generate with the cache and report on it (cuda_graphs: decode steps replay CUDA graphs;
+        every expert must sit in a slot; replayed steps are not in the cache statistics).
 
         prompts: a [B, S] tensor, or a list of token-id lists of any lengths (left-padded).
         params: SamplingParams (one, or one per prompt), or built from max_new_tokens, temperature,
@@ -342,7 +349,7 @@ class ExpertCacheEngine:
             params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, **sampling)
         seen: list[torch.Tensor] | None = [] if return_logits else None
         seqs = []
-        for seqs, _ in self._generation(prompts, params, decode, generator, seen):
+        for seqs, _ in self._generation(prompts, params, decode, generator, seen, cuda_graphs):
             pass
         tokens = torch.full((len(seqs), max(len(s.tokens) for s in seqs)), -1, dtype=torch.long)
         for b, s in enumerate(seqs):
@@ -350,13 +357,14 @@ class ExpertCacheEngine:
         outputs = [SequenceOutput(s.tokens, s.text, s.finish_reason, s.stop_reason) for s in seqs]
         return GenerationResult(tokens, torch.stack(seen) if seen else None, self.report(), outputs)
 
-    def _generation(self, prompts, params, decode, generator, seen: list | None):
+    def _generation(self, prompts, params, decode, generator, seen: list | None, cuda_graphs: bool = False):
         """Yields (sequences, events) per forward pass: 1. prefill (timed, statistics snapshot),
         2. decode steps until every sequence stops, 3. timing into the statistics."""
         prompts = _prompt_lists(prompts)
         params_list = [params] * len(prompts) if isinstance(params, SamplingParams) else list(params)
         width, B, new = max(len(p) for p in prompts), len(prompts), max(sp.max_new_tokens for sp in params_list)
-        batch = self.decode_batch(max_batch=B, max_len=width + new, decode=decode, generator=generator)
+        batch = self.decode_batch(max_batch=B, max_len=width + new, decode=decode, generator=generator,
+                                  cuda_graphs=cuda_graphs)
         if self._window is not None and self._window_len is None:
             from moe_runtime.offload.simulate import calibration_passes
             # the simulator's calibration part of this run's decode steps (one definition)

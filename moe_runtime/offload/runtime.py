@@ -274,8 +274,8 @@ class OffloadRuntime:
             y = kernels.grouped_mlp(x_ND.to(dtype), self.pool.w13_SDF2[lo:lo + E].to(dtype),
                                     self.pool.w2_SFD[lo:lo + E].to(dtype), counts_E)
         self._resident_counts.append(counts_E)  # counted when the tally is read: no work per layer
-        if len(self._resident_counts) >= 4096:
-            self._fold_resident()
+        if len(self._resident_counts) >= 4096 and not (x_ND.is_cuda and torch.cuda.is_current_stream_capturing()):
+            self._fold_resident()  # (never while a CUDA graph is recorded: the fold reads on the host)
         return y
 
     def _run_resident_quant_extra(self, lo: int, x_ND: torch.Tensor, counts_E: torch.Tensor,

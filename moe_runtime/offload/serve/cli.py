@@ -46,6 +46,9 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-prefill-tokens", type=int, default=256,
                    help="prompt tokens prefilled per step, over all newcomers (chunked prefill: running streams "
                         "wait at most one chunk per token while a long prompt arrives); 0: whole prompts at once")
+    p.add_argument("--cuda-graphs", action="store_true",
+                   help="replay each decode step as a CUDA graph per batch-size bucket (needs --device cuda and "
+                        "every expert in a slot; captured at start-up)")
     p.add_argument("--model-name", default=None, help="the model id clients send (default: the run's name)")
     p.add_argument("--api-key", default=os.environ.get("MOE_SERVE_API_KEY") or None,
                    help="require 'Authorization: Bearer KEY' on /v1/* (default: $MOE_SERVE_API_KEY; the "

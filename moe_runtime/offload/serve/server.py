@@ -49,9 +49,12 @@ def build_context(args: argparse.Namespace) -> ServeContext:
     engine.reset_stats()  # /metrics counts from here: cumulative over the server's life
     metrics = ServerMetrics(cache_source=lambda: engine_cache_stats(engine))
     context = min(args.max_model_len or model.cfg.max_seq_len, model.cfg.max_seq_len)
+    graphs = getattr(args, "cuda_graphs", False)
     batch = engine.decode_batch(max_batch=args.max_batch, max_len=context, decode=tok.decode,
-                                max_prefill_tokens=args.max_prefill_tokens or None)
+                                max_prefill_tokens=args.max_prefill_tokens or None, cuda_graphs=graphs)
     batch.tune_threads()  # CPU: one intra-op thread for the pass sizes where that is faster (measured here)
+    if batch.graphs is not None:
+        batch.graphs.capture_all()  # every bucket now, not during the first requests
     engine.reset_stats()
     scheduler = Scheduler(batch, max_queue=args.max_queue, metrics=metrics)
     render_chat, eos_ids = load_server_chat(source, tokenizer)
@@ -72,6 +75,10 @@ def _check_args(args: argparse.Namespace) -> None:
         raise ValueError(f"--max-model-len={args.max_model_len} must be >= 2 (a prompt token and an answer token)")
     if args.shutdown_timeout < 0:
         raise ValueError(f"--shutdown-timeout={args.shutdown_timeout} must be >= 0")
+    if getattr(args, "cuda_graphs", False):  # before the model loads
+        from moe_runtime.core.cuda_graphs import check_graph_device
+        from moe_runtime.core.device import resolve_device
+        check_graph_device(resolve_device(args.device))
 
 
 def listen_socket(host: str, port: int) -> socket.socket:
@@ -93,6 +100,8 @@ def listen_socket(host: str, port: int) -> socket.socket:
 
 def make_server(ctx: ServeContext, *, host: str, port: int, shutdown_timeout: float, log_level: str = "warning"):
     """A uvicorn.Server for `ctx`; run it with .run() (main thread, signals) or serve() in a thread."""
+    _preimport()
+
     @contextlib.asynccontextmanager
     async def lifespan(_app):
         ctx.scheduler.start()
@@ -105,6 +114,16 @@ def make_server(ctx: ServeContext, *, host: str, port: int, shutdown_timeout: fl
     config = uvicorn.Config(app, host=host, port=port, log_level=log_level, access_log=False,
                             timeout_graceful_shutdown=shutdown_timeout + 2.0, lifespan="on")
     return _Server(config, ctx, shutdown_timeout)
+
+
+def _preimport() -> None:
+    """Import now what the first streamed response would import (anyio's asyncio backend, for
+    Starlette's task group): otherwise the first requests pay for it (0.1-0.3 s of CPU measured
+    on the 2-core host, where PYTHONDONTWRITEBYTECODE=1 compiles every module from source)."""
+    with contextlib.suppress(ImportError):
+        import anyio._backends._asyncio  # noqa: F401
+        import anyio.streams.memory  # noqa: F401
+        import anyio.streams.stapled  # noqa: F401
 
 
 class _Server(uvicorn.Server):
@@ -124,8 +143,11 @@ class _Server(uvicorn.Server):
         await super().startup(sockets)
         if self.started:  # bound: say where (the real port, also with --port 0)
             host, port = self.servers[0].sockets[0].getsockname()[:2]
+            batch = self.ctx.scheduler.batch
+            # pass_threads: the intra-op threads tune_threads chose per pass size (benchmarks depend on it)
             print(json.dumps({"event": "serving", "url": f"http://{host}:{port}/v1", "model": self.ctx.model_name,
-                              "max_batch": self.ctx.scheduler.max_batch, "max_seq_len": self.ctx.max_seq_len}),
+                              "max_batch": self.ctx.scheduler.max_batch, "max_seq_len": self.ctx.max_seq_len,
+                              "pass_threads": batch.pass_threads, "cuda_graphs": batch.graphs is not None}),
                   flush=True)
 
     def handle_exit(self, sig, frame) -> None:
