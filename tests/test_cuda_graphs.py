@@ -72,6 +72,20 @@ def test_static_body_decodes_the_eager_tokens(model):
     assert len({t for toks in eager.values() for t in toks}) > 8  # tokens that say something
 
 
+def test_static_body_with_sliding_windows_and_sinks():
+    """gpt-oss attention (core/attention_variants.py): a window shorter than the rows and per-head sink
+    logits; the static body places each row's window at its own slot, as the eager decode does."""
+    torch.manual_seed(1)
+    cfg = small_model(n_kv_heads=2, max_seq_len=64, init_std=0.2, attn_sinks=True, sliding_window=3,
+                      window_layers="even")
+    m = MoETransformer(cfg).eval()
+    with torch.no_grad():
+        for blk in m.blocks:
+            blk.attn.sinks.normal_(0, 1.0)
+    eager, static = _served(m, False), _served(m, True)
+    assert static == eager and len(static) == len(REQUESTS)
+
+
 def test_static_body_with_left_padded_rows_and_the_bucket_below(model):
     """add() without defer left-pads the prompts (padding slots are not keys); after the longest
     sequence stops, the step runs in a smaller bucket."""
@@ -156,3 +170,15 @@ def test_moe_serve_refuses_cuda_graphs_on_the_cpu_before_loading(tmp_path, capsy
                      "--cuda-graphs", "--port", "0"]) == 2
     err = capsys.readouterr().err
     assert CUDA_GRAPHS_NEED_CUDA in err and "drop --cuda-graphs" in err
+
+
+def test_served_pattern_with_a_window_longer_than_every_row_equals_plain_attention():
+    """The gpt-oss attention path (variant_attention) under the server's masks (chunked prefill, rows at
+    different lengths, the model's additive key mask): a window no row reaches changes
+    nothing, eager and static alike (it once read the additive mask as bool, inverting it)."""
+    got = {}
+    for name, kw in (("plain", {}), ("wide window", dict(sliding_window=60))):
+        torch.manual_seed(1)
+        m = MoETransformer(small_model(n_kv_heads=2, max_seq_len=64, init_std=0.2, **kw)).eval()
+        got[name] = (_served(m, False), _served(m, True))
+    assert got["wide window"] == got["plain"]

@@ -61,7 +61,8 @@ def variant_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: t
                       q_slots: int | torch.Tensor, causal: bool, window: int | None,
                       sinks_H: torch.Tensor | None) -> torch.Tensor:
     """SDPA with a sliding window and/or sinks. q [B, H, S, Dh]; k, v [B, H, K, Dh] (GQA repeated,
-    key k at cache slot k); mask: bool, broadcastable to [B, 1, S, K] (None: every key visible);
+    key k at cache slot k); mask: bool (True: visible) or additive (0 / -inf), broadcastable to
+    [B, 1, S, K] (None: every key visible);
     q_slots: the first query's slot (int, queries consecutive) or [B, S] slots; causal: also hide
     keys after the query. Returns [B, H, S, Dh]."""
     B, H, S, _ = q.shape
@@ -72,7 +73,10 @@ def variant_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: t
     else:
         slots = q_slots.to(dev)[:, None, :, None]
     keys = torch.arange(K, device=dev)[None, None, None, :]
-    visible = torch.ones(1, 1, S, K, dtype=torch.bool, device=dev) if mask is None else mask.to(torch.bool)
+    if mask is None:
+        visible = torch.ones(1, 1, S, K, dtype=torch.bool, device=dev)
+    else:  # a bool mask (True: visible) or the model's additive one (0: visible, -inf: hidden)
+        visible = mask if mask.dtype == torch.bool else mask == 0
     if causal:
         visible = visible & (keys <= slots)
     if window is not None:

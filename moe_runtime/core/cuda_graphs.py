@@ -132,7 +132,10 @@ class GraphDecoder:
         mask_b11K = ((cache.valid_BS[:b] & (keys_K[None, :] <= slot_b[:, None])) | own_bK)[:, None, None, :]
         heads_bHk = row_b[:, None] * Hk + torch.arange(Hk, device=dev)
         write_index = (heads_bHk * K + slot_b[:, None]).reshape(-1)
-        batch = AttentionBatch(rows_B=None, slots_BS=None, mask_B1SK=mask_b11K, keys=K, row_span=slice(0, b),
+        # slots_BS: the aligned path writes through write_index; the query slots are what sliding-window
+        # attention (gpt-oss) needs to place each row's window
+        batch = AttentionBatch(rows_B=None, slots_BS=slot_b[:, None], mask_B1SK=mask_b11K, keys=K,
+                               row_span=slice(0, b),
                                write_index=write_index)
         pos_b = pos_b.clamp(max=m.cfg.max_seq_len - 1)
         cos, sin = m.rope_cos[pos_b][:, None], m.rope_sin[pos_b][:, None]  # [b, 1, Dh/2]: per-row positions
