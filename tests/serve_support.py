@@ -54,8 +54,9 @@ def serve_args(ckpt: Path, *extra: str):
 class ThreadServer:
     """uvicorn in a thread of this process, on an ephemeral loopback port."""
 
-    def __init__(self, ckpt: Path, *extra: str):
-        self.ctx = build_context(serve_args(ckpt, *extra))
+    def __init__(self, ckpt: Path | None, *extra: str, args=None):
+        """`moe serve` of `ckpt` with `extra` flags, or of parsed `args` (any `serve` command line)."""
+        self.ctx = build_context(args if args is not None else serve_args(ckpt, *extra))
         self.server = make_server(self.ctx, host="127.0.0.1", port=0, shutdown_timeout=2.0)
         self.thread = threading.Thread(target=self.server.run, daemon=True)
         self.thread.start()

@@ -155,13 +155,11 @@ def test_real_gpt_oss_config_fields_load(mx_saved, tmp_path):
 def test_moe_serve_hf_mxfp4_completion_equals_transformers(mx_saved, tmp_path):
     """`moe serve --hf` on the MXFP4 checkpoint (its own bytes: an mxfp4 store) answers a completion of
     prompt ids with transformers' greedy tokens on the dequantised model."""
-    import threading
 
     import httpx
 
     from moe_runtime.core.cli import build_parser
-    from moe_runtime.offload.serve.server import build_context, make_server
-    from tests.serve_support import wait_for
+    from tests.serve_support import ThreadServer
     tokenizers = pytest.importorskip("tokenizers")
     ref, src = mx_saved
     path = tmp_path / "served"
@@ -171,13 +169,9 @@ def test_moe_serve_hf_mxfp4_completion_equals_transformers(mx_saved, tmp_path):
     tok.save(str(path / "tokenizer.json"))
     args = build_parser().parse_args(["serve", "--hf", str(path), "--gpu-expert-slots", "5", "--device", "cpu",
                                       "--port", "0", "--model-name", "gpt-oss-tiny", "--max-model-len", str(MAX_LEN)])
-    ctx = build_context(args)
-    server = make_server(ctx, host="127.0.0.1", port=0, shutdown_timeout=1.0)
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    wait_for(lambda: server.started, "the server did not start")
+    server = ThreadServer(None, args=args)
     try:
-        port = server.servers[0].sockets[0].getsockname()[1]
+        port = server.port
         prompt = tokens(1, 8, seed=2)
         r = httpx.post(f"http://127.0.0.1:{port}/v1/completions", timeout=60, json={
             "model": "gpt-oss-tiny", "prompt": prompt[0].tolist(), "max_tokens": 12, "temperature": 0,
@@ -185,5 +179,4 @@ def test_moe_serve_hf_mxfp4_completion_equals_transformers(mx_saved, tmp_path):
         assert r.status_code == 200, r.text
         assert r.json()["choices"][0]["token_ids"] == hf_greedy(ref, prompt, 12)[0].tolist()
     finally:
-        server.should_exit = True
-        thread.join(20)
+        server.stop()

@@ -21,7 +21,6 @@ import pytest
 import torch
 
 from moe_runtime.core.cli import build_parser, main as moe_main
-from moe_runtime.offload.serve.server import build_context, make_server
 from tests.serve_support import (CTX, KEY, NAME, ThreadServer, assert_error, ckpt, client, completion,  # noqa: F401
                                  slow_steps, srv, wait_for)
 
@@ -276,13 +275,9 @@ def test_hf_checkpoint_chat_template_and_tokenizer(tmp_path):
     want = json.loads(out.read_text())["tokens"][0]
     args = build_parser().parse_args(["serve", "--hf", str(tmp_path / "hf"), "--gpu-expert-slots", "3",
                                       "--device", "cpu", "--port", "0", "--model-name", "mixtral-tiny"])
-    ctx = build_context(args)
-    server = make_server(ctx, host="127.0.0.1", port=0, shutdown_timeout=1.0)
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    wait_for(lambda: server.started, "the server did not start")
+    server = ThreadServer(None, args=args)
     try:
-        port = server.servers[0].sockets[0].getsockname()[1]
+        port = server.port
         c = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0, timeout=60)
         r = c.chat.completions.create(model="mixtral-tiny", messages=messages, max_tokens=8, temperature=0,
                                       extra_body={"return_token_ids": True}).model_dump()["choices"][0]
@@ -290,8 +285,7 @@ def test_hf_checkpoint_chat_template_and_tokenizer(tmp_path):
         assert r["token_ids"] == want
         assert r["message"]["content"] == tok.decode(want)
     finally:
-        server.should_exit = True
-        thread.join(20)
+        server.stop()
 
 
 def test_cli_registration_defaults_and_argument_errors(ckpt, capsys, monkeypatch):
