@@ -94,7 +94,7 @@ def markdown(res: dict) -> str:
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(allow_abbrev=False, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--checkpoint", default=None)
     ap.add_argument("--train-steps", type=int, default=60)
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 16])

@@ -47,10 +47,15 @@ def yarn_inv_freq(cfg: ModelConfig) -> tuple[torch.Tensor, float]:
     return inv_freq, attention_factor
 
 
+def rotary_tables(head_dim: int, max_len: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))
+    angles = torch.outer(torch.arange(max_len, dtype=torch.float64), inv_freq)
+    return angles.cos().float(), angles.sin().float()
+
+
 def model_rotary_tables(cfg: ModelConfig) -> tuple[torch.Tensor, torch.Tensor]:
     """cos, sin [max_seq_len, Dh/2] float32 for this model: plain RoPE, or YaRN when configured."""
     if cfg.rope_yarn_factor is None:
-        from moe_runtime.core.model import rotary_tables
         return rotary_tables(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta)
     inv_freq, scale = yarn_inv_freq(cfg)
     angles = torch.arange(cfg.max_seq_len, dtype=torch.float32)[:, None] * inv_freq[None, :]
@@ -91,4 +96,4 @@ def variant_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: t
                                           attn_mask=torch.cat([add, sink], dim=-1))
 
 
-__all__ = ["yarn_inv_freq", "model_rotary_tables", "variant_attention"]
+__all__ = ["rotary_tables", "yarn_inv_freq", "model_rotary_tables", "variant_attention"]

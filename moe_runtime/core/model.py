@@ -18,7 +18,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from moe_runtime.core.attention_variants import model_rotary_tables, variant_attention
+from moe_runtime.core.attention_variants import model_rotary_tables, rotary_tables, variant_attention  # noqa: F401
 from moe_runtime.core.config import ModelConfig
 from moe_runtime.core.experts import SwiGLUMLP
 from moe_runtime.core.layer import MoELayer, out_proj_std
@@ -35,12 +35,6 @@ class RMSNorm(nn.Module):
         if x.dtype == torch.float32 and self.weight.dtype == torch.float32:  # no casts: 2 fewer ops a call
             return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
         return F.rms_norm(x.float(), (x.shape[-1],), self.weight.float(), self.eps).to(x.dtype)
-
-
-def rotary_tables(head_dim: int, max_len: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
-    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))
-    angles = torch.outer(torch.arange(max_len, dtype=torch.float64), inv_freq)
-    return angles.cos().float(), angles.sin().float()
 
 
 def apply_rotary(x_BHSDh: torch.Tensor, cos_SDh2: torch.Tensor, sin_SDh2: torch.Tensor) -> torch.Tensor:

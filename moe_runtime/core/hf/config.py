@@ -8,6 +8,7 @@ from typing import Any, Callable
 import torch
 
 from moe_runtime.core.config import MoEConfig, ModelConfig, RunConfig, TrainConfig
+from moe_runtime.core.hf.errors import HFCheckpointError
 
 CONFIG, INDEX, SINGLE, TOKENIZER = "config.json", "model.safetensors.index.json", "model.safetensors", "tokenizer.json"
 
@@ -37,8 +38,6 @@ _HARMLESS = {"_name_or_path", "architectures", "model_type", "transformers_versi
 _MISSING = object()
 
 
-class HFCheckpointError(ValueError):
-    """A Hugging Face checkpoint this runtime cannot load exactly; the message names the file and field."""
 
 
 

@@ -26,6 +26,7 @@ from typing import Any
 import torch
 
 from moe_runtime.core.config import MoEConfig, ModelConfig
+from moe_runtime.core.hf.errors import HFCheckpointError
 from moe_runtime.kernels import quant as kq
 
 _YARN_KEYS = {"rope_type", "type", "factor", "beta_fast", "beta_slow", "original_max_position_embeddings",
@@ -33,7 +34,6 @@ _YARN_KEYS = {"rope_type", "type", "factor", "beta_fast", "beta_slow", "original
 
 
 def _error(f, msg: str):
-    from moe_runtime.core.hf.config import HFCheckpointError
     return HFCheckpointError(f"{f.file}: {msg}")
 
 
