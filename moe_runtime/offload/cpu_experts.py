@@ -165,8 +165,14 @@ def _median_time(fn: Callable[[], Any], repeats: int, sync: Callable[[], None]) 
 
 @torch.no_grad()
 def calibrate(store, pool, copy_engine, *, token_grid: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64),
-              repeats: int = 3, attn_probe: Callable[[], Any] | None = None) -> Calibration:
-    """Measure copy, host and device expert times on this machine. Uses slot 0 of an empty pool."""
+              repeats: int = 3, attn_probe: Callable[[], Any] | None = None,
+              host_run: Callable[[torch.Tensor, torch.Tensor, tuple[int, int]], Any] | None = None,
+              device_run: Callable[[torch.Tensor, torch.Tensor], Any] | None = None,
+              path: str | None = None) -> Calibration:
+    """Measure copy, host and device expert times on this machine. Uses slot 0 of an empty pool.
+    host_run(x, counts, key) / device_run(x, counts) run one expert on the host from the store / on the
+    device from slot 0 (default: the float expert's paths; offload/quant_host.calibrate_store passes
+    the quantised ones), `path` names the host path (default: host_path of the store's dtype)."""
     dev = pool.device
     # host sync: calibration must wait for the device to time it (start-up only).
     sync = (lambda: torch.cuda.synchronize(dev)) if dev.type == "cuda" else (lambda: None)
@@ -181,17 +187,18 @@ def calibrate(store, pool, copy_engine, *, token_grid: tuple[int, ...] = (1, 2, 
     # Each host run reads another expert, as a miss does: one expert timed back to back would be
     # served from cache wherever it fits in L3.
     keys = itertools.cycle([(m, e) for m in range(lay.num_layers) for e in range(lay.num_experts)])
+    if host_run is None:  # the path the engine runs on the host: the C kernel where it applies
+        def host_run(x, counts, key):
+            return host_expert_forward(x, store.w13(*key), store.w2(*key), counts)
+    if device_run is None:
+        def device_run(x, counts):
+            return expert_forward(x, pool.w13_SDF2[0], pool.w2_SFD[0], counts)
     for n in token_grid:
         xh = torch.randn(n, lay.d_model).to(lay.dtype)
         ch = torch.tensor([n])
-
-        def host_run():  # the path the engine runs on the host: the C kernel where it applies
-            key = next(keys)
-            return host_expert_forward(xh, store.w13(*key), store.w2(*key), ch)
-        host_s.append(_median_time(host_run, repeats, sync))
+        host_s.append(_median_time(lambda: host_run(xh, ch, next(keys)), repeats, sync))
         xd, cd = xh.to(dev), ch.to(dev)
-        device_s.append(_median_time(lambda: expert_forward(xd, pool.w13_SDF2[0], pool.w2_SFD[0], cd),
-                                     repeats, sync))
+        device_s.append(_median_time(lambda: device_run(xd, cd), repeats, sync))
     act = 0.0
     if dev.type != "cpu":
         xd = torch.randn(token_grid[-1], lay.d_model, dtype=lay.dtype, device=dev)
@@ -203,7 +210,7 @@ def calibrate(store, pool, copy_engine, *, token_grid: tuple[int, ...] = (1, 2, 
     copy_engine.stall_s = 0.0
     return Calibration(device=str(dev), expert_bytes=lay.expert_bytes, copy_s=copy_s, tokens=tuple(token_grid),
                        host_s=tuple(host_s), device_s=tuple(device_s), act_s_per_token=act, attn_s=attn_s,
-                       host_path=host_path(lay.dtype))
+                       host_path=path if path is not None else host_path(lay.dtype))
 
 
 # ---------------------------------------------------------------- the host expert kernel

@@ -22,8 +22,6 @@ offload/cpu_experts.py: `host_quant_expert_forward(x_ND, experts_1)`.
 """
 from __future__ import annotations
 
-import itertools
-
 import torch
 
 from moe_runtime.core.experts import compute_dtype
@@ -168,47 +166,20 @@ def host_quant_expert_forward(x_ND: torch.Tensor, expert: QuantExperts, *,
 __all__ = ["IMPLS", "host_quant_expert_forward", "host_quant_path", "quant_linear"]
 
 
-@torch.no_grad()
 def calibrate_store(store, pool, copy_engine, *, attn_probe=None, token_grid: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64),
                     repeats: int = 3):
     """The cost model's calibration for any store: offload/cpu_experts.calibrate for float experts;
     for quantised ones the same measurements (copy of one expert's quantised bytes, one expert on the
     host from the store and on the device from a slot, activation moves, attention) on the quantised paths."""
     from moe_runtime import kernels
-    from moe_runtime.offload.cpu_experts import Calibration, _median_time, calibrate
-    lay = store.layout
-    if lay.quant is None:
+    from moe_runtime.offload.cpu_experts import calibrate
+    quant = store.layout.quant
+    if quant is None:
         return calibrate(store, pool, copy_engine, token_grid=token_grid, repeats=repeats, attn_probe=attn_probe)
-    dev = pool.device
-    # host sync: calibration must wait for the device to time it (start-up only).
-    sync = (lambda: torch.cuda.synchronize(dev)) if dev.type == "cuda" else (lambda: None)
-
-    def copy_once():
-        copy_engine.wait(copy_engine.issue((0, 0), 0))
-        copy_engine.synchronize()
-
-    copy_s = _median_time(copy_once, repeats, sync)
-    host_s, device_s = [], []
-    # each host run reads another expert, as a miss does (cpu_experts.calibrate does the same): one
-    # expert timed back to back is served from cache
-    keys = itertools.cycle([(m, e) for m in range(lay.num_layers) for e in range(lay.num_experts)])
-    for n in token_grid:
-        xh = torch.randn(n, lay.d_model).to(lay.dtype)
-        host_s.append(_median_time(lambda: host_quant_expert_forward(xh, store.quant_expert(*next(keys))), repeats,
-                                   sync))
-        xd, cd = xh.to(dev), torch.tensor([n], device=dev)
-        device_s.append(_median_time(lambda: kernels.grouped_mlp_quant(xd, pool.quant[0], cd), repeats, sync))
-    act = 0.0
-    if dev.type != "cpu":
-        xd = torch.randn(token_grid[-1], lay.d_model, dtype=lay.dtype, device=dev)
-        act = _median_time(lambda: xd.to("cpu").to(dev), repeats, sync) / token_grid[-1]
-    attn_s = _median_time(attn_probe, repeats, sync) if attn_probe is not None else 0.0
-    copy_engine.collect_stall()  # calibration copies are not workload traffic
-    copy_engine.bytes_moved = copy_engine.copies = 0
-    copy_engine.stall_s = 0.0
-    return Calibration(device=str(dev), expert_bytes=lay.expert_bytes, copy_s=copy_s, tokens=tuple(token_grid),
-                       host_s=tuple(host_s), device_s=tuple(device_s), act_s_per_token=act, attn_s=attn_s,
-                       host_path=host_quant_path(lay.quant))
+    return calibrate(store, pool, copy_engine, token_grid=token_grid, repeats=repeats, attn_probe=attn_probe,
+                     host_run=lambda x, counts, key: host_quant_expert_forward(x, store.quant_expert(*key)),
+                     device_run=lambda x, counts: kernels.grouped_mlp_quant(x, pool.quant[0], counts),
+                     path=host_quant_path(quant))
 
 
 __all__ += ["calibrate_store"]
