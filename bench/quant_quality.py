@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import datetime as dt
 import json
 import os
 import statistics
@@ -42,7 +41,7 @@ from moe_runtime.core.train import Trainer  # noqa: E402
 from moe_runtime.kernels import quant as kq  # noqa: E402
 from moe_runtime.offload.cpu_experts import expert_forward, host_expert_forward, host_path  # noqa: E402
 from moe_runtime.offload.quant_host import host_quant_expert_forward, host_quant_path, quantize_dequantize_banks  # noqa: E402
-from moe_runtime.offload.report import cpu_model  # noqa: E402
+from moe_runtime.offload.report import cpu_model, utc_now  # noqa: E402
 
 FORMATS = [("int8", None), ("int4", 64), ("int4", 128), ("mxfp4", None)]
 
@@ -173,7 +172,7 @@ def host_section(args) -> dict:
     return {"host_expert_path": ones, "host_expert_path_by_tokens": by_n,
             "host_speed_vs_bf16": {r["format"]: r["speedup_vs_bf16"] for r in ones},
             "host_cpu_speed_vs_bf16": {r["format"]: r["cpu_speedup_vs_bf16"] for r in ones},
-            "host_measured": {"date": _now(), "load_avg_1m_before_after": [load0[0], os.getloadavg()[0]],
+            "host_measured": {"date": utc_now(), "load_avg_1m_before_after": [load0[0], os.getloadavg()[0]],
                               "machine": _machine(), "D": args.host_d, "F": args.host_f, "rounds": args.rounds,
                               "threads": args.threads}}
 
@@ -210,10 +209,6 @@ def _table(rows: list[dict]) -> str:
         s += (f"| {r['format']} | {r['group'] if r['group'] is not None else ''} | {r['mean_nll']:.4f} | "
               f"{r['nll_increase_pct']:+.2f}% | {r['kl']:.2e} | {r['top1_agreement']:.4f} | {r['greedy_agreement']:.4f} |\n")
     return s
-
-
-def _now() -> str:
-    return dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
 
 
 def _machine() -> str:
@@ -288,7 +283,7 @@ def main(argv=None) -> int:
         tiny_rows = quality(tiny, x, y, x[:8, :16], args.gen)
         hf, hx, hy, hcfg = hf_mixtral(args.seq, args.windows)
         hf_rows = quality(hf, hx, hy, hx[:8, :16], args.gen)
-        res = {"date": _now(), "machine": _machine(), "torch": torch.__version__, "args": vars(args),
+        res = {"date": utc_now(), "machine": _machine(), "torch": torch.__version__, "args": vars(args),
                "tiny": {"steps": args.steps, "val_loss_at_end_of_training": val_loss, "rows": tiny_rows},
                "hf_mixtral_random": {"config": {k: getattr(hcfg, k) for k in (
                    "hidden_size", "intermediate_size", "num_hidden_layers", "num_local_experts", "vocab_size")},

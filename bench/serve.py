@@ -52,7 +52,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from moe_runtime.offload.report import device_name, utc_now  # noqa: E402
+from moe_runtime.offload.report import cpu_model as report_cpu_model, device_name, utc_now  # noqa: E402
 from moe_runtime.offload.serve.metrics import parse_prometheus  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results"
@@ -280,13 +280,7 @@ async def load(server: ServerProcess, mix: list[dict], clients: int, timeout: fl
 
 
 def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return f"{line.split(':', 1)[1].strip()}, {os.cpu_count()} cores visible"
-    except OSError:
-        pass
-    return "unknown CPU"
+    return f"{report_cpu_model()}, {os.cpu_count()} cores visible"
 
 
 def pct(xs: list[float], q: float) -> float:
