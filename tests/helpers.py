@@ -47,3 +47,15 @@ def single_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(prev)
+
+
+def interrupt_training_at(monkeypatch, step: int) -> None:
+    """Ctrl-C in the middle of `moe train`: Trainer.train_step raises KeyboardInterrupt at `step`."""
+    from moe_runtime.core.train import Trainer
+    real = Trainer.train_step
+
+    def interrupted(self):
+        if self.step == step:
+            raise KeyboardInterrupt
+        return real(self)
+    monkeypatch.setattr(Trainer, "train_step", interrupted)

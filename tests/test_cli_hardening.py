@@ -21,7 +21,7 @@ from moe_runtime.core.serial import seal, unseal
 from moe_runtime.core.train import Trainer
 from moe_runtime.offload.trace import TRACE_FORMAT, TRACE_VERSION, RoutingTrace, TraceError
 from tests.fuzzing import make_seeds, manifest_body, reseal_manifest
-from tests.helpers import single_thread  # noqa: F401  (autouse: one torch thread)
+from tests.helpers import interrupt_training_at, single_thread  # noqa: F401  (single_thread: autouse, one torch thread)
 
 TINY = ["--config", "examples/configs/tiny.toml", "--batch-size", "2", "--seq-len", "16", "--device", "cpu",
         "--threads", "1"]
@@ -209,13 +209,7 @@ def test_every_argument_parser_refuses_abbreviations():
 
 # ---------------------------------------------------------------- 18. Ctrl-C on the progress bar; the resume line
 def test_ctrl_c_line_starts_on_its_own_line_after_the_progress_bar(tmp_path, capsys, monkeypatch):
-    real = Trainer.train_step
-
-    def interrupted_at_3(self):
-        if self.step == 3:
-            raise KeyboardInterrupt
-        return real(self)
-    monkeypatch.setattr(Trainer, "train_step", interrupted_at_3)
+    interrupt_training_at(monkeypatch, 3)
     out = tmp_path / "run"
     assert main(["train", *TINY, "--out", str(out), "--max-steps", "8", "--ckpt-interval", "2"]) == 130
     err = capsys.readouterr().err

@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from moe_runtime.core.cli import build_parser, main
+from tests.helpers import interrupt_training_at
 
 TINY = ["--config", "examples/configs/tiny.toml", "--batch-size", "2", "--seq-len", "16", "--device", "cpu",
         "--no-progress", "--threads", "1"]
@@ -89,14 +90,7 @@ def test_resuming_with_another_model_suggests_no_resume_or_a_new_out(finished, c
 
 
 def test_ctrl_c_prints_the_step_and_the_checkpoint_a_rerun_resumes_from(tmp_path, capsys, monkeypatch):
-    from moe_runtime.core.train import Trainer
-    real = Trainer.train_step
-
-    def interrupted_at_3(self):
-        if self.step == 3:
-            raise KeyboardInterrupt
-        return real(self)
-    monkeypatch.setattr(Trainer, "train_step", interrupted_at_3)
+    interrupt_training_at(monkeypatch, 3)
     out = tmp_path / "run"
     assert main(["train", *TINY, "--out", str(out), "--max-steps", "8", "--ckpt-interval", "2"]) == 130
     err = one_line(capsys)
